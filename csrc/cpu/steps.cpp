@@ -1,0 +1,380 @@
+// CPU implementation of the per-step pointwise passes (steps.h): parallel
+// over batch rows with at::parallel_for, vectorised over hidden units. The
+// math is cells.h; for float the host activations are branch-free so the
+// loops vectorise, and on x86-64 each float loop is also compiled for AVX2 +
+// FMA and picked at load time (target_clones), so the extension still runs
+// on any x86-64 machine.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "fused_rnn/cells.h"
+#include "fused_rnn/steps.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    (__GNUC__ >= 11)
+#define FR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FR_CPU_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FR_RESTRICT __restrict__
+#else
+#define FR_RESTRICT
+#endif
+
+namespace fused_rnn {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+scalar_t* ptr(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(), "fused_rnn: a step tensor is not contiguous");
+  return t.data_ptr<scalar_t>();
+}
+
+// Runs fn(b0, b1) over batch rows in parallel chunks of at least ~16K
+// elements (`width` elements per row), so small steps stay on one thread.
+template <typename Fn>
+void for_rows(int64_t rows, int64_t width, const Fn& fn) {
+  constexpr int64_t kMinElements = 16384;
+  const int64_t grain = std::max<int64_t>(1, kMinElements / std::max<int64_t>(1, width));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+// ------------------------------------------------------------------ LSTM
+template <typename scalar_t>
+struct LstmForwardPtrs {
+  scalar_t *gates, *c, *cells, *h, *h_copy;
+  int64_t H;
+};
+
+template <typename scalar_t>
+FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
+                                 int64_t b0, int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    scalar_t* FR_RESTRICT gi = p.gates + b * 4 * H;
+    scalar_t* FR_RESTRICT gf = gi + H;
+    scalar_t* FR_RESTRICT gg = gi + 2 * H;
+    scalar_t* FR_RESTRICT go = gi + 3 * H;
+    scalar_t* FR_RESTRICT c = p.c + b * H;
+    scalar_t* FR_RESTRICT h = p.h + b * H;
+    scalar_t* FR_RESTRICT cells = p.cells ? p.cells + b * H : nullptr;
+    scalar_t* FR_RESTRICT h_copy = p.h_copy ? p.h_copy + b * H : nullptr;
+    for (int64_t j = 0; j < H; ++j) {
+      T i = gi[j], f = gf[j], g = gg[j], o = go[j], c_new, h_new;
+      lstm_forward_point<T>(i, f, g, o, T(c[j]), c_new, h_new);
+      gi[j] = i;
+      gf[j] = f;
+      gg[j] = g;
+      go[j] = o;
+      c[j] = c_new;
+      h[j] = h_new;
+      if (cells) cells[j] = c_new;
+      if (h_copy) h_copy[j] = h_new;
+    }
+  }
+}
+
+FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<float>& p,
+                                         int64_t b0, int64_t b1) {
+  lstm_forward_rows<float>(p, b0, b1);
+}
+
+template <typename scalar_t>
+struct LstmBackwardPtrs {
+  const scalar_t *gates, *cells, *c_prev, *dh, *dh_extra;
+  scalar_t *dc, *dgates;
+  int64_t H;
+};
+
+template <typename scalar_t>
+FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
+                                  int64_t b0, int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* FR_RESTRICT gi = p.gates + b * 4 * H;
+    const scalar_t* FR_RESTRICT gf = gi + H;
+    const scalar_t* FR_RESTRICT gg = gi + 2 * H;
+    const scalar_t* FR_RESTRICT go = gi + 3 * H;
+    const scalar_t* FR_RESTRICT c = p.cells + b * H;
+    const scalar_t* FR_RESTRICT c_prev = p.c_prev + b * H;
+    const scalar_t* FR_RESTRICT dh = p.dh + b * H;
+    const scalar_t* FR_RESTRICT dh_extra = p.dh_extra ? p.dh_extra + b * H : nullptr;
+    scalar_t* FR_RESTRICT dc = p.dc + b * H;
+    scalar_t* FR_RESTRICT di = p.dgates + b * 4 * H;
+    scalar_t* FR_RESTRICT df = di + H;
+    scalar_t* FR_RESTRICT dg = di + 2 * H;
+    scalar_t* FR_RESTRICT d_o = di + 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      T grad_h = T(dh[j]);
+      if (dh_extra) grad_h += T(dh_extra[j]);
+      T vi, vf, vg, vo, vc;
+      lstm_backward_point<T>(T(gi[j]), T(gf[j]), T(gg[j]), T(go[j]), T(c[j]),
+                             T(c_prev[j]), grad_h, T(dc[j]), vi, vf, vg, vo,
+                             vc);
+      di[j] = vi;
+      df[j] = vf;
+      dg[j] = vg;
+      d_o[j] = vo;
+      dc[j] = vc;
+    }
+  }
+}
+
+FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<float>& p,
+                                          int64_t b0, int64_t b1) {
+  lstm_backward_rows<float>(p, b0, b1);
+}
+
+// ------------------------------------------------------------------- GRU
+template <typename scalar_t>
+struct GruForwardPtrs {
+  scalar_t* gates;
+  const scalar_t* hgates;
+  scalar_t *h, *out, *hn;
+  int64_t H;
+};
+
+template <typename scalar_t>
+FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
+                                int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    scalar_t* FR_RESTRICT xr = p.gates + b * 3 * H;
+    scalar_t* FR_RESTRICT xz = xr + H;
+    scalar_t* FR_RESTRICT xn = xr + 2 * H;
+    const scalar_t* FR_RESTRICT hr = p.hgates + b * 3 * H;
+    const scalar_t* FR_RESTRICT hz = hr + H;
+    const scalar_t* FR_RESTRICT hn = hr + 2 * H;
+    scalar_t* FR_RESTRICT h = p.h + b * H;
+    scalar_t* FR_RESTRICT out = p.out + b * H;
+    scalar_t* FR_RESTRICT hn_saved = p.hn ? p.hn + b * H : nullptr;
+    for (int64_t j = 0; j < H; ++j) {
+      T r = xr[j], z = xz[j], n = xn[j], h_new;
+      const T hn_j = hn[j];
+      gru_forward_point<T>(r, z, n, T(hr[j]), T(hz[j]), hn_j, T(h[j]), h_new);
+      xr[j] = r;
+      xz[j] = z;
+      xn[j] = n;
+      h[j] = h_new;
+      out[j] = h_new;
+      if (hn_saved) hn_saved[j] = hn_j;
+    }
+  }
+}
+
+FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<float>& p,
+                                        int64_t b0, int64_t b1) {
+  gru_forward_rows<float>(p, b0, b1);
+}
+
+template <typename scalar_t>
+struct GruBackwardPtrs {
+  const scalar_t *gates, *hn, *h_prev, *dh_extra;
+  scalar_t *dh, *dgates_x, *dgates_h;
+  int64_t H;
+};
+
+template <typename scalar_t>
+FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
+                                 int64_t b0, int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* FR_RESTRICT r = p.gates + b * 3 * H;
+    const scalar_t* FR_RESTRICT z = r + H;
+    const scalar_t* FR_RESTRICT n = r + 2 * H;
+    const scalar_t* FR_RESTRICT hn = p.hn + b * H;
+    const scalar_t* FR_RESTRICT h_prev = p.h_prev + b * H;
+    const scalar_t* FR_RESTRICT dh_extra = p.dh_extra ? p.dh_extra + b * H : nullptr;
+    scalar_t* FR_RESTRICT dh = p.dh + b * H;
+    scalar_t* FR_RESTRICT dxr = p.dgates_x + b * 3 * H;
+    scalar_t* FR_RESTRICT dxz = dxr + H;
+    scalar_t* FR_RESTRICT dxn = dxr + 2 * H;
+    scalar_t* FR_RESTRICT dhr = p.dgates_h + b * 3 * H;
+    scalar_t* FR_RESTRICT dhz = dhr + H;
+    scalar_t* FR_RESTRICT dhn = dhr + 2 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      T grad_h = T(dh[j]);
+      if (dh_extra) grad_h += T(dh_extra[j]);
+      T vr, vz, vn, vhn, vh;
+      gru_backward_point<T>(T(r[j]), T(z[j]), T(n[j]), T(hn[j]), T(h_prev[j]),
+                            grad_h, vr, vz, vn, vhn, vh);
+      dxr[j] = vr;
+      dxz[j] = vz;
+      dxn[j] = vn;
+      dhr[j] = vr;
+      dhz[j] = vz;
+      dhn[j] = vhn;
+      dh[j] = vh;
+    }
+  }
+}
+
+FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<float>& p,
+                                         int64_t b0, int64_t b1) {
+  gru_backward_rows<float>(p, b0, b1);
+}
+
+// ------------------------------------------------------------------- RNN
+template <typename scalar_t>
+struct RnnForwardPtrs {
+  const scalar_t* pre;
+  scalar_t *out, *h;
+  int64_t H;
+  bool relu;
+};
+
+template <bool kRelu, typename scalar_t>
+FR_INLINE void rnn_forward_rows_impl(const RnnForwardPtrs<scalar_t>& p,
+                                     int64_t b0, int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  const scalar_t* FR_RESTRICT pre = p.pre + b0 * H;
+  scalar_t* FR_RESTRICT out = p.out + b0 * H;
+  scalar_t* FR_RESTRICT h = p.h + b0 * H;
+  for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
+    const T v = rnn_forward_point<kRelu, T>(T(pre[k]));
+    out[k] = v;
+    h[k] = v;
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void rnn_forward_rows(const RnnForwardPtrs<scalar_t>& p, int64_t b0,
+                                int64_t b1) {
+  if (p.relu) {
+    rnn_forward_rows_impl<true>(p, b0, b1);
+  } else {
+    rnn_forward_rows_impl<false>(p, b0, b1);
+  }
+}
+
+FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<float>& p,
+                                        int64_t b0, int64_t b1) {
+  rnn_forward_rows<float>(p, b0, b1);
+}
+
+template <typename scalar_t>
+struct RnnBackwardPtrs {
+  const scalar_t *out, *dh, *dh_extra;
+  scalar_t* dpre;
+  int64_t H;
+  bool relu;
+};
+
+template <bool kRelu, typename scalar_t>
+FR_INLINE void rnn_backward_rows_impl(const RnnBackwardPtrs<scalar_t>& p,
+                                      int64_t b0, int64_t b1) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H;
+  const scalar_t* FR_RESTRICT out = p.out + b0 * H;
+  const scalar_t* FR_RESTRICT dh = p.dh + b0 * H;
+  const scalar_t* FR_RESTRICT dh_extra = p.dh_extra ? p.dh_extra + b0 * H : nullptr;
+  scalar_t* FR_RESTRICT dpre = p.dpre + b0 * H;
+  for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
+    T grad_h = T(dh[k]);
+    if (dh_extra) grad_h += T(dh_extra[k]);
+    dpre[k] = rnn_backward_point<kRelu, T>(T(out[k]), grad_h);
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void rnn_backward_rows(const RnnBackwardPtrs<scalar_t>& p, int64_t b0,
+                                 int64_t b1) {
+  if (p.relu) {
+    rnn_backward_rows_impl<true>(p, b0, b1);
+  } else {
+    rnn_backward_rows_impl<false>(p, b0, b1);
+  }
+}
+
+FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<float>& p,
+                                         int64_t b0, int64_t b1) {
+  rnn_backward_rows<float>(p, b0, b1);
+}
+
+// Runs a row function over all rows; overload resolution picks the
+// target-cloned float version for float.
+#define FR_RUN_ROWS(kernel, P, rows_, width) \
+  for_rows(rows_, width, [&](int64_t b0, int64_t b1) { kernel(P, b0, b1); })
+
+}  // namespace
+
+void lstm_forward_step(const LstmForwardStep& s) {
+  const int64_t B = s.gates.size(0), H = s.c.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.gates.scalar_type(), "lstm_forward_step", [&] {
+        const LstmForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.c),
+                                          ptr<scalar_t>(s.cells), ptr<scalar_t>(s.h),
+                                          ptr<scalar_t>(s.h_copy), H};
+        FR_RUN_ROWS(lstm_forward_rows, p, B, 4 * H);
+      });
+}
+
+void lstm_backward_step(const LstmBackwardStep& s) {
+  const int64_t B = s.gates.size(0), H = s.dc.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.gates.scalar_type(), "lstm_backward_step", [&] {
+        const LstmBackwardPtrs<scalar_t> p{
+            ptr<scalar_t>(s.gates), ptr<scalar_t>(s.cells), ptr<scalar_t>(s.c_prev),
+            ptr<scalar_t>(s.dh),    ptr<scalar_t>(s.dh_extra), ptr<scalar_t>(s.dc),
+            ptr<scalar_t>(s.dgates), H};
+        FR_RUN_ROWS(lstm_backward_rows, p, B, 4 * H);
+      });
+}
+
+void gru_forward_step(const GruForwardStep& s) {
+  const int64_t B = s.gates.size(0), H = s.h.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.gates.scalar_type(), "gru_forward_step", [&] {
+        const GruForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.hgates),
+                                         ptr<scalar_t>(s.h), ptr<scalar_t>(s.out),
+                                         ptr<scalar_t>(s.hn), H};
+        FR_RUN_ROWS(gru_forward_rows, p, B, 3 * H);
+      });
+}
+
+void gru_backward_step(const GruBackwardStep& s) {
+  const int64_t B = s.gates.size(0), H = s.dh.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.gates.scalar_type(), "gru_backward_step", [&] {
+        const GruBackwardPtrs<scalar_t> p{
+            ptr<scalar_t>(s.gates),    ptr<scalar_t>(s.hn),
+            ptr<scalar_t>(s.h_prev),   ptr<scalar_t>(s.dh_extra),
+            ptr<scalar_t>(s.dh),       ptr<scalar_t>(s.dgates_x),
+            ptr<scalar_t>(s.dgates_h), H};
+        FR_RUN_ROWS(gru_backward_rows, p, B, 3 * H);
+      });
+}
+
+void rnn_forward_step(const RnnForwardStep& s) {
+  const int64_t B = s.pre.size(0), H = s.pre.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.pre.scalar_type(), "rnn_forward_step", [&] {
+        const RnnForwardPtrs<scalar_t> p{ptr<scalar_t>(s.pre), ptr<scalar_t>(s.out),
+                                         ptr<scalar_t>(s.h), H, s.relu};
+        FR_RUN_ROWS(rnn_forward_rows, p, B, H);
+      });
+}
+
+void rnn_backward_step(const RnnBackwardStep& s) {
+  const int64_t B = s.dpre.size(0), H = s.dpre.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, s.dpre.scalar_type(), "rnn_backward_step", [&] {
+        const RnnBackwardPtrs<scalar_t> p{ptr<scalar_t>(s.out), ptr<scalar_t>(s.dh),
+                                          ptr<scalar_t>(s.dh_extra), ptr<scalar_t>(s.dpre),
+                                          H, s.relu};
+        FR_RUN_ROWS(rnn_backward_rows, p, B, H);
+      });
+}
+
+}  // namespace cpu
+}  // namespace fused_rnn

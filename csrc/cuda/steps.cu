@@ -1,0 +1,235 @@
+// CUDA implementation of the per-step pointwise passes (steps.h): one thread
+// per (row, hidden unit), grid-stride, on the current stream, math from
+// cells.h in at::opmath_type (float for half and bfloat16). Called by the
+// device-generic sequence drivers between the per-step cuBLAS GEMMs; none of
+// this synchronises with the host, so a CUDA graph can capture it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "fused_rnn/cells.h"
+#include "fused_rnn/steps.h"
+
+namespace fused_rnn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+scalar_t* ptr(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  TORCH_INTERNAL_ASSERT(t.is_cuda() && t.is_contiguous(),
+                        "fused_rnn: a step tensor is not a contiguous CUDA tensor");
+  return t.data_ptr<scalar_t>();
+}
+
+// Launches `kernel` over `n` elements on the current stream and checks it.
+template <typename Kernel, typename... Args>
+void launch(int64_t n, Kernel kernel, Args... args) {
+  if (n == 0) return;
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      n, args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define FR_GRID_STRIDE(k, n)                                                   \
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
+       k < (n); k += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// ------------------------------------------------------------------ LSTM
+template <typename scalar_t>
+__global__ void lstm_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__ gates,
+                                    scalar_t* __restrict__ c, scalar_t* __restrict__ cells,
+                                    scalar_t* __restrict__ h, scalar_t* __restrict__ h_copy) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    const int64_t b = k / H, j = k - b * H;
+    scalar_t* g = gates + b * 4 * H + j;
+    T i = g[0], f = g[H], gg = g[2 * H], o = g[3 * H], c_new, h_new;
+    lstm_forward_point<T>(i, f, gg, o, T(c[k]), c_new, h_new);
+    g[0] = i;
+    g[H] = f;
+    g[2 * H] = gg;
+    g[3 * H] = o;
+    c[k] = c_new;
+    h[k] = h_new;
+    if (cells) cells[k] = c_new;
+    if (h_copy) h_copy[k] = h_new;
+  }
+}
+
+template <typename scalar_t>
+__global__ void lstm_backward_kernel(int64_t n, int64_t H, const scalar_t* __restrict__ gates,
+                                     const scalar_t* __restrict__ cells,
+                                     const scalar_t* __restrict__ c_prev,
+                                     const scalar_t* __restrict__ dh,
+                                     const scalar_t* __restrict__ dh_extra,
+                                     scalar_t* __restrict__ dc, scalar_t* __restrict__ dgates) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    const int64_t b = k / H, j = k - b * H;
+    const scalar_t* g = gates + b * 4 * H + j;
+    scalar_t* dg = dgates + b * 4 * H + j;
+    T grad_h = T(dh[k]);
+    if (dh_extra) grad_h += T(dh_extra[k]);
+    T di, df, dgg, d_o, dc_prev;
+    lstm_backward_point<T>(T(g[0]), T(g[H]), T(g[2 * H]), T(g[3 * H]), T(cells[k]),
+                           T(c_prev[k]), grad_h, T(dc[k]), di, df, dgg, d_o, dc_prev);
+    dg[0] = di;
+    dg[H] = df;
+    dg[2 * H] = dgg;
+    dg[3 * H] = d_o;
+    dc[k] = dc_prev;
+  }
+}
+
+// ------------------------------------------------------------------- GRU
+template <typename scalar_t>
+__global__ void gru_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__ gates,
+                                   const scalar_t* __restrict__ hgates,
+                                   scalar_t* __restrict__ h, scalar_t* __restrict__ out,
+                                   scalar_t* __restrict__ hn_saved) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    const int64_t b = k / H, j = k - b * H;
+    scalar_t* x = gates + b * 3 * H + j;
+    const scalar_t* hg = hgates + b * 3 * H + j;
+    T r = x[0], z = x[H], nn = x[2 * H], h_new;
+    const T hn = hg[2 * H];
+    gru_forward_point<T>(r, z, nn, T(hg[0]), T(hg[H]), hn, T(h[k]), h_new);
+    x[0] = r;
+    x[H] = z;
+    x[2 * H] = nn;
+    h[k] = h_new;
+    out[k] = h_new;
+    if (hn_saved) hn_saved[k] = hn;
+  }
+}
+
+template <typename scalar_t>
+__global__ void gru_backward_kernel(int64_t n, int64_t H, const scalar_t* __restrict__ gates,
+                                    const scalar_t* __restrict__ hn,
+                                    const scalar_t* __restrict__ h_prev,
+                                    const scalar_t* __restrict__ dh_extra,
+                                    scalar_t* __restrict__ dh, scalar_t* __restrict__ dgates_x,
+                                    scalar_t* __restrict__ dgates_h) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    const int64_t b = k / H, j = k - b * H;
+    const scalar_t* g = gates + b * 3 * H + j;
+    scalar_t* dx = dgates_x + b * 3 * H + j;
+    scalar_t* dhg = dgates_h + b * 3 * H + j;
+    T grad_h = T(dh[k]);
+    if (dh_extra) grad_h += T(dh_extra[k]);
+    T dr, dz, dn, dhn, dh_prev;
+    gru_backward_point<T>(T(g[0]), T(g[H]), T(g[2 * H]), T(hn[k]), T(h_prev[k]), grad_h, dr,
+                          dz, dn, dhn, dh_prev);
+    dx[0] = dr;
+    dx[H] = dz;
+    dx[2 * H] = dn;
+    dhg[0] = dr;
+    dhg[H] = dz;
+    dhg[2 * H] = dhn;
+    dh[k] = dh_prev;
+  }
+}
+
+// ------------------------------------------------------------------- RNN
+template <bool kRelu, typename scalar_t>
+__global__ void rnn_forward_kernel(int64_t n, const scalar_t* __restrict__ pre,
+                                   scalar_t* __restrict__ out, scalar_t* __restrict__ h) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    const T v = rnn_forward_point<kRelu, T>(T(pre[k]));
+    out[k] = v;
+    h[k] = v;
+  }
+}
+
+template <bool kRelu, typename scalar_t>
+__global__ void rnn_backward_kernel(int64_t n, const scalar_t* __restrict__ out,
+                                    const scalar_t* __restrict__ dh,
+                                    const scalar_t* __restrict__ dh_extra,
+                                    scalar_t* __restrict__ dpre) {
+  using T = at::opmath_type<scalar_t>;
+  FR_GRID_STRIDE(k, n) {
+    T grad_h = T(dh[k]);
+    if (dh_extra) grad_h += T(dh_extra[k]);
+    dpre[k] = rnn_backward_point<kRelu, T>(T(out[k]), grad_h);
+  }
+}
+
+#define FR_DISPATCH(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, name, __VA_ARGS__)
+
+}  // namespace
+
+void lstm_forward_step(const LstmForwardStep& s) {
+  const int64_t H = s.c.size(1);
+  FR_DISPATCH(s.gates.scalar_type(), "lstm_forward_step", [&] {
+    launch(s.c.numel(), lstm_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
+           ptr<scalar_t>(s.c), ptr<scalar_t>(s.cells), ptr<scalar_t>(s.h),
+           ptr<scalar_t>(s.h_copy));
+  });
+}
+
+void lstm_backward_step(const LstmBackwardStep& s) {
+  const int64_t H = s.dc.size(1);
+  FR_DISPATCH(s.gates.scalar_type(), "lstm_backward_step", [&] {
+    launch(s.dc.numel(), lstm_backward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
+           ptr<scalar_t>(s.cells), ptr<scalar_t>(s.c_prev), ptr<scalar_t>(s.dh),
+           ptr<scalar_t>(s.dh_extra), ptr<scalar_t>(s.dc), ptr<scalar_t>(s.dgates));
+  });
+}
+
+void gru_forward_step(const GruForwardStep& s) {
+  const int64_t H = s.h.size(1);
+  FR_DISPATCH(s.gates.scalar_type(), "gru_forward_step", [&] {
+    launch(s.h.numel(), gru_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
+           ptr<scalar_t>(s.hgates), ptr<scalar_t>(s.h), ptr<scalar_t>(s.out),
+           ptr<scalar_t>(s.hn));
+  });
+}
+
+void gru_backward_step(const GruBackwardStep& s) {
+  const int64_t H = s.dh.size(1);
+  FR_DISPATCH(s.gates.scalar_type(), "gru_backward_step", [&] {
+    launch(s.dh.numel(), gru_backward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
+           ptr<scalar_t>(s.hn), ptr<scalar_t>(s.h_prev), ptr<scalar_t>(s.dh_extra),
+           ptr<scalar_t>(s.dh), ptr<scalar_t>(s.dgates_x), ptr<scalar_t>(s.dgates_h));
+  });
+}
+
+void rnn_forward_step(const RnnForwardStep& s) {
+  FR_DISPATCH(s.pre.scalar_type(), "rnn_forward_step", [&] {
+    if (s.relu) {
+      launch(s.pre.numel(), rnn_forward_kernel<true, scalar_t>, ptr<scalar_t>(s.pre),
+             ptr<scalar_t>(s.out), ptr<scalar_t>(s.h));
+    } else {
+      launch(s.pre.numel(), rnn_forward_kernel<false, scalar_t>, ptr<scalar_t>(s.pre),
+             ptr<scalar_t>(s.out), ptr<scalar_t>(s.h));
+    }
+  });
+}
+
+void rnn_backward_step(const RnnBackwardStep& s) {
+  FR_DISPATCH(s.dpre.scalar_type(), "rnn_backward_step", [&] {
+    if (s.relu) {
+      launch(s.dpre.numel(), rnn_backward_kernel<true, scalar_t>, ptr<scalar_t>(s.out),
+             ptr<scalar_t>(s.dh), ptr<scalar_t>(s.dh_extra), ptr<scalar_t>(s.dpre));
+    } else {
+      launch(s.dpre.numel(), rnn_backward_kernel<false, scalar_t>, ptr<scalar_t>(s.out),
+             ptr<scalar_t>(s.dh), ptr<scalar_t>(s.dh_extra), ptr<scalar_t>(s.dpre));
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fused_rnn

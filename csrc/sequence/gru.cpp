@@ -1,0 +1,124 @@
+// GRU over a whole sequence, one layer, one direction, on any device. The
+// reset gate multiplies the recurrent n projection (with b_hn), as in
+// torch.nn and cuDNN, so per step the recurrent projection W_hh h_{t-1} + b_hh
+// is its own GEMM and the pointwise pass joins it with the input projection.
+#include <torch/library.h>
+
+#include "sequence.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr CellShape kGru{"GRU", 3};
+
+// Shapes: input (T, B, I) or packed (N, I); hx (B, H); w_ih (3H, I);
+// w_hh (3H, H); b_ih, b_hh (3H). Returns output (T, B, H) or (N, H), hy
+// (B, H) and, when training, the activated gates r, z, n (N, 3H) and the
+// recurrent n projections (N, H).
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
+    const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+    const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
+    bool reverse, bool train) {
+  check_forward_args(kGru, input, batch_sizes, {hx}, w_ih, w_hh, b_ih, b_hh,
+                     c10::nullopt);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const int64_t H = w_hh.size(0) / 3;
+  const auto opts = input.options();
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor gates =
+      linear(x, w_ih, b_ih.has_value() ? *b_ih : Tensor());  // (N, 3H)
+  const Tensor hgates = at::empty({sc.batch, 3 * H}, opts);
+  const Tensor out = at::empty({sc.rows, H}, opts);
+  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
+  const Tensor hn = train ? at::empty({sc.rows, H}, opts) : Tensor();
+  const Tensor w_hh_t = w_hh.t();
+
+  for (int64_t s = 0; s < sc.steps; ++s) {
+    const int64_t n = sc.size_at(s);
+    const Tensor hg = rows(hgates, n);
+    if (b_hh.has_value()) {
+      addmm_into(hg, *b_hh, rows(h, n), w_hh_t);
+    } else {
+      mm_into(hg, rows(h, n), w_hh_t);
+    }
+    GruForwardStep step{step_rows(gates, sc, s), hg, rows(h, n),
+                        step_rows(out, sc, s),
+                        train ? step_rows(hn, sc, s) : Tensor()};
+    FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
+  }
+  const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
+  return {output, h, train ? gates : absent(input),
+          train ? hn : absent(input)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
+    const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, const Tensor& gates, const Tensor& hidden_n,
+    const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
+    bool input_grad) {
+  check_forward_args(kGru, input, batch_sizes, {hx}, w_ih, w_hh, c10::nullopt,
+                     c10::nullopt, c10::nullopt);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const int64_t H = w_hh.size(0) / 3;
+  TORCH_CHECK(output.numel() == sc.rows * H, "GRU backward: output has ",
+              output.numel(), " elements, expected ", sc.rows * H);
+  check_like("output", output, input, output.sizes());
+  check_like("grad_output", grad_output, input, output.sizes());
+  check_like("grad_hy", grad_hy, input, hx.sizes());
+  check_like("gates", gates, input, {sc.rows, 3 * H});
+  check_like("hidden_n", hidden_n, input, {sc.rows, H});
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
+  const Tensor h_prev =
+      previous_states(output.reshape({sc.rows, H}).contiguous(),
+                      hx.contiguous(), sc);
+  const Tensor gates_c = gates.contiguous();
+  const Tensor hn_c = hidden_n.contiguous();
+  const Tensor dgates_x = at::empty({sc.rows, 3 * H}, input.options());
+  const Tensor dgates_h = at::empty({sc.rows, 3 * H}, input.options());
+  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
+
+  for (int64_t s = sc.steps - 1; s >= 0; --s) {
+    const int64_t n = sc.size_at(s);
+    const Tensor dgh = step_rows(dgates_h, sc, s);
+    GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
+                         step_rows(h_prev, sc, s),  rows(dh, n),
+                         step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
+                         dgh};
+    FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
+    rows(dh, n).addmm_(dgh, w_hh);
+  }
+
+  return {input_grad ? at::mm(dgates_x, w_ih).view(input.sizes())
+                     : absent(input),
+          dh,
+          dgates_x.t().mm(x),
+          dgates_h.t().mm(h_prev),
+          has_bias ? dgates_x.sum(0) : absent(input),
+          has_bias ? dgates_h.sum(0) : absent(input)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+}
+
+#if defined(FUSED_RNN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+}
+#endif
+
+}  // namespace fused_rnn

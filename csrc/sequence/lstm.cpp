@@ -1,0 +1,155 @@
+// LSTM (with optional projection) over a whole sequence, one layer, one
+// direction, on any device: one GEMM for the input projection of every step,
+// per step one GEMM for W_hh h_{t-1} and one fused pointwise pass, and in
+// backward the weight gradients as large GEMMs after the recurrence.
+#include <torch/library.h>
+
+#include "sequence.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr CellShape kLstm{"LSTM", 4};
+
+// See ops.cpp for the schema. Shapes: input (T, B, I) or packed (N, I);
+// hx (B, P); cx (B, H); w_ih (4H, I); w_hh (4H, P); b_ih, b_hh (4H);
+// w_hr (P, H). Returns output (T, B, P) or (N, P), hy (B, P), cy (B, H) and,
+// when training, the activated gates (N, 4H) and cell states (N, H).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+    const optional<Tensor>& batch_sizes, bool reverse, bool train) {
+  check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh, b_ih,
+                     b_hh, w_hr);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const bool proj = w_hr.has_value();
+  const int64_t H = w_hh.size(0) / 4;
+  const int64_t P = proj ? w_hr->size(0) : H;
+  const auto opts = input.options();
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
+  const Tensor gates = linear(x, w_ih, bias);  // (N, 4H)
+  const Tensor out = at::empty({sc.rows, P}, opts);
+  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
+  const Tensor c = cx.clone(at::MemoryFormat::Contiguous);
+  const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
+  const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
+  const Tensor w_hh_t = w_hh.t();
+
+  for (int64_t s = 0; s < sc.steps; ++s) {
+    const int64_t n = sc.size_at(s);
+    const Tensor g = step_rows(gates, sc, s);
+    g.addmm_(rows(h, n), w_hh_t);
+    const Tensor out_s = step_rows(out, sc, s);
+    LstmForwardStep step{g, rows(c, n),
+                         train ? step_rows(cells, sc, s) : Tensor(),
+                         proj ? rows(h_full, n) : out_s,
+                         proj ? Tensor() : rows(h, n)};
+    FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
+    if (proj) {
+      mm_into(out_s, rows(h_full, n), w_hr->t());
+      rows(h, n).copy_(out_s);
+    }
+  }
+  const Tensor output =
+      sc.dense ? out.view({sc.steps, sc.batch, P}) : out;
+  return {output, h, c, train ? gates : absent(input),
+          train ? cells : absent(input)};
+}
+
+// Gradients of lstm_forward's inputs, given those of its outputs and what a
+// training forward returned. grad_input is absent unless input_grad,
+// grad_bias (that of b_ih and of b_hh alike) unless has_bias, grad_w_hr
+// without projection.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
+              const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
+              const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+              const optional<Tensor>& w_hr, const Tensor& output,
+              const Tensor& gates, const Tensor& cells,
+              const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
+              bool input_grad) {
+  check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh,
+                     c10::nullopt, c10::nullopt, w_hr);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const bool proj = w_hr.has_value();
+  const int64_t H = w_hh.size(0) / 4;
+  const int64_t P = proj ? w_hr->size(0) : H;
+  check_like("output", output, input, output.sizes());
+  TORCH_CHECK(output.numel() == sc.rows * P, "LSTM backward: output has ",
+              output.numel(), " elements, expected ", sc.rows * P);
+  check_like("grad_output", grad_output, input, output.sizes());
+  check_like("grad_hy", grad_hy, input, hx.sizes());
+  check_like("grad_cy", grad_cy, input, cx.sizes());
+  check_like("gates", gates, input, {sc.rows, 4 * H});
+  check_like("cells", cells, input, {sc.rows, H});
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor go = grad_output.reshape({sc.rows, P}).contiguous();
+  const Tensor out = output.reshape({sc.rows, P});
+  const Tensor gates_c = gates.contiguous();
+  const Tensor cells_c = cells.contiguous();
+  const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
+  const Tensor dgates = at::empty({sc.rows, 4 * H}, input.options());
+  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
+  const Tensor dc = grad_cy.clone(at::MemoryFormat::Contiguous);
+  const Tensor dr = proj ? at::empty({sc.rows, P}, input.options()) : Tensor();
+  const Tensor dh_full =
+      proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
+
+  for (int64_t s = sc.steps - 1; s >= 0; --s) {
+    const int64_t n = sc.size_at(s);
+    if (proj) {
+      const Tensor dr_s = step_rows(dr, sc, s);
+      add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
+      mm_into(rows(dh_full, n), dr_s, *w_hr);
+    }
+    LstmBackwardStep step{step_rows(gates_c, sc, s),
+                          step_rows(cells_c, sc, s),
+                          step_rows(c_prev, sc, s),
+                          proj ? rows(dh_full, n) : rows(dh, n),
+                          proj ? Tensor() : step_rows(go, sc, s),
+                          rows(dc, n),
+                          step_rows(dgates, sc, s)};
+    FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
+    mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
+  }
+
+  const Tensor h_prev = previous_states(out.contiguous(), hx.contiguous(), sc);
+  const Tensor dgates_t = dgates.t();
+  Tensor grad_w_hr = absent(input);
+  if (proj) {
+    const Tensor h_all = gates_c.narrow(1, 3 * H, H) * at::tanh(cells_c);
+    grad_w_hr = dr.t().mm(h_all);
+  }
+  return {input_grad ? at::mm(dgates, w_ih).view(input.sizes()) : absent(input),
+          dh,
+          dc,
+          dgates_t.mm(x),
+          dgates_t.mm(h_prev),
+          has_bias ? dgates.sum(0) : absent(input),
+          grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+}
+
+#if defined(FUSED_RNN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+}
+#endif
+
+}  // namespace fused_rnn

@@ -1,0 +1,98 @@
+// Elman RNN (tanh or relu) over a whole sequence, one layer, one direction,
+// on any device. Backward needs nothing beyond the output itself.
+#include <torch/library.h>
+
+#include "sequence.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr CellShape kRnn{"RNN", 1};
+
+// Shapes: input (T, B, I) or packed (N, I); hx (B, H); w_ih (H, I);
+// w_hh (H, H); b_ih, b_hh (H). Returns output (T, B, H) or (N, H), hy (B, H).
+std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
+                                       const Tensor& w_ih, const Tensor& w_hh,
+                                       const optional<Tensor>& b_ih,
+                                       const optional<Tensor>& b_hh,
+                                       const optional<Tensor>& batch_sizes,
+                                       bool reverse, bool relu) {
+  check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, b_ih, b_hh,
+                     c10::nullopt);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const int64_t H = w_hh.size(0);
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor pre =
+      linear(x, w_ih, b_ih.has_value() ? *b_ih + *b_hh : Tensor());  // (N, H)
+  const Tensor out = at::empty({sc.rows, H}, input.options());
+  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
+  const Tensor w_hh_t = w_hh.t();
+
+  for (int64_t s = 0; s < sc.steps; ++s) {
+    const int64_t n = sc.size_at(s);
+    const Tensor p = step_rows(pre, sc, s);
+    p.addmm_(rows(h, n), w_hh_t);
+    RnnForwardStep step{p, step_rows(out, sc, s), rows(h, n), relu};
+    FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
+  }
+  return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
+    const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& output, const optional<Tensor>& batch_sizes, bool reverse,
+    bool relu, bool has_bias, bool input_grad) {
+  check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, c10::nullopt,
+                     c10::nullopt, c10::nullopt);
+  const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
+  const int64_t H = w_hh.size(0);
+  TORCH_CHECK(output.numel() == sc.rows * H, "RNN backward: output has ",
+              output.numel(), " elements, expected ", sc.rows * H);
+  check_like("output", output, input, output.sizes());
+  check_like("grad_output", grad_output, input, output.sizes());
+  check_like("grad_hy", grad_hy, input, hx.sizes());
+
+  const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
+  const Tensor out = output.reshape({sc.rows, H}).contiguous();
+  const Tensor dpre = at::empty({sc.rows, H}, input.options());
+  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
+
+  for (int64_t s = sc.steps - 1; s >= 0; --s) {
+    const int64_t n = sc.size_at(s);
+    const Tensor dp = step_rows(dpre, sc, s);
+    RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
+                         step_rows(go, sc, s), dp, relu};
+    FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
+    mm_into(rows(dh, n), dp, w_hh);
+  }
+
+  const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
+  const Tensor dpre_t = dpre.t();
+  return {input_grad ? at::mm(dpre, w_ih).view(input.sizes()) : absent(input),
+          dh, dpre_t.mm(x), dpre_t.mm(h_prev),
+          has_bias ? dpre.sum(0) : absent(input)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("rnn_forward", &rnn_forward);
+  m.impl("rnn_backward", &rnn_backward);
+}
+
+#if defined(FUSED_RNN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
+  m.impl("rnn_forward", &rnn_forward);
+  m.impl("rnn_backward", &rnn_backward);
+}
+#endif
+
+}  // namespace fused_rnn

@@ -1,0 +1,114 @@
+// What the whole-sequence drivers of every cell share: the schedule of rows
+// per step (dense or packed, forward or reverse), argument checks with
+// torch.nn's messages, and the gathering of each step's initial state.
+//
+// Shape legend:
+//   T  steps;  B  batch (rows of the state);  N  rows of the flattened
+//   sequence (T*B dense, sum(batch_sizes) packed);  I  input size;
+//   H  hidden size;  P  size of the hidden state h (proj_size or H);
+//   G  gates per cell (LSTM 4, GRU 3, RNN 1).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
+#include "fused_rnn/steps.h"
+
+namespace fused_rnn {
+
+// Runs a step's pointwise pass on the device of `device_tensor`.
+#if defined(FUSED_RNN_WITH_CUDA)
+#define FUSED_RNN_RUN_STEP(fn, step, device_tensor) \
+  ((device_tensor).is_cuda() ? cuda::fn(step) : cpu::fn(step))
+#else
+#define FUSED_RNN_RUN_STEP(fn, step, device_tensor) cpu::fn(step)
+#endif
+
+// Which rows of the flattened (N, *) sequence each step covers.
+// Dense input (T, B, *): every step has B rows and step t starts at row t*B.
+// Packed input (N, *) with batch_sizes (T,): step t covers batch_sizes[t]
+// rows (non-increasing in t) starting at the sum of the earlier sizes; row b
+// of a step is row b of the state. Steps run in time order, or in reverse.
+struct Schedule {
+  int64_t steps = 0;  // T
+  int64_t batch = 0;  // B
+  int64_t rows = 0;   // N
+  bool dense = true;
+  bool reverse = false;
+  std::vector<int64_t> size;    // (T,) rows of step t
+  std::vector<int64_t> offset;  // (T,) first row of step t
+
+  // Time index of the s-th step in processing order.
+  int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  int64_t size_at(int64_t s) const { return size[time(s)]; }
+  int64_t offset_at(int64_t s) const { return offset[time(s)]; }
+  // Rows of the s-th processed step that continue the (s-1)-th; the others
+  // (only in reverse over packed input) start from the initial state.
+  int64_t carried(int64_t s) const {
+    return s == 0 ? 0 : std::min(size_at(s), size_at(s - 1));
+  }
+};
+
+// Checks `input` against `batch_sizes` and builds the schedule. `batch` is
+// the number of rows of the initial state.
+Schedule make_schedule(const at::Tensor& input,
+                       const c10::optional<at::Tensor>& batch_sizes,
+                       int64_t batch, bool reverse);
+
+// Checks shared by every forward op: input rank, dtypes, devices and the
+// shapes of the weights, biases and initial states.
+struct CellShape {
+  const char* name;  // "LSTM", "GRU", "RNN"
+  int64_t gates;     // G
+};
+void check_forward_args(const CellShape& cell, const at::Tensor& input,
+                        const c10::optional<at::Tensor>& batch_sizes,
+                        std::initializer_list<at::Tensor> states,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const c10::optional<at::Tensor>& b_ih,
+                        const c10::optional<at::Tensor>& b_hh,
+                        const c10::optional<at::Tensor>& w_hr);
+
+// Checks a gradient or saved tensor handed to a backward op.
+void check_like(const char* what, const at::Tensor& t, const at::Tensor& like,
+                at::IntArrayRef sizes);
+
+// (N, W): the rows of step s hold the state step s started from, that is the
+// rows of `seq` (N, W) at the previous step for carried rows and the rows of
+// `init` (B, W) for the others.
+at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
+                           const Schedule& schedule);
+
+// x @ w^T + bias (bias may be undefined), as one GEMM.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& bias);
+
+// An empty tensor standing for "not computed" in an op's outputs.
+inline at::Tensor absent(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+// Rows [0, n) of a contiguous 2-D tensor.
+inline at::Tensor rows(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
+// Rows of the s-th processed step of a flattened (N, W) sequence tensor.
+inline at::Tensor step_rows(const at::Tensor& t, const Schedule& sc, int64_t s) {
+  return t.narrow(0, sc.offset_at(s), sc.size_at(s));
+}
+
+// out = a @ b, out = bias + a @ b, out = a + b, into an existing view.
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b);
+}
+inline void addmm_into(at::Tensor out, const at::Tensor& bias, const at::Tensor& a,
+                       const at::Tensor& b) {
+  at::addmm_out(out, bias, a, b);
+}
+inline void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::add_out(out, a, b);
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,14 @@
+"""fused_rnn: fused LSTM, GRU and Elman RNN kernels, drop-in for torch.nn.
+
+    import fused_rnn
+    lstm = fused_rnn.LSTM(256, 512, num_layers=2, batch_first=True)
+    model = fused_rnn.convert(model)   # swap every torch.nn RNN for its twin
+"""
+
+from . import ops
+from .convert import convert
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "ops"]

@@ -1,0 +1,181 @@
+"""Side-by-side timing and parity of fused_rnn against torch.nn, in one
+process, on one device: the engine behind `python -m fused_rnn` and the
+scripts in bench/.
+
+Timing: random inputs, warm-up, then torch.nn and fused alternate call by
+call (so drift of clocks or load hits both), the median of each is reported;
+on CUDA every call is bracketed by synchronisation, torch.nn modules are
+flatten_parameters()'d and TF32 is off for float32 on both sides.
+"""
+
+import dataclasses
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from . import modules
+
+CELLS = {
+    "LSTM": (nn.LSTM, modules.LSTM, {}),
+    "GRU": (nn.GRU, modules.GRU, {}),
+    "RNN_TANH": (nn.RNN, modules.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (nn.RNN, modules.RNN, {"nonlinearity": "relu"}),
+}
+
+
+@dataclasses.dataclass
+class Config:
+    cell: str
+    batch: int
+    hidden_size: int
+    seq_len: int
+    input_size: int | None = None  # defaults to hidden_size
+    num_layers: int = 1
+    bidirectional: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    training: bool = False  # forward + backward when True, else forward under no_grad
+
+    def __post_init__(self):
+        if self.input_size is None:
+            self.input_size = self.hidden_size
+
+
+def make_pair(config: Config, seed: int = 0):
+    """(torch.nn module, fused twin) with the same weights."""
+    torch_type, fused_type, extra = CELLS[config.cell]
+    kwargs = dict(
+        input_size=config.input_size, hidden_size=config.hidden_size,
+        num_layers=config.num_layers, bidirectional=config.bidirectional, **extra,
+    )
+    dtype = getattr(torch, config.dtype)
+    torch.manual_seed(seed)
+    reference = torch_type(**kwargs).to(config.device, dtype)
+    fused = fused_type(**kwargs).to(config.device, dtype)
+    fused.load_state_dict(reference.state_dict())
+    if config.device.startswith("cuda"):
+        reference.flatten_parameters()
+    return reference, fused
+
+
+def _synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _step(module, x, grad, training):
+    if not training:
+        with torch.no_grad():
+            return module(x)
+    module.zero_grad(set_to_none=True)
+    output, _ = module(x)
+    output.backward(grad)
+    return output
+
+
+def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict:
+    """Times torch.nn and fused on `config`; returns a row with both times
+    (ms, medians), the speed-up, per-step latency and the parity error of
+    the output (and input gradient when training) against torch.nn."""
+    reference, fused = make_pair(config, seed)
+    dtype = getattr(torch, config.dtype)
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(
+        config.seq_len, config.batch, config.input_size, generator=generator
+    ).to(config.device, dtype)
+    directions = 2 if config.bidirectional else 1
+    grad = torch.randn(
+        config.seq_len, config.batch, directions * config.hidden_size, generator=generator
+    ).to(config.device, dtype)
+    if config.training:
+        x.requires_grad_(True)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        error = _parity(reference, fused, x, grad, config.training)
+        times = {"torch": [], "fused": []}
+        for i in range(warmup + repeats):
+            for name, module in (("torch", reference), ("fused", fused)):
+                _synchronize(config.device)
+                start = time.perf_counter()
+                _step(module, x, grad, config.training)
+                _synchronize(config.device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch_ms = statistics.median(times["torch"]) * 1e3
+    fused_ms = statistics.median(times["fused"]) * 1e3
+    return {
+        **dataclasses.asdict(config),
+        "torch_ms": torch_ms,
+        "fused_ms": fused_ms,
+        "speedup": torch_ms / fused_ms,
+        "fused_us_per_step": fused_ms * 1e3 / config.seq_len,
+        "torch_us_per_step": torch_ms * 1e3 / config.seq_len,
+        "max_abs_error": error,
+        "repeats": repeats,
+    }
+
+
+def _parity(reference, fused, x, grad, training):
+    """Largest |fused - torch.nn| over the output, and over the input
+    gradient when training."""
+    outputs = []
+    for module in (reference, fused):
+        xi = x.detach().clone().requires_grad_(training)
+        output = _step(module, xi, grad, training)
+        outputs.append((output.detach(), xi.grad))
+    (out_t, grad_t), (out_f, grad_f) = outputs
+    error = (out_t.float() - out_f.float()).abs().max().item()
+    if training:
+        error = max(error, (grad_t.float() - grad_f.float()).abs().max().item())
+    return error
+
+
+def environment(device: str) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'cell':<9}{'mode':<9}{'dtype':<9}{'B':>5}{'H':>6}{'T':>5}"
+        f"{'torch ms':>11}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['cell']:<9}{'train' if r['training'] else 'forward':<9}{r['dtype']:<9}"
+            f"{r['batch']:>5}{r['hidden_size']:>6}{r['seq_len']:>5}"
+            f"{r['torch_ms']:>11.3f}{r['fused_ms']:>11.3f}{r['speedup']:>8.2f}x"
+            f"{r['max_abs_error']:>12.2e}"
+        )
+    return "\n".join(lines)

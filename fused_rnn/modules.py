@@ -1,0 +1,341 @@
+"""Drop-in twins of torch.nn.LSTM, GRU, RNN and their cells.
+
+They subclass torch.nn.RNNBase / RNNCellBase, which gives torch's parameter
+names, initialisation, state_dict and flatten_parameters(); forward takes and
+returns what torch.nn's does. Layers, directions, dropout and packing are
+composed here; each (layer, direction) is one call of a fused whole-sequence
+op (fused_rnn.ops). They do not subclass torch.nn.LSTM / GRU / RNN, whose
+instances torch.compile refuses to trace.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+
+class _FusedRNNBase(nn.RNNBase):
+    """Forward shared by LSTM, GRU and RNN; subclasses say how one layer runs
+    in one direction (`_layer`) and how many state tensors they carry."""
+
+    _name = "RNN"
+    _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        raise NotImplementedError
+
+    def _state_sizes(self):
+        """Feature sizes of the state tensors (h, and c for LSTM)."""
+        return (self.proj_size if self.proj_size > 0 else self.hidden_size,)
+
+    def _check_state_dims(self, states, is_batched):
+        dim = 3 if is_batched else 2
+        if states[0].dim() != dim:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx should also be {dim}-D but got "
+                f"{states[0].dim()}-D tensor"
+            )
+
+    def _pack_state(self, states):
+        return states[0]
+
+    def _unpack_state(self, hx):
+        return (hx,)
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        orig_input = input
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = orig_input
+            max_batch_size = batch_sizes[0]
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    self._input_dim_message.format(name=self._name, dim=input.dim())
+                )
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                self._check_state_dims(self._unpack_state(hx), is_batched)
+                if not is_batched:
+                    hx = self._pack_state(tuple(s.unsqueeze(1) for s in self._unpack_state(hx)))
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            hx = self._pack_state(
+                tuple(
+                    torch.zeros(
+                        self.num_layers * num_directions, max_batch_size, size,
+                        dtype=input.dtype, device=input.device,
+                    )
+                    for size in self._state_sizes()
+                )
+            )
+        self.check_forward_args(input, hx, batch_sizes)
+
+        time_major = batch_sizes is None and self.batch_first
+        output, states = self._layers(
+            input.transpose(0, 1) if time_major else input,
+            self._unpack_state(hx),
+            batch_sizes,
+        )
+        if time_major:
+            output = output.transpose(0, 1)
+        hidden = self._pack_state(states)
+        if isinstance(orig_input, PackedSequence):
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = self._pack_state(tuple(s.squeeze(1) for s in states))
+        return output, hidden
+
+    def _layers(self, input, states, batch_sizes):
+        """Runs every layer and direction. `input` is (T, B, I) or packed
+        (N, I); each state is (L * D, B, *). Returns the last layer's output and
+        the final states, stacked as (L * D, B, *)."""
+        num_directions = 2 if self.bidirectional else 1
+        weights = self._flat_weights
+        per_layer = len(weights) // (self.num_layers * num_directions)
+        finals = [[] for _ in states]
+        layer_input = input
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                output, new_states = self._layer(
+                    layer_input,
+                    [s[index] for s in states],
+                    weights[index * per_layer : (index + 1) * per_layer],
+                    batch_sizes,
+                    direction == 1,
+                )
+                outputs.append(output)
+                for final, state in zip(finals, new_states):
+                    final.append(state)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+        return layer_input, tuple(torch.stack(final, 0) for final in finals)
+
+    def _split_weights(self, weights):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction."""
+        w_ih, w_hh = weights[0], weights[1]
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        w_hr = weights[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+class LSTM(_FusedRNNBase):
+    """Fused twin of torch.nn.LSTM (same arguments, parameters and outputs)."""
+
+    _name = "LSTM"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own checks, messages and permutation of the (h, c) pair.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _state_sizes(self):
+        return super()._state_sizes() + (self.hidden_size,)
+
+    def _check_state_dims(self, states, is_batched):
+        dim = 3 if is_batched else 2
+        if states[0].dim() != dim or states[1].dim() != dim:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {dim}-D but got "
+                f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
+            )
+
+    def _pack_state(self, states):
+        return tuple(states)
+
+    def _unpack_state(self, hx):
+        return tuple(hx)
+
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._split_weights(weights)
+        output, hy, cy = ops.lstm(
+            input, states[0], states[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+        )
+        return output, (hy, cy)
+
+
+class GRU(_FusedRNNBase):
+    """Fused twin of torch.nn.GRU (same arguments, parameters and outputs)."""
+
+    _name = "GRU"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(
+                "proj_size argument is only supported for LSTM, not RNN or GRU"
+            )
+        super().__init__("GRU", *args, **kwargs)
+
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, _ = self._split_weights(weights)
+        output, hy = ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+        return output, (hy,)
+
+
+class RNN(_FusedRNNBase):
+    """Fused twin of torch.nn.RNN, tanh or relu (same arguments, parameters and
+    outputs)."""
+
+    _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D tensor instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(
+                "proj_size argument is only supported for LSTM, not RNN or GRU"
+            )
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(mode, *args, **kwargs)
+
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, _ = self._split_weights(weights)
+        output, hy = ops.rnn(
+            input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
+            self.mode == "RNN_RELU",
+        )
+        return output, (hy,)
+
+
+# ------------------------------------------------------------------ cells
+class _FusedCellBase(nn.RNNCellBase):
+    """Cells run the whole-sequence op on a sequence of one step."""
+
+    _name = "RNNCell"
+
+    def _prepare(self, input, states):
+        """torch.nn's rank checks; returns (input, states, is_batched) with a
+        batch dimension added, zero states when `states` is None."""
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
+            )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if states is None:
+            zeros = torch.zeros(
+                input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
+            )
+            states = (zeros,) * self._num_states
+        elif not is_batched:
+            states = tuple(s.unsqueeze(0) for s in states)
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} "
+                f"expected {self.input_size}"
+            )
+        for index, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{index} "
+                    f"batch size {state.size(0)}"
+                )
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+        return input.unsqueeze(0), states, is_batched
+
+    def _check_hidden_dim(self, hx, label):
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(
+                f"{self._name}: Expected {label} to be 1D or 2D, got {hx.dim()}D instead"
+            )
+
+
+class LSTMCell(_FusedCellBase):
+    """Fused twin of torch.nn.LSTMCell."""
+
+    _name = "LSTMCell"
+    _num_states = 2
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        if hx is not None:
+            for index, value in enumerate(hx):
+                self._check_hidden_dim(value, f"hx[{index}]")
+        sequence, (h, c), is_batched = self._prepare(input, hx)
+        _, hy, cy = ops.lstm(
+            sequence, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
+        if not is_batched:
+            return hy.squeeze(0), cy.squeeze(0)
+        return hy, cy
+
+
+class GRUCell(_FusedCellBase):
+    """Fused twin of torch.nn.GRUCell."""
+
+    _name = "GRUCell"
+    _num_states = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        self._check_hidden_dim(hx, "hidden")
+        sequence, (h,), is_batched = self._prepare(input, None if hx is None else (hx,))
+        _, hy = ops.gru(sequence, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return hy if is_batched else hy.squeeze(0)
+
+
+class RNNCell(_FusedCellBase):
+    """Fused twin of torch.nn.RNNCell (tanh or relu)."""
+
+    _name = "RNNCell"
+    _num_states = 1
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        self._check_hidden_dim(hx, "hidden")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        sequence, (h,), is_batched = self._prepare(input, None if hx is None else (hx,))
+        _, hy = ops.rnn(
+            sequence, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            relu=self.nonlinearity == "relu",
+        )
+        return hy if is_batched else hy.squeeze(0)

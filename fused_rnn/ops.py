@@ -1,0 +1,307 @@
+"""The C++ ops (torch.ops.fused_rnn.*): fake kernels, autograd, and the
+differentiable Python entry points `lstm`, `gru` and `rnn`.
+
+Each op runs one layer in one direction over a whole sequence. Shapes:
+input (T, B, I) time-major, or packed (N, I) with `batch_sizes` (T,) an int64
+CPU tensor as in PackedSequence; hx (B, P); cx (B, H) for LSTM; weights as in
+torch.nn (gate order LSTM i,f,g,o; GRU r,z,n). `reverse` walks the sequence
+from its end. See csrc/ops.cpp for the schemas.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._C_loader import load_extension
+
+load_extension()
+
+_ops = torch.ops.fused_rnn
+
+__all__ = ["lstm", "gru", "rnn"]
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    )
+
+
+# ----------------------------------------------------------------- checks
+def _check_args(name, gates, input, states, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
+    """The device, dtype and shape checks of the C++ kernels, for the fake
+    kernels (meta tensors, torch.compile) so both raise the same errors."""
+    torch._check(
+        input.dim() == (2 if batch_sizes is not None else 3),
+        lambda: f"{name}: input must have {2 if batch_sizes is not None else 3} "
+        f"dimensions, got {input.dim()}",
+    )
+    for what, group in (("parameter", (w_ih, w_hh, b_ih, b_hh, w_hr)), ("hidden", states)):
+        for t in group:
+            if t is None:
+                continue
+            if t.device != input.device:
+                raise RuntimeError(
+                    f"Input and {what} tensors are not at the same device, found input "
+                    f"tensor at {input.device} and {what} tensor at {t.device}"
+                )
+            if t.dtype != input.dtype:
+                raise RuntimeError(
+                    f"Input and {what} tensors are not the same dtype, found input "
+                    f"tensor with {input.dtype} and {what} tensor with {t.dtype}"
+                )
+    hidden = w_hh.shape[0] // gates
+    proj = w_hr.shape[0] if w_hr is not None else hidden
+    torch._check(
+        tuple(w_ih.shape) == (gates * hidden, input.shape[-1]),
+        lambda: f"Expected weight_ih of size {[gates * hidden, input.shape[-1]]}, "
+        f"got {list(w_ih.shape)}",
+    )
+    torch._check(
+        tuple(w_hh.shape) == (gates * hidden, proj),
+        lambda: f"Expected weight_hh of size {[gates * hidden, proj]}, got {list(w_hh.shape)}",
+    )
+    hx = states[0]
+    torch._check(hx.dim() == 2 and hx.shape[1] == proj, lambda: f"Expected hx of size (B, {proj})")
+    for cx in states[1:]:
+        torch._check(
+            tuple(cx.shape) == (hx.shape[0], hidden),
+            lambda: f"Expected cx of size {[hx.shape[0], hidden]}, got {list(cx.shape)}",
+        )
+    if batch_sizes is None:
+        torch._check(
+            input.shape[0] > 0, lambda: "Expected sequence length to be larger than 0 in RNN"
+        )
+        torch._check(
+            input.shape[1] == hx.shape[0],
+            lambda: f"Expected hidden size ({hx.shape[0]}, ...) to match the input's "
+            f"batch {input.shape[1]}",
+        )
+    return hidden, proj
+
+
+def _rows(input):
+    return math.prod(input.shape[:-1])
+
+
+def _workspace(input, train, *shape):
+    return input.new_empty(shape if train else (0,))
+
+
+# ------------------------------------------------------------------- LSTM
+@torch.library.register_fake("fused_rnn::lstm_forward")
+def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train):
+    hidden, proj = _check_args(
+        "LSTM", 4, input, (hx, cx), w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
+    )
+    n = _rows(input)
+    return (
+        input.new_empty((*input.shape[:-1], proj)),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        _workspace(input, train, n, 4 * hidden),
+        _workspace(input, train, n, hidden),
+    )
+
+
+@torch.library.register_fake("fused_rnn::lstm_backward")
+def _lstm_backward_fake(
+    grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, output, gates,
+    cells, batch_sizes, reverse, has_bias, input_grad,
+):
+    _check_args("LSTM", 4, input, (hx, cx), w_ih, w_hh, None, None, w_hr, batch_sizes)
+    return (
+        input.new_empty(input.shape if input_grad else (0,)),
+        hx.new_empty(hx.shape),
+        cx.new_empty(cx.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty((w_hh.shape[0],) if has_bias else (0,)),
+        input.new_empty(w_hr.shape if w_hr is not None else (0,)),
+    )
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train = inputs
+    out, _, _, gates, cells = output
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes)
+    ctx.reverse, ctx.train, ctx.has_bias = reverse, train, b_ih is not None
+
+
+def _missing_train(name):
+    return RuntimeError(
+        f"fused_rnn::{name}_forward ran with train=False, so it kept nothing for "
+        "backward; call it with train=True (fused_rnn.ops does so when a grad is needed)"
+    )
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
+    if not ctx.train:
+        raise _missing_train("lstm")
+    input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr = _ops.lstm_backward.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx),
+        _zeros_if_none(grad_cy, cx), input, hx, cx, w_ih, w_hh, w_hr, out, gates,
+        cells, batch_sizes, ctx.reverse, ctx.has_bias, need[0],
+    )
+    g_bias = g_b if ctx.has_bias else None
+    return (
+        g_in if need[0] else None, g_hx, g_cx, g_wih, g_whh, g_bias,
+        # b_ih and b_hh get equal gradients, as separate tensors.
+        g_bias.clone() if g_bias is not None else None,
+        g_whr if w_hr is not None else None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context
+)
+
+
+def lstm(
+    input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
+    batch_sizes: Tensor | None = None, reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction. Returns (output, hy, cy)."""
+    train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    out, hy, cy, _, _ = _ops.lstm_forward.default(
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
+    )
+    return out, hy, cy
+
+
+# -------------------------------------------------------------------- GRU
+@torch.library.register_fake("fused_rnn::gru_forward")
+def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train):
+    hidden, _ = _check_args("GRU", 3, input, (hx,), w_ih, w_hh, b_ih, b_hh, None, batch_sizes)
+    n = _rows(input)
+    return (
+        input.new_empty((*input.shape[:-1], hidden)),
+        hx.new_empty(hx.shape),
+        _workspace(input, train, n, 3 * hidden),
+        _workspace(input, train, n, hidden),
+    )
+
+
+@torch.library.register_fake("fused_rnn::gru_backward")
+def _gru_backward_fake(
+    grad_output, grad_hy, input, hx, w_ih, w_hh, output, gates, hidden_n, batch_sizes,
+    reverse, has_bias, input_grad,
+):
+    _check_args("GRU", 3, input, (hx,), w_ih, w_hh, None, None, None, batch_sizes)
+    bias_shape = (w_hh.shape[0],) if has_bias else (0,)
+    return (
+        input.new_empty(input.shape if input_grad else (0,)),
+        hx.new_empty(hx.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(bias_shape),
+        w_hh.new_empty(bias_shape),
+    )
+
+
+def _gru_setup_context(ctx, inputs, output):
+    input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train = inputs
+    out, _, gates, hidden_n = output
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, gates, hidden_n, batch_sizes)
+    ctx.reverse, ctx.train, ctx.has_bias = reverse, train, b_ih is not None
+
+
+def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
+    if not ctx.train:
+        raise _missing_train("gru")
+    input, hx, w_ih, w_hh, out, gates, hidden_n, batch_sizes = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = _ops.gru_backward.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
+        w_hh, out, gates, hidden_n, batch_sizes, ctx.reverse, ctx.has_bias, need[0],
+    )
+    bias = ctx.has_bias
+    return (
+        g_in if need[0] else None, g_hx, g_wih, g_whh,
+        g_bih if bias else None, g_bhh if bias else None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::gru_forward", _gru_backward, setup_context=_gru_setup_context
+)
+
+
+def gru(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+    batch_sizes: Tensor | None = None, reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer in one direction. Returns (output, hy)."""
+    train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
+    out, hy, _, _ = _ops.gru_forward.default(
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
+    )
+    return out, hy
+
+
+# -------------------------------------------------------------------- RNN
+@torch.library.register_fake("fused_rnn::rnn_forward")
+def _rnn_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):
+    hidden, _ = _check_args("RNN", 1, input, (hx,), w_ih, w_hh, b_ih, b_hh, None, batch_sizes)
+    return input.new_empty((*input.shape[:-1], hidden)), hx.new_empty(hx.shape)
+
+
+@torch.library.register_fake("fused_rnn::rnn_backward")
+def _rnn_backward_fake(
+    grad_output, grad_hy, input, hx, w_ih, w_hh, output, batch_sizes, reverse, relu,
+    has_bias, input_grad,
+):
+    _check_args("RNN", 1, input, (hx,), w_ih, w_hh, None, None, None, batch_sizes)
+    return (
+        input.new_empty(input.shape if input_grad else (0,)),
+        hx.new_empty(hx.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty((w_hh.shape[0],) if has_bias else (0,)),
+    )
+
+
+def _rnn_setup_context(ctx, inputs, output):
+    input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu = inputs
+    ctx.save_for_backward(input, hx, w_ih, w_hh, output[0], batch_sizes)
+    ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
+
+
+def _rnn_backward(ctx, grad_out, grad_hy):
+    input, hx, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_in, g_hx, g_wih, g_whh, g_b = _ops.rnn_backward.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
+        w_hh, out, batch_sizes, ctx.reverse, ctx.relu, ctx.has_bias, need[0],
+    )
+    g_bias = g_b if ctx.has_bias else None
+    return (
+        g_in if need[0] else None, g_hx, g_wih, g_whh, g_bias,
+        g_bias.clone() if g_bias is not None else None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
+)
+
+
+def rnn(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+    batch_sizes: Tensor | None = None, reverse: bool = False, relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer (tanh, or relu) in one direction. Returns (output, hy)."""
+    out, hy = _ops.rnn_forward.default(
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
+    )
+    return out, hy

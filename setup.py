@@ -1,0 +1,114 @@
+"""Build of fused_rnn: one extension, fused_rnn._C.
+
+The CUDA sources are compiled when nvcc and a CUDA build of torch are both
+present, otherwise the build is CPU-only. Environment knobs:
+
+  FUSED_RNN_CUDA        "auto" (default), "1" (require CUDA) or "0" (CPU only)
+  FUSED_RNN_CUDA_ARCHS  CUDA architectures, default "8.0;9.0+PTX"
+                        (TORCH_CUDA_ARCH_LIST, if set, wins)
+  FUSED_RNN_NVCC_THREADS  nvcc --threads, default 2
+  MAX_JOBS              parallel compile jobs (default: from cores and memory)
+  FUSED_RNN_DEBUG       "1" builds with -O0 -g
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _guess_cuda_home():
+    """torch derives CUDA_HOME from `which nvcc`, which is wrong when nvcc is a
+    wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc): the link
+    then fails. Point it at the toolkit that has the headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def _default_max_jobs():
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8
+    # An nvcc job with torch's headers takes up to ~3 GiB.
+    return str(max(1, min(cores, int(mem_gib // 3))))
+
+
+_guess_cuda_home()
+os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+os.environ.setdefault(
+    "TORCH_CUDA_ARCH_LIST", os.environ.get("FUSED_RNN_CUDA_ARCHS", "8.0;9.0+PTX")
+)
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+debug = os.environ.get("FUSED_RNN_DEBUG", "0") == "1"
+want_cuda = os.environ.get("FUSED_RNN_CUDA", "auto").lower()
+have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+if want_cuda == "1" and not have_cuda:
+    sys.exit(
+        "FUSED_RNN_CUDA=1 but no CUDA build is possible: torch.version.cuda="
+        f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+    )
+use_cuda = have_cuda and want_cuda != "0"
+
+sources = sorted(
+    glob.glob(os.path.join("csrc", "*.cpp"))
+    + glob.glob(os.path.join("csrc", "sequence", "*.cpp"))
+    + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+)
+# The C++ standard is left to torch (C++17 or C++20, by release).
+opt = ["-O0", "-g"] if debug else ["-O3"]
+cxx_flags = opt + ["-fdiagnostics-color=always", "-Wall"]
+define_macros = [("Py_LIMITED_API", "0x03090000")]
+extension = cpp_extension.CppExtension
+extra_compile_args = {"cxx": cxx_flags}
+
+if use_cuda:
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    extension = cpp_extension.CUDAExtension
+    define_macros.append(("FUSED_RNN_WITH_CUDA", None))
+    extra_compile_args["nvcc"] = opt + [
+        "--expt-relaxed-constexpr",
+        "--threads",
+        os.environ.get("FUSED_RNN_NVCC_THREADS", "2"),
+    ]
+
+ext_modules = [
+    extension(
+        "fused_rnn._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc", "include")],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        py_limited_api=True,
+    )
+]
+
+setup(
+    name="fused_rnn",
+    version="0.1.0",
+    description="Fused LSTM, GRU and RNN kernels (CPU and CUDA), drop-in for torch.nn",
+    packages=find_packages(include=["fused_rnn", "fused_rnn.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch"],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    entry_points={"console_scripts": ["fused-rnn=fused_rnn.__main__:main"]},
+)
