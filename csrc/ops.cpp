@@ -14,7 +14,7 @@
 #include <torch/library.h>
 
 extern "C" {
-// With Py_LIMITED_API one binary serves every CPython 3.9+.
+// Built with Py_LIMITED_API: one binary serves every CPython 3.10+.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fused_rnn kernels (importing registers them)",

@@ -69,7 +69,7 @@ def _synchronize(device):
 def _step(module, x, grad, training):
     if not training:
         with torch.no_grad():
-            return module(x)
+            return module(x)[0]
     module.zero_grad(set_to_none=True)
     output, _ = module(x)
     output.backward(grad)

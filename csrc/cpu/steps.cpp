@@ -13,7 +13,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     (__GNUC__ >= 11)
-#define FR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FR_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FR_CPU_CLONES
 #endif
@@ -22,6 +23,16 @@
 #define FR_RESTRICT __restrict__
 #else
 #define FR_RESTRICT
+#endif
+
+// Tells the compiler the rows of one loop do not overlap: without it GCC
+// gives up on the gate loops nested in the row loop.
+#if defined(__clang__)
+#define FR_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FR_IVDEP _Pragma("GCC ivdep")
+#else
+#define FR_IVDEP
 #endif
 
 namespace fused_rnn {
@@ -51,9 +62,11 @@ struct LstmForwardPtrs {
   int64_t H;
 };
 
-template <typename scalar_t>
-FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
-                                 int64_t b0, int64_t b1) {
+// Optional outputs are template flags: a conditional store in the loop would
+// stop it from vectorising.
+template <typename scalar_t, bool kCells, bool kCopy>
+FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p,
+                                      int64_t b0, int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -63,8 +76,9 @@ FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
     scalar_t* FR_RESTRICT go = gi + 3 * H;
     scalar_t* FR_RESTRICT c = p.c + b * H;
     scalar_t* FR_RESTRICT h = p.h + b * H;
-    scalar_t* FR_RESTRICT cells = p.cells ? p.cells + b * H : nullptr;
-    scalar_t* FR_RESTRICT h_copy = p.h_copy ? p.h_copy + b * H : nullptr;
+    scalar_t* FR_RESTRICT cells = kCells ? p.cells + b * H : nullptr;
+    scalar_t* FR_RESTRICT h_copy = kCopy ? p.h_copy + b * H : nullptr;
+    FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
       T i = gi[j], f = gf[j], g = gg[j], o = go[j], c_new, h_new;
       lstm_forward_point<T>(i, f, g, o, T(c[j]), c_new, h_new);
@@ -74,8 +88,26 @@ FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
       go[j] = o;
       c[j] = c_new;
       h[j] = h_new;
-      if (cells) cells[j] = c_new;
-      if (h_copy) h_copy[j] = h_new;
+      if constexpr (kCells) cells[j] = c_new;
+      if constexpr (kCopy) h_copy[j] = h_new;
+    }
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
+                                 int64_t b0, int64_t b1) {
+  if (p.cells) {
+    if (p.h_copy) {
+      lstm_forward_rows_impl<scalar_t, true, true>(p, b0, b1);
+    } else {
+      lstm_forward_rows_impl<scalar_t, true, false>(p, b0, b1);
+    }
+  } else {
+    if (p.h_copy) {
+      lstm_forward_rows_impl<scalar_t, false, true>(p, b0, b1);
+    } else {
+      lstm_forward_rows_impl<scalar_t, false, false>(p, b0, b1);
     }
   }
 }
@@ -92,9 +124,9 @@ struct LstmBackwardPtrs {
   int64_t H;
 };
 
-template <typename scalar_t>
-FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
-                                  int64_t b0, int64_t b1) {
+template <typename scalar_t, bool kExtra>
+FR_INLINE void lstm_backward_rows_impl(const LstmBackwardPtrs<scalar_t>& p,
+                                       int64_t b0, int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -111,9 +143,10 @@ FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
     scalar_t* FR_RESTRICT df = di + H;
     scalar_t* FR_RESTRICT dg = di + 2 * H;
     scalar_t* FR_RESTRICT d_o = di + 3 * H;
+    FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
       T grad_h = T(dh[j]);
-      if (dh_extra) grad_h += T(dh_extra[j]);
+      if constexpr (kExtra) grad_h += T(dh_extra[j]);
       T vi, vf, vg, vo, vc;
       lstm_backward_point<T>(T(gi[j]), T(gf[j]), T(gg[j]), T(go[j]), T(c[j]),
                              T(c_prev[j]), grad_h, T(dc[j]), vi, vf, vg, vo,
@@ -124,6 +157,16 @@ FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
       d_o[j] = vo;
       dc[j] = vc;
     }
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
+                                  int64_t b0, int64_t b1) {
+  if (p.dh_extra) {
+    lstm_backward_rows_impl<scalar_t, true>(p, b0, b1);
+  } else {
+    lstm_backward_rows_impl<scalar_t, false>(p, b0, b1);
   }
 }
 
@@ -141,9 +184,9 @@ struct GruForwardPtrs {
   int64_t H;
 };
 
-template <typename scalar_t>
-FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
-                                int64_t b1) {
+template <typename scalar_t, bool kSave>
+FR_INLINE void gru_forward_rows_impl(const GruForwardPtrs<scalar_t>& p,
+                                     int64_t b0, int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -155,7 +198,8 @@ FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
     const scalar_t* FR_RESTRICT hn = hr + 2 * H;
     scalar_t* FR_RESTRICT h = p.h + b * H;
     scalar_t* FR_RESTRICT out = p.out + b * H;
-    scalar_t* FR_RESTRICT hn_saved = p.hn ? p.hn + b * H : nullptr;
+    scalar_t* FR_RESTRICT hn_saved = kSave ? p.hn + b * H : nullptr;
+    FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
       T r = xr[j], z = xz[j], n = xn[j], h_new;
       const T hn_j = hn[j];
@@ -165,8 +209,18 @@ FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
       xn[j] = n;
       h[j] = h_new;
       out[j] = h_new;
-      if (hn_saved) hn_saved[j] = hn_j;
+      if constexpr (kSave) hn_saved[j] = hn_j;
     }
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
+                                int64_t b1) {
+  if (p.hn) {
+    gru_forward_rows_impl<scalar_t, true>(p, b0, b1);
+  } else {
+    gru_forward_rows_impl<scalar_t, false>(p, b0, b1);
   }
 }
 
@@ -182,9 +236,9 @@ struct GruBackwardPtrs {
   int64_t H;
 };
 
-template <typename scalar_t>
-FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
-                                 int64_t b0, int64_t b1) {
+template <typename scalar_t, bool kExtra>
+FR_INLINE void gru_backward_rows_impl(const GruBackwardPtrs<scalar_t>& p,
+                                      int64_t b0, int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
@@ -201,9 +255,10 @@ FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
     scalar_t* FR_RESTRICT dhr = p.dgates_h + b * 3 * H;
     scalar_t* FR_RESTRICT dhz = dhr + H;
     scalar_t* FR_RESTRICT dhn = dhr + 2 * H;
+    FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
       T grad_h = T(dh[j]);
-      if (dh_extra) grad_h += T(dh_extra[j]);
+      if constexpr (kExtra) grad_h += T(dh_extra[j]);
       T vr, vz, vn, vhn, vh;
       gru_backward_point<T>(T(r[j]), T(z[j]), T(n[j]), T(hn[j]), T(h_prev[j]),
                             grad_h, vr, vz, vn, vhn, vh);
@@ -215,6 +270,16 @@ FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
       dhn[j] = vhn;
       dh[j] = vh;
     }
+  }
+}
+
+template <typename scalar_t>
+FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
+                                 int64_t b0, int64_t b1) {
+  if (p.dh_extra) {
+    gru_backward_rows_impl<scalar_t, true>(p, b0, b1);
+  } else {
+    gru_backward_rows_impl<scalar_t, false>(p, b0, b1);
   }
 }
 
@@ -240,6 +305,7 @@ FR_INLINE void rnn_forward_rows_impl(const RnnForwardPtrs<scalar_t>& p,
   const scalar_t* FR_RESTRICT pre = p.pre + b0 * H;
   scalar_t* FR_RESTRICT out = p.out + b0 * H;
   scalar_t* FR_RESTRICT h = p.h + b0 * H;
+  FR_IVDEP
   for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
     const T v = rnn_forward_point<kRelu, T>(T(pre[k]));
     out[k] = v;
@@ -279,6 +345,7 @@ FR_INLINE void rnn_backward_rows_impl(const RnnBackwardPtrs<scalar_t>& p,
   const scalar_t* FR_RESTRICT dh = p.dh + b0 * H;
   const scalar_t* FR_RESTRICT dh_extra = p.dh_extra ? p.dh_extra + b0 * H : nullptr;
   scalar_t* FR_RESTRICT dpre = p.dpre + b0 * H;
+  FR_IVDEP
   for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
     T grad_h = T(dh[k]);
     if (dh_extra) grad_h += T(dh_extra[k]);

@@ -5,8 +5,8 @@
 // this synchronises with the host, so a CUDA graph can capture it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -18,6 +18,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Enough blocks to fill any current GPU; larger steps loop (grid-stride).
+constexpr int64_t kMaxBlocks = 4096;
 
 template <typename scalar_t>
 scalar_t* ptr(const at::Tensor& t) {
@@ -31,10 +33,8 @@ scalar_t* ptr(const at::Tensor& t) {
 template <typename Kernel, typename... Args>
 void launch(int64_t n, Kernel kernel, Args... args) {
   if (n == 0) return;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       n, args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
