@@ -8,6 +8,7 @@ torch.nn (gate order LSTM i,f,g,o; GRU r,z,n). `reverse` walks the sequence
 from its end. See csrc/ops.cpp for the schemas.
 """
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,24 @@ load_extension()
 _ops = torch.ops.fused_rnn
 
 __all__ = ["lstm", "gru", "rnn"]
+
+
+def _autocast(*tensors):
+    """Under CUDA autocast, run in the autocast dtype as torch.nn's cuDNN RNNs
+    do (their op is on autocast's lower-precision list): floating tensors are
+    cast, the op then runs with autocast off."""
+    if not tensors[0].is_cuda or not torch.is_autocast_enabled("cuda"):
+        return tensors
+    dtype = torch.get_autocast_dtype("cuda")
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
+    )
+
+
+def _autocast_off(input):
+    if input.is_cuda:
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 def _needs_grad(*tensors):
@@ -170,10 +189,14 @@ def lstm(
     batch_sizes: Tensor | None = None, reverse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer in one direction. Returns (output, hy, cy)."""
-    train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    out, hy, cy, _, _ = _ops.lstm_forward.default(
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
     )
+    train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    with _autocast_off(input):
+        out, hy, cy, _, _ = _ops.lstm_forward.default(
+            input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
+        )
     return out, hy, cy
 
 
@@ -241,10 +264,12 @@ def gru(
     batch_sizes: Tensor | None = None, reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction. Returns (output, hy)."""
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
-    out, hy, _, _ = _ops.gru_forward.default(
-        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
-    )
+    with _autocast_off(input):
+        out, hy, _, _ = _ops.gru_forward.default(
+            input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
+        )
     return out, hy
 
 
@@ -301,7 +326,9 @@ def rnn(
     batch_sizes: Tensor | None = None, reverse: bool = False, relu: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer (tanh, or relu) in one direction. Returns (output, hy)."""
-    out, hy = _ops.rnn_forward.default(
-        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
-    )
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
+    with _autocast_off(input):
+        out, hy = _ops.rnn_forward.default(
+            input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
+        )
     return out, hy
