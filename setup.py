@@ -85,7 +85,7 @@ if use_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     extension = cpp_extension.CUDAExtension
     define_macros.append(("FUSED_RNN_WITH_CUDA", None))
-    extra_compile_args["nvcc"] = opt + [
+    extra_compile_args["nvcc"] = (["-O0", "-g"] if debug else ["-O3"]) + [
         "--expt-relaxed-constexpr",
         "--threads",
         os.environ.get("FUSED_RNN_NVCC_THREADS", "2"),

@@ -6,7 +6,9 @@
 // on any x86-64 machine.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
 
 #include "fused_rnn/cells.h"
 #include "fused_rnn/steps.h"
@@ -55,32 +57,68 @@ void for_rows(int64_t rows, int64_t width, const Fn& fn) {
   at::parallel_for(0, rows, grain, fn);
 }
 
+// A forward step: the recurrent product h_{t-1} @ W_hh^T as one GEMM
+// (threaded by the BLAS) into the scratch buffer, then the pointwise pass,
+// parallel over rows, adding input projection, recurrent product and biases.
+// (Splitting the units over threads, each multiplying by its own slice of
+// W_hh inside one parallel region, was measured no faster.)
+at::Tensor recurrent_product(const at::Tensor& scratch, const at::Tensor& h_prev,
+                             const at::Tensor& w_hh) {
+  const int64_t n = h_prev.size(0), width = w_hh.size(0);
+  at::Tensor hh = scratch.narrow(0, 0, n * width).view({n, width});
+  at::mm_out(hh, h_prev, w_hh.t());
+  return hh;
+}
+
+// Runs a row function over all rows; overload resolution picks the
+// target-cloned float version for float.
+#define FR_RUN_ROWS(kernel, P, rows_, width) \
+  for_rows(rows_, width, [&](int64_t b0, int64_t b1) { kernel(P, b0, b1); })
+
 // ------------------------------------------------------------------ LSTM
 template <typename scalar_t>
 struct LstmForwardPtrs {
-  scalar_t *gates, *c, *cells, *h, *h_copy;
+  scalar_t* gates;        // (n, 4H) x projections in, activated gates out
+  const scalar_t* bias;   // (4H) or null
+  const scalar_t* hh;     // (n, 4H) h_{t-1} @ W_hh^T
+  scalar_t *c, *cells, *h;
   int64_t H;
 };
 
-// Optional outputs are template flags: a conditional store in the loop would
-// stop it from vectorising.
-template <typename scalar_t, bool kCells, bool kCopy>
-FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p,
-                                      int64_t b0, int64_t b1) {
+// Optional operands are template flags: a condition in the loop would stop
+// it from vectorising.
+template <typename scalar_t, bool kBias, bool kCells>
+FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p, int64_t b0,
+                                      int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
+  const scalar_t* FR_RESTRICT bi = kBias ? p.bias : nullptr;
+  const scalar_t* FR_RESTRICT bf = kBias ? bi + H : nullptr;
+  const scalar_t* FR_RESTRICT bg = kBias ? bi + 2 * H : nullptr;
+  const scalar_t* FR_RESTRICT bo = kBias ? bi + 3 * H : nullptr;
   for (int64_t b = b0; b < b1; ++b) {
     scalar_t* FR_RESTRICT gi = p.gates + b * 4 * H;
     scalar_t* FR_RESTRICT gf = gi + H;
     scalar_t* FR_RESTRICT gg = gi + 2 * H;
     scalar_t* FR_RESTRICT go = gi + 3 * H;
+    const scalar_t* FR_RESTRICT hi = p.hh + b * 4 * H;
+    const scalar_t* FR_RESTRICT hf = hi + H;
+    const scalar_t* FR_RESTRICT hg = hi + 2 * H;
+    const scalar_t* FR_RESTRICT ho = hi + 3 * H;
     scalar_t* FR_RESTRICT c = p.c + b * H;
     scalar_t* FR_RESTRICT h = p.h + b * H;
     scalar_t* FR_RESTRICT cells = kCells ? p.cells + b * H : nullptr;
-    scalar_t* FR_RESTRICT h_copy = kCopy ? p.h_copy + b * H : nullptr;
     FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
-      T i = gi[j], f = gf[j], g = gg[j], o = go[j], c_new, h_new;
+      T i = T(gi[j]) + T(hi[j]), f = T(gf[j]) + T(hf[j]);
+      T g = T(gg[j]) + T(hg[j]), o = T(go[j]) + T(ho[j]);
+      if constexpr (kBias) {
+        i += T(bi[j]);
+        f += T(bf[j]);
+        g += T(bg[j]);
+        o += T(bo[j]);
+      }
+      T c_new, h_new;
       lstm_forward_point<T>(i, f, g, o, T(c[j]), c_new, h_new);
       gi[j] = i;
       gf[j] = f;
@@ -89,22 +127,21 @@ FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p,
       c[j] = c_new;
       h[j] = h_new;
       if constexpr (kCells) cells[j] = c_new;
-      if constexpr (kCopy) h_copy[j] = h_new;
     }
   }
 }
 
 template <typename scalar_t>
-FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
-                                 int64_t b0, int64_t b1) {
-  if (p.cells) {
-    if (p.h_copy) {
+FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p, int64_t b0,
+                                      int64_t b1) {
+  if (p.bias) {
+    if (p.cells) {
       lstm_forward_rows_impl<scalar_t, true, true>(p, b0, b1);
     } else {
       lstm_forward_rows_impl<scalar_t, true, false>(p, b0, b1);
     }
   } else {
-    if (p.h_copy) {
+    if (p.cells) {
       lstm_forward_rows_impl<scalar_t, false, true>(p, b0, b1);
     } else {
       lstm_forward_rows_impl<scalar_t, false, false>(p, b0, b1);
@@ -112,8 +149,8 @@ FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p,
   }
 }
 
-FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<float>& p,
-                                         int64_t b0, int64_t b1) {
+FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<float>& p, int64_t b0,
+                                       int64_t b1) {
   lstm_forward_rows<float>(p, b0, b1);
 }
 
@@ -178,54 +215,71 @@ FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<float>& p,
 // ------------------------------------------------------------------- GRU
 template <typename scalar_t>
 struct GruForwardPtrs {
-  scalar_t* gates;
-  const scalar_t* hgates;
-  scalar_t *h, *out, *hn;
+  scalar_t* gates;             // (n, 3H) x projections in, activated gates out
+  const scalar_t *b_ih, *b_hh; // (3H) or null
+  const scalar_t* hh;          // (n, 3H) h_{t-1} @ W_hh^T
+  const scalar_t* h_prev;      // (n, H)
+  scalar_t *out, *hn;
   int64_t H;
 };
 
-template <typename scalar_t, bool kSave>
-FR_INLINE void gru_forward_rows_impl(const GruForwardPtrs<scalar_t>& p,
-                                     int64_t b0, int64_t b1) {
+template <typename scalar_t, bool kBias, bool kSave>
+FR_INLINE void gru_forward_rows_impl(const GruForwardPtrs<scalar_t>& p, int64_t b0,
+                                     int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
     scalar_t* FR_RESTRICT xr = p.gates + b * 3 * H;
     scalar_t* FR_RESTRICT xz = xr + H;
     scalar_t* FR_RESTRICT xn = xr + 2 * H;
-    const scalar_t* FR_RESTRICT hr = p.hgates + b * 3 * H;
+    const scalar_t* FR_RESTRICT hr = p.hh + b * 3 * H;
     const scalar_t* FR_RESTRICT hz = hr + H;
     const scalar_t* FR_RESTRICT hn = hr + 2 * H;
-    scalar_t* FR_RESTRICT h = p.h + b * H;
+    const scalar_t* FR_RESTRICT h_prev = p.h_prev + b * H;
     scalar_t* FR_RESTRICT out = p.out + b * H;
     scalar_t* FR_RESTRICT hn_saved = kSave ? p.hn + b * H : nullptr;
     FR_IVDEP
     for (int64_t j = 0; j < H; ++j) {
-      T r = xr[j], z = xz[j], n = xn[j], h_new;
-      const T hn_j = hn[j];
-      gru_forward_point<T>(r, z, n, T(hr[j]), T(hz[j]), hn_j, T(h[j]), h_new);
+      T r = xr[j], z = xz[j], n = xn[j], ar = hr[j], az = hz[j], an = hn[j];
+      if constexpr (kBias) {
+        r += T(p.b_ih[j]);
+        z += T(p.b_ih[H + j]);
+        n += T(p.b_ih[2 * H + j]);
+        ar += T(p.b_hh[j]);
+        az += T(p.b_hh[H + j]);
+        an += T(p.b_hh[2 * H + j]);
+      }
+      T h_new;
+      gru_forward_point<T>(r, z, n, ar, az, an, T(h_prev[j]), h_new);
       xr[j] = r;
       xz[j] = z;
       xn[j] = n;
-      h[j] = h_new;
       out[j] = h_new;
-      if constexpr (kSave) hn_saved[j] = hn_j;
+      if constexpr (kSave) hn_saved[j] = an;
     }
   }
 }
 
 template <typename scalar_t>
 FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
-                                int64_t b1) {
-  if (p.hn) {
-    gru_forward_rows_impl<scalar_t, true>(p, b0, b1);
+                                     int64_t b1) {
+  if (p.b_ih) {
+    if (p.hn) {
+      gru_forward_rows_impl<scalar_t, true, true>(p, b0, b1);
+    } else {
+      gru_forward_rows_impl<scalar_t, true, false>(p, b0, b1);
+    }
   } else {
-    gru_forward_rows_impl<scalar_t, false>(p, b0, b1);
+    if (p.hn) {
+      gru_forward_rows_impl<scalar_t, false, true>(p, b0, b1);
+    } else {
+      gru_forward_rows_impl<scalar_t, false, false>(p, b0, b1);
+    }
   }
 }
 
-FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<float>& p,
-                                        int64_t b0, int64_t b1) {
+FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<float>& p, int64_t b0,
+                                      int64_t b1) {
   gru_forward_rows<float>(p, b0, b1);
 }
 
@@ -291,40 +345,53 @@ FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<float>& p,
 // ------------------------------------------------------------------- RNN
 template <typename scalar_t>
 struct RnnForwardPtrs {
-  const scalar_t* pre;
-  scalar_t *out, *h;
+  const scalar_t* pre;   // (n, H) x projections
+  const scalar_t* bias;  // (H) or null
+  const scalar_t* hh;    // (n, H) h_{t-1} @ W_hh^T
+  scalar_t* out;
   int64_t H;
   bool relu;
 };
 
-template <bool kRelu, typename scalar_t>
-FR_INLINE void rnn_forward_rows_impl(const RnnForwardPtrs<scalar_t>& p,
-                                     int64_t b0, int64_t b1) {
+template <bool kRelu, bool kBias, typename scalar_t>
+FR_INLINE void rnn_forward_rows_impl(const RnnForwardPtrs<scalar_t>& p, int64_t b0,
+                                     int64_t b1) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H;
-  const scalar_t* FR_RESTRICT pre = p.pre + b0 * H;
-  scalar_t* FR_RESTRICT out = p.out + b0 * H;
-  scalar_t* FR_RESTRICT h = p.h + b0 * H;
-  FR_IVDEP
-  for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
-    const T v = rnn_forward_point<kRelu, T>(T(pre[k]));
-    out[k] = v;
-    h[k] = v;
+  const scalar_t* FR_RESTRICT bias = kBias ? p.bias : nullptr;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* FR_RESTRICT pre = p.pre + b * H;
+    const scalar_t* FR_RESTRICT hh = p.hh + b * H;
+    scalar_t* FR_RESTRICT out = p.out + b * H;
+    FR_IVDEP
+    for (int64_t j = 0; j < H; ++j) {
+      T v = T(pre[j]) + T(hh[j]);
+      if constexpr (kBias) v += T(bias[j]);
+      out[j] = rnn_forward_point<kRelu, T>(v);
+    }
   }
 }
 
 template <typename scalar_t>
 FR_INLINE void rnn_forward_rows(const RnnForwardPtrs<scalar_t>& p, int64_t b0,
-                                int64_t b1) {
+                                     int64_t b1) {
   if (p.relu) {
-    rnn_forward_rows_impl<true>(p, b0, b1);
+    if (p.bias) {
+      rnn_forward_rows_impl<true, true>(p, b0, b1);
+    } else {
+      rnn_forward_rows_impl<true, false>(p, b0, b1);
+    }
   } else {
-    rnn_forward_rows_impl<false>(p, b0, b1);
+    if (p.bias) {
+      rnn_forward_rows_impl<false, true>(p, b0, b1);
+    } else {
+      rnn_forward_rows_impl<false, false>(p, b0, b1);
+    }
   }
 }
 
-FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<float>& p,
-                                        int64_t b0, int64_t b1) {
+FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<float>& p, int64_t b0,
+                                      int64_t b1) {
   rnn_forward_rows<float>(p, b0, b1);
 }
 
@@ -368,21 +435,21 @@ FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<float>& p,
   rnn_backward_rows<float>(p, b0, b1);
 }
 
-// Runs a row function over all rows; overload resolution picks the
-// target-cloned float version for float.
-#define FR_RUN_ROWS(kernel, P, rows_, width) \
-  for_rows(rows_, width, [&](int64_t b0, int64_t b1) { kernel(P, b0, b1); })
-
 }  // namespace
 
+at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t /*gates*/) {
+  return w_hh.contiguous();
+}
+
 void lstm_forward_step(const LstmForwardStep& s) {
-  const int64_t B = s.gates.size(0), H = s.c.size(1);
+  const int64_t n = s.gates.size(0), H = s.c.size(1);
+  const at::Tensor hh = recurrent_product(s.scratch, s.h_prev, s.w_hh);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.gates.scalar_type(), "lstm_forward_step", [&] {
-        const LstmForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.c),
-                                          ptr<scalar_t>(s.cells), ptr<scalar_t>(s.h),
-                                          ptr<scalar_t>(s.h_copy), H};
-        FR_RUN_ROWS(lstm_forward_rows, p, B, 4 * H);
+        const LstmForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.bias),
+                                          ptr<scalar_t>(hh),      ptr<scalar_t>(s.c),
+                                          ptr<scalar_t>(s.cells), ptr<scalar_t>(s.h), H};
+        FR_RUN_ROWS(lstm_forward_rows, p, n, 4 * H);
       });
 }
 
@@ -399,13 +466,15 @@ void lstm_backward_step(const LstmBackwardStep& s) {
 }
 
 void gru_forward_step(const GruForwardStep& s) {
-  const int64_t B = s.gates.size(0), H = s.h.size(1);
+  const int64_t n = s.gates.size(0), H = s.out.size(1);
+  const at::Tensor hh = recurrent_product(s.scratch, s.h_prev, s.w_hh);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.gates.scalar_type(), "gru_forward_step", [&] {
-        const GruForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.hgates),
-                                         ptr<scalar_t>(s.h), ptr<scalar_t>(s.out),
-                                         ptr<scalar_t>(s.hn), H};
-        FR_RUN_ROWS(gru_forward_rows, p, B, 3 * H);
+        const GruForwardPtrs<scalar_t> p{
+            ptr<scalar_t>(s.gates),  ptr<scalar_t>(s.b_ih), ptr<scalar_t>(s.b_hh),
+            ptr<scalar_t>(hh),       ptr<scalar_t>(s.h_prev), ptr<scalar_t>(s.out),
+            ptr<scalar_t>(s.hn),     H};
+        FR_RUN_ROWS(gru_forward_rows, p, n, 3 * H);
       });
 }
 
@@ -423,12 +492,13 @@ void gru_backward_step(const GruBackwardStep& s) {
 }
 
 void rnn_forward_step(const RnnForwardStep& s) {
-  const int64_t B = s.pre.size(0), H = s.pre.size(1);
+  const int64_t n = s.pre.size(0), H = s.pre.size(1);
+  const at::Tensor hh = recurrent_product(s.scratch, s.h_prev, s.w_hh);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.pre.scalar_type(), "rnn_forward_step", [&] {
-        const RnnForwardPtrs<scalar_t> p{ptr<scalar_t>(s.pre), ptr<scalar_t>(s.out),
-                                         ptr<scalar_t>(s.h), H, s.relu};
-        FR_RUN_ROWS(rnn_forward_rows, p, B, H);
+        const RnnForwardPtrs<scalar_t> p{ptr<scalar_t>(s.pre), ptr<scalar_t>(s.bias),
+                                         ptr<scalar_t>(hh), ptr<scalar_t>(s.out), H, s.relu};
+        FR_RUN_ROWS(rnn_forward_rows, p, n, H);
       });
 }
 

@@ -1,8 +1,10 @@
-// CUDA implementation of the per-step pointwise passes (steps.h): one thread
-// per (row, hidden unit), grid-stride, on the current stream, math from
-// cells.h in at::opmath_type (float for half and bfloat16). Called by the
-// device-generic sequence drivers between the per-step cuBLAS GEMMs; none of
-// this synchronises with the host, so a CUDA graph can capture it.
+// CUDA implementation of the steps (steps.h): a forward step is one cuBLAS
+// GEMM (through ATen, on the current stream) and one pointwise kernel; a
+// backward step one pointwise kernel. One thread per (row, hidden unit),
+// grid-stride, math from cells.h in at::opmath_type (float for half and
+// bfloat16). Nothing here synchronises with the host, so a CUDA graph can
+// capture it.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,13 +48,20 @@ void launch(int64_t n, Kernel kernel, Args... args) {
 // ------------------------------------------------------------------ LSTM
 template <typename scalar_t>
 __global__ void lstm_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__ gates,
+                                    const scalar_t* __restrict__ bias,
                                     scalar_t* __restrict__ c, scalar_t* __restrict__ cells,
-                                    scalar_t* __restrict__ h, scalar_t* __restrict__ h_copy) {
+                                    scalar_t* __restrict__ h) {
   using T = at::opmath_type<scalar_t>;
   FR_GRID_STRIDE(k, n) {
     const int64_t b = k / H, j = k - b * H;
     scalar_t* g = gates + b * 4 * H + j;
     T i = g[0], f = g[H], gg = g[2 * H], o = g[3 * H], c_new, h_new;
+    if (bias) {
+      i += T(bias[j]);
+      f += T(bias[H + j]);
+      gg += T(bias[2 * H + j]);
+      o += T(bias[3 * H + j]);
+    }
     lstm_forward_point<T>(i, f, gg, o, T(c[k]), c_new, h_new);
     g[0] = i;
     g[H] = f;
@@ -61,7 +70,6 @@ __global__ void lstm_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__
     c[k] = c_new;
     h[k] = h_new;
     if (cells) cells[k] = c_new;
-    if (h_copy) h_copy[k] = h_new;
   }
 }
 
@@ -93,21 +101,29 @@ __global__ void lstm_backward_kernel(int64_t n, int64_t H, const scalar_t* __res
 // ------------------------------------------------------------------- GRU
 template <typename scalar_t>
 __global__ void gru_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__ gates,
+                                   const scalar_t* __restrict__ b_ih,
+                                   const scalar_t* __restrict__ b_hh,
                                    const scalar_t* __restrict__ hgates,
-                                   scalar_t* __restrict__ h, scalar_t* __restrict__ out,
-                                   scalar_t* __restrict__ hn_saved) {
+                                   const scalar_t* __restrict__ h_prev,
+                                   scalar_t* __restrict__ out, scalar_t* __restrict__ hn_saved) {
   using T = at::opmath_type<scalar_t>;
   FR_GRID_STRIDE(k, n) {
     const int64_t b = k / H, j = k - b * H;
     scalar_t* x = gates + b * 3 * H + j;
     const scalar_t* hg = hgates + b * 3 * H + j;
-    T r = x[0], z = x[H], nn = x[2 * H], h_new;
-    const T hn = hg[2 * H];
-    gru_forward_point<T>(r, z, nn, T(hg[0]), T(hg[H]), hn, T(h[k]), h_new);
+    T r = x[0], z = x[H], nn = x[2 * H], hr = hg[0], hz = hg[H], hn = hg[2 * H], h_new;
+    if (b_ih) {
+      r += T(b_ih[j]);
+      z += T(b_ih[H + j]);
+      nn += T(b_ih[2 * H + j]);
+      hr += T(b_hh[j]);
+      hz += T(b_hh[H + j]);
+      hn += T(b_hh[2 * H + j]);
+    }
+    gru_forward_point<T>(r, z, nn, hr, hz, hn, T(h_prev[k]), h_new);
     x[0] = r;
     x[H] = z;
     x[2 * H] = nn;
-    h[k] = h_new;
     out[k] = h_new;
     if (hn_saved) hn_saved[k] = hn;
   }
@@ -143,13 +159,14 @@ __global__ void gru_backward_kernel(int64_t n, int64_t H, const scalar_t* __rest
 
 // ------------------------------------------------------------------- RNN
 template <bool kRelu, typename scalar_t>
-__global__ void rnn_forward_kernel(int64_t n, const scalar_t* __restrict__ pre,
-                                   scalar_t* __restrict__ out, scalar_t* __restrict__ h) {
+__global__ void rnn_forward_kernel(int64_t n, int64_t H, const scalar_t* __restrict__ pre,
+                                   const scalar_t* __restrict__ bias,
+                                   scalar_t* __restrict__ out) {
   using T = at::opmath_type<scalar_t>;
   FR_GRID_STRIDE(k, n) {
-    const T v = rnn_forward_point<kRelu, T>(T(pre[k]));
-    out[k] = v;
-    h[k] = v;
+    T v = T(pre[k]);
+    if (bias) v += T(bias[k % H]);
+    out[k] = rnn_forward_point<kRelu, T>(v);
   }
 }
 
@@ -171,12 +188,18 @@ __global__ void rnn_backward_kernel(int64_t n, const scalar_t* __restrict__ out,
 
 }  // namespace
 
+at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t /*gates*/) {
+  return w_hh.contiguous();
+}
+
 void lstm_forward_step(const LstmForwardStep& s) {
   const int64_t H = s.c.size(1);
+  at::Tensor gates = s.gates;
+  gates.addmm_(s.h_prev, s.w_hh.t());
   FR_DISPATCH(s.gates.scalar_type(), "lstm_forward_step", [&] {
     launch(s.c.numel(), lstm_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
-           ptr<scalar_t>(s.c), ptr<scalar_t>(s.cells), ptr<scalar_t>(s.h),
-           ptr<scalar_t>(s.h_copy));
+           ptr<scalar_t>(s.bias), ptr<scalar_t>(s.c), ptr<scalar_t>(s.cells),
+           ptr<scalar_t>(s.h));
   });
 }
 
@@ -190,11 +213,13 @@ void lstm_backward_step(const LstmBackwardStep& s) {
 }
 
 void gru_forward_step(const GruForwardStep& s) {
-  const int64_t H = s.h.size(1);
+  const int64_t n = s.gates.size(0), H = s.out.size(1);
+  at::Tensor hgates = s.scratch.narrow(0, 0, n * 3 * H).view({n, 3 * H});
+  at::mm_out(hgates, s.h_prev, s.w_hh.t());
   FR_DISPATCH(s.gates.scalar_type(), "gru_forward_step", [&] {
-    launch(s.h.numel(), gru_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
-           ptr<scalar_t>(s.hgates), ptr<scalar_t>(s.h), ptr<scalar_t>(s.out),
-           ptr<scalar_t>(s.hn));
+    launch(s.out.numel(), gru_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
+           ptr<scalar_t>(s.b_ih), ptr<scalar_t>(s.b_hh), ptr<scalar_t>(hgates),
+           ptr<scalar_t>(s.h_prev), ptr<scalar_t>(s.out), ptr<scalar_t>(s.hn));
   });
 }
 
@@ -208,13 +233,16 @@ void gru_backward_step(const GruBackwardStep& s) {
 }
 
 void rnn_forward_step(const RnnForwardStep& s) {
+  const int64_t H = s.pre.size(1);
+  at::Tensor pre = s.pre;
+  pre.addmm_(s.h_prev, s.w_hh.t());
   FR_DISPATCH(s.pre.scalar_type(), "rnn_forward_step", [&] {
     if (s.relu) {
-      launch(s.pre.numel(), rnn_forward_kernel<true, scalar_t>, ptr<scalar_t>(s.pre),
-             ptr<scalar_t>(s.out), ptr<scalar_t>(s.h));
+      launch(s.pre.numel(), rnn_forward_kernel<true, scalar_t>, H, ptr<scalar_t>(s.pre),
+             ptr<scalar_t>(s.bias), ptr<scalar_t>(s.out));
     } else {
-      launch(s.pre.numel(), rnn_forward_kernel<false, scalar_t>, ptr<scalar_t>(s.pre),
-             ptr<scalar_t>(s.out), ptr<scalar_t>(s.h));
+      launch(s.pre.numel(), rnn_forward_kernel<false, scalar_t>, H, ptr<scalar_t>(s.pre),
+             ptr<scalar_t>(s.bias), ptr<scalar_t>(s.out));
     }
   });
 }

@@ -31,26 +31,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
   const auto opts = input.options();
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
-  const Tensor gates =
-      linear(x, w_ih, b_ih.has_value() ? *b_ih : Tensor());  // (N, 3H)
-  const Tensor hgates = at::empty({sc.batch, 3 * H}, opts);
+  const Tensor gates = at::mm(x, w_ih.t());  // (N, 3H); biases join per step
+  const Tensor w_rec = recurrent_weight(w_hh, 3);
   const Tensor out = at::empty({sc.rows, H}, opts);
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
   const Tensor hn = train ? at::empty({sc.rows, H}, opts) : Tensor();
-  const Tensor w_hh_t = w_hh.t();
+  const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
+  const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
+  const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
 
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
-    const Tensor hg = rows(hgates, n);
-    if (b_hh.has_value()) {
-      addmm_into(hg, *b_hh, rows(h, n), w_hh_t);
-    } else {
-      mm_into(hg, rows(h, n), w_hh_t);
-    }
-    GruForwardStep step{step_rows(gates, sc, s), hg, rows(h, n),
-                        step_rows(out, sc, s),
-                        train ? step_rows(hn, sc, s) : Tensor()};
+    const Tensor out_s = step_rows(out, sc, s);
+    GruForwardStep step{step_rows(gates, sc, s), bias_ih, bias_hh, rows(h, n), w_rec,
+                        out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
     FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
+    rows(h, n).copy_(out_s);
   }
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
   return {output, h, train ? gates : absent(input),

@@ -33,29 +33,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const auto opts = input.options();
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
+  const Tensor gates = at::mm(x, w_ih.t());  // (N, 4H); biases join per step
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const Tensor gates = linear(x, w_ih, bias);  // (N, 4H)
+  const Tensor w_rec = recurrent_weight(w_hh, 4);
   const Tensor out = at::empty({sc.rows, P}, opts);
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
   const Tensor c = cx.clone(at::MemoryFormat::Contiguous);
   const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
   const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
-  const Tensor w_hh_t = w_hh.t();
+  const Tensor scratch = at::empty({sc.batch * 4 * H}, opts);
 
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
-    const Tensor g = step_rows(gates, sc, s);
-    g.addmm_(rows(h, n), w_hh_t);
     const Tensor out_s = step_rows(out, sc, s);
-    LstmForwardStep step{g, rows(c, n),
+    LstmForwardStep step{step_rows(gates, sc, s),
+                         bias,
+                         rows(h, n),
+                         w_rec,
+                         rows(c, n),
                          train ? step_rows(cells, sc, s) : Tensor(),
                          proj ? rows(h_full, n) : out_s,
-                         proj ? Tensor() : rows(h, n)};
+                         scratch};
     FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
-    if (proj) {
-      mm_into(out_s, rows(h_full, n), w_hr->t());
-      rows(h, n).copy_(out_s);
-    }
+    if (proj) mm_into(out_s, rows(h_full, n), w_hr->t());
+    rows(h, n).copy_(out_s);
   }
   const Tensor output =
       sc.dense ? out.view({sc.steps, sc.batch, P}) : out;

@@ -27,18 +27,20 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   const int64_t H = w_hh.size(0);
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
-  const Tensor pre =
-      linear(x, w_ih, b_ih.has_value() ? *b_ih + *b_hh : Tensor());  // (N, H)
+  const Tensor pre = at::mm(x, w_ih.t());  // (N, H); biases join per step
+  const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
+  const Tensor w_rec = recurrent_weight(w_hh, 1);
   const Tensor out = at::empty({sc.rows, H}, input.options());
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
-  const Tensor w_hh_t = w_hh.t();
+  const Tensor scratch = at::empty({sc.batch * H}, input.options());
 
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
-    const Tensor p = step_rows(pre, sc, s);
-    p.addmm_(rows(h, n), w_hh_t);
-    RnnForwardStep step{p, step_rows(out, sc, s), rows(h, n), relu};
+    const Tensor out_s = step_rows(out, sc, s);
+    RnnForwardStep step{step_rows(pre, sc, s), bias, rows(h, n), w_rec, out_s, scratch,
+                        relu};
     FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
+    rows(h, n).copy_(out_s);
   }
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }

@@ -148,9 +148,4 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
   return prev;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
-}
-
 }  // namespace fused_rnn

@@ -28,6 +28,14 @@ namespace fused_rnn {
 #define FUSED_RNN_RUN_STEP(fn, step, device_tensor) cpu::fn(step)
 #endif
 
+// W_hh laid out as the device's forward steps want it.
+inline at::Tensor recurrent_weight(const at::Tensor& w_hh, int64_t gates) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (w_hh.is_cuda()) return cuda::prepare_recurrent_weight(w_hh, gates);
+#endif
+  return cpu::prepare_recurrent_weight(w_hh, gates);
+}
+
 // Which rows of the flattened (N, *) sequence each step covers.
 // Dense input (T, B, *): every step has B rows and step t starts at row t*B.
 // Packed input (N, *) with batch_sizes (T,): step t covers batch_sizes[t]
@@ -82,10 +90,6 @@ void check_like(const char* what, const at::Tensor& t, const at::Tensor& like,
 // `init` (B, W) for the others.
 at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
                            const Schedule& schedule);
-
-// x @ w^T + bias (bias may be undefined), as one GEMM.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& bias);
 
 // An empty tensor standing for "not computed" in an op's outputs.
 inline at::Tensor absent(const at::Tensor& like) {

@@ -1,7 +1,12 @@
-// One time step's fused pointwise pass of each cell: the part of a step that
-// is not a matrix product. The sequence drivers (csrc/sequence/) call these
-// between the per-step GEMMs; csrc/cpu/ and csrc/cuda/ implement them with
-// the cell math of cells.h.
+// One time step of each cell, as the sequence drivers (csrc/sequence/) call
+// it; csrc/cpu/ and csrc/cuda/ implement them with the cell math of cells.h.
+// A forward step is the recurrent GEMM (h_{t-1} @ W_hh^T) and the fused
+// pointwise pass; a backward step is the pointwise pass only (the driver
+// then multiplies by W_hh). How the GEMM runs is the device's business: the
+// CPU splits the hidden units over threads, each thread multiplying by its
+// slice of W_hh (kept hot in its cache) and finishing its units' pointwise
+// work in the same parallel region; CUDA runs one cuBLAS GEMM, then one
+// kernel. W_hh comes in the layout `prepare_recurrent_weight` made.
 //
 // Shape legend (every tensor is a contiguous row-major view):
 //   B  rows (sequences) active at this step
@@ -14,11 +19,15 @@
 namespace fused_rnn {
 
 struct LstmForwardStep {
-  at::Tensor gates;   // (B, 4H) in: pre-activations; out: activated i, f, g, o
+  at::Tensor gates;   // (B, 4H) in: W_ih x (no bias); out: activated i, f, g, o
+  at::Tensor bias;    // (4H)    b_ih + b_hh; may be undefined
+  at::Tensor h_prev;  // (B, P)  h_{t-1}
+  at::Tensor w_hh;    // W_hh (4H, P) as prepare_recurrent_weight laid it out
   at::Tensor c;       // (B, H)  in: c_{t-1}; out: c_t (the running cell state)
   at::Tensor cells;   // (B, H)  out: c_t kept for backward; may be undefined
-  at::Tensor h;       // (B, H)  out: h_t = o * tanh(c_t), before any projection
-  at::Tensor h_copy;  // (B, H)  out: a second copy of h_t; may be undefined
+  at::Tensor h;       // (B, H)  out: h_t = o * tanh(c_t), before any projection;
+                      //         never h_prev's memory
+  at::Tensor scratch; // (>= B * 4H) workspace for the recurrent products
 };
 
 struct LstmBackwardStep {
@@ -32,11 +41,14 @@ struct LstmBackwardStep {
 };
 
 struct GruForwardStep {
-  at::Tensor gates;   // (B, 3H) in: W_ih x + b_ih; out: activated r, z, n
-  at::Tensor hgates;  // (B, 3H) W_hh h_{t-1} + b_hh
-  at::Tensor h;       // (B, H)  in: h_{t-1}; out: h_t (the running state)
-  at::Tensor out;     // (B, H)  out: h_t
-  at::Tensor hn;      // (B, H)  out: the n part of hgates, for backward; may be undefined
+  at::Tensor gates;   // (B, 3H) in: W_ih x (no bias); out: activated r, z, n
+  at::Tensor b_ih;    // (3H)    may be undefined (then b_hh is too)
+  at::Tensor b_hh;    // (3H)
+  at::Tensor h_prev;  // (B, H)  h_{t-1}
+  at::Tensor w_hh;    // W_hh (3H, H) as prepare_recurrent_weight laid it out
+  at::Tensor out;     // (B, H)  out: h_t; never h_prev's memory
+  at::Tensor hn;      // (B, H)  out: W_hn h_{t-1} + b_hn, for backward; may be undefined
+  at::Tensor scratch; // (>= B * 3H) workspace for the recurrent products
 };
 
 struct GruBackwardStep {
@@ -50,9 +62,12 @@ struct GruBackwardStep {
 };
 
 struct RnnForwardStep {
-  at::Tensor pre;   // (B, H) W_ih x + b_ih + W_hh h_{t-1} + b_hh
-  at::Tensor out;   // (B, H) out: h_t
-  at::Tensor h;     // (B, H) out: h_t again (the running state)
+  at::Tensor pre;     // (B, H) in: W_ih x (no bias); overwritten
+  at::Tensor bias;    // (H)    b_ih + b_hh; may be undefined
+  at::Tensor h_prev;  // (B, H) h_{t-1}
+  at::Tensor w_hh;    // W_hh (H, H) as prepare_recurrent_weight laid it out
+  at::Tensor out;     // (B, H) out: h_t; never h_prev's memory
+  at::Tensor scratch; // (>= B * H) workspace for the recurrent products
   bool relu;
 };
 
@@ -65,6 +80,7 @@ struct RnnBackwardStep {
 };
 
 namespace cpu {
+at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t gates);
 void lstm_forward_step(const LstmForwardStep& s);
 void lstm_backward_step(const LstmBackwardStep& s);
 void gru_forward_step(const GruForwardStep& s);
@@ -75,6 +91,7 @@ void rnn_backward_step(const RnnBackwardStep& s);
 
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
+at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t gates);
 void lstm_forward_step(const LstmForwardStep& s);
 void lstm_backward_step(const LstmBackwardStep& s);
 void gru_forward_step(const GruForwardStep& s);
