@@ -61,9 +61,19 @@ def make_pair(config: Config, seed: int = 0):
     return reference, fused
 
 
-def _synchronize(device):
+def _timed(fn, device):
+    """Seconds one call of fn takes: CUDA events on a GPU, else a wall clock."""
     if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
 
 
 def _step(module, x, grad, training):
@@ -100,12 +110,9 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         times = {"torch": [], "fused": []}
         for i in range(warmup + repeats):
             for name, module in (("torch", reference), ("fused", fused)):
-                _synchronize(config.device)
-                start = time.perf_counter()
-                _step(module, x, grad, config.training)
-                _synchronize(config.device)
+                elapsed = _timed(lambda: _step(module, x, grad, config.training), config.device)
                 if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(elapsed)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     torch_ms = statistics.median(times["torch"]) * 1e3
