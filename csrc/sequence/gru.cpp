@@ -31,7 +31,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
   const auto opts = input.options();
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
-  const Tensor gates = at::mm(x, w_ih.t());  // (N, 3H); biases join per step
+  // x_t @ W_ih^T, (rows, 3H) per step; the biases join in the pointwise pass.
+  InputProjection xw(x, w_ih, sc, train || input.is_cuda());
   const Tensor w_rec = recurrent_weight(w_hh, 3);
   const Tensor out = at::empty({sc.rows, H}, opts);
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
@@ -43,13 +44,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
-    GruForwardStep step{step_rows(gates, sc, s), bias_ih, bias_hh, rows(h, n), w_rec,
+    GruForwardStep step{xw.step(s), bias_ih, bias_hh, rows(h, n), w_rec,
                         out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
     FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
     rows(h, n).copy_(out_s);
   }
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
-  return {output, h, train ? gates : absent(input),
+  return {output, h, train ? xw.all() : absent(input),
           train ? hn : absent(input)};
 }
 

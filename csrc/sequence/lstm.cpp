@@ -33,7 +33,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const auto opts = input.options();
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
-  const Tensor gates = at::mm(x, w_ih.t());  // (N, 4H); biases join per step
+  // x_t @ W_ih^T, (rows, 4H) per step; the biases join in the pointwise pass.
+  InputProjection xw(x, w_ih, sc, train || input.is_cuda());
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor w_rec = recurrent_weight(w_hh, 4);
   const Tensor out = at::empty({sc.rows, P}, opts);
@@ -46,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
-    LstmForwardStep step{step_rows(gates, sc, s),
+    LstmForwardStep step{xw.step(s),
                          bias,
                          rows(h, n),
                          w_rec,
@@ -60,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   }
   const Tensor output =
       sc.dense ? out.view({sc.steps, sc.batch, P}) : out;
-  return {output, h, c, train ? gates : absent(input),
+  return {output, h, c, train ? xw.all() : absent(input),
           train ? cells : absent(input)};
 }
 

@@ -27,7 +27,8 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   const int64_t H = w_hh.size(0);
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
-  const Tensor pre = at::mm(x, w_ih.t());  // (N, H); biases join per step
+  // x_t @ W_ih^T, (rows, H) per step; the biases join in the pointwise pass.
+  InputProjection xw(x, w_ih, sc, input.is_cuda());
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor w_rec = recurrent_weight(w_hh, 1);
   const Tensor out = at::empty({sc.rows, H}, input.options());
@@ -37,7 +38,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
-    RnnForwardStep step{step_rows(pre, sc, s), bias, rows(h, n), w_rec, out_s, scratch,
+    RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, scratch,
                         relu};
     FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
     rows(h, n).copy_(out_s);

@@ -148,4 +148,34 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
   return prev;
 }
 
+InputProjection::InputProjection(const at::Tensor& x, const at::Tensor& w_ih,
+                                 const Schedule& sc, bool keep_all)
+    : x_(x), w_t_(w_ih.t()), sc_(sc) {
+  const int64_t width = w_ih.size(0);
+  if (keep_all) {
+    all_ = at::mm(x_, w_t_);
+    return;
+  }
+  constexpr int64_t kBufferElements = int64_t{1} << 19;
+  block_steps_ = std::max<int64_t>(1, kBufferElements / std::max<int64_t>(1, sc.batch * width));
+  buffer_ = at::empty({std::min(block_steps_, sc.steps) * sc.batch, width}, x.options());
+}
+
+at::Tensor InputProjection::step(int64_t s) {
+  if (all_.defined()) return step_rows(all_, sc_, s);
+  if (s < first_ || s > last_) {
+    // Steps s .. s + block_steps - 1 in processing order cover a contiguous
+    // range of times, hence of rows.
+    first_ = s;
+    last_ = std::min(sc_.steps, s + block_steps_) - 1;
+    const int64_t t0 = std::min(sc_.time(first_), sc_.time(last_));
+    const int64_t t1 = std::max(sc_.time(first_), sc_.time(last_));
+    row0_ = sc_.offset[t0];
+    const int64_t rows = sc_.offset[t1] + sc_.size[t1] - row0_;
+    at::Tensor block = buffer_.narrow(0, 0, rows);
+    at::mm_out(block, x_.narrow(0, row0_, rows), w_t_);
+  }
+  return buffer_.narrow(0, sc_.offset_at(s) - row0_, sc_.size_at(s));
+}
+
 }  // namespace fused_rnn

@@ -61,6 +61,29 @@ struct Schedule {
   }
 };
 
+// The input projections x_t @ W_ih^T of every step, as GEMMs over many steps
+// at once. When they must be kept (training: the forward's workspace) all
+// of them are computed up front, (N, G*H). Otherwise (CPU inference) they are
+// computed a block of steps at a time into one reused buffer of ~2 MB that
+// stays in cache, instead of a fresh N x G*H array whose pages are faulted
+// in on every call.
+class InputProjection {
+ public:
+  InputProjection(const at::Tensor& x, const at::Tensor& w_ih, const Schedule& sc,
+                  bool keep_all);
+  // (rows of step s, G*H) for the s-th processed step; valid until the next
+  // call. Steps must be asked for in processing order.
+  at::Tensor step(int64_t s);
+  // (N, G*H), when keep_all.
+  const at::Tensor& all() const { return all_; }
+
+ private:
+  const at::Tensor x_, w_t_;
+  const Schedule& sc_;
+  at::Tensor all_, buffer_;
+  int64_t block_steps_ = 0, first_ = 0, last_ = -1, row0_ = 0;
+};
+
 // Checks `input` against `batch_sizes` and builds the schedule. `batch` is
 // the number of rows of the initial state.
 Schedule make_schedule(const at::Tensor& input,
