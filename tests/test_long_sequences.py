@@ -14,13 +14,14 @@ import fused_rnn
 @pytest.mark.parametrize("packed", [False, True])
 def test_many_projection_blocks_match_torch(mode, packed):
     torch.manual_seed(0)
-    # B * G * H = 8 * 4 * 64: blocks of 256 steps for LSTM, so 700 steps span 3.
+    # 2^19-element blocks: 128 steps for LSTM (B * 4H = 16 * 256), 170 for
+    # GRU, 512 for RNN, so 600 steps span several of each.
     reference = getattr(torch.nn, mode)(5, 64, dtype=torch.float64, bidirectional=True)
     fused = getattr(fused_rnn, mode)(5, 64, dtype=torch.float64, bidirectional=True)
     fused.load_state_dict(reference.state_dict())
-    x = torch.randn(700, 8, 5, dtype=torch.float64)
+    x = torch.randn(600, 16, 5, dtype=torch.float64)
     if packed:
-        lengths = torch.tensor([700, 1, 699, 256, 257, 513, 30, 512])
+        lengths = torch.tensor([600, 1, 599, 128, 129, 513, 30, 512, 170, 171, 341, 2, 600, 300, 511, 77])
         x = pack_padded_sequence(x, lengths, enforce_sorted=False)
     with torch.no_grad():
         out_ref, state_ref = reference(x)
