@@ -18,12 +18,34 @@ from . import ops
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 
+def _match_cpu_autocast(module, input, tensors):
+    """Under CPU autocast the fused ops compute in bfloat16 (as oneDNN's LSTM
+    does); torch.nn's native paths only autocast their matrix products and
+    return some results in float32: GRU, LSTMCell and GRUCell all of them,
+    LSTM with projections its cell state. Cast those back to match."""
+    if not (
+        input.device.type == "cpu"
+        and input.dtype == torch.float32
+        and torch.is_autocast_enabled("cpu")
+    ):
+        return tensors
+    return tuple(
+        t.to(torch.float32) if keep else t
+        for t, keep in zip(tensors, module._cpu_autocast_float32())
+    )
+
+
 class _FusedRNNBase(nn.RNNBase):
     """Forward shared by LSTM, GRU and RNN; subclasses say how one layer runs
     in one direction (`_layer`) and how many state tensors they carry."""
 
     _name = "RNN"
     _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def _cpu_autocast_float32(self):
+        """Which of (output, *states) torch.nn returns in float32 under CPU
+        autocast (see _match_cpu_autocast)."""
+        return (False,) * 3
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
         raise NotImplementedError
@@ -90,6 +112,7 @@ class _FusedRNNBase(nn.RNNBase):
             self._unpack_state(hx),
             batch_sizes,
         )
+        output, *states = _match_cpu_autocast(self, input, (output, *states))
         if time_major:
             output = output.transpose(0, 1)
         hidden = self._pack_state(states)
@@ -162,6 +185,9 @@ class LSTM(_FusedRNNBase):
                 f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
             )
 
+    def _cpu_autocast_float32(self):
+        return (False, False, self.proj_size > 0)
+
     def _pack_state(self, states):
         return tuple(states)
 
@@ -180,6 +206,9 @@ class GRU(_FusedRNNBase):
     """Fused twin of torch.nn.GRU (same arguments, parameters and outputs)."""
 
     _name = "GRU"
+
+    def _cpu_autocast_float32(self):
+        return (True, True)
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -234,6 +263,10 @@ class _FusedCellBase(nn.RNNCellBase):
     """Cells run the whole-sequence op on a sequence of one step."""
 
     _name = "RNNCell"
+    _cpu_autocast_returns_float32 = False
+
+    def _cpu_autocast_float32(self):
+        return (self._cpu_autocast_returns_float32,) * 2
 
     def _prepare(self, input, states):
         """torch.nn's rank checks; returns (input, states, is_batched) with a
@@ -282,6 +315,7 @@ class LSTMCell(_FusedCellBase):
 
     _name = "LSTMCell"
     _num_states = 2
+    _cpu_autocast_returns_float32 = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -295,6 +329,7 @@ class LSTMCell(_FusedCellBase):
         _, hy, cy = ops.lstm(
             sequence, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         )
+        hy, cy = _match_cpu_autocast(self, input, (hy, cy))
         if not is_batched:
             return hy.squeeze(0), cy.squeeze(0)
         return hy, cy
@@ -305,6 +340,7 @@ class GRUCell(_FusedCellBase):
 
     _name = "GRUCell"
     _num_states = 1
+    _cpu_autocast_returns_float32 = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -314,6 +350,7 @@ class GRUCell(_FusedCellBase):
         self._check_hidden_dim(hx, "hidden")
         sequence, (h,), is_batched = self._prepare(input, None if hx is None else (hx,))
         _, hy = ops.gru(sequence, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        (hy,) = _match_cpu_autocast(self, input, (hy,))
         return hy if is_batched else hy.squeeze(0)
 
 

@@ -8,7 +8,6 @@ torch.nn (gate order LSTM i,f,g,o; GRU r,z,n). `reverse` walks the sequence
 from its end. See csrc/ops.cpp for the schemas.
 """
 
-import contextlib
 import math
 
 import torch
@@ -24,21 +23,19 @@ __all__ = ["lstm", "gru", "rnn"]
 
 
 def _autocast(*tensors):
-    """Under CUDA autocast, run in the autocast dtype as torch.nn's cuDNN RNNs
-    do (their op is on autocast's lower-precision list): floating tensors are
-    cast, the op then runs with autocast off."""
-    if not tensors[0].is_cuda or not torch.is_autocast_enabled("cuda"):
+    """Under autocast (CUDA or CPU), run in the autocast dtype, as torch.nn's
+    cuDNN and oneDNN RNNs do (their ops are on autocast's lower-precision
+    lists): float32 tensors are cast (float64 ones, as autocast does, are
+    not). The kernels themselves run with autocast excluded."""
+    device_type = tensors[0].device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype("cuda")
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
     )
-
-
-def _autocast_off(input):
-    if input.is_cuda:
-        return torch.autocast("cuda", enabled=False)
-    return contextlib.nullcontext()
 
 
 def _needs_grad(*tensors):
@@ -193,10 +190,9 @@ def lstm(
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
     )
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    with _autocast_off(input):
-        out, hy, cy, _, _ = _ops.lstm_forward.default(
-            input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
-        )
+    out, hy, cy, _, _ = _ops.lstm_forward.default(
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
+    )
     return out, hy, cy
 
 
@@ -266,10 +262,9 @@ def gru(
     """One GRU layer in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
-    with _autocast_off(input):
-        out, hy, _, _ = _ops.gru_forward.default(
-            input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
-        )
+    out, hy, _, _ = _ops.gru_forward.default(
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
+    )
     return out, hy
 
 
@@ -327,8 +322,7 @@ def rnn(
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer (tanh, or relu) in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
-    with _autocast_off(input):
-        out, hy = _ops.rnn_forward.default(
-            input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
-        )
+    out, hy = _ops.rnn_forward.default(
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
+    )
     return out, hy

@@ -26,6 +26,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh, b_ih,
                      b_hh, w_hr);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const AutocastOff autocast_off;
   const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
   const bool proj = w_hr.has_value();
   const int64_t H = w_hh.size(0) / 4;
@@ -80,6 +81,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh,
                      c10::nullopt, c10::nullopt, w_hr);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const AutocastOff autocast_off;
   const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
   const bool proj = w_hr.has_value();
   const int64_t H = w_hh.size(0) / 4;

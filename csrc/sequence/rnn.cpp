@@ -23,6 +23,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, b_ih, b_hh,
                      c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const AutocastOff autocast_off;
   const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
   const int64_t H = w_hh.size(0);
 
@@ -54,6 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, c10::nullopt,
                      c10::nullopt, c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
+  const AutocastOff autocast_off;
   const Schedule sc = make_schedule(input, batch_sizes, hx.size(0), reverse);
   const int64_t H = w_hh.size(0);
   TORCH_CHECK(output.numel() == sc.rows * H, "RNN backward: output has ",

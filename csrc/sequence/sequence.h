@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <initializer_list>
@@ -27,6 +28,12 @@ namespace fused_rnn {
 #else
 #define FUSED_RNN_RUN_STEP(fn, step, device_tensor) cpu::fn(step)
 #endif
+
+// Inside a kernel the ATen calls run in the caller's dtype: autocast (which
+// would recast them; the op itself is not autocast-aware) is excluded.
+struct AutocastOff {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // W_hh laid out as the device's forward steps want it.
 inline at::Tensor recurrent_weight(const at::Tensor& w_hh, int64_t gates) {
