@@ -91,6 +91,15 @@ if use_cuda:
         os.environ.get("FUSED_RNN_NVCC_THREADS", "2"),
     ]
 
+# What the build was made with, for `fused-rnn explain` (not tracked by git).
+with open(os.path.join(here, "fused_rnn", "_build_config.py"), "w") as f:
+    config = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if use_cuda else None,
+        "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
+    }
+    f.write(f"# Written by setup.py.\nCONFIG = {config!r}\n")
+
 ext_modules = [
     extension(
         "fused_rnn._C",
@@ -113,5 +122,5 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     # torch.utils.cpp_extension builds py_limited_api extensions for CPython 3.10+.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
-    entry_points={"console_scripts": ["fused-rnn=fused_rnn.__main__:main"]},
+    entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},
 )

@@ -61,6 +61,27 @@ def make_pair(config: Config, seed: int = 0):
     return reference, fused
 
 
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(config: Config, seed: int = 0):
+    """Random input (T, B, I) and upstream gradient (T, B, D*H) for config."""
+    dtype = getattr(torch, config.dtype)
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(
+        config.seq_len, config.batch, config.input_size, generator=generator
+    ).to(config.device, dtype)
+    directions = 2 if config.bidirectional else 1
+    grad = torch.randn(
+        config.seq_len, config.batch, directions * config.hidden_size, generator=generator
+    ).to(config.device, dtype)
+    if config.training:
+        x.requires_grad_(True)
+    return x, grad
+
+
 def _timed(fn, device):
     """Seconds one call of fn takes: CUDA events on a GPU, else a wall clock."""
     if device.startswith("cuda"):
@@ -76,7 +97,8 @@ def _timed(fn, device):
     return time.perf_counter() - begin
 
 
-def _step(module, x, grad, training):
+def step(module, x, grad, training):
+    """One forward (no_grad), or forward + backward of output * grad."""
     if not training:
         with torch.no_grad():
             return module(x)[0]
@@ -91,17 +113,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     (ms, medians), the speed-up, per-step latency and the parity error of
     the output (and input gradient when training) against torch.nn."""
     reference, fused = make_pair(config, seed)
-    dtype = getattr(torch, config.dtype)
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(
-        config.seq_len, config.batch, config.input_size, generator=generator
-    ).to(config.device, dtype)
-    directions = 2 if config.bidirectional else 1
-    grad = torch.randn(
-        config.seq_len, config.batch, directions * config.hidden_size, generator=generator
-    ).to(config.device, dtype)
-    if config.training:
-        x.requires_grad_(True)
+    x, grad = make_inputs(config, seed)
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -110,7 +122,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         times = {"torch": [], "fused": []}
         for i in range(warmup + repeats):
             for name, module in (("torch", reference), ("fused", fused)):
-                elapsed = _timed(lambda: _step(module, x, grad, config.training), config.device)
+                elapsed = _timed(lambda: step(module, x, grad, config.training), config.device)
                 if i >= warmup:
                     times[name].append(elapsed)
     finally:
@@ -135,7 +147,7 @@ def _parity(reference, fused, x, grad, training):
     outputs = []
     for module in (reference, fused):
         xi = x.detach().clone().requires_grad_(training)
-        output = _step(module, xi, grad, training)
+        output = step(module, xi, grad, training)
         outputs.append((output.detach(), xi.grad))
     (out_t, grad_t), (out_f, grad_f) = outputs
     error = (out_t.float() - out_f.float()).abs().max().item()

@@ -33,7 +33,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   // x_t @ W_ih^T, (rows, 3H) per step; the biases join in the pointwise pass.
-  InputProjection xw(x, w_ih, sc, train || input.is_cuda());
+  InputProjection xw = [&] {
+    const PhaseRange phase("fused_rnn::input_projection");
+    return InputProjection(x, w_ih, sc, train || input.is_cuda());
+  }();
   const Tensor w_rec = recurrent_weight(w_hh, 3);
   const Tensor out = at::empty({sc.rows, H}, opts);
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
@@ -42,6 +45,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
   const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
 
+  const PhaseRange recurrence("fused_rnn::recurrence");
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
@@ -87,20 +91,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
   const Tensor product = at::empty_like(dh);
 
-  for (int64_t s = sc.steps - 1; s >= 0; --s) {
-    const int64_t n = sc.size_at(s);
-    const Tensor dgh = step_rows(dgates_h, sc, s);
-    GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
-                         step_rows(h_prev, sc, s),  rows(dh, n),
-                         step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
-                         dgh};
-    FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
-    // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
-    // product then an add: accumulating the product into dh in place
-    // (beta = 1) was measured several times less accurate in float32.
-    mm_into(rows(product, n), dgh, w_hh);
-    rows(dh, n).add_(rows(product, n));
+  {
+    const PhaseRange recurrence("fused_rnn::recurrence_backward");
+    for (int64_t s = sc.steps - 1; s >= 0; --s) {
+      const int64_t n = sc.size_at(s);
+      const Tensor dgh = step_rows(dgates_h, sc, s);
+      GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
+                           step_rows(h_prev, sc, s),  rows(dh, n),
+                           step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
+                           dgh};
+      FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
+      // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
+      // product then an add: accumulating the product into dh in place
+      // (beta = 1) was measured several times less accurate in float32.
+      mm_into(rows(product, n), dgh, w_hh);
+      rows(dh, n).add_(rows(product, n));
+    }
   }
+
+  const PhaseRange weights("fused_rnn::weight_gradients");
 
   return {input_grad ? at::mm(dgates_x, w_ih).view(input.sizes())
                      : absent(input),

@@ -35,7 +35,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   // x_t @ W_ih^T, (rows, 4H) per step; the biases join in the pointwise pass.
-  InputProjection xw(x, w_ih, sc, train || input.is_cuda());
+  InputProjection xw = [&] {
+    const PhaseRange phase("fused_rnn::input_projection");
+    return InputProjection(x, w_ih, sc, train || input.is_cuda());
+  }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor w_rec = recurrent_weight(w_hh, 4);
   const Tensor out = at::empty({sc.rows, P}, opts);
@@ -45,6 +48,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
   const Tensor scratch = at::empty({sc.batch * 4 * H}, opts);
 
+  const PhaseRange recurrence("fused_rnn::recurrence");
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
@@ -108,24 +112,28 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor dh_full =
       proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
 
-  for (int64_t s = sc.steps - 1; s >= 0; --s) {
-    const int64_t n = sc.size_at(s);
-    if (proj) {
-      const Tensor dr_s = step_rows(dr, sc, s);
-      add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
-      mm_into(rows(dh_full, n), dr_s, *w_hr);
+  {
+    const PhaseRange recurrence("fused_rnn::recurrence_backward");
+    for (int64_t s = sc.steps - 1; s >= 0; --s) {
+      const int64_t n = sc.size_at(s);
+      if (proj) {
+        const Tensor dr_s = step_rows(dr, sc, s);
+        add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
+        mm_into(rows(dh_full, n), dr_s, *w_hr);
+      }
+      LstmBackwardStep step{step_rows(gates_c, sc, s),
+                            step_rows(cells_c, sc, s),
+                            step_rows(c_prev, sc, s),
+                            proj ? rows(dh_full, n) : rows(dh, n),
+                            proj ? Tensor() : step_rows(go, sc, s),
+                            rows(dc, n),
+                            step_rows(dgates, sc, s)};
+      FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
+      mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
     }
-    LstmBackwardStep step{step_rows(gates_c, sc, s),
-                          step_rows(cells_c, sc, s),
-                          step_rows(c_prev, sc, s),
-                          proj ? rows(dh_full, n) : rows(dh, n),
-                          proj ? Tensor() : step_rows(go, sc, s),
-                          rows(dc, n),
-                          step_rows(dgates, sc, s)};
-    FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
-    mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
   }
 
+  const PhaseRange weights("fused_rnn::weight_gradients");
   const Tensor h_prev = previous_states(out.contiguous(), hx.contiguous(), sc);
   const Tensor dgates_t = dgates.t();
   Tensor grad_w_hr = absent(input);

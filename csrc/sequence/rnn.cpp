@@ -29,13 +29,17 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   // x_t @ W_ih^T, (rows, H) per step; the biases join in the pointwise pass.
-  InputProjection xw(x, w_ih, sc, input.is_cuda());
+  InputProjection xw = [&] {
+    const PhaseRange phase("fused_rnn::input_projection");
+    return InputProjection(x, w_ih, sc, input.is_cuda());
+  }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor w_rec = recurrent_weight(w_hh, 1);
   const Tensor out = at::empty({sc.rows, H}, input.options());
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
   const Tensor scratch = at::empty({sc.batch * H}, input.options());
 
+  const PhaseRange recurrence("fused_rnn::recurrence");
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
@@ -70,14 +74,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor dpre = at::empty({sc.rows, H}, input.options());
   const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
 
-  for (int64_t s = sc.steps - 1; s >= 0; --s) {
-    const int64_t n = sc.size_at(s);
-    const Tensor dp = step_rows(dpre, sc, s);
-    RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
-                         step_rows(go, sc, s), dp, relu};
-    FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
-    mm_into(rows(dh, n), dp, w_hh);
+  {
+    const PhaseRange recurrence("fused_rnn::recurrence_backward");
+    for (int64_t s = sc.steps - 1; s >= 0; --s) {
+      const int64_t n = sc.size_at(s);
+      const Tensor dp = step_rows(dpre, sc, s);
+      RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
+                           step_rows(go, sc, s), dp, relu};
+      FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
+      mm_into(rows(dh, n), dp, w_hh);
+    }
   }
+
+  const PhaseRange weights("fused_rnn::weight_gradients");
 
   const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
   const Tensor dpre_t = dpre.t();

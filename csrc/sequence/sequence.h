@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
@@ -33,6 +34,15 @@ namespace fused_rnn {
 // would recast them; the op itself is not autocast-aware) is excluded.
 struct AutocastOff {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+// A named range for the profiler (and NVTX under emit_nvtx) around a phase
+// of an op: input projection, recurrence, weight gradients.
+struct PhaseRange {
+  explicit PhaseRange(const char* name) : guard(at::RecordScope::USER_SCOPE) {
+    if (guard.isActive()) guard.before(name);
+  }
+  at::RecordFunction guard;
 };
 
 // W_hh laid out as the device's forward steps want it.

@@ -1,0 +1,47 @@
+"""What this installation of fused_rnn was built with and can run."""
+
+import torch
+
+from . import _C_loader
+
+__all__ = ["summary", "cpu_vector_path", "has_cuda_kernels"]
+
+
+def _build_config():
+    try:
+        from . import _build_config  # written by setup.py at build time
+    except ImportError:
+        return {}
+    return dict(_build_config.CONFIG)
+
+
+def has_cuda_kernels() -> bool:
+    _C_loader.load_extension()
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_rnn::lstm_forward", "CUDA")
+
+
+def cpu_vector_path() -> str:
+    """Which clone of the CPU gate loops this processor runs (the loader
+    picks the best one the CPU supports, as torch's capability check does)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "x86-64-v4 clone, AVX-512"
+    if capability == "AVX2":
+        return "x86-64-v3 clone, AVX2 + FMA"
+    return f"baseline build ({capability})"
+
+
+def summary() -> dict:
+    from . import __version__
+
+    config = _build_config()
+    return {
+        "version": __version__,
+        "built against torch": config.get("torch", "unknown"),
+        "running torch": torch.__version__,
+        "CPU kernels": f"yes ({cpu_vector_path()})",
+        "CUDA kernels": (
+            f"yes, for {config.get('cuda_archs', 'unknown architectures')} "
+            f"(CUDA {config.get('cuda', '?')})" if has_cuda_kernels() else "not in this build"
+        ),
+    }

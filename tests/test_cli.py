@@ -1,0 +1,150 @@
+"""The fused-rnn command: every subcommand on the CPU with a tiny grid; the
+JSON, CSV and PNG it writes agree with the printed table; `check` fails when
+a kernel is perturbed; bad flags name the flag and the allowed values."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_rnn
+from fused_rnn import cli
+
+TINY = ["--device", "cpu", "--batch", "2", "3", "--hidden-size", "8", "--seq-len", "4",
+        "--repeats", "2", "--warmup", "1", "--no-progress"]
+
+
+def _table_rows(text):
+    """(cell, mode, dtype, B, H, T, speedup) of each table row printed."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 10 and parts[1] in ("forward", "train"):
+            rows.append((parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]),
+                         int(parts[5]), parts[8]))
+    return rows
+
+
+def test_bench_writes_consistent_json_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (installed by .ci/run)")
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    code = cli.main(["bench", "--cell", "LSTM", "GRU", *TINY, "--json", str(out_json),
+                     "--csv", str(out_csv), "--plot", str(out_png)])
+    assert code == 0
+    printed = _table_rows(capsys.readouterr().out)
+    # 2 cells x 2 batches x (forward, train)
+    assert len(printed) == 8
+    data = json.loads(out_json.read_text())
+    rows = data["rows"]
+    assert len(rows) == 8
+    assert data["environment"]["device"] == "cpu"
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["fused_rnn"]["version"] == fused_rnn.__version__
+    from_json = [(r["cell"], "train" if r["training"] else "forward", r["dtype"], r["batch"],
+                  r["hidden_size"], r["seq_len"], f"{r['speedup']:.2f}x") for r in rows]
+    assert from_json == printed
+    for r in rows:
+        assert r["torch_ms"] > 0 and r["fused_ms"] > 0
+        assert r["max_abs_error"] < 1e-5  # float32 parity of every row
+    with open(out_csv) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["cell"], int(r["batch"]), float(r["fused_ms"])) for r in csv_rows] == [
+        (r["cell"], r["batch"], r["fused_ms"]) for r in rows]
+    assert all(r["device_name"] for r in csv_rows)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+
+
+def test_bench_presets_expand_to_their_grids():
+    args = cli.build_parser().parse_args(["bench", "--preset", "fastrnns"])
+    configs = cli.bench_configs(args, "cpu")
+    assert {c.cell for c in configs} == set(cli.CELLS)
+    assert {(c.seq_len, c.num_layers, c.input_size, c.hidden_size, c.batch) for c in configs} == {
+        (100, 1, 512, 512, 64)}
+    assert {c.training for c in configs} == {False, True}
+    full = cli.bench_configs(cli.build_parser().parse_args(["bench", "--preset", "full"]), "cuda")
+    assert {c.dtype for c in full} == {"float32", "bfloat16", "float16"}
+    assert {c.batch for c in full} == {1, 8, 64, 256}
+    # flags override a preset's axes
+    args = cli.build_parser().parse_args(["bench", "--preset", "full", "--cell", "GRU",
+                                          "--mode", "forward", "--bidirectional"])
+    configs = cli.bench_configs(args, "cpu")
+    assert {c.cell for c in configs} == {"GRU"}
+    assert not any(c.training for c in configs) and all(c.bidirectional for c in configs)
+
+
+def test_profile_writes_trace_and_phases(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    code = cli.main(["profile", "--device", "cpu", "--cell", "GRU", "--batch", "3",
+                     "--hidden-size", "8", "--seq-len", "5", "--training", "--iterations", "2",
+                     "--trace", str(trace)])
+    assert code == 0
+    out = capsys.readouterr().out
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    for phase in ("fused_rnn::gru_forward", "fused_rnn::recurrence",
+                  "fused_rnn::input_projection", "fused_rnn::recurrence_backward",
+                  "fused_rnn::weight_gradients"):
+        assert phase in names, phase
+        assert phase in out
+    assert "us per step" in out
+
+
+def test_explain_names_the_path_and_the_build(capsys):
+    assert cli.main(["explain", "--device", "cpu", "--cell", "GRU", "--hidden-size", "64",
+                     "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "GRU, B=4, I=64, H=64" in out
+    assert "per step: h @ W_hh^T as one BLAS GEMM (4 x 192 x 64)" in out
+    assert "CPU kernels: yes" in out
+    assert f"running torch: {torch.__version__}" in out
+
+
+def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    assert "all cells match torch.nn" in capsys.readouterr().out
+
+    original = fused_rnn.ops.gru
+
+    def perturbed(*args, **kwargs):
+        output, hy = original(*args, **kwargs)
+        return output + 1e-7, hy
+
+    monkeypatch.setattr(fused_rnn.ops, "gru", perturbed)
+    assert cli.main(["check", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL GRU " in out and "FAIL GRUCell" not in out.replace("FAIL GRU ", "")
+    assert "ok   LSTM" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--cell", "TRANSFORMER"], "--cell: invalid choice: 'TRANSFORMER' (choose from"),
+    (["bench", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+    (["bench", "--batch", "0"], "--batch must be positive, got 0"),
+    (["bench", "--device", "tpu"], "--device tpu: allowed values are cpu, cuda, cuda:N"),
+    (["bench", "--preset", "huge"], "--preset: invalid choice: 'huge' (choose from"),
+    (["profile", "--iterations", "0"], "--iterations must be positive, got 0"),
+])
+def test_bad_flags_name_the_flag(argv, message, capsys):
+    if not torch.cuda.is_available() and "--device" not in argv:
+        argv = [*argv, "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_device_without_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "fused_rnn", "explain", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Kernel path:" in result.stdout
