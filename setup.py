@@ -91,15 +91,6 @@ if use_cuda:
         os.environ.get("FUSED_RNN_NVCC_THREADS", "2"),
     ]
 
-# What the build was made with, for `fused-rnn explain` (not tracked by git).
-with open(os.path.join(here, "fused_rnn", "_build_config.py"), "w") as f:
-    config = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if use_cuda else None,
-        "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
-    }
-    f.write(f"# Written by setup.py.\nCONFIG = {config!r}\n")
-
 ext_modules = [
     extension(
         "fused_rnn._C",
@@ -111,6 +102,24 @@ ext_modules = [
     )
 ]
 
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Also records what the extension was built with, for `fused-rnn
+    explain` (fused_rnn/_build_config.py, not tracked by git)."""
+
+    def run(self):
+        config = {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if use_cuda else None,
+            "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
+        }
+        for package_dir in {here, os.path.abspath(self.build_lib)}:
+            target = os.path.join(package_dir, "fused_rnn")
+            if os.path.isdir(target):
+                with open(os.path.join(target, "_build_config.py"), "w") as f:
+                    f.write(f"# Written by setup.py.\nCONFIG = {config!r}\n")
+        super().run()
+
+
 setup(
     name="fused_rnn",
     version="0.1.0",
@@ -119,7 +128,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch"],
     ext_modules=ext_modules,
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     # torch.utils.cpp_extension builds py_limited_api extensions for CPython 3.10+.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     entry_points={"console_scripts": ["fused-rnn=fused_rnn.cli:main"]},

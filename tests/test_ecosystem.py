@@ -1,0 +1,213 @@
+"""fused_rnn where PyTorch users already work: torch.export, torch.compile
+training steps (inductor on the CPU, reduce-overhead CUDA graphs on a GPU),
+DistributedDataParallel over gloo, and the packaging (sdist, __version__,
+a clear error when the compiled extension cannot load)."""
+
+import copy
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fused_rnn
+from fused_rnn import _C_loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Tagger(nn.Module):
+    """A small model holding a fused LSTM (bidirectional, 2 layers) and GRU,
+    or their torch.nn twins (backend)."""
+
+    def __init__(self, backend, input_size=5, hidden_size=6):
+        super().__init__()
+        self.lstm = backend.LSTM(input_size, hidden_size, num_layers=2, bidirectional=True)
+        self.gru = backend.GRU(2 * hidden_size, hidden_size)
+        self.head = nn.Linear(hidden_size, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y, h = self.gru(y)
+        return self.head(y + h.sum(0).unsqueeze(0))
+
+
+def _twins(dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    reference = Tagger(nn).to(device, dtype)
+    fused = fused_rnn.convert(copy.deepcopy(reference))
+    assert isinstance(fused.lstm, fused_rnn.LSTM) and isinstance(fused.gru, fused_rnn.GRU)
+    return reference, fused
+
+
+def _train(model, batches, lr=0.1, compiled_step=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step(x, target):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    step = compiled_step(step) if compiled_step else step
+    return [step(x, target) for x, target in batches]
+
+
+def _batches(count, dtype=torch.float32, device="cpu", batch=4, steps=5):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(steps, batch, 5, generator=generator).to(device, dtype),
+             torch.randn(steps, batch, 3, generator=generator).to(device, dtype))
+            for _ in range(count)]
+
+
+# ------------------------------------------------------------------ export
+def test_torch_export_of_a_model_matches_eager():
+    _, fused = _twins()
+    fused.eval()
+    x = torch.randn(7, 2, 5)
+    steps = torch.export.Dim("steps", min=2, max=64)
+    exported = torch.export.export(fused, (x,), dynamic_shapes={"x": {0: steps}})
+    op_names = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "fused_rnn.lstm_forward.default" in op_names
+    assert "fused_rnn.gru_forward.default" in op_names
+    torch.testing.assert_close(exported.module()(x), fused(x), atol=0, rtol=0)
+    # another sequence length through the same exported program
+    other = torch.randn(11, 2, 5)
+    torch.testing.assert_close(exported.module()(other), fused(other), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------- compile
+def test_compile_default_mode_training_steps_match_eager_cpu():
+    reference, fused = _twins()
+    compiled_model = copy.deepcopy(fused)
+    batches = _batches(3)
+    eager_losses = _train(fused, batches)
+    compiled_losses = _train(
+        compiled_model, batches, compiled_step=lambda f: torch.compile(f, fullgraph=False)
+    )
+    torch_losses = _train(reference, batches)
+    for a, b, c in zip(eager_losses, compiled_losses, torch_losses):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(fused.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compile_reduce_overhead_training_steps_match_eager_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _, fused = _twins(device="cuda")
+    compiled_model = copy.deepcopy(fused)
+    batches = _batches(4, device="cuda")
+    eager_losses = _train(fused, batches)
+    compiled_losses = _train(
+        compiled_model, batches,
+        compiled_step=lambda f: torch.compile(f, mode="reduce-overhead"),
+    )
+    for a, b in zip(eager_losses, compiled_losses):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(fused.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------- DDP
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, initial_state, batches, result_path):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = Tagger(fused_rnn).double()
+        model.load_state_dict(initial_state)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        # each rank trains on its half of every batch; DDP averages the
+        # gradients, which equals the full-batch mean loss's gradient
+        shards = [(x.chunk(world_size, dim=1)[rank], t.chunk(world_size, dim=1)[rank])
+                  for x, t in batches]
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for x, target in shards:
+            optimizer.zero_grad(set_to_none=True)
+            (ddp(x) - target).pow(2).mean().backward()
+            optimizer.step()
+        if rank == 0:
+            torch.save(model.state_dict(), result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_one_process_and_torch_nn(tmp_path):
+    reference, fused = _twins(torch.float64)
+    initial_state = copy.deepcopy(fused.state_dict())
+    batches = _batches(4, torch.float64)
+    result_path = str(tmp_path / "ddp_state.pt")
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), initial_state, batches, result_path),
+        nprocs=2, join=True, start_method="spawn",
+    )
+    ddp_state = torch.load(result_path)
+    _train(fused, batches)
+    _train(reference, batches)
+    for name, value in fused.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, atol=1e-10, rtol=1e-10, msg=name)
+        torch.testing.assert_close(reference.state_dict()[name], value, atol=1e-10, rtol=1e-10,
+                                   msg=name)
+    # the training moved the weights: the comparison is not of untouched ones
+    assert not torch.equal(ddp_state["lstm.weight_hh_l0"], initial_state["lstm.weight_hh_l0"])
+
+
+# --------------------------------------------------------------- packaging
+def test_version():
+    assert fused_rnn.__version__ == "0.1.0"
+    from importlib.metadata import version
+
+    assert version("fused_rnn") == fused_rnn.__version__
+
+
+def test_missing_extension_error_is_actionable(monkeypatch):
+    def fail(name, *args, **kwargs):
+        raise ImportError(
+            "/x/fused_rnn/_C.abi3.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv"
+        )
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(ImportError) as error:
+        _C_loader.load_extension()
+    message = str(error.value)
+    assert "compiled against another torch release" in message
+    assert f"installed torch {torch.__version__}" in message
+    assert "pip install --no-build-isolation" in message
+
+
+def test_sdist_holds_everything_a_build_needs(tmp_path):
+    pytest.importorskip("build", reason="python -m build (pip install build) makes the sdist")
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), ROOT],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FUSED_RNN_CUDA": "0"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (sdist,) = tmp_path.glob("fused_rnn-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    needed = [f for f in tracked if f.startswith(("csrc/", "fused_rnn/", "tests/"))
+              or f in ("setup.py", "pyproject.toml", "README.md")]
+    missing = sorted(set(needed) - names)
+    assert not missing, missing
+    assert "fused_rnn/_build_config.py" not in names
