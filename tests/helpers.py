@@ -284,6 +284,11 @@ def run_module(module, inputs, *, enforce_sorted=True, dropout_seed=None,
     if not backward:
         return res
     backward_random(outs, upstream_seed, round_dtype)
+    return _collect_grads(res, x, hx, module)
+
+
+def _collect_grads(res, x, hx, module):
+    """Adds grad_input, grad_h0, (grad_c0) and grad_<parameter name> to res."""
     res["grad_input"] = x.grad
     if isinstance(hx, tuple):
         res["grad_h0"] = hx[0].grad
@@ -329,15 +334,7 @@ def run_cell(cell, inputs, *, upstream_seed=1234, round_dtype=None, backward=Tru
     if not backward:
         return res
     backward_random(outs, upstream_seed, round_dtype)
-    res["grad_input"] = x.grad
-    if isinstance(hx, tuple):
-        res["grad_h0"] = hx[0].grad
-        res["grad_c0"] = hx[1].grad
-    elif hx is not None:
-        res["grad_h0"] = hx.grad
-    for name, p in cell.named_parameters():
-        res["grad_" + name] = p.grad
-    return res
+    return _collect_grads(res, x, hx, cell)
 
 
 # --------------------------------------------------------------------------

@@ -6,7 +6,6 @@ a clear error when the compiled extension cannot load)."""
 import copy
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -120,17 +119,11 @@ def test_compile_reduce_overhead_training_steps_match_eager_cuda():
 
 
 # --------------------------------------------------------------------- DDP
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, initial_state, batches, result_path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank, world_size, store_path, initial_state, batches, result_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file store: no TCP port to pick (and possibly lose to another process).
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world_size)
     try:
         model = Tagger(fused_rnn).double()
         model.load_state_dict(initial_state)
@@ -146,6 +139,8 @@ def _ddp_worker(rank, world_size, port, initial_state, batches, result_path):
             optimizer.step()
         if rank == 0:
             torch.save(model.state_dict(), result_path)
+        # neither rank tears gloo down while the other still talks to it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -156,7 +151,7 @@ def test_ddp_gloo_two_processes_match_one_process_and_torch_nn(tmp_path):
     batches = _batches(4, torch.float64)
     result_path = str(tmp_path / "ddp_state.pt")
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), initial_state, batches, result_path),
+        _ddp_worker, args=(2, str(tmp_path / "store"), initial_state, batches, result_path),
         nprocs=2, join=True, start_method="spawn",
     )
     ddp_state = torch.load(result_path)

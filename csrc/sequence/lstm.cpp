@@ -46,7 +46,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const Tensor c = cx.clone(at::MemoryFormat::Contiguous);
   const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
   const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
-  const Tensor scratch = at::empty({sc.batch * 4 * H}, opts);
 
   const PhaseRange recurrence("fused_rnn::recurrence");
   for (int64_t s = 0; s < sc.steps; ++s) {
@@ -58,8 +57,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
                          w_rec,
                          rows(c, n),
                          train ? step_rows(cells, sc, s) : Tensor(),
-                         proj ? rows(h_full, n) : out_s,
-                         scratch};
+                         proj ? rows(h_full, n) : out_s};
     FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
     if (proj) mm_into(out_s, rows(h_full, n), w_hr->t());
     rows(h, n).copy_(out_s);

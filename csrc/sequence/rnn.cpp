@@ -37,14 +37,12 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   const Tensor w_rec = recurrent_weight(w_hh, 1);
   const Tensor out = at::empty({sc.rows, H}, input.options());
   const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
-  const Tensor scratch = at::empty({sc.batch * H}, input.options());
 
   const PhaseRange recurrence("fused_rnn::recurrence");
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.size_at(s);
     const Tensor out_s = step_rows(out, sc, s);
-    RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, scratch,
-                        relu};
+    RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, relu};
     FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
     rows(h, n).copy_(out_s);
   }

@@ -2,11 +2,10 @@
 // it; csrc/cpu/ and csrc/cuda/ implement them with the cell math of cells.h.
 // A forward step is the recurrent GEMM (h_{t-1} @ W_hh^T) and the fused
 // pointwise pass; a backward step is the pointwise pass only (the driver
-// then multiplies by W_hh). How the GEMM runs is the device's business: the
-// CPU splits the hidden units over threads, each thread multiplying by its
-// slice of W_hh (kept hot in its cache) and finishing its units' pointwise
-// work in the same parallel region; CUDA runs one cuBLAS GEMM, then one
-// kernel. W_hh comes in the layout `prepare_recurrent_weight` made.
+// then multiplies by W_hh). Both devices run the GEMM through ATen (the
+// BLAS on the CPU, cuBLAS on CUDA), then one fused pointwise pass (CPU:
+// parallel over rows, vectorised; CUDA: one kernel). W_hh comes in the
+// layout `prepare_recurrent_weight` made.
 //
 // Shape legend (every tensor is a contiguous row-major view):
 //   B  rows (sequences) active at this step
@@ -27,7 +26,6 @@ struct LstmForwardStep {
   at::Tensor cells;   // (B, H)  out: c_t kept for backward; may be undefined
   at::Tensor h;       // (B, H)  out: h_t = o * tanh(c_t), before any projection;
                       //         never h_prev's memory
-  at::Tensor scratch; // (>= B * 4H) workspace for the recurrent products
 };
 
 struct LstmBackwardStep {
@@ -48,7 +46,8 @@ struct GruForwardStep {
   at::Tensor w_hh;    // W_hh (3H, H) as prepare_recurrent_weight laid it out
   at::Tensor out;     // (B, H)  out: h_t; never h_prev's memory
   at::Tensor hn;      // (B, H)  out: W_hn h_{t-1} + b_hn, for backward; may be undefined
-  at::Tensor scratch; // (>= B * 3H) workspace for the recurrent products
+  at::Tensor scratch; // (>= B * 3H) workspace for W_hh h_{t-1}, kept apart from the
+                      //         input projection (r multiplies only its n part)
 };
 
 struct GruBackwardStep {
@@ -67,7 +66,6 @@ struct RnnForwardStep {
   at::Tensor h_prev;  // (B, H) h_{t-1}
   at::Tensor w_hh;    // W_hh (H, H) as prepare_recurrent_weight laid it out
   at::Tensor out;     // (B, H) out: h_t; never h_prev's memory
-  at::Tensor scratch; // (>= B * H) workspace for the recurrent products
   bool relu;
 };
 
