@@ -1,34 +1,92 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine: rebuild the extension against the
-# torch there, run the CUDA tests, then the benchmark grid against torch.nn
-# (cuDNN) in one process (fused-rnn bench --preset full: LSTM and GRU, one
-# layer, T=256, I=H, B 1/8/64/256, H 256/512/1024, float32 with TF32 off on
-# both sides, bfloat16, float16, forward and forward+backward), a profile,
-# and the table last. About 6 minutes on an H100. Results go to
-# bench/results/<card>.json and, with the plot, trace and logs, to $OUT.
-#   bash bench/device_check.sh [extra fused-rnn bench flags]
+# The one script to run on a GPU machine, in stages that fit the device
+# budget (each call stays well under 6 minutes on an H100; a warm machine
+# keeps the build between calls):
+#
+#   bash bench/device_check.sh build      rebuild the extension against the torch there
+#   bash bench/device_check.sh test       the CUDA tests (both kernel paths), build first if needed
+#   bash bench/device_check.sh sanitize   compute-sanitizer memcheck and racecheck, small shapes
+#   bash bench/device_check.sh bench      fused-rnn bench --preset full vs torch.nn (cuDNN) in one
+#                                         process, a 2-layer bidirectional LSTM, explain, profile
+#   bash bench/device_check.sh all        everything above (about 10 minutes)
+#
+# The grid: LSTM and GRU, one layer, T=256, I=H, B 1/8/64/256, H
+# 256/512/1024, float32 with TF32 off on both sides, bfloat16, float16,
+# forward (no_grad) and forward+backward. Results go to
+# bench/results/<card>.json (and <card>-bidir.json) and, with the plot,
+# trace and logs, to $OUT. A short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-16}" FUSED_RNN_CUDA=1 FUSED_RNN_NVCC_THREADS=4 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp}"
+stage="${1:-all}"
+summary=()
+
+build() {
+  # The copied tree has fresh mtimes on every call: compare the sources'
+  # content with that of the last build instead.
+  local hash
+  hash=$( (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16)
+  if [ "$stage" != build ] && [ "$(cat build/.source-hash 2>/dev/null)" = "$hash" ] \
+     && python -c "import fused_rnn, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    summary+=("build: up to date"); return 0
+  fi
+  SECONDS=0
+  if ! python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; echo "build: FAILED"; exit 1
+  fi
+  mkdir -p build && echo "$hash" > build/.source-hash
+  summary+=("build: ${SECONDS}s")
+}
+
+tests() {
+  SECONDS=0
+  timeout 330 python -m pytest -q -p no:cacheprovider -x --durations=8 \
+    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py 2>&1 \
+    | tee "$OUT/tests.log" | tail -30
+  summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1) (${SECONDS}s)")
+}
+
+sanitize() {
+  SECONDS=0
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    timeout 150 "$sanitizer" --tool "$tool" --error-exitcode 3 python bench/sanitize.py \
+      >"$OUT/sanitize-$tool.log" 2>&1
+    local rc=$?
+    tail -4 "$OUT/sanitize-$tool.log"
+    summary+=("sanitize $tool: exit $rc, $(grep -c 'Error\|Hazard' "$OUT/sanitize-$tool.log") reports")
+  done
+  summary+=("sanitize: ${SECONDS}s")
+}
+
+bench() {
+  SECONDS=0
+  local card
+  card=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
+  python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 --batch 8 | tee "$OUT/explain.txt"
+  python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 --seq-len 256 \
+    --training --trace "$OUT/trace-$card.json" > "$OUT/profile.txt" 2>&1
+  tail -8 "$OUT/profile.txt"
+  python -m fused_rnn bench --device cuda --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 \
+    --layers 2 --bidirectional --dtype float32 bfloat16 float16 --no-progress \
+    --json "bench/results/$card-bidir.json" | tee "$OUT/bench-bidir.txt"
+  python -m fused_rnn bench --preset full --device cuda --no-progress \
+    --json "bench/results/$card.json" --csv "$OUT/$card.csv" --plot "$OUT/$card.png" \
+    | tee "$OUT/bench.txt"
+  cp "bench/results/$card.json" "bench/results/$card-bidir.json" "$OUT/"
+  summary+=("bench: ${SECONDS}s, bench/results/$card.json")
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-SECONDS=0
-if ! python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
-fi
-echo "build: ${SECONDS}s"
-SECONDS=0
-python -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_ecosystem.py 2>&1 \
-  | tee "$OUT/tests.log" | tail -25
-echo "tests: ${SECONDS}s"
-card=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
-python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 --batch 64 | tee "$OUT/explain.txt"
-python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 64 --seq-len 256 \
-  --training --trace "$OUT/trace-$card.json" > "$OUT/profile.txt" 2>&1
-tail -8 "$OUT/profile.txt"
-SECONDS=0
-python -m fused_rnn bench --preset full --device cuda --no-progress "$@" \
-  --json "bench/results/$card.json" --csv "$OUT/$card.csv" --plot "$OUT/$card.png" \
-  | tee "$OUT/bench.txt"
-cp "bench/results/$card.json" "$OUT/"
-echo "bench: ${SECONDS}s"
+case "$stage" in
+  build) build ;;
+  test) build; tests ;;
+  sanitize) build; sanitize ;;
+  bench) build; bench ;;
+  all) build; tests; sanitize; bench ;;
+  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|all]"; exit 2 ;;
+esac
+echo
+printf '%s\n' "${summary[@]}"

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from . import modules
+from . import modules, paths
 
 CELLS = {
     "LSTM": (nn.LSTM, modules.LSTM, {}),
@@ -131,6 +131,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     fused_ms = statistics.median(times["fused"]) * 1e3
     return {
         **dataclasses.asdict(config),
+        "kernel": kernel_name(config),
         "torch_ms": torch_ms,
         "fused_ms": fused_ms,
         "speedup": torch_ms / fused_ms,
@@ -139,6 +140,14 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         "max_abs_error": error,
         "repeats": repeats,
     }
+
+
+def kernel_name(config: Config) -> str:
+    """The kernels fused_rnn runs for config's forward: persistent, general
+    (CUDA) or cpu."""
+    text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
+                                     getattr(torch, config.dtype), config.device)
+    return text.split()[0].lower()
 
 
 def _parity(reference, fused, x, grad, training):
@@ -187,7 +196,7 @@ def _cpu_name():
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'cell':<9}{'mode':<9}{'dtype':<9}{'B':>5}{'H':>6}{'T':>5}"
-        f"{'torch ms':>11}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}"
+        f"{'torch ms':>11}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}  kernel"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -195,6 +204,6 @@ def format_table(rows: list[dict]) -> str:
             f"{r['cell']:<9}{'train' if r['training'] else 'forward':<9}{r['dtype']:<9}"
             f"{r['batch']:>5}{r['hidden_size']:>6}{r['seq_len']:>5}"
             f"{r['torch_ms']:>11.3f}{r['fused_ms']:>11.3f}{r['speedup']:>8.2f}x"
-            f"{r['max_abs_error']:>12.2e}"
+            f"{r['max_abs_error']:>12.2e}  {r.get('kernel', '')}"
         )
     return "\n".join(lines)

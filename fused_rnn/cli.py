@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import benchmark, build_info
+from . import benchmark, build_info, paths
 
 CELLS = list(benchmark.CELLS)
 DTYPES = ["float32", "float64", "bfloat16", "float16"]
@@ -66,6 +66,9 @@ def _shape_flags(parser, many):
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     parser.add_argument("--dtype", nargs=nargs, choices=DTYPES, help="dtype(s)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--kernel", choices=paths.PATHS, default=None,
+                        help="CUDA kernels: auto (default), persistent (wherever they fit) or "
+                             "general (per-step GEMMs); see fused_rnn.set_kernel_path")
 
 
 def build_parser():
@@ -370,14 +373,18 @@ def run_explain(args, parser):
     else:
         props = torch.cuda.get_device_properties(device)
         on_chip = props.multi_processor_count * _shared_memory_per_sm(props)
-        print(f"  CUDA general path (csrc/sequence + csrc/cuda): per step one cuBLAS GEMM "
-              f"({batch} x {gates * hidden} x {hidden}) and one fused pointwise kernel; "
-              f"no host synchronisation (CUDA-graph capturable)")
-        print(f"  W_hh is {weight_bytes / 2**20:.2f} MiB; on-chip memory of this GPU: "
-              f"{props.multi_processor_count} SMs x {_shared_memory_per_sm(props) // 1024} KiB = "
-              f"{on_chip / 2**20:.1f} MiB")
-        print(f"  persistent whole-sequence kernels (weights on chip): "
-              f"not in this build yet; {'they would apply' if weight_bytes <= on_chip else 'too large for them'}")
+        torch_dtype = getattr(torch, dtype)
+        print(f"  W_hh is {weight_bytes / 2**20:.2f} MiB; on-chip memory of this GPU "
+              f"({props.name}): {props.multi_processor_count} SMs x "
+              f"{_shared_memory_per_sm(props) // 1024} KiB = {on_chip / 2**20:.1f} MiB")
+        print(f"  kernel choice: {paths.get_kernel_path()} (fused_rnn.set_kernel_path or "
+              f"FUSED_RNN_KERNEL_PATH: auto | persistent | general)")
+        for what, backward in (("forward", False), ("backward", True)):
+            text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
+                                             backward=backward)
+            print(f"  {what}: {text}")
+        print("  both paths: the input projection of every step as one GEMM first; in "
+              "backward the weight gradients as large GEMMs after the recurrence")
     print()
     print("This build:")
     for key, value in info.items():
@@ -454,7 +461,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     handlers = {"bench": run_bench, "profile": run_profile, "explain": run_explain,
                 "check": run_check}
-    return handlers[args.command](args, parser)
+    if getattr(args, "kernel", None) is None:
+        return handlers[args.command](args, parser)
+    with paths.kernel_path(args.kernel):
+        return handlers[args.command](args, parser)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def _table_rows(text):
     rows = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 10 and parts[1] in ("forward", "train"):
+        if len(parts) == 11 and parts[1] in ("forward", "train"):
+            assert parts[10] in ("cpu", "persistent", "general")
             rows.append((parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]),
                          int(parts[5]), parts[8]))
     return rows
@@ -148,3 +149,15 @@ def test_module_entry_point_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Kernel path:" in result.stdout
+
+
+def test_kernel_flag_sets_the_path_for_the_command_only(capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "run_explain", lambda args, parser: seen.append(
+        fused_rnn.get_kernel_path()) or 0)
+    before = fused_rnn.get_kernel_path()
+    assert cli.main(["explain", "--device", "cpu", "--kernel", "general"]) == 0
+    assert seen == ["general"] and fused_rnn.get_kernel_path() == before
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "--kernel", "fast"])
+    assert "--kernel" in capsys.readouterr().err

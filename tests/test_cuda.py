@@ -48,6 +48,15 @@ def no_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture(params=["persistent", "general"])
+def path(request):
+    """Both CUDA kernel paths: the persistent kernels wherever they fit (the
+    packed and proj_size features run the general path on both), and the
+    per-step general path."""
+    with fused_rnn.kernel_path(request.param):
+        yield request.param
+
+
 FEATURES = {
     "base": Cfg(),
     "no_hx_l3": Cfg(num_layers=3, hx=False, input_size=3, hidden_size=7),
@@ -75,14 +84,14 @@ def with_mode(cfg, mode):
 
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_parity_float32(mode, feature):
+def test_cuda_parity_float32(mode, feature, path):
     with no_tf32():
         check_module_parity(with_mode(FEATURES[feature], mode), torch.float32, device=DEVICE)
 
 
 @pytest.mark.parametrize("feature", FAST + ["hidden256_batch8"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_parity_float64(mode, feature):
+def test_cuda_parity_float64(mode, feature, path):
     check_module_parity(with_mode(FEATURES[feature], mode), torch.float64, device=DEVICE)
 
 
@@ -90,7 +99,7 @@ def test_cuda_parity_float64(mode, feature):
 @pytest.mark.parametrize("feature", ["base", "packed_unsorted_bidir", "hidden256_batch8",
                                      "hidden256_batch64", "hidden1024"])
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_parity_half(mode, feature, dtype):
+def test_cuda_parity_half(mode, feature, dtype, path):
     check_module_parity(with_mode(FEATURES[feature], mode), dtype, device=DEVICE)
 
 
@@ -158,7 +167,7 @@ OP_VARIANTS = {"dense": {}, "packed_reverse": {"lengths": (3, 3, 1), "B": 3, "re
 
 @pytest.mark.parametrize("variant", list(OP_VARIANTS))
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_cuda_gradcheck_ops(cell_key, variant):
+def test_cuda_gradcheck_ops(cell_key, variant, path):
     cell, extra = CELLS[cell_key]
     kw = dict(T=3, B=2, I=3, H=3)
     kw.update(extra)
@@ -177,7 +186,7 @@ def test_cuda_gradcheck_ops(cell_key, variant):
 
 @pytest.mark.parametrize("variant", list(OP_VARIANTS))
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_cuda_ops_match_reference(cell_key, variant):
+def test_cuda_ops_match_reference(cell_key, variant, path):
     cell, extra = CELLS[cell_key]
     args = make_op_args(cell, requires_grad=True, device=DEVICE, **extra,
                         **OP_VARIANTS[variant])
@@ -280,7 +289,7 @@ def _loss(model, x, target):
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
-def test_cuda_graph_training_step(mode):
+def test_cuda_graph_training_step(mode, path):
     """Capture forward + backward + SGD step in one CUDA graph; replaying it
     on new data matches the same steps run eagerly."""
     cfg = Cfg(mode=mode, num_layers=2, bidirectional=True, input_size=8, hidden_size=32)
@@ -331,7 +340,7 @@ def test_cuda_graph_training_step(mode):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=n)
 
 
-def test_cuda_graph_inference_no_host_sync():
+def test_cuda_graph_inference_no_host_sync(path):
     """Forward capture under no_grad (the inference kernels), replayed."""
     cfg = Cfg(mode="LSTM", num_layers=2, input_size=8, hidden_size=64)
     _, model = make_module_twins(cfg, torch.float32, device=DEVICE)

@@ -37,22 +37,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
     const PhaseRange phase("fused_rnn::input_projection");
     return InputProjection(x, w_ih, sc, train || input.is_cuda());
   }();
-  const Tensor w_rec = recurrent_weight(w_hh, 3);
   const Tensor out = at::empty({sc.rows, H}, opts);
-  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
+  const Tensor h = at::empty({sc.batch, H}, opts);
   const Tensor hn = train ? at::empty({sc.rows, H}, opts) : Tensor();
-  const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
   const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
 
   const PhaseRange recurrence("fused_rnn::recurrence");
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    const int64_t n = sc.size_at(s);
-    const Tensor out_s = step_rows(out, sc, s);
-    GruForwardStep step{xw.step(s), bias_ih, bias_hh, rows(h, n), w_rec,
-                        out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
-    FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
-    rows(h, n).copy_(out_s);
+  PersistentForward whole;
+  if (input.is_cuda() && sc.dense) {
+    whole.cell = PersistentCell::kGru;
+    whole.steps = sc.steps;
+    whole.batch = sc.batch;
+    whole.reverse = reverse;
+    whole.xw = xw.all();
+    whole.keep_gates = train;
+    whole.bias = bias_ih;
+    whole.bias_hh = bias_hh;
+    whole.w_hh = w_hh.contiguous();
+    whole.hx = hx.contiguous();
+    whole.out = out;
+    whole.hy = h;
+    whole.hn = hn;
+  }
+  if (!(whole.out.defined() && run_persistent(whole))) {
+    const Tensor w_rec = recurrent_weight(w_hh, 3);
+    const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
+    h.copy_(hx);
+    for (int64_t s = 0; s < sc.steps; ++s) {
+      const int64_t n = sc.size_at(s);
+      const Tensor out_s = step_rows(out, sc, s);
+      GruForwardStep step{xw.step(s), bias_ih, bias_hh, rows(h, n), w_rec,
+                          out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
+      FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
+      rows(h, n).copy_(out_s);
+    }
   }
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
   return {output, h, train ? xw.all() : absent(input),
@@ -81,31 +100,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
-  const Tensor h_prev =
-      previous_states(output.reshape({sc.rows, H}).contiguous(),
-                      hx.contiguous(), sc);
+  const Tensor out = output.reshape({sc.rows, H}).contiguous();
+  const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
   const Tensor gates_c = gates.contiguous();
   const Tensor hn_c = hidden_n.contiguous();
   const Tensor dgates_x = at::empty({sc.rows, 3 * H}, input.options());
   const Tensor dgates_h = at::empty({sc.rows, 3 * H}, input.options());
-  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
-  const Tensor product = at::empty_like(dh);
+  const Tensor dh = at::empty({sc.batch, H}, input.options());
 
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
-    for (int64_t s = sc.steps - 1; s >= 0; --s) {
-      const int64_t n = sc.size_at(s);
-      const Tensor dgh = step_rows(dgates_h, sc, s);
-      GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
-                           step_rows(h_prev, sc, s),  rows(dh, n),
-                           step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
-                           dgh};
-      FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
-      // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
-      // product then an add: accumulating the product into dh in place
-      // (beta = 1) was measured several times less accurate in float32.
-      mm_into(rows(product, n), dgh, w_hh);
-      rows(dh, n).add_(rows(product, n));
+    PersistentBackward whole;
+    if (input.is_cuda() && sc.dense) {
+      whole.cell = PersistentCell::kGru;
+      whole.steps = sc.steps;
+      whole.batch = sc.batch;
+      whole.reverse = reverse;
+      whole.w_hh = w_hh.contiguous();
+      whole.grad_out = go;
+      whole.grad_hy = grad_hy.contiguous();
+      whole.out = out;
+      whole.hx = hx.contiguous();
+      whole.gates = gates_c;
+      whole.hn = hn_c;
+      whole.dgates = dgates_x;
+      whole.dgates_h = dgates_h;
+      whole.grad_hx = dh;
+    }
+    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+      const Tensor product = at::empty_like(dh);
+      dh.copy_(grad_hy);
+      for (int64_t s = sc.steps - 1; s >= 0; --s) {
+        const int64_t n = sc.size_at(s);
+        const Tensor dgh = step_rows(dgates_h, sc, s);
+        GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
+                             step_rows(h_prev, sc, s),  rows(dh, n),
+                             step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
+                             dgh};
+        FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
+        // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
+        // product then an add: accumulating the product into dh in place
+        // (beta = 1) was measured several times less accurate in float32.
+        mm_into(rows(product, n), dgh, w_hh);
+        rows(dh, n).add_(rows(product, n));
+      }
     }
   }
 

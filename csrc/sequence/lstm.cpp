@@ -40,27 +40,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     return InputProjection(x, w_ih, sc, train || input.is_cuda());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const Tensor w_rec = recurrent_weight(w_hh, 4);
   const Tensor out = at::empty({sc.rows, P}, opts);
-  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
-  const Tensor c = cx.clone(at::MemoryFormat::Contiguous);
+  const Tensor h = at::empty({sc.batch, P}, opts);
+  const Tensor c = at::empty({sc.batch, H}, opts);
   const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
-  const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
 
   const PhaseRange recurrence("fused_rnn::recurrence");
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    const int64_t n = sc.size_at(s);
-    const Tensor out_s = step_rows(out, sc, s);
-    LstmForwardStep step{xw.step(s),
-                         bias,
-                         rows(h, n),
-                         w_rec,
-                         rows(c, n),
-                         train ? step_rows(cells, sc, s) : Tensor(),
-                         proj ? rows(h_full, n) : out_s};
-    FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
-    if (proj) mm_into(out_s, rows(h_full, n), w_hr->t());
-    rows(h, n).copy_(out_s);
+  PersistentForward whole;
+  if (input.is_cuda() && sc.dense && !proj) {
+    whole.cell = PersistentCell::kLstm;
+    whole.steps = sc.steps;
+    whole.batch = sc.batch;
+    whole.reverse = reverse;
+    whole.xw = xw.all();
+    whole.keep_gates = train;
+    whole.bias = bias;
+    whole.w_hh = w_hh.contiguous();
+    whole.hx = hx.contiguous();
+    whole.cx = cx.contiguous();
+    whole.out = out;
+    whole.hy = h;
+    whole.cy = c;
+    whole.cells = cells;
+  }
+  if (!(whole.out.defined() && run_persistent(whole))) {
+    const Tensor w_rec = recurrent_weight(w_hh, 4);
+    const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
+    h.copy_(hx);
+    c.copy_(cx);
+    for (int64_t s = 0; s < sc.steps; ++s) {
+      const int64_t n = sc.size_at(s);
+      const Tensor out_s = step_rows(out, sc, s);
+      LstmForwardStep step{xw.step(s),
+                           bias,
+                           rows(h, n),
+                           w_rec,
+                           rows(c, n),
+                           train ? step_rows(cells, sc, s) : Tensor(),
+                           proj ? rows(h_full, n) : out_s};
+      FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
+      if (proj) mm_into(out_s, rows(h_full, n), w_hr->t());
+      rows(h, n).copy_(out_s);
+    }
   }
   const Tensor output =
       sc.dense ? out.view({sc.steps, sc.batch, P}) : out;
@@ -104,30 +125,51 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor cells_c = cells.contiguous();
   const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
   const Tensor dgates = at::empty({sc.rows, 4 * H}, input.options());
-  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
-  const Tensor dc = grad_cy.clone(at::MemoryFormat::Contiguous);
+  const Tensor dh = at::empty({sc.batch, P}, input.options());
+  const Tensor dc = at::empty({sc.batch, H}, input.options());
   const Tensor dr = proj ? at::empty({sc.rows, P}, input.options()) : Tensor();
-  const Tensor dh_full =
-      proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
 
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
-    for (int64_t s = sc.steps - 1; s >= 0; --s) {
-      const int64_t n = sc.size_at(s);
-      if (proj) {
-        const Tensor dr_s = step_rows(dr, sc, s);
-        add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
-        mm_into(rows(dh_full, n), dr_s, *w_hr);
+    PersistentBackward whole;
+    if (input.is_cuda() && sc.dense && !proj) {
+      whole.cell = PersistentCell::kLstm;
+      whole.steps = sc.steps;
+      whole.batch = sc.batch;
+      whole.reverse = reverse;
+      whole.w_hh = w_hh.contiguous();
+      whole.grad_out = go;
+      whole.grad_hy = grad_hy.contiguous();
+      whole.grad_cy = grad_cy.contiguous();
+      whole.cx = cx.contiguous();
+      whole.gates = gates_c;
+      whole.cells = cells_c;
+      whole.dgates = dgates;
+      whole.grad_hx = dh;
+      whole.grad_cx = dc;
+    }
+    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+      const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
+      const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
+      dh.copy_(grad_hy);
+      dc.copy_(grad_cy);
+      for (int64_t s = sc.steps - 1; s >= 0; --s) {
+        const int64_t n = sc.size_at(s);
+        if (proj) {
+          const Tensor dr_s = step_rows(dr, sc, s);
+          add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
+          mm_into(rows(dh_full, n), dr_s, *w_hr);
+        }
+        LstmBackwardStep step{step_rows(gates_c, sc, s),
+                              step_rows(cells_c, sc, s),
+                              step_rows(c_prev, sc, s),
+                              proj ? rows(dh_full, n) : rows(dh, n),
+                              proj ? Tensor() : step_rows(go, sc, s),
+                              rows(dc, n),
+                              step_rows(dgates, sc, s)};
+        FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
+        mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
       }
-      LstmBackwardStep step{step_rows(gates_c, sc, s),
-                            step_rows(cells_c, sc, s),
-                            step_rows(c_prev, sc, s),
-                            proj ? rows(dh_full, n) : rows(dh, n),
-                            proj ? Tensor() : step_rows(go, sc, s),
-                            rows(dc, n),
-                            step_rows(dgates, sc, s)};
-      FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
-      mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
     }
   }
 

@@ -34,17 +34,33 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
     return InputProjection(x, w_ih, sc, input.is_cuda());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const Tensor w_rec = recurrent_weight(w_hh, 1);
   const Tensor out = at::empty({sc.rows, H}, input.options());
-  const Tensor h = hx.clone(at::MemoryFormat::Contiguous);
+  const Tensor h = at::empty({sc.batch, H}, input.options());
 
   const PhaseRange recurrence("fused_rnn::recurrence");
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    const int64_t n = sc.size_at(s);
-    const Tensor out_s = step_rows(out, sc, s);
-    RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, relu};
-    FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
-    rows(h, n).copy_(out_s);
+  PersistentForward whole;
+  if (input.is_cuda() && sc.dense) {
+    whole.cell = relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh;
+    whole.steps = sc.steps;
+    whole.batch = sc.batch;
+    whole.reverse = reverse;
+    whole.xw = xw.all();
+    whole.bias = bias;
+    whole.w_hh = w_hh.contiguous();
+    whole.hx = hx.contiguous();
+    whole.out = out;
+    whole.hy = h;
+  }
+  if (!(whole.out.defined() && run_persistent(whole))) {
+    const Tensor w_rec = recurrent_weight(w_hh, 1);
+    h.copy_(hx);
+    for (int64_t s = 0; s < sc.steps; ++s) {
+      const int64_t n = sc.size_at(s);
+      const Tensor out_s = step_rows(out, sc, s);
+      RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, relu};
+      FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
+      rows(h, n).copy_(out_s);
+    }
   }
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }
@@ -70,17 +86,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
   const Tensor out = output.reshape({sc.rows, H}).contiguous();
   const Tensor dpre = at::empty({sc.rows, H}, input.options());
-  const Tensor dh = grad_hy.clone(at::MemoryFormat::Contiguous);
+  const Tensor dh = at::empty({sc.batch, H}, input.options());
 
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
-    for (int64_t s = sc.steps - 1; s >= 0; --s) {
-      const int64_t n = sc.size_at(s);
-      const Tensor dp = step_rows(dpre, sc, s);
-      RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
-                           step_rows(go, sc, s), dp, relu};
-      FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
-      mm_into(rows(dh, n), dp, w_hh);
+    PersistentBackward whole;
+    if (input.is_cuda() && sc.dense) {
+      whole.cell = relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh;
+      whole.steps = sc.steps;
+      whole.batch = sc.batch;
+      whole.reverse = reverse;
+      whole.w_hh = w_hh.contiguous();
+      whole.grad_out = go;
+      whole.grad_hy = grad_hy.contiguous();
+      whole.out = out;
+      whole.dgates = dpre;
+      whole.grad_hx = dh;
+    }
+    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+      dh.copy_(grad_hy);
+      for (int64_t s = sc.steps - 1; s >= 0; --s) {
+        const int64_t n = sc.size_at(s);
+        const Tensor dp = step_rows(dpre, sc, s);
+        RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
+                             step_rows(go, sc, s), dp, relu};
+        FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
+        mm_into(rows(dh, n), dp, w_hh);
+      }
     }
   }
 

@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "fused_rnn/persistent.h"
 #include "fused_rnn/steps.h"
 
 namespace fused_rnn {
@@ -29,6 +30,26 @@ namespace fused_rnn {
 #else
 #define FUSED_RNN_RUN_STEP(fn, step, device_tensor) cpu::fn(step)
 #endif
+
+// The persistent whole-sequence CUDA kernels (persistent.h) for `args`, on
+// CUDA tensors where the chosen path takes them; false, with nothing
+// launched, where the general path must run instead.
+inline bool run_persistent(const PersistentForward& args) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  return args.out.is_cuda() && cuda::persistent_forward(args);
+#else
+  (void)args;
+  return false;
+#endif
+}
+inline bool run_persistent(const PersistentBackward& args) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  return args.grad_out.is_cuda() && cuda::persistent_backward(args);
+#else
+  (void)args;
+  return false;
+#endif
+}
 
 // Inside a kernel the ATen calls run in the caller's dtype: autocast (which
 // would recast them; the op itself is not autocast-aware) is excluded.

@@ -1,0 +1,219 @@
+// The choice between the persistent kernels and the general per-step path,
+// the plan of a persistent launch for the device at hand, and the
+// cooperative launch.
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include "persistent_launch.cuh"
+
+namespace fused_rnn {
+namespace cuda {
+namespace persistent {
+
+extern template bool run_forward<PersistentCell::kLstm>(const PersistentForward&, const Plan&);
+extern template bool run_backward<PersistentCell::kLstm>(const PersistentBackward&, const Plan&);
+extern template bool run_forward<PersistentCell::kGru>(const PersistentForward&, const Plan&);
+extern template bool run_backward<PersistentCell::kGru>(const PersistentBackward&, const Plan&);
+extern template bool run_forward<PersistentCell::kRnnTanh>(const PersistentForward&, const Plan&);
+extern template bool run_backward<PersistentCell::kRnnTanh>(const PersistentBackward&,
+                                                            const Plan&);
+extern template bool run_forward<PersistentCell::kRnnRelu>(const PersistentForward&, const Plan&);
+extern template bool run_backward<PersistentCell::kRnnRelu>(const PersistentBackward&,
+                                                            const Plan&);
+
+namespace {
+
+// Under the automatic choice, batches larger than this run the general
+// path: there the per-step cuBLAS GEMM (tensor cores for half types) has
+// enough work to beat FMA loops over weights in shared memory.
+constexpr int64_t kAutoMaxBatch = 64;
+
+struct DeviceLimits {
+  int sms = 0;
+  int shared_optin = 0;  // bytes of dynamic shared memory a block may have
+};
+
+DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::vector<DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  DeviceLimits& limits = cache[device];
+  if (limits.sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  }
+  return limits;
+}
+
+int gates_of(PersistentCell cell) {
+  switch (cell) {
+    case PersistentCell::kLstm:
+      return 4;
+    case PersistentCell::kGru:
+      return 3;
+    default:
+      return 1;
+  }
+}
+
+size_t math_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
+
+struct Decision {
+  PathChoice choice;
+  Plan plan;
+};
+
+Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                bool packed, bool proj, bool backward) {
+  Decision d;
+  const KernelPath want = requested_kernel_path();
+  std::ostringstream why;
+  const char* general = "general path (a cuBLAS GEMM and a fused pointwise kernel per step): ";
+  if (want == KernelPath::kGeneral) {
+    d.choice.reason = std::string(general) + "the general path was requested";
+    return d;
+  }
+  if (packed) {
+    d.choice.reason = std::string(general) + "packed sequences run per step";
+    return d;
+  }
+  if (proj) {
+    d.choice.reason = std::string(general) + "LSTM with proj_size runs per step";
+    return d;
+  }
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf &&
+      dtype != at::kBFloat16) {
+    d.choice.reason = std::string(general) + "no persistent kernel for this dtype";
+    return d;
+  }
+  const int device = c10::cuda::current_device();
+  const DeviceLimits limits = device_limits(device);
+  const int64_t G = gates_of(cell);
+  const int64_t units = (hidden + limits.sms - 1) / limits.sms;
+  const int64_t rows = backward ? units : G * units;
+  const int64_t k = backward ? G * hidden : hidden;
+  Plan& plan = d.plan;
+  plan.units = static_cast<int>(units);
+  plan.blocks = static_cast<int>((hidden + units - 1) / units);
+  plan.batch_tile = batch_tile(batch);
+  if (rows > kMaxRows) {
+    why << general << "H=" << hidden << " needs " << rows << " weight rows per block on "
+        << limits.sms << " SMs; the persistent kernels hold at most " << kMaxRows;
+    d.choice.reason = why.str();
+    return d;
+  }
+  plan.shared_bytes = shared_layout(static_cast<int>(rows), static_cast<int>(k),
+                                    plan.batch_tile, c10::elementSize(dtype), math_size(dtype))
+                          .bytes;
+  if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
+    why << general << "the weights need " << plan.shared_bytes / 1024
+        << " KiB of shared memory per block on " << limits.sms << " SMs; a block may have "
+        << limits.shared_optin / 1024 << " KiB";
+    d.choice.reason = why.str();
+    return d;
+  }
+  if (want == KernelPath::kAuto && batch > kAutoMaxBatch) {
+    why << general << "batch " << batch << " > " << kAutoMaxBatch
+        << ", where the per-step GEMMs have enough work (the persistent kernel would fit: "
+           "FUSED_RNN_KERNEL_PATH=persistent forces it)";
+    d.choice.reason = why.str();
+    return d;
+  }
+  d.choice.persistent = true;
+  why << "persistent kernel (" << (backward ? "backward" : "forward")
+      << ", one cooperative launch for the whole sequence): " << plan.blocks << " blocks x "
+      << kThreads << " threads, " << units << " hidden unit" << (units == 1 ? "" : "s")
+      << " per block, W_hh" << (backward ? "^T" : "") << " slice of " << rows << " x " << k
+      << " in " << plan.shared_bytes / 1024 << " KiB of shared memory (of "
+      << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
+      << ", one grid barrier per step";
+  d.choice.reason = why.str();
+  return d;
+}
+
+}  // namespace
+
+bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
+  const int device = c10::cuda::current_device();
+  const DeviceLimits limits = device_limits(device);
+  {
+    // Raise the kernel's dynamic shared memory limit once per device.
+    static std::mutex mutex;
+    static std::set<std::pair<const void*, int>> raised;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (raised.insert({kernel, device}).second) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          limits.shared_optin));
+    }
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                               plan.shared_bytes));
+  if (static_cast<int64_t>(per_sm) * limits.sms < plan.blocks) return false;
+  void* args[] = {params};
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+                                  plan.shared_bytes, c10::cuda::getCurrentCUDAStream());
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    // Not co-resident now (MPS limits, say): nothing ran; the caller runs
+    // the general path.
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace persistent
+
+PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                       bool packed, bool proj, bool backward) {
+  return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward).choice;
+}
+
+bool persistent_forward(const PersistentForward& a) {
+  using persistent::run_forward;
+  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
+                                    /*packed=*/false, /*proj=*/false, /*backward=*/false);
+  if (!d.choice.persistent) return false;
+  switch (a.cell) {
+    case PersistentCell::kLstm:
+      return run_forward<PersistentCell::kLstm>(a, d.plan);
+    case PersistentCell::kGru:
+      return run_forward<PersistentCell::kGru>(a, d.plan);
+    case PersistentCell::kRnnTanh:
+      return run_forward<PersistentCell::kRnnTanh>(a, d.plan);
+    case PersistentCell::kRnnRelu:
+      return run_forward<PersistentCell::kRnnRelu>(a, d.plan);
+  }
+  return false;
+}
+
+bool persistent_backward(const PersistentBackward& a) {
+  using persistent::run_backward;
+  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
+                                    /*packed=*/false, /*proj=*/false, /*backward=*/true);
+  if (!d.choice.persistent) return false;
+  switch (a.cell) {
+    case PersistentCell::kLstm:
+      return run_backward<PersistentCell::kLstm>(a, d.plan);
+    case PersistentCell::kGru:
+      return run_backward<PersistentCell::kGru>(a, d.plan);
+    case PersistentCell::kRnnTanh:
+      return run_backward<PersistentCell::kRnnTanh>(a, d.plan);
+    case PersistentCell::kRnnRelu:
+      return run_backward<PersistentCell::kRnnRelu>(a, d.plan);
+  }
+  return false;
+}
+
+}  // namespace cuda
+}  // namespace fused_rnn

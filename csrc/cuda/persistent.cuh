@@ -1,0 +1,422 @@
+// Device side of the persistent whole-sequence kernels (see
+// fused_rnn/persistent.h for what they compute and the shape legend).
+//
+// Block k owns hidden units j0 = k*J .. j0+J-1 (the last block may own
+// fewer). Its weight slice, `rows` x `k` in shared memory:
+//   forward   rows = G*J, row q*J + jj = W_hh row q*H + j0 + jj, k = H
+//   backward  rows = J,   row jj = W_hh column j0 + jj,          k = G*H
+// Per step and batch tile of BT rows, block_matvec multiplies the slice by
+// BT rows of a vector the whole grid wrote during the previous step (h_{t-1}
+// forward, the next step's gate gradients backward), staged in shared memory
+// in chunks of kChunk columns as the math type; the cell math of cells.h
+// then runs over the block's units and the tile's rows, and after the last
+// tile the grid meets at one barrier. Math in at::opmath_type (float for
+// half and bfloat16, with fp32 accumulation and an fp32 cell state);
+// float32 is exact fp32 FMA.
+//
+// Memory ordering: data written by other blocks during the launch are read
+// with ld.global.cg (L2, never a stale L1 line); the grid barrier orders
+// every block's writes of a step before any read of the next.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cooperative_groups.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fused_rnn/cells.h"
+#include "fused_rnn/persistent.h"
+
+namespace fused_rnn {
+namespace cuda {
+namespace persistent {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 4;
+// At most this many weight rows per block (kWarps row groups of kRowsPerWarp).
+constexpr int kMaxRows = kWarps * kRowsPerWarp;
+// Columns of the staged input tile.
+constexpr int kChunk = 1024;
+
+// Warps that share one row group split its columns: kWarps / groups of them.
+__host__ __device__ constexpr int column_splits(int rows) {
+  const int groups = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
+  return groups >= kWarps ? 1 : kWarps / groups;
+}
+
+__host__ __device__ constexpr size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// The dynamic shared memory of a block, in bytes: weights (rows x k of the
+// storage type), the input tile (BT x chunk of the math type, chunk =
+// min(k, kChunk) columns) and the partial sums (column_splits x rows x BT of
+// the math type).
+struct SharedLayout {
+  int chunk;
+  size_t tile_offset, partial_offset, bytes;
+};
+__host__ __device__ inline SharedLayout shared_layout(int rows, int k, int batch_tile,
+                                                      size_t element, size_t math_element) {
+  SharedLayout l{};
+  l.chunk = k < kChunk ? k : kChunk;
+  l.tile_offset = align16(static_cast<size_t>(rows) * k * element);
+  l.partial_offset =
+      l.tile_offset + align16(static_cast<size_t>(batch_tile) * l.chunk * math_element);
+  l.bytes = l.partial_offset +
+            align16(static_cast<size_t>(column_splits(rows)) * rows * batch_tile * math_element);
+  return l;
+}
+
+// ------------------------------------------------------------ parameters
+template <typename scalar_t>
+struct ForwardParams {
+  using T = at::opmath_type<scalar_t>;
+  int64_t steps, batch;
+  int hidden, units;  // H, J
+  bool reverse, keep_gates;
+  scalar_t* xw;                // (T*B, G*H)
+  const scalar_t* bias;        // (G*H) or null
+  const scalar_t* bias_hh;     // (G*H) GRU, or null
+  const scalar_t* w_hh;        // (G*H, H)
+  const scalar_t* hx;          // (B, H)
+  const scalar_t* cx;          // (B, H) LSTM
+  scalar_t* out;               // (T*B, H)
+  scalar_t* hy;                // (B, H)
+  scalar_t* cy;                // (B, H) LSTM
+  scalar_t* cells;             // (T*B, H) or null
+  scalar_t* hn;                // (T*B, H) or null
+  T* state;                    // (B, H) LSTM's running cell state
+};
+
+template <typename scalar_t>
+struct BackwardParams {
+  using T = at::opmath_type<scalar_t>;
+  int64_t steps, batch;
+  int hidden, units;
+  bool reverse;
+  const scalar_t* w_hh;      // (G*H, H)
+  const scalar_t* grad_out;  // (T*B, H)
+  const scalar_t* grad_hy;   // (B, H)
+  const scalar_t* grad_cy;   // (B, H) LSTM
+  const scalar_t* out;       // (T*B, H) GRU, RNN
+  const scalar_t* hx;        // (B, H) GRU
+  const scalar_t* cx;        // (B, H) LSTM
+  const scalar_t* gates;     // (T*B, G*H) LSTM, GRU
+  const scalar_t* cells;     // (T*B, H) LSTM
+  const scalar_t* hn;        // (T*B, H) GRU
+  scalar_t* dgates;          // (T*B, G*H)
+  scalar_t* dgates_h;        // (T*B, 3H) GRU
+  scalar_t* grad_hx;         // (B, H)
+  scalar_t* grad_cx;         // (B, H) LSTM
+  T* carry;                  // (B, H) LSTM: dc; GRU: z * dh, the direct part of dh_{t-1}
+};
+
+template <PersistentCell kCell>
+constexpr int gate_count() {
+  return kCell == PersistentCell::kLstm ? 4 : kCell == PersistentCell::kGru ? 3 : 1;
+}
+
+// ------------------------------------------------------------ helpers
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t load_l2(const scalar_t* p);
+template <>
+__device__ __forceinline__ float load_l2(const float* p) {
+  return __ldcg(p);
+}
+template <>
+__device__ __forceinline__ double load_l2(const double* p) {
+  return __ldcg(p);
+}
+template <>
+__device__ __forceinline__ c10::Half load_l2(const c10::Half* p) {
+  return c10::Half(__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits());
+}
+template <>
+__device__ __forceinline__ c10::BFloat16 load_l2(const c10::BFloat16* p) {
+  return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)),
+                       c10::BFloat16::from_bits());
+}
+
+__device__ __forceinline__ float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double mul_add(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// partial[(split * rows + r) * BT + bb] = the sum over this split's columns
+// of w[r][col] * in[b0 + bb][col], for r < rows and bb < BT (input rows past
+// nb count as zeros). Call from every thread of the block; it synchronises
+// the block before it stages the input and before it returns.
+//   w       (rows, k) in shared memory
+//   in      (B, in_stride) in global memory, written by other blocks
+//   tile    (BT, chunk), partial (column_splits(rows), rows, BT): shared
+template <int BT, typename scalar_t>
+__device__ void block_matvec(const scalar_t* __restrict__ w, int rows, int k, int chunk,
+                             const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
+                             at::opmath_type<scalar_t>* __restrict__ tile,
+                             at::opmath_type<scalar_t>* __restrict__ partial) {
+  using T = at::opmath_type<scalar_t>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int splits = column_splits(rows);
+  const bool active = warp < groups * splits;
+  const int r0 = (warp % groups) * kRowsPerWarp;
+  const int split = warp / groups;
+
+  T acc[kRowsPerWarp][BT];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int bb = 0; bb < BT; ++bb) acc[i][bb] = T(0);
+
+  for (int c0 = 0; c0 < k; c0 += chunk) {
+    const int width = k - c0 < chunk ? k - c0 : chunk;
+    __syncthreads();  // the tile's previous readers are done
+    for (int i = threadIdx.x; i < BT * width; i += kThreads) {
+      const int bb = i / width, col = i - bb * width;
+      tile[bb * chunk + col] =
+          bb < nb ? static_cast<T>(load_l2(in + (b0 + bb) * in_stride + c0 + col)) : T(0);
+    }
+    __syncthreads();
+    if (active) {
+      for (int col = split * 32 + lane; col < width; col += splits * 32) {
+        T x[BT];
+#pragma unroll
+        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[bb * chunk + col];
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          const int r = r0 + i;
+          const T wv = r < rows ? static_cast<T>(w[r * k + c0 + col]) : T(0);
+#pragma unroll
+          for (int bb = 0; bb < BT; ++bb) acc[i][bb] = mul_add(wv, x[bb], acc[i][bb]);
+        }
+      }
+    }
+  }
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+      for (int bb = 0; bb < BT; ++bb) {
+        const T v = warp_sum(acc[i][bb]);
+        if (lane == 0 && r0 + i < rows) partial[(split * rows + r0 + i) * BT + bb] = v;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Row r, tile row bb of the last block_matvec.
+template <int BT, typename T>
+__device__ __forceinline__ T product(const T* partial, int rows, int r, int bb) {
+  const int splits = column_splits(rows);
+  T sum = T(0);
+  for (int s = 0; s < splits; ++s) sum += partial[(s * rows + r) * BT + bb];
+  return sum;
+}
+
+// ------------------------------------------------------------ forward
+template <PersistentCell kCell, int BT, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scalar_t> p) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int G = gate_count<kCell>();
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int H = p.hidden, J = p.units, rows = G * J;
+  const int j0 = blockIdx.x * J;
+  const int64_t B = p.batch;
+  const SharedLayout layout = shared_layout(rows, H, BT, sizeof(scalar_t), sizeof(T));
+  scalar_t* w = reinterpret_cast<scalar_t*>(shared);
+  T* tile = reinterpret_cast<T*>(shared + layout.tile_offset);
+  T* partial = reinterpret_cast<T*>(shared + layout.partial_offset);
+
+  // Rows q*J + jj of the slice: W_hh row q*H + j0 + jj (zeros past H).
+  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
+    const int r = i / H, col = i - r * H;
+    const int q = r / J, j = j0 + (r - q * J);
+    w[i] = j < H ? p.w_hh[static_cast<int64_t>(q * H + j) * H + col] : scalar_t(0);
+  }
+  // (block_matvec synchronises the block before it reads w)
+
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? p.steps - 1 - s : s;
+    const int64_t t_prev = p.reverse ? t + 1 : t - 1;
+    const scalar_t* h_prev = s == 0 ? p.hx : p.out + t_prev * B * H;
+    const bool last = s == p.steps - 1;
+    for (int64_t b0 = 0; b0 < B; b0 += BT) {
+      const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
+      block_matvec<BT>(w, rows, H, layout.chunk, h_prev, H, b0, nb, tile, partial);
+      for (int i = threadIdx.x; i < nb * J; i += kThreads) {
+        const int bb = i / J, jj = i - bb * J, j = j0 + jj;
+        if (j >= H) continue;
+        const int64_t b = b0 + bb;
+        const int64_t row = t * B + b;
+        const int64_t unit = b * H + j;  // index into (B, H) states
+        scalar_t* x = p.xw + row * G * H + j;
+        if constexpr (kCell == PersistentCell::kLstm) {
+          T g[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            g[q] = static_cast<T>(x[q * H]) + product<BT>(partial, rows, q * J + jj, bb);
+            if (p.bias) g[q] += static_cast<T>(p.bias[q * H + j]);
+          }
+          const T c_prev = s == 0 ? static_cast<T>(p.cx[unit]) : p.state[unit];
+          T c, h;
+          lstm_forward_point<T>(g[0], g[1], g[2], g[3], c_prev, c, h);
+          p.state[unit] = c;
+          p.out[row * H + j] = static_cast<scalar_t>(h);
+          if (p.keep_gates) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
+          }
+          if (p.cells) p.cells[row * H + j] = static_cast<scalar_t>(c);
+          if (last) {
+            p.hy[unit] = static_cast<scalar_t>(h);
+            p.cy[unit] = static_cast<scalar_t>(c);
+          }
+        } else if constexpr (kCell == PersistentCell::kGru) {
+          T xr = static_cast<T>(x[0]), xz = static_cast<T>(x[H]), xn = static_cast<T>(x[2 * H]);
+          T hr = product<BT>(partial, rows, jj, bb);
+          T hz = product<BT>(partial, rows, J + jj, bb);
+          T hn = product<BT>(partial, rows, 2 * J + jj, bb);
+          if (p.bias) {
+            xr += static_cast<T>(p.bias[j]);
+            xz += static_cast<T>(p.bias[H + j]);
+            xn += static_cast<T>(p.bias[2 * H + j]);
+            hr += static_cast<T>(p.bias_hh[j]);
+            hz += static_cast<T>(p.bias_hh[H + j]);
+            hn += static_cast<T>(p.bias_hh[2 * H + j]);
+          }
+          const T hp = static_cast<T>(load_l2(h_prev + unit));
+          T h;
+          gru_forward_point<T>(xr, xz, xn, hr, hz, hn, hp, h);
+          p.out[row * H + j] = static_cast<scalar_t>(h);
+          if (p.keep_gates) {
+            x[0] = static_cast<scalar_t>(xr);
+            x[H] = static_cast<scalar_t>(xz);
+            x[2 * H] = static_cast<scalar_t>(xn);
+          }
+          if (p.hn) p.hn[row * H + j] = static_cast<scalar_t>(hn);
+          if (last) p.hy[unit] = static_cast<scalar_t>(h);
+        } else {
+          T pre = static_cast<T>(x[0]) + product<BT>(partial, rows, jj, bb);
+          if (p.bias) pre += static_cast<T>(p.bias[j]);
+          const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(pre);
+          p.out[row * H + j] = static_cast<scalar_t>(h);
+          if (last) p.hy[unit] = static_cast<scalar_t>(h);
+        }
+      }
+    }
+    grid.sync();
+  }
+}
+
+// ------------------------------------------------------------ backward
+// Processed steps s = T-1 .. 0 (step s is time t = s, or T-1-s in reverse),
+// then s = -1 for grad_hx. Step s needs the recurrent gradient
+// dh_rec = (gate gradients of step s+1) @ W_hh, which block_matvec forms
+// from the slice of W_hh^T.
+template <PersistentCell kCell, int BT, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<scalar_t> p) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int G = gate_count<kCell>();
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int H = p.hidden, J = p.units, rows = J, k = G * H;
+  const int j0 = blockIdx.x * J;
+  const int64_t B = p.batch, steps = p.steps;
+  const SharedLayout layout = shared_layout(rows, k, BT, sizeof(scalar_t), sizeof(T));
+  scalar_t* w = reinterpret_cast<scalar_t*>(shared);
+  T* tile = reinterpret_cast<T*>(shared + layout.tile_offset);
+  T* partial = reinterpret_cast<T*>(shared + layout.partial_offset);
+
+  // Row jj of the slice: W_hh column j0 + jj (zeros past H). Neighbouring
+  // threads read neighbouring columns of one W_hh row.
+  for (int i = threadIdx.x; i < rows * k; i += kThreads) {
+    const int col = i / J, jj = i - col * J, j = j0 + jj;
+    w[jj * k + col] = j < H ? p.w_hh[static_cast<int64_t>(col) * H + j] : scalar_t(0);
+  }
+  // (block_matvec synchronises the block before it reads w; step T-1 does
+  // not read it)
+
+  // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
+  const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
+  auto time = [&](int64_t s) { return p.reverse ? steps - 1 - s : s; };
+
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int64_t s = steps - 1; s >= -1; --s) {
+    const bool has_next = s < steps - 1;
+    const bool first = s == steps - 1;  // the first processed, i.e. the last forward step
+    for (int64_t b0 = 0; b0 < B; b0 += BT) {
+      const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
+      if (has_next) {
+        block_matvec<BT>(w, rows, k, layout.chunk, recurrent + time(s + 1) * B * k, k, b0, nb, tile, partial);
+      }
+      for (int i = threadIdx.x; i < nb * J; i += kThreads) {
+        const int bb = i / J, jj = i - bb * J, j = j0 + jj;
+        if (j >= H) continue;
+        const int64_t b = b0 + bb;
+        const int64_t unit = b * H + j;
+        const T dh_rec = has_next ? product<BT>(partial, rows, jj, bb) : T(0);
+        if (s < 0) {
+          T dh = dh_rec;
+          if constexpr (kCell == PersistentCell::kGru) dh += p.carry[unit];
+          p.grad_hx[unit] = static_cast<scalar_t>(dh);
+          continue;
+        }
+        const int64_t t = time(s);
+        const int64_t row = t * B + b;
+        T dh = dh_rec + static_cast<T>(p.grad_out[row * H + j]);
+        if constexpr (kCell == PersistentCell::kLstm) {
+          if (first) dh += static_cast<T>(p.grad_hy[unit]);
+          const T dc = first ? static_cast<T>(p.grad_cy[unit]) : p.carry[unit];
+          const scalar_t* g = p.gates + row * 4 * H + j;
+          const T c_prev = s == 0 ? static_cast<T>(p.cx[unit])
+                                  : static_cast<T>(p.cells[time(s - 1) * B * H + unit]);
+          T d[4], dc_prev;
+          lstm_backward_point<T>(static_cast<T>(g[0]), static_cast<T>(g[H]),
+                                 static_cast<T>(g[2 * H]), static_cast<T>(g[3 * H]),
+                                 static_cast<T>(p.cells[row * H + j]), c_prev, dh, dc, d[0],
+                                 d[1], d[2], d[3], dc_prev);
+          scalar_t* dg = p.dgates + row * 4 * H + j;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
+          p.carry[unit] = dc_prev;
+          if (s == 0) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
+        } else if constexpr (kCell == PersistentCell::kGru) {
+          dh += first ? static_cast<T>(p.grad_hy[unit]) : p.carry[unit];
+          const scalar_t* g = p.gates + row * 3 * H + j;
+          const T h_prev = s == 0 ? static_cast<T>(p.hx[unit])
+                                  : static_cast<T>(p.out[time(s - 1) * B * H + unit]);
+          T dxr, dxz, dxn, dhn, dh_direct;
+          gru_backward_point<T>(static_cast<T>(g[0]), static_cast<T>(g[H]),
+                                static_cast<T>(g[2 * H]), static_cast<T>(p.hn[row * H + j]),
+                                h_prev, dh, dxr, dxz, dxn, dhn, dh_direct);
+          scalar_t* dx = p.dgates + row * 3 * H + j;
+          scalar_t* dhg = p.dgates_h + row * 3 * H + j;
+          dx[0] = dhg[0] = static_cast<scalar_t>(dxr);
+          dx[H] = dhg[H] = static_cast<scalar_t>(dxz);
+          dx[2 * H] = static_cast<scalar_t>(dxn);
+          dhg[2 * H] = static_cast<scalar_t>(dhn);
+          p.carry[unit] = dh_direct;
+        } else {
+          if (first) dh += static_cast<T>(p.grad_hy[unit]);
+          p.dgates[row * H + j] = static_cast<scalar_t>(
+              rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(
+                  static_cast<T>(p.out[row * H + j]), dh));
+        }
+      }
+    }
+    if (s >= 0) grid.sync();
+  }
+}
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace fused_rnn

@@ -1,0 +1,130 @@
+// Launching the persistent kernels: the plan of a launch (grid, units per
+// block, batch tile, shared memory), the cooperative launch itself, and the
+// per-cell, per-dtype entry points. persistent_<cell>_<forward|backward>.cu
+// instantiate run_forward / run_backward, one cell and direction each, so
+// that they compile in parallel; persistent.cu chooses between the paths.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "persistent.cuh"
+
+namespace fused_rnn {
+namespace cuda {
+namespace persistent {
+
+struct Plan {
+  int blocks = 0;      // grid size, ceil(H / units)
+  int units = 0;       // J, hidden units per block
+  int batch_tile = 0;  // BT, 1 or 8
+  size_t shared_bytes = 0;
+};
+
+// Cooperative launch of `kernel` (one argument, *params) on the current
+// stream. Returns false, having launched nothing, when the grid cannot be
+// co-resident on the current device now (other work or MPS limits).
+bool launch_cooperative(const void* kernel, const Plan& plan, void* params);
+
+template <typename scalar_t>
+scalar_t* data(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  TORCH_INTERNAL_ASSERT(t.is_cuda() && t.is_contiguous(),
+                        "fused_rnn: a persistent kernel tensor is not a contiguous CUDA tensor");
+  return t.data_ptr<scalar_t>();
+}
+
+// The batch tiles compiled: 1 (a single sequence) and 8.
+inline int batch_tile(int64_t batch) { return batch == 1 ? 1 : 8; }
+
+template <typename Kernel1, typename Kernel8>
+const void* tiled(const Plan& plan, Kernel1 k1, Kernel8 k8) {
+  return plan.batch_tile == 1 ? reinterpret_cast<const void*>(k1)
+                              : reinterpret_cast<const void*>(k8);
+}
+
+#define FR_PERSISTENT_DISPATCH(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, name, __VA_ARGS__)
+
+template <PersistentCell kCell>
+bool run_forward(const PersistentForward& a, const Plan& plan) {
+  bool launched = false;
+  FR_PERSISTENT_DISPATCH(a.xw.scalar_type(), "fused_rnn_persistent_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const int64_t B = a.batch, H = a.w_hh.size(1);
+    // LSTM's cell state runs in the math type between steps.
+    const at::Tensor state =
+        kCell == PersistentCell::kLstm
+            ? at::empty({B, H}, a.xw.options().dtype(at::toOpMathType(a.xw.scalar_type())))
+            : at::Tensor();
+    ForwardParams<scalar_t> p{};
+    p.steps = a.steps;
+    p.batch = B;
+    p.hidden = static_cast<int>(H);
+    p.units = plan.units;
+    p.reverse = a.reverse;
+    p.keep_gates = a.keep_gates;
+    p.xw = data<scalar_t>(a.xw);
+    p.bias = data<scalar_t>(a.bias);
+    p.bias_hh = data<scalar_t>(a.bias_hh);
+    p.w_hh = data<scalar_t>(a.w_hh);
+    p.hx = data<scalar_t>(a.hx);
+    p.cx = data<scalar_t>(a.cx);
+    p.out = data<scalar_t>(a.out);
+    p.hy = data<scalar_t>(a.hy);
+    p.cy = data<scalar_t>(a.cy);
+    p.cells = data<scalar_t>(a.cells);
+    p.hn = data<scalar_t>(a.hn);
+    p.state = data<T>(state);
+    launched = launch_cooperative(
+        tiled(plan, forward_kernel<kCell, 1, scalar_t>, forward_kernel<kCell, 8, scalar_t>),
+        plan, &p);
+  });
+  return launched;
+}
+
+template <PersistentCell kCell>
+bool run_backward(const PersistentBackward& a, const Plan& plan) {
+  bool launched = false;
+  FR_PERSISTENT_DISPATCH(a.grad_out.scalar_type(), "fused_rnn_persistent_backward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const int64_t B = a.batch, H = a.w_hh.size(1);
+    // LSTM's dc and GRU's z * dh run in the math type between steps.
+    const at::Tensor carry =
+        kCell == PersistentCell::kLstm || kCell == PersistentCell::kGru
+            ? at::empty({B, H},
+                        a.grad_out.options().dtype(at::toOpMathType(a.grad_out.scalar_type())))
+            : at::Tensor();
+    BackwardParams<scalar_t> p{};
+    p.steps = a.steps;
+    p.batch = B;
+    p.hidden = static_cast<int>(H);
+    p.units = plan.units;
+    p.reverse = a.reverse;
+    p.w_hh = data<scalar_t>(a.w_hh);
+    p.grad_out = data<scalar_t>(a.grad_out);
+    p.grad_hy = data<scalar_t>(a.grad_hy);
+    p.grad_cy = data<scalar_t>(a.grad_cy);
+    p.out = data<scalar_t>(a.out);
+    p.hx = data<scalar_t>(a.hx);
+    p.cx = data<scalar_t>(a.cx);
+    p.gates = data<scalar_t>(a.gates);
+    p.cells = data<scalar_t>(a.cells);
+    p.hn = data<scalar_t>(a.hn);
+    p.dgates = data<scalar_t>(a.dgates);
+    p.dgates_h = data<scalar_t>(a.dgates_h);
+    p.grad_hx = data<scalar_t>(a.grad_hx);
+    p.grad_cx = data<scalar_t>(a.grad_cx);
+    p.carry = data<T>(carry);
+    launched = launch_cooperative(
+        tiled(plan, backward_kernel<kCell, 1, scalar_t>, backward_kernel<kCell, 8, scalar_t>),
+        plan, &p);
+  });
+  return launched;
+}
+
+}  // namespace persistent
+}  // namespace cuda
+}  // namespace fused_rnn

@@ -1,0 +1,100 @@
+// The persistent whole-sequence CUDA kernels, as the sequence drivers
+// (csrc/sequence/) call them, and the choice between them and the general
+// per-step path.
+//
+// One cooperative launch runs every step of one layer in one direction:
+// block k owns hidden units [k*J, (k+1)*J) and keeps the W_hh rows of those
+// units (forward) or the W_hh columns (backward, W_hh^T) in shared memory
+// for the whole sequence; per step it reads the full previous state (or the
+// full gradient of the next step's pre-activations), multiplies, applies the
+// cell math of cells.h to its units, writes them, and the grid meets at one
+// barrier. Dense (T, B, *) input and no projection only; packed sequences
+// and proj_size run the general path.
+//
+// Shape legend (every tensor contiguous, time-major, rows of step t at
+// t*B .. t*B+B-1):
+//   T  steps;  B  batch;  H  hidden size;  G  gates (LSTM 4, GRU 3, RNN 1)
+// An argument documented as "may be undefined" is skipped when undefined.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace fused_rnn {
+
+// Which CUDA kernels the ops run: the default `kAuto` takes the persistent
+// kernels where they fit on chip and are expected to win, `kPersistent`
+// wherever they fit, `kGeneral` never. Set with the op set_kernel_path or
+// the environment variable FUSED_RNN_KERNEL_PATH (auto | persistent |
+// general), read at the first call.
+enum class KernelPath { kAuto = 0, kPersistent = 1, kGeneral = 2 };
+KernelPath requested_kernel_path();
+void set_requested_kernel_path(KernelPath path);
+KernelPath parse_kernel_path(const std::string& name);
+const char* kernel_path_name(KernelPath path);
+
+enum class PersistentCell { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3 };
+
+struct PersistentForward {
+  PersistentCell cell = PersistentCell::kLstm;
+  int64_t steps = 0, batch = 0;  // T, B
+  bool reverse = false;          // walk t = T-1 .. 0
+  at::Tensor xw;       // (T*B, G*H) in: x_t @ W_ih^T (no bias); out, when
+                       //            keep_gates: the activated gates (LSTM
+                       //            i,f,g,o; GRU r,z,n)
+  bool keep_gates = false;
+  at::Tensor bias;     // (G*H) b_ih + b_hh (LSTM, RNN) or b_ih (GRU); may be undefined
+  at::Tensor bias_hh;  // (G*H) GRU's b_hh; undefined exactly when bias is
+  at::Tensor w_hh;     // (G*H, H)
+  at::Tensor hx;       // (B, H)
+  at::Tensor cx;       // (B, H) LSTM
+  at::Tensor out;      // (T*B, H) out: h_t
+  at::Tensor hy;       // (B, H)  out: h of the last processed step
+  at::Tensor cy;       // (B, H)  out: LSTM's c of the last processed step
+  at::Tensor cells;    // (T*B, H) out: LSTM's c_t, kept for backward; may be undefined
+  at::Tensor hn;       // (T*B, H) out: GRU's W_hn h_{t-1} + b_hn; may be undefined
+};
+
+struct PersistentBackward {
+  PersistentCell cell = PersistentCell::kLstm;
+  int64_t steps = 0, batch = 0;
+  bool reverse = false;
+  at::Tensor w_hh;      // (G*H, H)
+  at::Tensor grad_out;  // (T*B, H) gradient of the output
+  at::Tensor grad_hy;   // (B, H)
+  at::Tensor grad_cy;   // (B, H) LSTM
+  at::Tensor out;       // (T*B, H) the forward's output (GRU, RNN)
+  at::Tensor hx;        // (B, H) GRU
+  at::Tensor cx;        // (B, H) LSTM
+  at::Tensor gates;     // (T*B, G*H) activated gates (LSTM, GRU)
+  at::Tensor cells;     // (T*B, H) LSTM's c_t
+  at::Tensor hn;        // (T*B, H) GRU's W_hn h_{t-1} + b_hn
+  at::Tensor dgates;    // (T*B, G*H) out: gradients of the pre-activations
+                        //            (GRU: of W_ih x + b_ih)
+  at::Tensor dgates_h;  // (T*B, 3H) out: GRU's gradients of W_hh h_{t-1} + b_hh
+  at::Tensor grad_hx;   // (B, H) out
+  at::Tensor grad_cx;   // (B, H) out: LSTM
+};
+
+#if defined(FUSED_RNN_WITH_CUDA)
+namespace cuda {
+
+// Whether the persistent kernels take a shape on the current device, and why.
+struct PathChoice {
+  bool persistent = false;
+  std::string reason;
+};
+PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
+                       at::ScalarType dtype, bool packed, bool proj, bool backward);
+
+// Run the persistent kernel when choose_path takes the shape and the grid
+// can be co-resident now; return false (nothing launched, nothing written)
+// otherwise, and the caller runs the general path.
+bool persistent_forward(const PersistentForward& args);
+bool persistent_backward(const PersistentBackward& args);
+
+}  // namespace cuda
+#endif
+
+}  // namespace fused_rnn

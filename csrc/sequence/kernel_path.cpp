@@ -1,0 +1,102 @@
+// Which CUDA kernels the ops run (persistent.h), and three small ops about
+// it: set_kernel_path / get_kernel_path for the process-wide choice, and
+// kernel_path, which says for a shape which kernels run and why (for
+// `fused-rnn explain` and the tests). They compute nothing on tensors.
+#include <ATen/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "fused_rnn/persistent.h"
+
+namespace fused_rnn {
+
+KernelPath parse_kernel_path(const std::string& name) {
+  if (name == "auto") return KernelPath::kAuto;
+  if (name == "persistent") return KernelPath::kPersistent;
+  if (name == "general") return KernelPath::kGeneral;
+  TORCH_CHECK_VALUE(false, "fused_rnn: unknown kernel path '", name,
+                    "'; expected one of auto, persistent, general");
+}
+
+const char* kernel_path_name(KernelPath path) {
+  switch (path) {
+    case KernelPath::kPersistent:
+      return "persistent";
+    case KernelPath::kGeneral:
+      return "general";
+    default:
+      return "auto";
+  }
+}
+
+namespace {
+
+std::atomic<int>& path_state() {
+  // FUSED_RNN_KERNEL_PATH is read at the first use; a bad value fails that
+  // call (and the next ones) with the message of parse_kernel_path.
+  static std::atomic<int> state{[] {
+    const char* env = std::getenv("FUSED_RNN_KERNEL_PATH");
+    return static_cast<int>(env && *env ? parse_kernel_path(env) : KernelPath::kAuto);
+  }()};
+  return state;
+}
+
+void set_kernel_path_op(c10::string_view path) {
+  set_requested_kernel_path(parse_kernel_path(std::string(path)));
+}
+
+std::string get_kernel_path_op() { return kernel_path_name(requested_kernel_path()); }
+
+PersistentCell parse_cell(c10::string_view cell) {
+  if (cell == "LSTM") return PersistentCell::kLstm;
+  if (cell == "GRU") return PersistentCell::kGru;
+  if (cell == "RNN_TANH") return PersistentCell::kRnnTanh;
+  if (cell == "RNN_RELU") return PersistentCell::kRnnRelu;
+  TORCH_CHECK_VALUE(false, "fused_rnn: unknown cell '", std::string(cell),
+                    "'; expected one of LSTM, GRU, RNN_TANH, RNN_RELU");
+}
+
+std::string kernel_path_cpu(const at::Tensor& /*like*/, c10::string_view cell,
+                            int64_t /*hidden*/, int64_t /*batch*/, bool /*packed*/,
+                            bool /*proj*/, bool backward) {
+  parse_cell(cell);
+  return backward ? "CPU sequence kernel: per step the fused pointwise pass and one BLAS GEMM "
+                    "with W_hh, then the weight gradients as large GEMMs"
+                  : "CPU sequence kernel: per step one BLAS GEMM with W_hh and one fused, "
+                    "vectorised pointwise pass, parallel over rows";
+}
+
+#if defined(FUSED_RNN_WITH_CUDA)
+std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int64_t hidden,
+                             int64_t batch, bool packed, bool proj, bool backward) {
+  TORCH_CHECK_VALUE(hidden > 0 && batch > 0, "fused_rnn: hidden and batch must be positive");
+  const c10::OptionalDeviceGuard guard(at::device_of(like));
+  return cuda::choose_path(parse_cell(cell), hidden, batch, like.scalar_type(), packed, proj,
+                           backward)
+      .reason;
+}
+#endif
+
+}  // namespace
+
+KernelPath requested_kernel_path() { return static_cast<KernelPath>(path_state().load()); }
+
+void set_requested_kernel_path(KernelPath path) { path_state().store(static_cast<int>(path)); }
+
+TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
+  m.def("set_kernel_path(str path) -> ()", &set_kernel_path_op);
+  m.def("get_kernel_path() -> str", &get_kernel_path_op);
+  m.def(
+      "kernel_path(Tensor like, str cell, int hidden, int batch, bool packed, bool proj, "
+      "bool backward) -> str");
+}
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { m.impl("kernel_path", &kernel_path_cpu); }
+
+#if defined(FUSED_RNN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) { m.impl("kernel_path", &kernel_path_cuda); }
+#endif
+
+}  // namespace fused_rnn

@@ -1,0 +1,68 @@
+"""Which CUDA kernels fused_rnn runs, and why.
+
+On CUDA every op runs one of two paths:
+
+- ``persistent``: one cooperative launch for the whole sequence, the
+  recurrent weights held on chip (shared memory) for every step, one grid
+  barrier per step. Dense input, no ``proj_size``, weights that fit the
+  device's shared memory.
+- ``general``: per step one cuBLAS GEMM and one fused pointwise kernel. Any
+  shape, packed sequences and ``proj_size`` included.
+
+The default, ``auto``, takes the persistent kernels where they fit and are
+expected to win (batch <= 64). ``persistent`` takes them wherever they fit,
+``general`` never. The choice is process-wide; set it here, or with the
+environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
+
+    fused_rnn.set_kernel_path("general")
+    with fused_rnn.kernel_path("persistent"):
+        out, state = lstm(x)
+    print(fused_rnn.explain_kernel_path("LSTM", 512, batch=8, dtype=torch.bfloat16))
+
+On the CPU there is one path (a C++ sequence loop), and the setting is
+ignored.
+"""
+
+import contextlib
+
+import torch
+
+from . import ops  # noqa: F401  (loads the extension)
+
+PATHS = ("auto", "persistent", "general")
+CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def set_kernel_path(path: str) -> None:
+    """Choose the CUDA kernels for every later call: auto, persistent or general."""
+    if path not in PATHS:
+        raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {path!r}")
+    torch.ops.fused_rnn.set_kernel_path(path)
+
+
+def get_kernel_path() -> str:
+    """The CUDA kernel choice now in force: auto, persistent or general."""
+    return torch.ops.fused_rnn.get_kernel_path()
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Run the body with another kernel choice, then restore the previous one."""
+    previous = get_kernel_path()
+    set_kernel_path(path)
+    try:
+        yield
+    finally:
+        set_kernel_path(previous)
+
+
+def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.float32,
+                        device="cuda", *, packed=False, proj=False, backward=False) -> str:
+    """Which kernels one layer and direction of `cell` runs for this shape
+    on `device` under the current choice, and why: a sentence starting with
+    "persistent kernel", "general path" or "CPU sequence kernel"."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    like = torch.empty(0, dtype=dtype, device=device)
+    return torch.ops.fused_rnn.kernel_path(like, cell, int(hidden_size), int(batch), bool(packed),
+                                           bool(proj), bool(backward))

@@ -1,0 +1,191 @@
+"""The persistent CUDA kernels (one cooperative launch per layer and
+direction, weights on chip), forced with fused_rnn.kernel_path: the choice
+of path, float64 parity with the plain PyTorch reference at odd sizes
+across every batch tile and block split, float32 within twice the general
+path's error, long sequences, a GPU busy with other work. The module-level
+parity, gradcheck, opcheck and CUDA-graph tests of test_cuda.py run on both
+paths too. Every test is skipped without a GPU."""
+
+import pytest
+import torch
+
+import fused_rnn
+from helpers import assert_results_close, call_reference, call_wrapper, make_op_args, upstream_like
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+DEVICE = "cuda"
+CELLS = {"lstm": ("lstm", "LSTM", {}), "gru": ("gru", "GRU", {}),
+         "rnn_tanh": ("rnn", "RNN_TANH", {"relu": False}),
+         "rnn_relu": ("rnn", "RNN_RELU", {"relu": True})}
+# (H, B, T): hidden sizes below, at and above one unit per SM; batches of
+# one tile, several tiles and a ragged last tile.
+SHAPES = [(1, 1, 1), (7, 3, 5), (33, 1, 4), (97, 9, 3), (130, 8, 2), (257, 17, 3),
+          (600, 2, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _persistent():
+    with fused_rnn.kernel_path("persistent"):
+        yield
+
+
+def explain(name, H, B, dtype, backward=False, **kw):
+    return fused_rnn.explain_kernel_path(name, H, B, dtype, DEVICE, backward=backward, **kw)
+
+
+def require_persistent(name, H, B, dtype):
+    """Skip, saying why, where this GPU's shared memory cannot hold the
+    weights (the general path is tested there by test_cuda.py)."""
+    for backward in (False, True):
+        text = explain(name, H, B, dtype, backward=backward)
+        if not text.startswith("persistent kernel"):
+            pytest.skip(f"{name} H={H} {dtype} does not fit this GPU: {text}")
+
+
+def results(cell, args, seed=3):
+    """Outputs and the gradients of every tensor argument, as a dict."""
+    fn = call_wrapper if args.pop("_fused", True) else call_reference
+    outs = [o for o in fn(cell, args) if o is not None]
+    leaves = [(k, v) for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = torch.autograd.grad(outs, [v for _, v in leaves], upstream_like(outs, seed))
+    res = {f"out{i}": o.detach() for i, o in enumerate(outs)}
+    res.update({"grad_" + k: g for (k, _), g in zip(leaves, grads)})
+    return res
+
+
+def run(cell, fused, **kw):
+    args = make_op_args(cell, device=DEVICE, requires_grad=True, **kw)
+    args["_fused"] = fused
+    return results(cell, args)
+
+
+# ---------------------------------------------------------------- the choice
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_choice(name):
+    f32 = torch.float32
+    assert explain(name, 256, 8, f32).startswith("persistent kernel")
+    assert explain(name, 256, 8, f32, backward=True).startswith("persistent kernel")
+    assert explain(name, 256, 8, f32, packed=True).startswith("general path")
+    with fused_rnn.kernel_path("general"):
+        assert explain(name, 256, 8, f32).startswith("general path")
+    with fused_rnn.kernel_path("auto"):
+        assert explain(name, 256, 8, f32).startswith("persistent kernel")
+        assert explain(name, 256, 256, f32).startswith("general path")
+    assert explain(name, 256, 256, f32).startswith("persistent kernel")
+    # far too large for shared memory on any GPU
+    assert explain(name, 8192, 8, torch.float64).startswith("general path")
+    assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
+
+
+# ---------------------------------------------------------------- float64
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}_B{}_T{}".format(*s))
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_float64_matches_reference(cell_key, shape, reverse):
+    cell, name, extra = CELLS[cell_key]
+    H, B, T = shape
+    require_persistent(name, H, B, torch.float64)
+    kw = dict(T=T, B=B, I=5, H=H, reverse=reverse, **extra)
+    assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
+                         what=f"persistent {name} H={H} B={B} T={T} reverse={reverse}")
+
+
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_float64_no_bias(cell_key):
+    cell, name, extra = CELLS[cell_key]
+    kw = dict(T=3, B=10, I=4, H=45, bias=False, **extra)
+    assert_results_close(run(cell, True, **kw), run(cell, False, **kw))
+
+
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_gradcheck(cell_key):
+    cell, name, extra = CELLS[cell_key]
+    require_persistent(name, 3, 2, torch.float64)
+    args = make_op_args(cell, T=3, B=2, I=3, H=3, requires_grad=True, device=DEVICE, **extra)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*ts):
+        a = dict(args)
+        a.update(zip(names, ts))
+        return call_wrapper(cell, a)
+
+    assert torch.autograd.gradcheck(fn, [args[k] for k in names], eps=1e-6, atol=1e-7,
+                                    rtol=1e-5)
+
+
+# ---------------------------------------------------------------- float32 and half
+
+def max_errors(res, ref):
+    return {k: (res[k].double() - ref[k]).abs().max().item() / (ref[k].abs().max().item() or 1)
+            for k in ref}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1024, 1, 3), (512, 8, 4), (1024, 70, 2), (256, 64, 5)],
+                         ids=lambda s: "H{}_B{}_T{}".format(*s))
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_low_precision_within_twice_general_error(cell_key, shape, dtype):
+    """Against float64: the persistent kernel's error is at most twice the
+    general path's (cuBLAS per step) plus a little."""
+    cell, name, extra = CELLS[cell_key]
+    H, B, T = shape
+    require_persistent(name, H, B, dtype)
+    kw = dict(T=T, B=B, I=16, H=H, **extra)
+    ref = run(cell, False, **kw)  # float64 reference
+    low = {}
+    for path in ("persistent", "general"):
+        with fused_rnn.kernel_path(path):
+            args = make_op_args(cell, dtype=dtype, device=DEVICE, requires_grad=True, **kw)
+            low[path] = max_errors(results(cell, args), ref)
+    eps = torch.finfo(dtype).eps
+    for k, err in low["persistent"].items():
+        assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
+
+
+def test_long_sequence_many_barriers():
+    """T=3000: thousands of grid barriers in one launch, both directions."""
+    for reverse in (False, True):
+        kw = dict(T=3000, B=3, I=8, H=64, reverse=reverse, dtype=torch.float32)
+        with fused_rnn.kernel_path("general"):
+            expected = results("lstm", make_op_args("lstm", device=DEVICE, requires_grad=True,
+                                                    **kw))
+        actual = results("lstm", make_op_args("lstm", device=DEVICE, requires_grad=True, **kw))
+        assert_results_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gpu_busy_with_other_work():
+    """A kernel already running on another stream: the cooperative launch
+    waits for room or falls back, never hangs, and the result is right."""
+    require_persistent("GRU", 300, 4, torch.float64)
+    kw = dict(T=20, B=4, I=8, H=300, dtype=torch.float64)
+    expected = run("gru", False, **kw)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+    actual = run("gru", True, **kw)
+    torch.cuda.synchronize()
+    assert_results_close(actual, expected)
+
+
+@pytest.mark.parametrize("path", ["persistent", "general"])
+def test_two_layer_bidirectional_lstm(path):
+    """The benchmark's multi-layer shape: both directions and both layers on
+    the chosen path, against torch.nn (cuDNN) in float64."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(64, 96, num_layers=2, bidirectional=True, device=DEVICE,
+                        dtype=torch.float64)
+    fused = fused_rnn.LSTM(64, 96, num_layers=2, bidirectional=True, device=DEVICE,
+                           dtype=torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(12, 64, 64, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    with fused_rnn.kernel_path(path):
+        out_f, (h_f, c_f) = fused(x)
+        g_f = torch.autograd.grad((out_f.sum() + h_f.sum() + c_f.sum()), [x, *fused.parameters()])
+    out_r, (h_r, c_r) = ref(x)
+    g_r = torch.autograd.grad((out_r.sum() + h_r.sum() + c_r.sum()), [x, *ref.parameters()])
+    torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g_f, g_r):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -1,0 +1,94 @@
+"""The choice of CUDA kernels (fused_rnn.set_kernel_path and friends): its
+API, its errors and the environment variable. What each path computes is
+tested in test_cuda.py and test_cuda_persistent.py."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_rnn
+
+
+@pytest.fixture(autouse=True)
+def _restore_path():
+    previous = fused_rnn.get_kernel_path()
+    yield
+    fused_rnn.set_kernel_path(previous)
+
+
+def test_default_is_auto():
+    code = "import fused_rnn; print(fused_rnn.get_kernel_path())"
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_KERNEL_PATH"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "auto"
+
+
+@pytest.mark.parametrize("path", ["auto", "persistent", "general"])
+def test_set_and_get(path):
+    fused_rnn.set_kernel_path(path)
+    assert fused_rnn.get_kernel_path() == path
+    assert torch.ops.fused_rnn.get_kernel_path() == path
+
+
+def test_context_manager_restores_even_on_error():
+    fused_rnn.set_kernel_path("general")
+    with pytest.raises(RuntimeError, match="boom"):
+        with fused_rnn.kernel_path("persistent"):
+            assert fused_rnn.get_kernel_path() == "persistent"
+            raise RuntimeError("boom")
+    assert fused_rnn.get_kernel_path() == "general"
+
+
+@pytest.mark.parametrize("bad", ["fast", "", "Persistent"])
+def test_bad_path_value_error(bad):
+    with pytest.raises(ValueError, match="auto, persistent, general"):
+        fused_rnn.set_kernel_path(bad)
+    with pytest.raises(ValueError, match="auto, persistent, general"):
+        torch.ops.fused_rnn.set_kernel_path(bad)
+    assert fused_rnn.get_kernel_path() in ("auto", "persistent", "general")
+
+
+@pytest.mark.parametrize("value", ["general", "persistent", "bogus"])
+def test_environment_variable(value):
+    code = ("import fused_rnn\n"
+            "try:\n    print(fused_rnn.get_kernel_path())\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code],
+                         env={**os.environ, "FUSED_RNN_KERNEL_PATH": value},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if value == "bogus":
+        assert out.startswith("ValueError") and "'bogus'" in out
+    else:
+        assert out == value
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_explain_on_cpu(cell, backward):
+    for path in ("auto", "persistent", "general"):
+        with fused_rnn.kernel_path(path):
+            text = fused_rnn.explain_kernel_path(cell, 256, 8, device="cpu", backward=backward)
+        assert text.startswith("CPU sequence kernel")
+
+
+def test_explain_bad_cell():
+    with pytest.raises(ValueError, match="LSTM, GRU, RNN_TANH, RNN_RELU"):
+        fused_rnn.explain_kernel_path("LSTMCell", 8, 1, device="cpu")
+    with pytest.raises(ValueError, match="LSTM, GRU, RNN_TANH, RNN_RELU"):
+        torch.ops.fused_rnn.kernel_path(torch.empty(0), "lstm", 8, 1, False, False, False)
+
+
+@pytest.mark.parametrize("path", ["persistent", "general"])
+def test_cpu_results_do_not_depend_on_the_choice(path):
+    """The setting is for CUDA; on the CPU both settings give bit-identical
+    results (there is one CPU path)."""
+    lstm = fused_rnn.LSTM(5, 7, num_layers=2, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    expected, _ = lstm(x)
+    with fused_rnn.kernel_path(path):
+        actual, _ = lstm(x)
+    assert torch.equal(actual, expected)
