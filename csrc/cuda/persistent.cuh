@@ -30,6 +30,14 @@
 #include "fused_rnn/cells.h"
 #include "fused_rnn/persistent.h"
 
+// The block's dynamic shared memory (a per-block buffer in the CPU
+// emulation, tests/emulation/cuda_emu.h).
+#if defined(FUSED_RNN_EMULATION)
+#define FR_DYNAMIC_SHARED(name) unsigned char* name = ::fused_rnn_emu::dynamic_shared()
+#else
+#define FR_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace fused_rnn {
 namespace cuda {
 namespace persistent {
@@ -39,8 +47,17 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;
 // At most this many weight rows per block (kWarps row groups of kRowsPerWarp).
 constexpr int kMaxRows = kWarps * kRowsPerWarp;
-// Columns of the staged input tile.
+// Columns of the staged input tile (smaller in the CPU emulation's build,
+// tests/emulation/, so that small shapes cover several chunks).
+#if defined(FUSED_RNN_EMULATION_CHUNK)
+constexpr int kChunk = FUSED_RNN_EMULATION_CHUNK;
+#else
 constexpr int kChunk = 1024;
+#endif
+// The largest batch tile; the pointwise phase gives each thread at most one
+// (tile row, unit) pair.
+constexpr int kMaxBatchTile = 8;
+static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 
 // Warps that share one row group split its columns: kWarps / groups of them.
 __host__ __device__ constexpr int column_splits(int rows) {
@@ -227,7 +244,7 @@ template <PersistentCell kCell, int BT, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scalar_t> p) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
-  extern __shared__ __align__(16) unsigned char shared[];
+  FR_DYNAMIC_SHARED(shared);
   const int H = p.hidden, J = p.units, rows = G * J;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
@@ -252,66 +269,71 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
     const bool last = s == p.steps - 1;
     for (int64_t b0 = 0; b0 < B; b0 += BT) {
       const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      block_matvec<BT>(w, rows, H, layout.chunk, h_prev, H, b0, nb, tile, partial);
-      for (int i = threadIdx.x; i < nb * J; i += kThreads) {
-        const int bb = i / J, jj = i - bb * J, j = j0 + jj;
-        if (j >= H) continue;
-        const int64_t b = b0 + bb;
-        const int64_t row = t * B + b;
-        const int64_t unit = b * H + j;  // index into (B, H) states
-        scalar_t* x = p.xw + row * G * H + j;
-        if constexpr (kCell == PersistentCell::kLstm) {
-          T g[4];
+      // One (tile row, unit) per thread: nb * J <= BT * kMaxRows <= kThreads.
+      const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
+      const bool mine = bb < nb && j < H;
+      const int64_t b = b0 + bb;
+      const int64_t row = t * B + b;   // of the (T*B, *) sequence tensors
+      const int64_t unit = b * H + j;  // of the (B, H) states
+      scalar_t* x = p.xw + row * G * H + j;
+      // This thread's inputs besides the product, loaded before it so that
+      // their latency overlaps block_matvec: x_t W_ih^T plus the input-side
+      // bias per gate; GRU's recurrent-side bias and h_prev; LSTM's c_prev.
+      T in[G], in_h[G], prev = T(0);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            g[q] = static_cast<T>(x[q * H]) + product<BT>(partial, rows, q * J + jj, bb);
-            if (p.bias) g[q] += static_cast<T>(p.bias[q * H + j]);
-          }
-          const T c_prev = s == 0 ? static_cast<T>(p.cx[unit]) : p.state[unit];
-          T c, h;
-          lstm_forward_point<T>(g[0], g[1], g[2], g[3], c_prev, c, h);
-          p.state[unit] = c;
-          p.out[row * H + j] = static_cast<scalar_t>(h);
-          if (p.keep_gates) {
+      for (int q = 0; q < G; ++q) in[q] = in_h[q] = T(0);
+      if (mine) {
 #pragma unroll
-            for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
-          }
-          if (p.cells) p.cells[row * H + j] = static_cast<scalar_t>(c);
-          if (last) {
-            p.hy[unit] = static_cast<scalar_t>(h);
-            p.cy[unit] = static_cast<scalar_t>(c);
-          }
-        } else if constexpr (kCell == PersistentCell::kGru) {
-          T xr = static_cast<T>(x[0]), xz = static_cast<T>(x[H]), xn = static_cast<T>(x[2 * H]);
-          T hr = product<BT>(partial, rows, jj, bb);
-          T hz = product<BT>(partial, rows, J + jj, bb);
-          T hn = product<BT>(partial, rows, 2 * J + jj, bb);
-          if (p.bias) {
-            xr += static_cast<T>(p.bias[j]);
-            xz += static_cast<T>(p.bias[H + j]);
-            xn += static_cast<T>(p.bias[2 * H + j]);
-            hr += static_cast<T>(p.bias_hh[j]);
-            hz += static_cast<T>(p.bias_hh[H + j]);
-            hn += static_cast<T>(p.bias_hh[2 * H + j]);
-          }
-          const T hp = static_cast<T>(load_l2(h_prev + unit));
-          T h;
-          gru_forward_point<T>(xr, xz, xn, hr, hz, hn, hp, h);
-          p.out[row * H + j] = static_cast<scalar_t>(h);
-          if (p.keep_gates) {
-            x[0] = static_cast<scalar_t>(xr);
-            x[H] = static_cast<scalar_t>(xz);
-            x[2 * H] = static_cast<scalar_t>(xn);
-          }
-          if (p.hn) p.hn[row * H + j] = static_cast<scalar_t>(hn);
-          if (last) p.hy[unit] = static_cast<scalar_t>(h);
-        } else {
-          T pre = static_cast<T>(x[0]) + product<BT>(partial, rows, jj, bb);
-          if (p.bias) pre += static_cast<T>(p.bias[j]);
-          const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(pre);
-          p.out[row * H + j] = static_cast<scalar_t>(h);
-          if (last) p.hy[unit] = static_cast<scalar_t>(h);
+        for (int q = 0; q < G; ++q) {
+          in[q] = static_cast<T>(x[q * H]);
+          if (p.bias) in[q] += static_cast<T>(p.bias[q * H + j]);
+          if (kCell == PersistentCell::kGru && p.bias_hh) in_h[q] = static_cast<T>(p.bias_hh[q * H + j]);
         }
+        if constexpr (kCell == PersistentCell::kLstm) {
+          prev = s == 0 ? static_cast<T>(p.cx[unit]) : p.state[unit];
+        } else if constexpr (kCell == PersistentCell::kGru) {
+          prev = static_cast<T>(load_l2(h_prev + unit));
+        }
+      }
+      block_matvec<BT>(w, rows, H, layout.chunk, h_prev, H, b0, nb, tile, partial);
+      if (!mine) continue;
+      if constexpr (kCell == PersistentCell::kLstm) {
+        T g[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) g[q] = in[q] + product<BT>(partial, rows, q * J + jj, bb);
+        T c, h;
+        lstm_forward_point<T>(g[0], g[1], g[2], g[3], prev, c, h);
+        p.state[unit] = c;
+        p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (p.keep_gates) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
+        }
+        if (p.cells) p.cells[row * H + j] = static_cast<scalar_t>(c);
+        if (last) {
+          p.hy[unit] = static_cast<scalar_t>(h);
+          p.cy[unit] = static_cast<scalar_t>(c);
+        }
+      } else if constexpr (kCell == PersistentCell::kGru) {
+        T r = in[0], z = in[1], n = in[2];
+        const T hr = in_h[0] + product<BT>(partial, rows, jj, bb);
+        const T hz = in_h[1] + product<BT>(partial, rows, J + jj, bb);
+        const T hn = in_h[2] + product<BT>(partial, rows, 2 * J + jj, bb);
+        T h;
+        gru_forward_point<T>(r, z, n, hr, hz, hn, prev, h);
+        p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (p.keep_gates) {
+          x[0] = static_cast<scalar_t>(r);
+          x[H] = static_cast<scalar_t>(z);
+          x[2 * H] = static_cast<scalar_t>(n);
+        }
+        if (p.hn) p.hn[row * H + j] = static_cast<scalar_t>(hn);
+        if (last) p.hy[unit] = static_cast<scalar_t>(h);
+      } else {
+        const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
+            in[0] + product<BT>(partial, rows, jj, bb));
+        p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (last) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
     grid.sync();
@@ -327,7 +349,7 @@ template <PersistentCell kCell, int BT, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<scalar_t> p) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
-  extern __shared__ __align__(16) unsigned char shared[];
+  FR_DYNAMIC_SHARED(shared);
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch, steps = p.steps;
@@ -352,65 +374,82 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int64_t s = steps - 1; s >= -1; --s) {
     const bool has_next = s < steps - 1;
-    const bool first = s == steps - 1;  // the first processed, i.e. the last forward step
+    const bool first = s == steps - 1;  // the first processed: the last forward step
+    const int64_t t = time(s < 0 ? 0 : s);
+    const int64_t t_prev = time(s < 1 ? 0 : s - 1);  // the step before t (s > 0)
     for (int64_t b0 = 0; b0 < B; b0 += BT) {
       const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      if (has_next) {
-        block_matvec<BT>(w, rows, k, layout.chunk, recurrent + time(s + 1) * B * k, k, b0, nb, tile, partial);
-      }
-      for (int i = threadIdx.x; i < nb * J; i += kThreads) {
-        const int bb = i / J, jj = i - bb * J, j = j0 + jj;
-        if (j >= H) continue;
-        const int64_t b = b0 + bb;
-        const int64_t unit = b * H + j;
-        const T dh_rec = has_next ? product<BT>(partial, rows, jj, bb) : T(0);
-        if (s < 0) {
-          T dh = dh_rec;
-          if constexpr (kCell == PersistentCell::kGru) dh += p.carry[unit];
-          p.grad_hx[unit] = static_cast<scalar_t>(dh);
-          continue;
-        }
-        const int64_t t = time(s);
-        const int64_t row = t * B + b;
-        T dh = dh_rec + static_cast<T>(p.grad_out[row * H + j]);
-        if constexpr (kCell == PersistentCell::kLstm) {
-          if (first) dh += static_cast<T>(p.grad_hy[unit]);
-          const T dc = first ? static_cast<T>(p.grad_cy[unit]) : p.carry[unit];
-          const scalar_t* g = p.gates + row * 4 * H + j;
-          const T c_prev = s == 0 ? static_cast<T>(p.cx[unit])
-                                  : static_cast<T>(p.cells[time(s - 1) * B * H + unit]);
-          T d[4], dc_prev;
-          lstm_backward_point<T>(static_cast<T>(g[0]), static_cast<T>(g[H]),
-                                 static_cast<T>(g[2 * H]), static_cast<T>(g[3 * H]),
-                                 static_cast<T>(p.cells[row * H + j]), c_prev, dh, dc, d[0],
-                                 d[1], d[2], d[3], dc_prev);
-          scalar_t* dg = p.dgates + row * 4 * H + j;
+      // One (tile row, unit) per thread: nb * J <= BT * kMaxRows <= kThreads.
+      const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
+      const bool mine = bb < nb && j < H;
+      const int64_t b = b0 + bb;
+      const int64_t row = t * B + b;
+      const int64_t unit = b * H + j;
+      // This thread's inputs besides dh_rec, loaded before block_matvec so
+      // that their latency overlaps it: dh (the output's gradient, plus
+      // grad_hy or GRU's carried z * dh), what the forward saved, LSTM's dc.
+      T dh = T(0), dc = T(0), prev = T(0), saved = T(0), g[G];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
-          p.carry[unit] = dc_prev;
-          if (s == 0) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
+      for (int q = 0; q < G; ++q) g[q] = T(0);
+      if (mine && s >= 0) {
+        dh = static_cast<T>(p.grad_out[row * H + j]);
+        if (first) {
+          dh += static_cast<T>(p.grad_hy[unit]);
         } else if constexpr (kCell == PersistentCell::kGru) {
-          dh += first ? static_cast<T>(p.grad_hy[unit]) : p.carry[unit];
-          const scalar_t* g = p.gates + row * 3 * H + j;
-          const T h_prev = s == 0 ? static_cast<T>(p.hx[unit])
-                                  : static_cast<T>(p.out[time(s - 1) * B * H + unit]);
-          T dxr, dxz, dxn, dhn, dh_direct;
-          gru_backward_point<T>(static_cast<T>(g[0]), static_cast<T>(g[H]),
-                                static_cast<T>(g[2 * H]), static_cast<T>(p.hn[row * H + j]),
-                                h_prev, dh, dxr, dxz, dxn, dhn, dh_direct);
-          scalar_t* dx = p.dgates + row * 3 * H + j;
-          scalar_t* dhg = p.dgates_h + row * 3 * H + j;
-          dx[0] = dhg[0] = static_cast<scalar_t>(dxr);
-          dx[H] = dhg[H] = static_cast<scalar_t>(dxz);
-          dx[2 * H] = static_cast<scalar_t>(dxn);
-          dhg[2 * H] = static_cast<scalar_t>(dhn);
-          p.carry[unit] = dh_direct;
-        } else {
-          if (first) dh += static_cast<T>(p.grad_hy[unit]);
-          p.dgates[row * H + j] = static_cast<scalar_t>(
-              rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(
-                  static_cast<T>(p.out[row * H + j]), dh));
+          dh += p.carry[unit];
         }
+        if constexpr (kCell == PersistentCell::kLstm) {
+          dc = first ? static_cast<T>(p.grad_cy[unit]) : p.carry[unit];
+          prev = s == 0 ? static_cast<T>(p.cx[unit])
+                        : static_cast<T>(p.cells[t_prev * B * H + unit]);
+          saved = static_cast<T>(p.cells[row * H + j]);
+        } else if constexpr (kCell == PersistentCell::kGru) {
+          prev = s == 0 ? static_cast<T>(p.hx[unit])
+                        : static_cast<T>(p.out[t_prev * B * H + unit]);
+          saved = static_cast<T>(p.hn[row * H + j]);
+        } else {
+          saved = static_cast<T>(p.out[row * H + j]);
+        }
+        if constexpr (kCell != PersistentCell::kRnnTanh && kCell != PersistentCell::kRnnRelu) {
+#pragma unroll
+          for (int q = 0; q < G; ++q) g[q] = static_cast<T>(p.gates[row * G * H + q * H + j]);
+        }
+      }
+      if (has_next) {
+        block_matvec<BT>(w, rows, k, layout.chunk, recurrent + time(s + 1) * B * k, k, b0, nb,
+                         tile, partial);
+      }
+      if (!mine) continue;
+      const T dh_rec = has_next ? product<BT>(partial, rows, jj, bb) : T(0);
+      if (s < 0) {
+        T grad = dh_rec;
+        if constexpr (kCell == PersistentCell::kGru) grad += p.carry[unit];
+        p.grad_hx[unit] = static_cast<scalar_t>(grad);
+        continue;
+      }
+      dh += dh_rec;
+      if constexpr (kCell == PersistentCell::kLstm) {
+        T d[4], dc_prev;
+        lstm_backward_point<T>(g[0], g[1], g[2], g[3], saved, prev, dh, dc, d[0], d[1], d[2],
+                               d[3], dc_prev);
+        scalar_t* dg = p.dgates + row * 4 * H + j;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
+        p.carry[unit] = dc_prev;
+        if (s == 0) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
+      } else if constexpr (kCell == PersistentCell::kGru) {
+        T dxr, dxz, dxn, dhn, dh_direct;
+        gru_backward_point<T>(g[0], g[1], g[2], saved, prev, dh, dxr, dxz, dxn, dhn, dh_direct);
+        scalar_t* dx = p.dgates + row * 3 * H + j;
+        scalar_t* dhg = p.dgates_h + row * 3 * H + j;
+        dx[0] = dhg[0] = static_cast<scalar_t>(dxr);
+        dx[H] = dhg[H] = static_cast<scalar_t>(dxz);
+        dx[2 * H] = static_cast<scalar_t>(dxn);
+        dhg[2 * H] = static_cast<scalar_t>(dhn);
+        p.carry[unit] = dh_direct;
+      } else {
+        p.dgates[row * H + j] = static_cast<scalar_t>(
+            rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(saved, dh));
       }
     }
     if (s >= 0) grid.sync();

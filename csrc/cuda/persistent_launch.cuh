@@ -36,8 +36,8 @@ scalar_t* data(const at::Tensor& t) {
   return t.data_ptr<scalar_t>();
 }
 
-// The batch tiles compiled: 1 (a single sequence) and 8.
-inline int batch_tile(int64_t batch) { return batch == 1 ? 1 : 8; }
+// The batch tiles compiled: 1 (a single sequence) and kMaxBatchTile.
+inline int batch_tile(int64_t batch) { return batch == 1 ? 1 : kMaxBatchTile; }
 
 template <typename Kernel1, typename Kernel8>
 const void* tiled(const Plan& plan, Kernel1 k1, Kernel8 k8) {
@@ -79,7 +79,7 @@ bool run_forward(const PersistentForward& a, const Plan& plan) {
     p.hn = data<scalar_t>(a.hn);
     p.state = data<T>(state);
     launched = launch_cooperative(
-        tiled(plan, forward_kernel<kCell, 1, scalar_t>, forward_kernel<kCell, 8, scalar_t>),
+        tiled(plan, forward_kernel<kCell, 1, scalar_t>, forward_kernel<kCell, kMaxBatchTile, scalar_t>),
         plan, &p);
   });
   return launched;
@@ -119,7 +119,7 @@ bool run_backward(const PersistentBackward& a, const Plan& plan) {
     p.grad_cx = data<scalar_t>(a.grad_cx);
     p.carry = data<T>(carry);
     launched = launch_cooperative(
-        tiled(plan, backward_kernel<kCell, 1, scalar_t>, backward_kernel<kCell, 8, scalar_t>),
+        tiled(plan, backward_kernel<kCell, 1, scalar_t>, backward_kernel<kCell, kMaxBatchTile, scalar_t>),
         plan, &p);
   });
   return launched;

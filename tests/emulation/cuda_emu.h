@@ -1,0 +1,225 @@
+// A CPU emulation of the few CUDA features the persistent kernels use, so
+// that their source (csrc/cuda/persistent.cuh) runs on a machine without a
+// GPU. Every CUDA thread is a fiber (ucontext) on the calling OS thread;
+// __syncthreads, warp shuffles and the cooperative grid barrier are fiber
+// barriers; dynamic shared memory is a per-block buffer; ld.global.cg is a
+// plain load.
+//
+// Fibers run from one barrier to the next, warp by warp, in ascending or
+// descending thread order (`launch`'s `order`): a kernel whose result
+// depends on which thread of a phase runs first (a missing barrier) gives a
+// different result in one of the two orders. A barrier that can never
+// complete (threads of a block taking different numbers of __syncthreads,
+// blocks taking different numbers of grid barriers: a hang on a GPU) is
+// reported as an error instead of hanging. What it cannot show: timing,
+// bank conflicts, the memory model's corner cases.
+//
+// Compiled with -DFUSED_RNN_EMULATION (tests/test_persistent_emulation.py).
+#pragma once
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+
+struct dim3_emu {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+namespace fused_rnn_emu {
+
+struct Barrier {
+  int count = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Fiber {
+  ucontext_t context;  // the first entry
+  jmp_buf resume;      // where it yielded
+  std::vector<char> stack;
+  dim3_emu thread_idx, block_idx;
+  bool started = false, done = false;
+  const struct Barrier* waiting = nullptr;  // and on which generation
+  uint64_t waiting_generation = 0;
+};
+
+struct Launch {
+  int blocks = 0, threads = 0;
+  dim3_emu block_dim, grid_dim;
+  std::vector<Fiber> fibers;
+  std::vector<std::vector<unsigned char>> shared;
+  std::vector<Barrier> block_barriers, warp_barriers;
+  std::vector<double> lanes;  // one slot per thread, for shuffles
+  Barrier grid;
+  ucontext_t scheduler;
+  jmp_buf scheduler_resume;
+  int current = -1;
+  uint64_t progress = 0;  // barrier arrivals and finished fibers
+  const std::function<void()>* kernel = nullptr;
+};
+
+inline Launch*& active() {
+  static Launch* launch = nullptr;
+  return launch;
+}
+
+inline Fiber& self() { return active()->fibers[active()->current]; }
+
+inline void yield() {
+  Launch& l = *active();
+  if (_setjmp(l.fibers[l.current].resume) == 0) _longjmp(l.scheduler_resume, 1);
+}
+
+inline void wait(Barrier& b) {
+  Launch& l = *active();
+  ++l.progress;
+  const uint64_t generation = b.generation;
+  if (++b.arrived == b.count) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  Fiber& f = l.fibers[l.current];
+  f.waiting = &b;
+  f.waiting_generation = generation;
+  while (b.generation == generation) yield();
+  f.waiting = nullptr;
+}
+
+inline unsigned char* dynamic_shared() {
+  auto& buffer = active()->shared[self().block_idx.x];
+  // 64-byte aligned, as a GPU's shared memory window is at least 16-byte.
+  return reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(buffer.data()) + 63) / 64 * 64);
+}
+
+[[noreturn]] inline void fiber_main() {
+  Launch& l = *active();
+  (*l.kernel)();
+  l.fibers[l.current].done = true;
+  ++l.progress;
+  _longjmp(l.scheduler_resume, 1);  // never return: uc_link would resume a stale frame
+}
+
+// Runs kernel() as `blocks` x `threads` CUDA threads of a cooperative
+// launch; order 0 schedules threads in ascending order, 1 in descending.
+inline void launch(int blocks, int threads, size_t shared_bytes, int order,
+                   const std::function<void()>& kernel) {
+  if (threads % 32 != 0) throw std::invalid_argument("threads must be a multiple of 32");
+  if (active() != nullptr) throw std::logic_error("nested emulated launch");
+  auto l = std::make_unique<Launch>();
+  l->blocks = blocks;
+  l->threads = threads;
+  l->block_dim.x = threads;
+  l->grid_dim.x = blocks;
+  l->kernel = &kernel;
+  const int total = blocks * threads;
+  l->fibers.resize(total);
+  l->shared.assign(blocks, std::vector<unsigned char>(shared_bytes + 64, 0xFF));
+  l->block_barriers.assign(blocks, Barrier{threads});
+  l->warp_barriers.assign(total / 32, Barrier{32});
+  l->lanes.assign(total, 0.0);
+  l->grid.count = total;
+  active() = l.get();
+  for (int i = 0; i < total; ++i) {
+    Fiber& f = l->fibers[i];
+    f.thread_idx.x = i % threads;
+    f.block_idx.x = i / threads;
+    f.stack.resize(64 * 1024);
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.data();
+    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 0);
+  }
+  // Resumes fiber i unless it waits on a barrier that has not completed.
+  auto resume = [&](int i) {
+    Fiber& f = l->fibers[i];
+    if (f.done || (f.waiting && f.waiting->generation == f.waiting_generation)) return;
+    l->current = i;
+    if (_setjmp(l->scheduler_resume) == 0) {
+      if (!f.started) {
+        f.started = true;
+        swapcontext(&l->scheduler, &f.context);
+      } else {
+        _longjmp(f.resume, 1);
+      }
+    }
+  };
+  // Passes over the warps; each warp runs until it waits on a block or grid
+  // barrier (or ends), so a pass advances many shuffles.
+  const int warps = total / 32;
+  for (;;) {
+    const uint64_t before = l->progress;
+    for (int k = 0; k < warps; ++k) {
+      const int w = order == 0 ? k : warps - 1 - k;
+      uint64_t step;
+      do {
+        step = l->progress;
+        for (int lane = 0; lane < 32; ++lane) resume(w * 32 + (order == 0 ? lane : 31 - lane));
+      } while (l->progress != step);
+    }
+    bool all_done = true;
+    for (const Fiber& f : l->fibers) all_done &= f.done;
+    if (all_done) break;
+    if (l->progress == before) {
+      active() = nullptr;
+      throw std::runtime_error(
+          "emulated kernel deadlock: a barrier can never complete (threads of a block reach "
+          "different numbers of __syncthreads, or blocks different numbers of grid barriers)");
+    }
+  }
+  active() = nullptr;
+}
+
+}  // namespace fused_rnn_emu
+
+#define threadIdx (::fused_rnn_emu::self().thread_idx)
+#define blockIdx (::fused_rnn_emu::self().block_idx)
+#define blockDim (::fused_rnn_emu::active()->block_dim)
+#define gridDim (::fused_rnn_emu::active()->grid_dim)
+
+inline void __syncthreads() {
+  auto* l = ::fused_rnn_emu::active();
+  ::fused_rnn_emu::wait(l->block_barriers[l->current / l->threads]);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T value, int offset) {
+  static_assert(sizeof(T) <= sizeof(double), "shuffle of a wide type");
+  auto* l = ::fused_rnn_emu::active();
+  const int me = l->current, lane = me % 32, base = me - lane;
+  auto& warp = l->warp_barriers[me / 32];
+  std::memcpy(&l->lanes[me], &value, sizeof(T));
+  ::fused_rnn_emu::wait(warp);
+  T other;
+  std::memcpy(&other, &l->lanes[base + (lane ^ offset)], sizeof(T));
+  ::fused_rnn_emu::wait(warp);
+  return other;
+}
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { ::fused_rnn_emu::wait(::fused_rnn_emu::active()->grid); }
+};
+inline grid_group this_grid() { return {}; }
+}  // namespace cooperative_groups

@@ -1,0 +1,164 @@
+// The persistent kernels of csrc/cuda/persistent.cuh run on the CPU through
+// cuda_emu.h (order: 0 runs the threads of each phase in ascending order, 1
+// in descending), as two ops of the namespace fused_rnn_emu, for
+// tests/test_persistent_emulation.py. They fill the kernels' parameters as
+// csrc/cuda/persistent_launch.cuh does, with the units per block given
+// rather than derived from a GPU's SM count.
+#include "cuda_emu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../../csrc/cuda/persistent.cuh"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using fused_rnn::PersistentCell;
+namespace p = fused_rnn::cuda::persistent;
+
+template <typename scalar_t>
+scalar_t* data(const optional<Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->is_contiguous() && t->is_cpu(), "emulation tensors are contiguous CPU tensors");
+  return t->data_ptr<scalar_t>();
+}
+
+template <typename F>
+void with_cell(int64_t cell, F&& f) {
+  switch (cell) {
+    case 0: return f(std::integral_constant<PersistentCell, PersistentCell::kLstm>{});
+    case 1: return f(std::integral_constant<PersistentCell, PersistentCell::kGru>{});
+    case 2: return f(std::integral_constant<PersistentCell, PersistentCell::kRnnTanh>{});
+    case 3: return f(std::integral_constant<PersistentCell, PersistentCell::kRnnRelu>{});
+  }
+  TORCH_CHECK(false, "cell must be 0..3");
+}
+
+template <typename F>
+void with_tile(int64_t tile, F&& f) {
+  if (tile == 1) return f(std::integral_constant<int, 1>{});
+  TORCH_CHECK(tile == p::kMaxBatchTile, "batch tile must be 1 or ", p::kMaxBatchTile);
+  f(std::integral_constant<int, p::kMaxBatchTile>{});
+}
+
+int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
+
+// Returns out, hy, cy, xw (activated gates when keep_gates), cells, hn.
+std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Tensor>& bias,
+                            const optional<Tensor>& bias_hh, const Tensor& w_hh,
+                            const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
+                            int64_t batch, bool reverse, bool keep_gates, int64_t units,
+                            int64_t batch_tile, int64_t order) {
+  const int64_t H = w_hh.size(1), G = gates(cell);
+  TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
+  const auto o = xw_in.options();
+  Tensor xw = xw_in.clone(), out = at::empty({steps * batch, H}, o), hy = at::empty({batch, H}, o);
+  Tensor cy = at::empty({batch, H}, o);
+  Tensor cells = cell == 0 && keep_gates ? at::empty({steps * batch, H}, o) : Tensor();
+  Tensor hn = cell == 1 && keep_gates ? at::empty({steps * batch, H}, o) : Tensor();
+  Tensor state = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "emu_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    p::ForwardParams<scalar_t> prm{};
+    prm.steps = steps;
+    prm.batch = batch;
+    prm.hidden = static_cast<int>(H);
+    prm.units = static_cast<int>(units);
+    prm.reverse = reverse;
+    prm.keep_gates = keep_gates;
+    prm.xw = xw.data_ptr<scalar_t>();
+    prm.bias = data<scalar_t>(bias);
+    prm.bias_hh = data<scalar_t>(bias_hh);
+    prm.w_hh = w_hh.data_ptr<scalar_t>();
+    prm.hx = hx.data_ptr<scalar_t>();
+    prm.cx = data<scalar_t>(cx);
+    prm.out = out.data_ptr<scalar_t>();
+    prm.hy = hy.data_ptr<scalar_t>();
+    prm.cy = cy.data_ptr<scalar_t>();
+    prm.cells = data<scalar_t>(cells);
+    prm.hn = data<scalar_t>(hn);
+    prm.state = state.data_ptr<T>();
+    const int rows = static_cast<int>(G * units);
+    with_cell(cell, [&](auto c) {
+      with_tile(batch_tile, [&](auto bt) {
+        const auto layout = p::shared_layout(rows, static_cast<int>(H), bt.value,
+                                             sizeof(scalar_t), sizeof(T));
+        fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
+                              layout.bytes, static_cast<int>(order),
+                              [&] { p::forward_kernel<c.value, bt.value, scalar_t>(prm); });
+      });
+    });
+  });
+  return {out, hy, cy, xw, cells.defined() ? cells : at::empty({0}, o),
+          hn.defined() ? hn : at::empty({0}, o)};
+}
+
+// Returns dgates, dgates_h, grad_hx, grad_cx.
+std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& grad_out,
+                             const Tensor& grad_hy, const optional<Tensor>& grad_cy,
+                             const optional<Tensor>& out, const optional<Tensor>& hx,
+                             const optional<Tensor>& cx, const optional<Tensor>& gates_in,
+                             const optional<Tensor>& cells, const optional<Tensor>& hn,
+                             int64_t steps, int64_t batch, bool reverse, int64_t units,
+                             int64_t batch_tile, int64_t order) {
+  const int64_t H = w_hh.size(1), G = gates(cell);
+  TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
+  const auto o = grad_out.options();
+  Tensor dgates = at::empty({steps * batch, G * H}, o);
+  Tensor dgates_h = cell == 1 ? at::empty({steps * batch, G * H}, o) : at::empty({0}, o);
+  Tensor grad_hx = at::empty({batch, H}, o), grad_cx = at::empty({batch, H}, o);
+  Tensor carry = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "emu_backward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    p::BackwardParams<scalar_t> prm{};
+    prm.steps = steps;
+    prm.batch = batch;
+    prm.hidden = static_cast<int>(H);
+    prm.units = static_cast<int>(units);
+    prm.reverse = reverse;
+    prm.w_hh = w_hh.data_ptr<scalar_t>();
+    prm.grad_out = grad_out.data_ptr<scalar_t>();
+    prm.grad_hy = grad_hy.data_ptr<scalar_t>();
+    prm.grad_cy = data<scalar_t>(grad_cy);
+    prm.out = data<scalar_t>(out);
+    prm.hx = data<scalar_t>(hx);
+    prm.cx = data<scalar_t>(cx);
+    prm.gates = data<scalar_t>(gates_in);
+    prm.cells = data<scalar_t>(cells);
+    prm.hn = data<scalar_t>(hn);
+    prm.dgates = dgates.data_ptr<scalar_t>();
+    prm.dgates_h = cell == 1 ? dgates_h.data_ptr<scalar_t>() : nullptr;
+    prm.grad_hx = grad_hx.data_ptr<scalar_t>();
+    prm.grad_cx = grad_cx.data_ptr<scalar_t>();
+    prm.carry = carry.data_ptr<T>();
+    const int rows = static_cast<int>(units);
+    with_cell(cell, [&](auto c) {
+      with_tile(batch_tile, [&](auto bt) {
+        const auto layout = p::shared_layout(rows, static_cast<int>(G * H), bt.value,
+                                             sizeof(scalar_t), sizeof(T));
+        fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
+                              layout.bytes, static_cast<int>(order),
+                              [&] { p::backward_kernel<c.value, bt.value, scalar_t>(prm); });
+      });
+    });
+  });
+  return {dgates, dgates_h, grad_hx, grad_cx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_rnn_emu, m) {
+  m.def(
+      "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
+      "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
+      "int batch_tile, int order) -> Tensor[]",
+      &forward);
+  m.def(
+      "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
+      "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
+      "int steps, int batch, bool reverse, int units, int batch_tile, int order) -> Tensor[]",
+      &backward);
+}

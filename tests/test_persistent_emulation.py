@@ -1,0 +1,163 @@
+"""The persistent CUDA kernels' own source (csrc/cuda/persistent.cuh) run on
+the CPU through a thread-per-CUDA-thread emulation (tests/emulation/), and
+compared with the CPU ops: forward outputs, states and saved tensors;
+backward state gradients and the gate gradients behind every parameter
+gradient. Shapes cover one and several blocks with a ragged last block, one
+and several batch tiles with a ragged last tile, one and several column
+chunks, forward and reverse time, with and without bias. This runs on every
+machine; on a GPU, test_cuda_persistent.py runs the compiled kernels."""
+
+import hashlib
+import os
+import tempfile
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import fused_rnn  # noqa: F401  (the CPU ops)
+from helpers import make_op_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMULATION = os.path.join(ROOT, "tests", "emulation")
+CHUNK = 32  # columns per staged chunk in this build (1024 on a GPU)
+SOURCES = [os.path.join(EMULATION, f) for f in ("persistent_emu.cpp", "cuda_emu.h",
+                                                "cooperative_groups.h")] + [
+    os.path.join(ROOT, "csrc", "cuda", "persistent.cuh"),
+    os.path.join(ROOT, "csrc", "include", "fused_rnn", "cells.h"),
+    os.path.join(ROOT, "csrc", "include", "fused_rnn", "activations.h"),
+    os.path.join(ROOT, "csrc", "include", "fused_rnn", "persistent.h"),
+]
+CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    digest = hashlib.sha1()
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    build = os.path.join(tempfile.gettempdir(), f"fused_rnn_emu_{digest.hexdigest()[:12]}")
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="fused_rnn_emu", sources=[SOURCES[0]], build_directory=build,
+        extra_include_paths=[os.path.join(ROOT, "csrc", "include"), EMULATION],
+        extra_cflags=["-DFUSED_RNN_EMULATION", f"-DFUSED_RNN_EMULATION_CHUNK={CHUNK}", "-O1",
+                      "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0"],
+        is_python_module=False, verbose=False)
+    return torch.ops.fused_rnn_emu
+
+
+# (H, B, T, units per block, batch tile): blocks = ceil(H / units)
+CONFIGS = {
+    "3_blocks_ragged_tile1": (7, 1, 3, 3, 1),
+    "ragged_tiles_and_blocks": (31, 10, 3, 11, 8),  # backward k = G*H: several chunks
+    "widest_block_2_chunks": (40, 3, 2, 16, 8),     # LSTM: 64 rows, the most a block holds
+    "one_unit_per_block": (5, 9, 2, 1, 8),
+}
+
+
+def cpu_reference(cell, a, train=True):
+    ops = torch.ops.fused_rnn
+    if cell == "lstm":
+        return ops.lstm_forward(a["input"], a["hx"], a["cx"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                a["b_hh"], None, None, a["reverse"], train)
+    if cell == "gru":
+        return ops.gru_forward(a["input"], a["hx"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                               None, a["reverse"], train)
+    return ops.rnn_forward(a["input"], a["hx"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None,
+                           a["reverse"], a["relu"])
+
+
+def close(actual, expected, what, dtype):
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=what)
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["ascending", "descending"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_emulated_kernels_match_cpu_ops(emu, cell, config, reverse, bias, order,
+                                        dtype=torch.float64):
+    """Thread order: the threads of each phase between barriers run in
+    ascending or descending order; a missing barrier shows in one of them."""
+    H, B, T, units, tile = CONFIGS[config]
+    op_cell = cell.split("_")[0]
+    a = make_op_args(op_cell, T=T, B=B, I=5, H=H, bias=bias, reverse=reverse, dtype=dtype,
+                     relu=cell == "rnn_relu")
+    ref = cpu_reference(op_cell, a)
+    x = a["input"].reshape(T * B, -1)
+    xw = x @ a["w_ih"].t()
+    if cell == "gru":
+        bias_in, bias_hh = a["b_ih"], a["b_hh"]
+    else:
+        bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
+    out, hy, cy, gates, cells, hn = emu.forward(
+        CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
+        cell in ("lstm", "gru"), units, tile, order)
+    close(out, ref[0].reshape(T * B, H), "output", dtype)
+    close(hy, ref[1], "hy", dtype)
+    if cell == "lstm":
+        close(cy, ref[2], "cy", dtype)
+        close(gates, ref[3], "activated gates", dtype)
+        close(cells, ref[4], "cells", dtype)
+    if cell == "gru":
+        close(gates, ref[2], "activated gates", dtype)
+        close(hn, ref[3], "hidden_n", dtype)
+
+    # backward from the same saved tensors, against the CPU backward op
+    gen = torch.Generator().manual_seed(5)
+    go = torch.randn(T * B, H, generator=gen, dtype=dtype)
+    ghy = torch.randn(B, H, generator=gen, dtype=dtype)
+    gcy = torch.randn(B, H, generator=gen, dtype=dtype)
+    ops = torch.ops.fused_rnn
+    output = ref[0]
+    if cell == "lstm":
+        expected = ops.lstm_backward(go.view(T, B, H), ghy, gcy, a["input"], a["hx"], a["cx"],
+                                     a["w_ih"], a["w_hh"], None, output, ref[3], ref[4], None,
+                                     reverse, bias, True)
+        dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
+                                       ref[4], None, T, B, reverse, units, tile, order)
+        close(gcx, expected[2], "grad_cx", dtype)
+    elif cell == "gru":
+        expected = ops.gru_backward(go.view(T, B, H), ghy, a["input"], a["hx"], a["w_ih"],
+                                    a["w_hh"], output, ref[2], ref[3], None, reverse, bias, True)
+        dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(T * B, H),
+                                       a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
+                                       tile, order)
+        if bias:
+            close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
+    else:
+        expected = ops.rnn_backward(go.view(T, B, H), ghy, a["input"], a["hx"], a["w_ih"],
+                                    a["w_hh"], output, None, reverse, a["relu"], bias, True)
+        dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
+                                     output.reshape(T * B, H), None, None, None, None, None, T,
+                                     B, reverse, units, tile, order)
+    close(ghx, expected[1], "grad_hx", dtype)
+    close((dg @ a["w_ih"]).view(T, B, -1), expected[0], "grad_input", dtype)
+    grad_w_ih = expected[3] if cell == "lstm" else expected[2]
+    close(dg.t() @ x, grad_w_ih, "grad_w_ih", dtype)
+    if bias:
+        grad_bias = expected[5] if cell == "lstm" else expected[4]
+        close(dg.sum(0), grad_bias, "grad_bias", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_emulated_low_precision(emu, cell, dtype):
+    """float32 and bfloat16 storage with float math: the same tensors as the
+    CPU ops within the storage type's rounding."""
+    H, B, T, units, tile = 31, 10, 3, 11, 8
+    a = make_op_args(cell, T=T, B=B, I=5, H=H, dtype=dtype)
+    ref = cpu_reference(cell, a)
+    xw = a["input"].reshape(T * B, -1) @ a["w_ih"].t()
+    bias_in, bias_hh = ((a["b_ih"], a["b_hh"]) if cell == "gru"
+                        else (a["b_ih"] + a["b_hh"], None))
+    out, hy, *_ = emu.forward(CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"),
+                              T, B, False, True, units, tile, 0)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref[0].reshape(T * B, H), atol=tol, rtol=tol)
+    torch.testing.assert_close(hy, ref[1], atol=tol, rtol=tol)
