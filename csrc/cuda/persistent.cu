@@ -102,15 +102,17 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   Plan& plan = d.plan;
   plan.units = static_cast<int>(units);
   plan.blocks = static_cast<int>((hidden + units - 1) / units);
-  plan.batch_tile = batch_tile(batch);
-  if (rows > kMaxRows) {
-    why << general << "H=" << hidden << " needs " << rows << " weight rows per block on "
-        << limits.sms << " SMs; the persistent kernels hold at most " << kMaxRows;
+  plan.batch_tile = batch_tile(batch, dtype);
+  if (rows > kMaxRows || plan.batch_tile * units > kThreads) {
+    why << general << "H=" << hidden << " needs " << units << " hidden units (" << rows
+        << " weight rows) per block on " << limits.sms
+        << " SMs; a persistent block holds at most " << kMaxRows << " rows and "
+        << kThreads / plan.batch_tile << " units";
     d.choice.reason = why.str();
     return d;
   }
-  plan.shared_bytes = shared_layout(static_cast<int>(rows), static_cast<int>(k),
-                                    plan.batch_tile, c10::elementSize(dtype), math_size(dtype))
+  plan.shared_bytes = make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile,
+                                  c10::elementSize(dtype), math_size(dtype))
                           .bytes;
   if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
     why << general << "the weights need " << plan.shared_bytes / 1024
@@ -133,6 +135,8 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << " per block, W_hh" << (backward ? "^T" : "") << " slice of " << rows << " x " << k
       << " in " << plan.shared_bytes / 1024 << " KiB of shared memory (of "
       << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
+      << (plan.batch_tile == kMmaTile ? " on tensor cores (wmma, fp32 accumulation)"
+                                      : " on FMA units")
       << ", one grid barrier per step";
   d.choice.reason = why.str();
   return d;

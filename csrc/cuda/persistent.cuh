@@ -23,6 +23,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cooperative_groups.h>
+#if !defined(FUSED_RNN_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>
@@ -35,7 +40,7 @@
 #if defined(FUSED_RNN_EMULATION)
 #define FR_DYNAMIC_SHARED(name) unsigned char* name = ::fused_rnn_emu::dynamic_shared()
 #else
-#define FR_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define FR_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 namespace fused_rnn {
@@ -54,9 +59,12 @@ constexpr int kChunk = FUSED_RNN_EMULATION_CHUNK;
 #else
 constexpr int kChunk = 1024;
 #endif
-// The largest batch tile; the pointwise phase gives each thread at most one
-// (tile row, unit) pair.
+// The batch tiles. Float and double: 1 and kMaxBatchTile, with FMA into
+// registers. Half and bfloat16: 1 (FMA) and kMmaTile, with tensor cores
+// (wmma 16x16x16, fp32 accumulation). The pointwise phase gives each
+// thread at most one (tile row, unit) pair: tile * units <= kThreads.
 constexpr int kMaxBatchTile = 8;
+constexpr int kMmaTile = 16;
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 
 // Warps that share one row group split its columns: kWarps / groups of them.
@@ -65,26 +73,38 @@ __host__ __device__ constexpr int column_splits(int rows) {
   return groups >= kWarps ? 1 : kWarps / groups;
 }
 
-__host__ __device__ constexpr size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// The dynamic shared memory of a block, in bytes: weights (rows x k of the
-// storage type), the input tile (BT x chunk of the math type, chunk =
-// min(k, kChunk) columns) and the partial sums (column_splits x rows x BT of
-// the math type).
-struct SharedLayout {
-  int chunk;
+// How a block holds and splits its product, and its dynamic shared memory:
+// the weight slice (rows_pad x ldw of the storage type, zeros past rows and
+// past k), the staged input tile (BT x chunk: the math type for FMA, the
+// storage type for tensor cores) and the partial sums (splits x rows_pad x
+// BT of the math type). Tensor-core tiles pad rows and columns to 16.
+struct Tiling {
+  int rows, rows_pad;  // weight rows used and held
+  int ldw;             // weight row stride, >= k
+  int chunk;           // columns staged at once (the stride of tile rows)
+  int splits;          // warps splitting the columns of one row group
   size_t tile_offset, partial_offset, bytes;
 };
-__host__ __device__ inline SharedLayout shared_layout(int rows, int k, int batch_tile,
-                                                      size_t element, size_t math_element) {
-  SharedLayout l{};
-  l.chunk = k < kChunk ? k : kChunk;
-  l.tile_offset = align16(static_cast<size_t>(rows) * k * element);
-  l.partial_offset =
-      l.tile_offset + align16(static_cast<size_t>(batch_tile) * l.chunk * math_element);
-  l.bytes = l.partial_offset +
-            align16(static_cast<size_t>(column_splits(rows)) * rows * batch_tile * math_element);
-  return l;
+__host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, size_t element,
+                                              size_t math_element) {
+  const bool mma = batch_tile == kMmaTile;
+  Tiling t{};
+  t.rows = rows;
+  t.rows_pad = mma ? round_up(rows, 16) : rows;
+  t.ldw = mma ? round_up(k, 16) : k;
+  t.chunk = t.ldw < kChunk ? t.ldw : kChunk;
+  const int groups = t.rows_pad / 16;
+  t.splits = mma ? (groups >= kWarps ? 1 : kWarps / groups) : column_splits(rows);
+  t.tile_offset = align128(static_cast<size_t>(t.rows_pad) * t.ldw * element);
+  t.partial_offset =
+      t.tile_offset + align128(static_cast<size_t>(batch_tile) * t.chunk *
+                               (mma ? element : math_element));
+  t.bytes = t.partial_offset +
+            align128(static_cast<size_t>(t.splits) * t.rows_pad * batch_tile * math_element);
+  return t;
 }
 
 // ------------------------------------------------------------ parameters
@@ -160,6 +180,22 @@ __device__ __forceinline__ c10::BFloat16 load_l2(const c10::BFloat16* p) {
 __device__ __forceinline__ float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double mul_add(double a, double b, double c) { return fma(a, b, c); }
 
+// The wmma element type of a storage type (the same bits).
+template <typename scalar_t>
+struct MmaType {
+  using type = scalar_t;
+};
+#if !defined(FUSED_RNN_EMULATION)
+template <>
+struct MmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct MmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -167,22 +203,27 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// partial[(split * rows + r) * BT + bb] = the sum over this split's columns
-// of w[r][col] * in[b0 + bb][col], for r < rows and bb < BT (input rows past
-// nb count as zeros). Call from every thread of the block; it synchronises
-// the block before it stages the input and before it returns.
-//   w       (rows, k) in shared memory
-//   in      (B, in_stride) in global memory, written by other blocks
-//   tile    (BT, chunk), partial (column_splits(rows), rows, BT): shared
+// partial[(split * rows_pad + r) * BT + bb] = the sum over this split's
+// columns of w[r][col] * in[b0 + bb][col], for r < rows and bb < BT (input
+// rows past nb count as zeros); see product(). Call from every thread of
+// the block; it synchronises the block before it stages the input and
+// before it returns.
+//   w       (rows_pad, ldw) in shared memory (Tiling)
+//   in      (B, in_stride), k columns, in global memory, written by other blocks
+//   tile    (BT, chunk), partial (splits, rows_pad, BT): shared (Tiling)
+//
+// FMA version (float, double, and half types at BT = 1): warps take groups
+// of kRowsPerWarp rows and interleaved columns; each lane keeps
+// kRowsPerWarp x BT sums in registers, reduced across the warp at the end.
 template <int BT, typename scalar_t>
-__device__ void block_matvec(const scalar_t* __restrict__ w, int rows, int k, int chunk,
+__device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                              const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
                              at::opmath_type<scalar_t>* __restrict__ tile,
                              at::opmath_type<scalar_t>* __restrict__ partial) {
   using T = at::opmath_type<scalar_t>;
+  const int rows = tl.rows, chunk = tl.chunk, splits = tl.splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int groups = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
-  const int splits = column_splits(rows);
   const bool active = warp < groups * splits;
   const int r0 = (warp % groups) * kRowsPerWarp;
   const int split = warp / groups;
@@ -210,7 +251,7 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, int rows, int k, in
 #pragma unroll
         for (int i = 0; i < kRowsPerWarp; ++i) {
           const int r = r0 + i;
-          const T wv = r < rows ? static_cast<T>(w[r * k + c0 + col]) : T(0);
+          const T wv = r < rows ? static_cast<T>(w[r * tl.ldw + c0 + col]) : T(0);
 #pragma unroll
           for (int bb = 0; bb < BT; ++bb) acc[i][bb] = mul_add(wv, x[bb], acc[i][bb]);
         }
@@ -223,19 +264,84 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, int rows, int k, in
 #pragma unroll
       for (int bb = 0; bb < BT; ++bb) {
         const T v = warp_sum(acc[i][bb]);
-        if (lane == 0 && r0 + i < rows) partial[(split * rows + r0 + i) * BT + bb] = v;
+        if (lane == 0 && r0 + i < rows) partial[(split * tl.rows_pad + r0 + i) * BT + bb] = v;
       }
     }
   }
   __syncthreads();
 }
 
-// Row r, tile row bb of the last block_matvec.
+// Tensor-core version (half types, BT = kMmaTile = 16): warps take 16-row
+// groups and interleaved 16-column steps; wmma 16x16x16 with the weights as
+// A (row major), the staged tile as B (column major: tile row bb is column
+// bb) and an fp32 accumulator stored to partial. Rows and columns past
+// rows and k are zeros in w and in the tile.
+template <typename scalar_t>
+__device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& tl, int k,
+                                 const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
+                                 scalar_t* __restrict__ tile, float* __restrict__ partial) {
+  namespace wmma = nvcuda::wmma;
+  using mma_t = typename MmaType<scalar_t>::type;
+  constexpr int BT = kMmaTile;
+  const int chunk = tl.chunk, splits = tl.splits;
+  const int warp = threadIdx.x / 32;
+  const int groups = tl.rows_pad / 16;
+  const bool active = warp < groups * splits;
+  const int m0 = (warp % groups) * 16;
+  const int split = warp / groups;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
+    const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
+    __syncthreads();  // the tile's previous readers are done
+    for (int i = threadIdx.x; i < BT * width; i += kThreads) {
+      const int bb = i / width, col = i - bb * width;
+      tile[bb * chunk + col] = bb < nb && c0 + col < k
+                                   ? load_l2(in + (b0 + bb) * in_stride + c0 + col)
+                                   : scalar_t(0);
+    }
+    __syncthreads();
+    if (active) {
+      for (int kt = split; kt < width / 16; kt += splits) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(w) + m0 * tl.ldw + c0 + kt * 16,
+                               tl.ldw);
+        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(tile) + kt * 16, chunk);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+    }
+  }
+  if (active) {
+    wmma::store_matrix_sync(partial + (split * tl.rows_pad + m0) * BT, acc, BT,
+                            wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// The product of the block's weight rows and the staged input rows: the
+// FMA or the tensor-core version by batch tile. `shared` as Tiling lays it out.
+template <int BT, typename scalar_t>
+__device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& tl, int k,
+                                              const scalar_t* in, int64_t in_stride, int64_t b0,
+                                              int nb, unsigned char* shared) {
+  using T = at::opmath_type<scalar_t>;
+  T* partial = reinterpret_cast<T*>(shared + tl.partial_offset);
+  if constexpr (BT == kMmaTile) {
+    block_matvec_mma(w, tl, k, in, in_stride, b0, nb,
+                     reinterpret_cast<scalar_t*>(shared + tl.tile_offset), partial);
+  } else {
+    block_matvec<BT>(w, tl, k, in, in_stride, b0, nb,
+                     reinterpret_cast<T*>(shared + tl.tile_offset), partial);
+  }
+}
+
+// Row r, tile row bb of the last block_product.
 template <int BT, typename T>
-__device__ __forceinline__ T product(const T* partial, int rows, int r, int bb) {
-  const int splits = column_splits(rows);
+__device__ __forceinline__ T product(const T* partial, const Tiling& tl, int r, int bb) {
   T sum = T(0);
-  for (int s = 0; s < splits; ++s) sum += partial[(s * rows + r) * BT + bb];
+  for (int s = 0; s < tl.splits; ++s) sum += partial[(s * tl.rows_pad + r) * BT + bb];
   return sum;
 }
 
@@ -248,16 +354,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const int H = p.hidden, J = p.units, rows = G * J;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
-  const SharedLayout layout = shared_layout(rows, H, BT, sizeof(scalar_t), sizeof(T));
+  const Tiling tl = make_tiling(rows, H, BT, sizeof(scalar_t), sizeof(T));
   scalar_t* w = reinterpret_cast<scalar_t*>(shared);
-  T* tile = reinterpret_cast<T*>(shared + layout.tile_offset);
-  T* partial = reinterpret_cast<T*>(shared + layout.partial_offset);
+  const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
-  // Rows q*J + jj of the slice: W_hh row q*H + j0 + jj (zeros past H).
-  for (int i = threadIdx.x; i < rows * H; i += kThreads) {
-    const int r = i / H, col = i - r * H;
+  // Row q*J + jj of the slice: W_hh row q*H + j0 + jj (zeros past H, past
+  // the rows and past the columns).
+  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
+    const int r = i / tl.ldw, col = i - r * tl.ldw;
     const int q = r / J, j = j0 + (r - q * J);
-    w[i] = j < H ? p.w_hh[static_cast<int64_t>(q * H + j) * H + col] : scalar_t(0);
+    w[i] = r < rows && j < H && col < H ? p.w_hh[static_cast<int64_t>(q * H + j) * H + col]
+                                        : scalar_t(0);
   }
   // (block_matvec synchronises the block before it reads w)
 
@@ -269,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
     const bool last = s == p.steps - 1;
     for (int64_t b0 = 0; b0 < B; b0 += BT) {
       const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      // One (tile row, unit) per thread: nb * J <= BT * kMaxRows <= kThreads.
+      // One (tile row, unit) per thread: nb * J <= BT * J <= kThreads (plan).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
@@ -295,12 +402,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
           prev = static_cast<T>(load_l2(h_prev + unit));
         }
       }
-      block_matvec<BT>(w, rows, H, layout.chunk, h_prev, H, b0, nb, tile, partial);
+      block_product<BT>(w, tl, H, h_prev, H, b0, nb, shared);
       if (!mine) continue;
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) g[q] = in[q] + product<BT>(partial, rows, q * J + jj, bb);
+        for (int q = 0; q < 4; ++q) g[q] = in[q] + product<BT>(partial, tl, q * J + jj, bb);
         T c, h;
         lstm_forward_point<T>(g[0], g[1], g[2], g[3], prev, c, h);
         p.state[unit] = c;
@@ -316,9 +423,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         }
       } else if constexpr (kCell == PersistentCell::kGru) {
         T r = in[0], z = in[1], n = in[2];
-        const T hr = in_h[0] + product<BT>(partial, rows, jj, bb);
-        const T hz = in_h[1] + product<BT>(partial, rows, J + jj, bb);
-        const T hn = in_h[2] + product<BT>(partial, rows, 2 * J + jj, bb);
+        const T hr = in_h[0] + product<BT>(partial, tl, jj, bb);
+        const T hz = in_h[1] + product<BT>(partial, tl, J + jj, bb);
+        const T hn = in_h[2] + product<BT>(partial, tl, 2 * J + jj, bb);
         T h;
         gru_forward_point<T>(r, z, n, hr, hz, hn, prev, h);
         p.out[row * H + j] = static_cast<scalar_t>(h);
@@ -331,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         if (last) p.hy[unit] = static_cast<scalar_t>(h);
       } else {
         const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
-            in[0] + product<BT>(partial, rows, jj, bb));
+            in[0] + product<BT>(partial, tl, jj, bb));
         p.out[row * H + j] = static_cast<scalar_t>(h);
         if (last) p.hy[unit] = static_cast<scalar_t>(h);
       }
@@ -353,16 +460,18 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch, steps = p.steps;
-  const SharedLayout layout = shared_layout(rows, k, BT, sizeof(scalar_t), sizeof(T));
+  const Tiling tl = make_tiling(rows, k, BT, sizeof(scalar_t), sizeof(T));
   scalar_t* w = reinterpret_cast<scalar_t*>(shared);
-  T* tile = reinterpret_cast<T*>(shared + layout.tile_offset);
-  T* partial = reinterpret_cast<T*>(shared + layout.partial_offset);
+  const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
-  // Row jj of the slice: W_hh column j0 + jj (zeros past H). Neighbouring
-  // threads read neighbouring columns of one W_hh row.
-  for (int i = threadIdx.x; i < rows * k; i += kThreads) {
-    const int col = i / J, jj = i - col * J, j = j0 + jj;
-    w[jj * k + col] = j < H ? p.w_hh[static_cast<int64_t>(col) * H + j] : scalar_t(0);
+  // Row jj of the slice: W_hh column j0 + jj (zeros past H, past the rows
+  // and past the columns). Neighbouring threads read neighbouring columns of
+  // one W_hh row.
+  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
+    const int col = i / tl.rows_pad, jj = i - col * tl.rows_pad, j = j0 + jj;
+    w[jj * tl.ldw + col] = jj < rows && j < H && col < k
+                               ? p.w_hh[static_cast<int64_t>(col) * H + j]
+                               : scalar_t(0);
   }
   // (block_matvec synchronises the block before it reads w; step T-1 does
   // not read it)
@@ -379,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
     const int64_t t_prev = time(s < 1 ? 0 : s - 1);  // the step before t (s > 0)
     for (int64_t b0 = 0; b0 < B; b0 += BT) {
       const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      // One (tile row, unit) per thread: nb * J <= BT * kMaxRows <= kThreads.
+      // One (tile row, unit) per thread: nb * J <= BT * J <= kThreads (plan).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
@@ -416,11 +525,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
         }
       }
       if (has_next) {
-        block_matvec<BT>(w, rows, k, layout.chunk, recurrent + time(s + 1) * B * k, k, b0, nb,
-                         tile, partial);
+        block_product<BT>(w, tl, k, recurrent + time(s + 1) * B * k, k, b0, nb, shared);
       }
       if (!mine) continue;
-      const T dh_rec = has_next ? product<BT>(partial, rows, jj, bb) : T(0);
+      const T dh_rec = has_next ? product<BT>(partial, tl, jj, bb) : T(0);
       if (s < 0) {
         T grad = dh_rec;
         if constexpr (kCell == PersistentCell::kGru) grad += p.carry[unit];

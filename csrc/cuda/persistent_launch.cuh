@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "persistent.cuh"
 
 namespace fused_rnn {
@@ -19,7 +21,7 @@ namespace persistent {
 struct Plan {
   int blocks = 0;      // grid size, ceil(H / units)
   int units = 0;       // J, hidden units per block
-  int batch_tile = 0;  // BT, 1 or 8
+  int batch_tile = 0;  // BT: 1, kMaxBatchTile or kMmaTile
   size_t shared_bytes = 0;
 };
 
@@ -36,13 +38,26 @@ scalar_t* data(const at::Tensor& t) {
   return t.data_ptr<scalar_t>();
 }
 
-// The batch tiles compiled: 1 (a single sequence) and kMaxBatchTile.
-inline int batch_tile(int64_t batch) { return batch == 1 ? 1 : kMaxBatchTile; }
+// The batch tiles compiled: 1 (a single sequence) and the wide tile:
+// kMaxBatchTile (FMA) for float and double, kMmaTile (tensor cores) for
+// half and bfloat16.
+inline bool is_half(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+inline int batch_tile(int64_t batch, at::ScalarType dtype) {
+  return batch == 1 ? 1 : is_half(dtype) ? kMmaTile : kMaxBatchTile;
+}
+template <typename scalar_t>
+constexpr int wide_tile() {
+  return std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>
+             ? kMmaTile
+             : kMaxBatchTile;
+}
 
-template <typename Kernel1, typename Kernel8>
-const void* tiled(const Plan& plan, Kernel1 k1, Kernel8 k8) {
+template <typename Kernel1, typename KernelWide>
+const void* tiled(const Plan& plan, Kernel1 k1, KernelWide wide) {
   return plan.batch_tile == 1 ? reinterpret_cast<const void*>(k1)
-                              : reinterpret_cast<const void*>(k8);
+                              : reinterpret_cast<const void*>(wide);
 }
 
 #define FR_PERSISTENT_DISPATCH(type, name, ...) \
@@ -79,7 +94,8 @@ bool run_forward(const PersistentForward& a, const Plan& plan) {
     p.hn = data<scalar_t>(a.hn);
     p.state = data<T>(state);
     launched = launch_cooperative(
-        tiled(plan, forward_kernel<kCell, 1, scalar_t>, forward_kernel<kCell, kMaxBatchTile, scalar_t>),
+        tiled(plan, forward_kernel<kCell, 1, scalar_t>,
+              forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
         plan, &p);
   });
   return launched;
@@ -119,7 +135,8 @@ bool run_backward(const PersistentBackward& a, const Plan& plan) {
     p.grad_cx = data<scalar_t>(a.grad_cx);
     p.carry = data<T>(carry);
     launched = launch_cooperative(
-        tiled(plan, backward_kernel<kCell, 1, scalar_t>, backward_kernel<kCell, kMaxBatchTile, scalar_t>),
+        tiled(plan, backward_kernel<kCell, 1, scalar_t>,
+              backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
         plan, &p);
   });
   return launched;

@@ -27,6 +27,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -223,3 +224,72 @@ struct grid_group {
 };
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
+
+// wmma, as the persistent kernels use it: every lane of a warp computes the
+// whole fragment (the operations are warp-collective with identical
+// arguments on every lane, so that is the same result). Pointers must be
+// 32-byte aligned and leading dimensions multiples of 16 bytes, as the CUDA
+// programming guide requires; a violation throws.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  T x[rows * cols];  // row-major rows x cols
+};
+
+inline void check_access(const void* p, unsigned ldm, size_t element) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    throw std::runtime_error("wmma: pointer not 256-bit aligned");
+  if ((ldm * element) % 16 != 0)
+    throw std::runtime_error("wmma: leading dimension not a multiple of 16 bytes");
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  check_access(p, ldm, sizeof(T));
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T>
+inline void fill_fragment(fragment<accumulator, M, N, K, T>& f, T value) {
+  for (auto& v : f.x) v = value;
+}
+
+template <int M, int N, int K, typename Tab, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, Tab, LA>& a,
+                     const fragment<matrix_b, M, N, K, Tab, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  fragment<accumulator, M, N, K, float> out;
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float sum = c.x[m * N + n];
+      for (int k = 0; k < K; ++k)
+        sum += static_cast<float>(a.x[m * K + k]) * static_cast<float>(b.x[k * N + n]);
+      out.x[m * N + n] = sum;
+    }
+  d = out;
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
+                              unsigned ldm, layout_t layout) {
+  check_access(p, ldm, sizeof(float));
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n)
+      (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.x[m * N + n];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -37,11 +37,16 @@ void with_cell(int64_t cell, F&& f) {
   TORCH_CHECK(false, "cell must be 0..3");
 }
 
-template <typename F>
+// Batch tile 1, or the wide tile of the dtype (FMA kMaxBatchTile for float
+// and double, tensor-core kMmaTile for half types), as the launcher picks.
+template <typename scalar_t, typename F>
 void with_tile(int64_t tile, F&& f) {
+  constexpr bool half =
+      std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr int wide = half ? p::kMmaTile : p::kMaxBatchTile;
   if (tile == 1) return f(std::integral_constant<int, 1>{});
-  TORCH_CHECK(tile == p::kMaxBatchTile, "batch tile must be 1 or ", p::kMaxBatchTile);
-  f(std::integral_constant<int, p::kMaxBatchTile>{});
+  TORCH_CHECK(tile == wide, "batch tile must be 1 or ", wide, " for this dtype");
+  f(std::integral_constant<int, wide>{});
 }
 
 int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
@@ -83,9 +88,10 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
     prm.state = state.data_ptr<T>();
     const int rows = static_cast<int>(G * units);
     with_cell(cell, [&](auto c) {
-      with_tile(batch_tile, [&](auto bt) {
-        const auto layout = p::shared_layout(rows, static_cast<int>(H), bt.value,
-                                             sizeof(scalar_t), sizeof(T));
+      with_tile<scalar_t>(batch_tile, [&](auto bt) {
+        TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
+        const auto layout = p::make_tiling(rows, static_cast<int>(H), bt.value,
+                                           sizeof(scalar_t), sizeof(T));
         fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
                               layout.bytes, static_cast<int>(order),
                               [&] { p::forward_kernel<c.value, bt.value, scalar_t>(prm); });
@@ -136,9 +142,10 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
     prm.carry = carry.data_ptr<T>();
     const int rows = static_cast<int>(units);
     with_cell(cell, [&](auto c) {
-      with_tile(batch_tile, [&](auto bt) {
-        const auto layout = p::shared_layout(rows, static_cast<int>(G * H), bt.value,
-                                             sizeof(scalar_t), sizeof(T));
+      with_tile<scalar_t>(batch_tile, [&](auto bt) {
+        TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
+        const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value,
+                                           sizeof(scalar_t), sizeof(T));
         fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
                               layout.bytes, static_cast<int>(order),
                               [&] { p::backward_kernel<c.value, bt.value, scalar_t>(prm); });
