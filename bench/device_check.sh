@@ -7,8 +7,11 @@
 #   bash bench/device_check.sh test       the CUDA tests (both kernel paths), build first if needed
 #   bash bench/device_check.sh sanitize   compute-sanitizer memcheck and racecheck, small shapes
 #   bash bench/device_check.sh bench      fused-rnn bench --preset full vs torch.nn (cuDNN) in one
-#                                         process, a 2-layer bidirectional LSTM, explain, profile
-#   bash bench/device_check.sh all        everything above (about 10 minutes)
+#                                         process (default kernel choice), a 2-layer bidirectional
+#                                         LSTM, explain, profile
+#   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
+#                                         general): the per-step path against cuDNN
+#   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #
 # The grid: LSTM and GRU, one layer, T=256, I=H, B 1/8/64/256, H
 # 256/512/1024, float32 with TF32 off on both sides, bfloat16, float16,
@@ -79,14 +82,25 @@ bench() {
   summary+=("bench: ${SECONDS}s, bench/results/$card.json")
 }
 
+bench_general() {
+  SECONDS=0
+  local card
+  card=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
+  python -m fused_rnn bench --preset full --device cuda --kernel general --no-progress \
+    --json "bench/results/$card-general.json" | tee "$OUT/bench-general.txt"
+  cp "bench/results/$card-general.json" "$OUT/"
+  summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$stage" in
   build) build ;;
   test) build; tests ;;
   sanitize) build; sanitize ;;
   bench) build; bench ;;
+  general) build; bench_general ;;
   all) build; tests; sanitize; bench ;;
-  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|all]"; exit 2 ;;
+  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|all]"; exit 2 ;;
 esac
 echo
 printf '%s\n' "${summary[@]}"

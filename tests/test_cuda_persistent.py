@@ -72,7 +72,13 @@ def test_choice(name):
         assert explain(name, 256, 8, f32).startswith("general path")
     with fused_rnn.kernel_path("auto"):
         assert explain(name, 256, 8, f32).startswith("persistent kernel")
-        assert explain(name, 256, 256, f32).startswith("general path")
+        assert explain(name, 256, 64, torch.bfloat16).startswith("persistent kernel")
+        # FMA work per block and step past the automatic limit: cuBLAS per step
+        assert explain(name, 1024, 2048, f32).startswith("general path")
+    if explain(name, 1024, 2048, f32).startswith("persistent kernel"):  # fits this GPU
+        assert "FMA" in explain(name, 1024, 2048, f32)
+    assert "tensor cores" in explain(name, 256, 64, torch.bfloat16)
+    assert "FMA" in explain(name, 256, 1, torch.bfloat16)
     assert explain(name, 256, 256, f32).startswith("persistent kernel")
     # far too large for shared memory on any GPU
     assert explain(name, 8192, 8, torch.float64).startswith("general path")

@@ -28,10 +28,13 @@ extern template bool run_backward<PersistentCell::kRnnRelu>(const PersistentBack
 
 namespace {
 
-// Under the automatic choice, batches larger than this run the general
-// path: there the per-step cuBLAS GEMM (tensor cores for half types) has
-// enough work to beat FMA loops over weights in shared memory.
-constexpr int64_t kAutoMaxBatch = 64;
+// Under the automatic choice, float and double run the general path when a
+// block's FMA work per step, rows x k x padded batch, passes this (about
+// 30 us of FMA loops on an H100 SM): there the per-step cuBLAS GEMM has
+// enough work to win. Half types multiply on tensor cores and take the
+// persistent kernels wherever they fit. An estimate from the H100 baseline
+// in DESIGN.md, to be tuned with bench/device_check.sh.
+constexpr int64_t kAutoMaxFmaPerBlock = int64_t{1} << 22;
 
 struct DeviceLimits {
   int sms = 0;
@@ -121,10 +124,13 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     d.choice.reason = why.str();
     return d;
   }
-  if (want == KernelPath::kAuto && batch > kAutoMaxBatch) {
-    why << general << "batch " << batch << " > " << kAutoMaxBatch
-        << ", where the per-step GEMMs have enough work (the persistent kernel would fit: "
-           "FUSED_RNN_KERNEL_PATH=persistent forces it)";
+  const int64_t padded_batch = (batch + plan.batch_tile - 1) / plan.batch_tile * plan.batch_tile;
+  const int64_t fma_per_block = rows * k * padded_batch;
+  if (want == KernelPath::kAuto && plan.batch_tile != kMmaTile &&
+      fma_per_block > kAutoMaxFmaPerBlock) {
+    why << general << rows << " x " << k << " weights x " << padded_batch
+        << " rows of FMA per block and step, where the per-step GEMMs have enough work (the "
+           "persistent kernel would fit: FUSED_RNN_KERNEL_PATH=persistent forces it)";
     d.choice.reason = why.str();
     return d;
   }
