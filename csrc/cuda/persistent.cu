@@ -39,6 +39,7 @@ constexpr int64_t kAutoMaxFmaPerBlock = int64_t{1} << 22;
 struct DeviceLimits {
   int sms = 0;
   int shared_optin = 0;  // bytes of dynamic shared memory a block may have
+  int cooperative = 0;   // whether the device takes cooperative launches
 };
 
 DeviceLimits device_limits(int device) {
@@ -51,6 +52,8 @@ DeviceLimits device_limits(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.shared_optin,
                                           cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&limits.cooperative, cudaDevAttrCooperativeLaunch, device));
   }
   return limits;
 }
@@ -73,11 +76,12 @@ struct Decision {
   Plan plan;
 };
 
+// The choice for a shape on the current device. The reason (for explain)
+// is written only when `explain`: an op call needs just the plan.
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                bool packed, bool proj, bool backward) {
+                bool packed, bool proj, bool backward, bool explain) {
   Decision d;
   const KernelPath want = requested_kernel_path();
-  std::ostringstream why;
   const char* general = "general path (a cuBLAS GEMM and a fused pointwise kernel per step): ";
   if (want == KernelPath::kGeneral) {
     d.choice.reason = std::string(general) + "the general path was requested";
@@ -96,8 +100,16 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     d.choice.reason = std::string(general) + "no persistent kernel for this dtype";
     return d;
   }
+  if (hidden <= 0 || batch <= 0) {
+    d.choice.reason = std::string(general) + "an empty hidden state";
+    return d;
+  }
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
+  if (!limits.cooperative) {
+    d.choice.reason = std::string(general) + "this device takes no cooperative launches";
+    return d;
+  }
   const int64_t G = gates_of(cell);
   const int64_t units = (hidden + limits.sms - 1) / limits.sms;
   const int64_t rows = backward ? units : G * units;
@@ -107,7 +119,9 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   plan.blocks = static_cast<int>((hidden + units - 1) / units);
   plan.batch_tile = batch_tile(batch, dtype);
   if (rows > kMaxRows || plan.batch_tile * units > kThreads) {
-    why << general << "H=" << hidden << " needs " << units << " hidden units (" << rows
+    std::ostringstream why;
+    if (explain)
+      why << general << "H=" << hidden << " needs " << units << " hidden units (" << rows
         << " weight rows) per block on " << limits.sms
         << " SMs; a persistent block holds at most " << kMaxRows << " rows and "
         << kThreads / plan.batch_tile << " units";
@@ -118,7 +132,9 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
                                   c10::elementSize(dtype), math_size(dtype))
                           .bytes;
   if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
-    why << general << "the weights need " << plan.shared_bytes / 1024
+    std::ostringstream why;
+    if (explain)
+      why << general << "the weights need " << plan.shared_bytes / 1024
         << " KiB of shared memory per block on " << limits.sms << " SMs; a block may have "
         << limits.shared_optin / 1024 << " KiB";
     d.choice.reason = why.str();
@@ -128,13 +144,17 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   const int64_t fma_per_block = rows * k * padded_batch;
   if (want == KernelPath::kAuto && plan.batch_tile != kMmaTile &&
       fma_per_block > kAutoMaxFmaPerBlock) {
-    why << general << rows << " x " << k << " weights x " << padded_batch
+    std::ostringstream why;
+    if (explain)
+      why << general << rows << " x " << k << " weights x " << padded_batch
         << " rows of FMA per block and step, where the per-step GEMMs have enough work (the "
            "persistent kernel would fit: FUSED_RNN_KERNEL_PATH=persistent forces it)";
     d.choice.reason = why.str();
     return d;
   }
   d.choice.persistent = true;
+  if (!explain) return d;
+  std::ostringstream why;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
       << ", one cooperative launch for the whole sequence): " << plan.blocks << " blocks x "
       << kThreads << " threads, " << units << " hidden unit" << (units == 1 ? "" : "s")
@@ -158,9 +178,10 @@ bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
     static std::mutex mutex;
     static std::set<std::pair<const void*, int>> raised;
     std::lock_guard<std::mutex> lock(mutex);
-    if (raised.insert({kernel, device}).second) {
+    if (raised.count({kernel, device}) == 0) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           limits.shared_optin));
+      raised.insert({kernel, device});
     }
   }
   int per_sm = 0;
@@ -186,13 +207,14 @@ bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
 
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                        bool packed, bool proj, bool backward) {
-  return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward).choice;
+  return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, true).choice;
 }
 
 bool persistent_forward(const PersistentForward& a) {
   using persistent::run_forward;
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
-                                    /*packed=*/false, /*proj=*/false, /*backward=*/false);
+                                    /*packed=*/false, /*proj=*/false, /*backward=*/false,
+                                    /*explain=*/false);
   if (!d.choice.persistent) return false;
   switch (a.cell) {
     case PersistentCell::kLstm:
@@ -210,7 +232,8 @@ bool persistent_forward(const PersistentForward& a) {
 bool persistent_backward(const PersistentBackward& a) {
   using persistent::run_backward;
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
-                                    /*packed=*/false, /*proj=*/false, /*backward=*/true);
+                                    /*packed=*/false, /*proj=*/false, /*backward=*/true,
+                                    /*explain=*/false);
   if (!d.choice.persistent) return false;
   switch (a.cell) {
     case PersistentCell::kLstm:

@@ -46,15 +46,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
   if (input.is_cuda() && sc.dense) {
-    whole.cell = PersistentCell::kGru;
-    whole.steps = sc.steps;
-    whole.batch = sc.batch;
-    whole.reverse = reverse;
+    whole = persistent_request<PersistentForward>(PersistentCell::kGru, sc, w_hh);
     whole.xw = xw.all();
     whole.keep_gates = train;
     whole.bias = bias_ih;
     whole.bias_hh = bias_hh;
-    whole.w_hh = w_hh.contiguous();
     whole.hx = hx.contiguous();
     whole.out = out;
     whole.hy = h;
@@ -112,11 +108,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
     if (input.is_cuda() && sc.dense) {
-      whole.cell = PersistentCell::kGru;
-      whole.steps = sc.steps;
-      whole.batch = sc.batch;
-      whole.reverse = reverse;
-      whole.w_hh = w_hh.contiguous();
+      whole = persistent_request<PersistentBackward>(PersistentCell::kGru, sc, w_hh);
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();
       whole.out = out;

@@ -48,14 +48,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
   if (input.is_cuda() && sc.dense && !proj) {
-    whole.cell = PersistentCell::kLstm;
-    whole.steps = sc.steps;
-    whole.batch = sc.batch;
-    whole.reverse = reverse;
+    whole = persistent_request<PersistentForward>(PersistentCell::kLstm, sc, w_hh);
     whole.xw = xw.all();
     whole.keep_gates = train;
     whole.bias = bias;
-    whole.w_hh = w_hh.contiguous();
     whole.hx = hx.contiguous();
     whole.cx = cx.contiguous();
     whole.out = out;
@@ -123,7 +119,6 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor out = output.reshape({sc.rows, P});
   const Tensor gates_c = gates.contiguous();
   const Tensor cells_c = cells.contiguous();
-  const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
   const Tensor dgates = at::empty({sc.rows, 4 * H}, input.options());
   const Tensor dh = at::empty({sc.batch, P}, input.options());
   const Tensor dc = at::empty({sc.batch, H}, input.options());
@@ -133,11 +128,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
     if (input.is_cuda() && sc.dense && !proj) {
-      whole.cell = PersistentCell::kLstm;
-      whole.steps = sc.steps;
-      whole.batch = sc.batch;
-      whole.reverse = reverse;
-      whole.w_hh = w_hh.contiguous();
+      whole = persistent_request<PersistentBackward>(PersistentCell::kLstm, sc, w_hh);
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();
       whole.grad_cy = grad_cy.contiguous();

@@ -40,13 +40,10 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
   if (input.is_cuda() && sc.dense) {
-    whole.cell = relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh;
-    whole.steps = sc.steps;
-    whole.batch = sc.batch;
-    whole.reverse = reverse;
+    whole = persistent_request<PersistentForward>(
+        relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh, sc, w_hh);
     whole.xw = xw.all();
     whole.bias = bias;
-    whole.w_hh = w_hh.contiguous();
     whole.hx = hx.contiguous();
     whole.out = out;
     whole.hy = h;
@@ -92,11 +89,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
     if (input.is_cuda() && sc.dense) {
-      whole.cell = relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh;
-      whole.steps = sc.steps;
-      whole.batch = sc.batch;
-      whole.reverse = reverse;
-      whole.w_hh = w_hh.contiguous();
+      whole = persistent_request<PersistentBackward>(
+          relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh, sc, w_hh);
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();
       whole.out = out;

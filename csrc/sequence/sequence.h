@@ -99,6 +99,19 @@ struct Schedule {
   }
 };
 
+// What every persistent request of a driver shares: the cell, the schedule
+// (dense input: the caller checks) and W_hh.
+template <typename Args>
+Args persistent_request(PersistentCell cell, const Schedule& sc, const at::Tensor& w_hh) {
+  Args args;
+  args.cell = cell;
+  args.steps = sc.steps;
+  args.batch = sc.batch;
+  args.reverse = sc.reverse;
+  args.w_hh = w_hh.contiguous();
+  return args;
+}
+
 // The input projections x_t @ W_ih^T of every step, as GEMMs over many steps
 // at once. When they must be kept (training: the forward's workspace) all
 // of them are computed up front, (N, G*H). Otherwise (CPU inference) they are
