@@ -622,3 +622,16 @@ def call_reference(cell, args):
                             a["b_ih"], a["b_hh"], a["w_hr"], a["batch_sizes"], a["reverse"])
     return reference_op(cell, a["input"], a["hx"], None, a["w_ih"], a["w_hh"], a["b_ih"],
                         a["b_hh"], None, a["batch_sizes"], a["reverse"], a.get("relu", False))
+
+
+def gradcheck_op(cell, args):
+    """torch.autograd.gradcheck of fused_rnn.ops.<cell> with respect to every
+    tensor of `args` that requires grad (float64)."""
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*ts):
+        a = dict(args)
+        a.update(zip(names, ts))
+        return call_wrapper(cell, a)
+
+    return torch.autograd.gradcheck(fn, [args[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -14,6 +14,7 @@ import torch
 
 import fused_rnn
 from helpers import (
+    gradcheck_op,
     CELL_MODES,
     MODES,
     Cfg,
@@ -173,15 +174,7 @@ def test_cuda_gradcheck_ops(cell_key, variant, path):
     kw.update(extra)
     kw.update(OP_VARIANTS[variant])
     args = make_op_args(cell, requires_grad=True, device=DEVICE, **kw)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def fn(*ts):
-        a = dict(args)
-        a.update(zip(names, ts))
-        return call_wrapper(cell, a)
-
-    assert torch.autograd.gradcheck(fn, [args[k] for k in names], eps=1e-6, atol=1e-7,
-                                    rtol=1e-5)
+    assert gradcheck_op(cell, args)
 
 
 @pytest.mark.parametrize("variant", list(OP_VARIANTS))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fused_rnn
-from helpers import assert_results_close, call_reference, call_wrapper, make_op_args, upstream_like
+from helpers import (assert_results_close, call_reference, call_wrapper, gradcheck_op,
+                     make_op_args, upstream_like)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -111,15 +112,7 @@ def test_gradcheck(cell_key):
     cell, name, extra = CELLS[cell_key]
     require_persistent(name, 3, 2, torch.float64)
     args = make_op_args(cell, T=3, B=2, I=3, H=3, requires_grad=True, device=DEVICE, **extra)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def fn(*ts):
-        a = dict(args)
-        a.update(zip(names, ts))
-        return call_wrapper(cell, a)
-
-    assert torch.autograd.gradcheck(fn, [args[k] for k in names], eps=1e-6, atol=1e-7,
-                                    rtol=1e-5)
+    assert gradcheck_op(cell, args)
 
 
 # ---------------------------------------------------------------- float32 and half

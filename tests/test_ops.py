@@ -9,6 +9,7 @@ import torch
 
 import fused_rnn
 from helpers import (
+    gradcheck_op,
     assert_results_close,
     assert_twice_torch_error,
     call_reference,
@@ -194,15 +195,7 @@ def test_gradcheck_ops(cell_key, variant):
         kw["P"] = 2
     kw.update(GRADCHECK_VARIANTS[variant])
     args = make_op_args(cell, requires_grad=True, **kw)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    tensors = [args[k] for k in names]
-
-    def fn(*ts):
-        a = dict(args)
-        a.update(zip(names, ts))
-        return call_wrapper(cell, a)
-
-    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradcheck_op(cell, args)
 
 
 # --------------------------------------------------------------------------
