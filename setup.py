@@ -76,6 +76,13 @@ opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 # -fno-trapping-math lets the gate loops vectorise (see activations.h); like
 # -fno-math-errno it changes no result. torch builds with both.
 cxx_flags = opt + ["-fno-trapping-math", "-fno-math-errno", "-Wall"]
+link_flags = []
+# at::parallel_for is inline: in a translation unit built without OpenMP it
+# runs on one thread. torch's CPU build uses OpenMP (libgomp, which it
+# loads itself), so the extension does too where torch does.
+if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 define_macros = []
 extension = cpp_extension.CppExtension
 extra_compile_args = {"cxx": cxx_flags}
@@ -98,6 +105,7 @@ ext_modules = [
         include_dirs=[os.path.join(here, "csrc", "include")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 ]

@@ -8,9 +8,11 @@
 from . import ops
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .paths import explain_kernel_path, get_kernel_path, kernel_path, set_kernel_path
+from .paths import (cpu_gemm, explain_cpu_gemm, explain_kernel_path, get_cpu_gemm,
+                    get_kernel_path, kernel_path, set_cpu_gemm, set_kernel_path)
 
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "ops",
-           "set_kernel_path", "get_kernel_path", "kernel_path", "explain_kernel_path"]
+           "set_kernel_path", "get_kernel_path", "kernel_path", "explain_kernel_path",
+           "set_cpu_gemm", "get_cpu_gemm", "cpu_gemm", "explain_cpu_gemm"]

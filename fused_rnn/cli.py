@@ -364,11 +364,13 @@ def run_explain(args, parser):
         print("  CPU sequence kernel (csrc/sequence + csrc/cpu), one op per layer and direction:")
         print("  1. input projection x @ W_ih^T as GEMMs over many steps (blocks of ~2 MB "
               "in inference, all steps at once when training)")
-        print(f"  2. per step: h @ W_hh^T as one BLAS GEMM ({batch} x {gates * hidden} x {hidden}), "
+        print(f"  2. per step: h @ W_hh^T as one GEMM ({batch} x {gates * hidden} x {hidden}), "
               f"then one fused pointwise pass over {batch} x {hidden} units, parallel over rows, "
               f"vectorised ({build_info.cpu_vector_path()})")
         print(f"  3. backward: per step the pointwise pass and one GEMM with W_hh, then the "
               f"weight gradients as three large GEMMs over all {batch * seq_len} rows")
+        print(f"  GEMMs: {paths.explain_cpu_gemm()} (fused_rnn.set_cpu_gemm or "
+              f"FUSED_RNN_CPU_GEMM: auto | aten)")
         print(f"  threads: {torch.get_num_threads()}")
     else:
         props = torch.cuda.get_device_properties(device)

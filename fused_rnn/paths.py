@@ -20,7 +20,13 @@ environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
     print(fused_rnn.explain_kernel_path("LSTM", 512, batch=8, dtype=torch.bfloat16))
 
 On the CPU there is one path (a C++ sequence loop), and the setting is
-ignored.
+ignored. Its float32 matrix products run fused_rnn's own packed AVX-512 GEMM
+where the CPU has AVX-512 (``auto``), else ATen's ``mm`` (the BLAS);
+``set_cpu_gemm("aten")`` or ``FUSED_RNN_CPU_GEMM=aten`` forces ATen's::
+
+    with fused_rnn.cpu_gemm("aten"):
+        out, state = lstm(x)
+    print(fused_rnn.explain_cpu_gemm())
 """
 
 import contextlib
@@ -30,6 +36,7 @@ import torch
 from . import ops  # noqa: F401  (loads the extension)
 
 PATHS = ("auto", "persistent", "general")
+CPU_GEMMS = ("auto", "aten")
 CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 
@@ -66,3 +73,32 @@ def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.flo
     like = torch.empty(0, dtype=dtype, device=device)
     return torch.ops.fused_rnn.kernel_path(like, cell, int(hidden_size), int(batch), bool(packed),
                                            bool(proj), bool(backward))
+
+
+def set_cpu_gemm(choice: str) -> None:
+    """Choose the CPU matrix products for every later call: auto (the packed
+    AVX-512 kernel where the CPU has AVX-512) or aten (ATen's mm)."""
+    if choice not in CPU_GEMMS:
+        raise ValueError(f"CPU GEMM must be one of {', '.join(CPU_GEMMS)}, got {choice!r}")
+    torch.ops.fused_rnn.set_cpu_gemm(choice)
+
+
+def get_cpu_gemm() -> str:
+    """The CPU GEMM choice now in force: auto or aten."""
+    return torch.ops.fused_rnn.get_cpu_gemm()
+
+
+@contextlib.contextmanager
+def cpu_gemm(choice: str):
+    """Run the body with another CPU GEMM choice, then restore the previous one."""
+    previous = get_cpu_gemm()
+    set_cpu_gemm(choice)
+    try:
+        yield
+    finally:
+        set_cpu_gemm(previous)
+
+
+def explain_cpu_gemm() -> str:
+    """Which kernels the CPU matrix products run now, in words."""
+    return torch.ops.fused_rnn.explain_cpu_gemm()

@@ -98,7 +98,8 @@ def test_explain_names_the_path_and_the_build(capsys):
                      "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "GRU, B=4, I=64, H=64" in out
-    assert "per step: h @ W_hh^T as one BLAS GEMM (4 x 192 x 64)" in out
+    assert "per step: h @ W_hh^T as one GEMM (4 x 192 x 64)" in out
+    assert f"GEMMs: {fused_rnn.explain_cpu_gemm()}" in out
     assert "CPU kernels: yes" in out
     assert f"running torch: {torch.__version__}" in out
 

@@ -66,10 +66,10 @@ void for_rows(int64_t rows, int64_t width, const Fn& fn) {
 // inside one parallel region per step, at B=32 and (row blocks of W_hh, to
 // keep each in one core's cache) at B <= 8.
 at::Tensor recurrent_product(const at::Tensor& scratch, const at::Tensor& h_prev,
-                             const at::Tensor& w_hh) {
-  const int64_t n = h_prev.size(0), width = w_hh.size(0);
+                             const GemmWeight& w_hh, int64_t width) {
+  const int64_t n = h_prev.size(0);
   at::Tensor hh = scratch.narrow(0, 0, n * width).view({n, width});
-  at::mm_out(hh, h_prev, w_hh.t());
+  w_hh.product_into(hh, h_prev);
   return hh;
 }
 
@@ -432,14 +432,9 @@ FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<float>& p,
 
 }  // namespace
 
-at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t /*gates*/) {
-  return w_hh.contiguous();
-}
-
 void lstm_forward_step(const LstmForwardStep& s) {
   const int64_t n = s.gates.size(0), H = s.c.size(1);
-  at::Tensor gates = s.gates;
-  gates.addmm_(s.h_prev, s.w_hh.t());
+  s.w_hh.product_into(s.gates, s.h_prev, /*accumulate=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.gates.scalar_type(), "lstm_forward_step", [&] {
         const LstmForwardPtrs<scalar_t> p{ptr<scalar_t>(s.gates), ptr<scalar_t>(s.bias),
@@ -463,7 +458,7 @@ void lstm_backward_step(const LstmBackwardStep& s) {
 
 void gru_forward_step(const GruForwardStep& s) {
   const int64_t n = s.gates.size(0), H = s.out.size(1);
-  const at::Tensor hh = recurrent_product(s.scratch, s.h_prev, s.w_hh);
+  const at::Tensor hh = recurrent_product(s.scratch, s.h_prev, s.w_hh, 3 * H);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.gates.scalar_type(), "gru_forward_step", [&] {
         const GruForwardPtrs<scalar_t> p{
@@ -489,8 +484,7 @@ void gru_backward_step(const GruBackwardStep& s) {
 
 void rnn_forward_step(const RnnForwardStep& s) {
   const int64_t n = s.pre.size(0), H = s.pre.size(1);
-  at::Tensor pre = s.pre;
-  pre.addmm_(s.h_prev, s.w_hh.t());
+  s.w_hh.product_into(s.pre, s.h_prev, /*accumulate=*/true);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, s.pre.scalar_type(), "rnn_forward_step", [&] {
         const RnnForwardPtrs<scalar_t> p{ptr<scalar_t>(s.pre), ptr<scalar_t>(s.bias),

@@ -188,14 +188,9 @@ __global__ void rnn_backward_kernel(int64_t n, const scalar_t* __restrict__ out,
 
 }  // namespace
 
-at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t /*gates*/) {
-  return w_hh.contiguous();
-}
-
 void lstm_forward_step(const LstmForwardStep& s) {
   const int64_t H = s.c.size(1);
-  at::Tensor gates = s.gates;
-  gates.addmm_(s.h_prev, s.w_hh.t());
+  s.w_hh.product_into(s.gates, s.h_prev, /*accumulate=*/true);
   FR_DISPATCH(s.gates.scalar_type(), "lstm_forward_step", [&] {
     launch(s.c.numel(), lstm_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
            ptr<scalar_t>(s.bias), ptr<scalar_t>(s.c), ptr<scalar_t>(s.cells),
@@ -215,7 +210,7 @@ void lstm_backward_step(const LstmBackwardStep& s) {
 void gru_forward_step(const GruForwardStep& s) {
   const int64_t n = s.gates.size(0), H = s.out.size(1);
   at::Tensor hgates = s.scratch.narrow(0, 0, n * 3 * H).view({n, 3 * H});
-  at::mm_out(hgates, s.h_prev, s.w_hh.t());
+  s.w_hh.product_into(hgates, s.h_prev);
   FR_DISPATCH(s.gates.scalar_type(), "gru_forward_step", [&] {
     launch(s.out.numel(), gru_forward_kernel<scalar_t>, H, ptr<scalar_t>(s.gates),
            ptr<scalar_t>(s.b_ih), ptr<scalar_t>(s.b_hh), ptr<scalar_t>(hgates),
@@ -234,8 +229,7 @@ void gru_backward_step(const GruBackwardStep& s) {
 
 void rnn_forward_step(const RnnForwardStep& s) {
   const int64_t H = s.pre.size(1);
-  at::Tensor pre = s.pre;
-  pre.addmm_(s.h_prev, s.w_hh.t());
+  s.w_hh.product_into(s.pre, s.h_prev, /*accumulate=*/true);
   FR_DISPATCH(s.pre.scalar_type(), "rnn_forward_step", [&] {
     if (s.relu) {
       launch(s.pre.numel(), rnn_forward_kernel<true, scalar_t>, H, ptr<scalar_t>(s.pre),

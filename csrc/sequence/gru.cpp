@@ -57,17 +57,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
     whole.hn = hn;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const Tensor w_rec = recurrent_weight(w_hh, 3);
+    const GemmWeight w_rec(w_hh, sc.rows);
     const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
     h.copy_(hx);
+    RunningState state(h, sc);
     for (int64_t s = 0; s < sc.steps; ++s) {
       const int64_t n = sc.size_at(s);
       const Tensor out_s = step_rows(out, sc, s);
-      GruForwardStep step{xw.step(s), bias_ih, bias_hh, rows(h, n), w_rec,
+      GruForwardStep step{xw.step(s), bias_ih, bias_hh, state.before(s, n), w_rec,
                           out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
       FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
-      rows(h, n).copy_(out_s);
+      state.after(out_s);
     }
+    state.finish();
   }
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
   return {output, h, train ? xw.all() : absent(input),
@@ -121,6 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     }
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
       const Tensor product = at::empty_like(dh);
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
       dh.copy_(grad_hy);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
         const int64_t n = sc.size_at(s);
@@ -133,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
         // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
         // product then an add: accumulating the product into dh in place
         // (beta = 1) was measured several times less accurate in float32.
-        mm_into(rows(product, n), dgh, w_hh);
+        w_rec_t.product_into(rows(product, n), dgh);
         rows(dh, n).add_(rows(product, n));
       }
     }
@@ -141,11 +144,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
 
   const PhaseRange weights("fused_rnn::weight_gradients");
 
-  return {input_grad ? at::mm(dgates_x, w_ih).view(input.sizes())
+  return {input_grad ? input_gradient(dgates_x, w_ih).view(input.sizes())
                      : absent(input),
           dh,
-          dgates_x.t().mm(x),
-          dgates_h.t().mm(h_prev),
+          sequence_sum_product(dgates_x, x),
+          sequence_sum_product(dgates_h, h_prev),
           has_bias ? dgates_x.sum(0) : absent(input),
           has_bias ? dgates_h.sum(0) : absent(input)};
 }

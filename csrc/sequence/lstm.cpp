@@ -60,24 +60,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     whole.cells = cells;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const Tensor w_rec = recurrent_weight(w_hh, 4);
+    const GemmWeight w_rec(w_hh, sc.rows);
+    const GemmWeight w_proj = proj ? GemmWeight(*w_hr, sc.rows) : GemmWeight();
     const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
     h.copy_(hx);
     c.copy_(cx);
+    RunningState state(h, sc);
     for (int64_t s = 0; s < sc.steps; ++s) {
       const int64_t n = sc.size_at(s);
       const Tensor out_s = step_rows(out, sc, s);
       LstmForwardStep step{xw.step(s),
                            bias,
-                           rows(h, n),
+                           state.before(s, n),
                            w_rec,
                            rows(c, n),
                            train ? step_rows(cells, sc, s) : Tensor(),
                            proj ? rows(h_full, n) : out_s};
       FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
-      if (proj) mm_into(out_s, rows(h_full, n), w_hr->t());
-      rows(h, n).copy_(out_s);
+      if (proj) w_proj.product_into(out_s, rows(h_full, n));
+      state.after(out_s);
     }
+    state.finish();
   }
   const Tensor output =
       sc.dense ? out.view({sc.steps, sc.batch, P}) : out;
@@ -142,6 +145,9 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
       const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
       const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
+      // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
+      const GemmWeight w_proj_t = proj ? GemmWeight(w_hr->t(), sc.rows) : GemmWeight();
       dh.copy_(grad_hy);
       dc.copy_(grad_cy);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
@@ -149,7 +155,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
         if (proj) {
           const Tensor dr_s = step_rows(dr, sc, s);
           add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
-          mm_into(rows(dh_full, n), dr_s, *w_hr);
+          w_proj_t.product_into(rows(dh_full, n), dr_s);
         }
         LstmBackwardStep step{step_rows(gates_c, sc, s),
                               step_rows(cells_c, sc, s),
@@ -159,24 +165,23 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
                               rows(dc, n),
                               step_rows(dgates, sc, s)};
         FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
-        mm_into(rows(dh, n), step_rows(dgates, sc, s), w_hh);
+        w_rec_t.product_into(rows(dh, n), step_rows(dgates, sc, s));
       }
     }
   }
 
   const PhaseRange weights("fused_rnn::weight_gradients");
   const Tensor h_prev = previous_states(out.contiguous(), hx.contiguous(), sc);
-  const Tensor dgates_t = dgates.t();
   Tensor grad_w_hr = absent(input);
   if (proj) {
     const Tensor h_all = gates_c.narrow(1, 3 * H, H) * at::tanh(cells_c);
-    grad_w_hr = dr.t().mm(h_all);
+    grad_w_hr = sequence_sum_product(dr, h_all);
   }
-  return {input_grad ? at::mm(dgates, w_ih).view(input.sizes()) : absent(input),
+  return {input_grad ? input_gradient(dgates, w_ih).view(input.sizes()) : absent(input),
           dh,
           dc,
-          dgates_t.mm(x),
-          dgates_t.mm(h_prev),
+          sequence_sum_product(dgates, x),
+          sequence_sum_product(dgates, h_prev),
           has_bias ? dgates.sum(0) : absent(input),
           grad_w_hr};
 }

@@ -49,15 +49,17 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
     whole.hy = h;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const Tensor w_rec = recurrent_weight(w_hh, 1);
+    const GemmWeight w_rec(w_hh, sc.rows);
     h.copy_(hx);
+    RunningState state(h, sc);
     for (int64_t s = 0; s < sc.steps; ++s) {
       const int64_t n = sc.size_at(s);
       const Tensor out_s = step_rows(out, sc, s);
-      RnnForwardStep step{xw.step(s), bias, rows(h, n), w_rec, out_s, relu};
+      RnnForwardStep step{xw.step(s), bias, state.before(s, n), w_rec, out_s, relu};
       FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
-      rows(h, n).copy_(out_s);
+      state.after(out_s);
     }
+    state.finish();
   }
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }
@@ -99,13 +101,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     }
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
       dh.copy_(grad_hy);
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
         const int64_t n = sc.size_at(s);
         const Tensor dp = step_rows(dpre, sc, s);
         RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
                              step_rows(go, sc, s), dp, relu};
         FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
-        mm_into(rows(dh, n), dp, w_hh);
+        w_rec_t.product_into(rows(dh, n), dp);
       }
     }
   }
@@ -113,9 +116,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const PhaseRange weights("fused_rnn::weight_gradients");
 
   const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
-  const Tensor dpre_t = dpre.t();
-  return {input_grad ? at::mm(dpre, w_ih).view(input.sizes()) : absent(input),
-          dh, dpre_t.mm(x), dpre_t.mm(h_prev),
+  return {input_grad ? input_gradient(dpre, w_ih).view(input.sizes()) : absent(input),
+          dh, sequence_sum_product(dpre, x), sequence_sum_product(dpre, h_prev),
           has_bias ? dpre.sum(0) : absent(input)};
 }
 

@@ -150,10 +150,10 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
 
 InputProjection::InputProjection(const at::Tensor& x, const at::Tensor& w_ih,
                                  const Schedule& sc, bool keep_all)
-    : x_(x), w_t_(w_ih.t()), sc_(sc) {
+    : x_(x), w_(w_ih, sc.rows), sc_(sc) {
   const int64_t width = w_ih.size(0);
   if (keep_all) {
-    all_ = at::mm(x_, w_t_);
+    all_ = w_.product(x_);
     return;
   }
   constexpr int64_t kBufferElements = int64_t{1} << 19;
@@ -173,7 +173,7 @@ at::Tensor InputProjection::step(int64_t s) {
     row0_ = sc_.offset[t0];
     const int64_t rows = sc_.offset[t1] + sc_.size[t1] - row0_;
     at::Tensor block = buffer_.narrow(0, 0, rows);
-    at::mm_out(block, x_.narrow(0, row0_, rows), w_t_);
+    w_.product_into(block, x_.narrow(0, row0_, rows));
   }
   return buffer_.narrow(0, sc_.offset_at(s) - row0_, sc_.size_at(s));
 }

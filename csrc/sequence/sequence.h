@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "fused_rnn/gemm.h"
 #include "fused_rnn/persistent.h"
 #include "fused_rnn/steps.h"
 
@@ -66,14 +67,6 @@ struct PhaseRange {
   at::RecordFunction guard;
 };
 
-// W_hh laid out as the device's forward steps want it.
-inline at::Tensor recurrent_weight(const at::Tensor& w_hh, int64_t gates) {
-#if defined(FUSED_RNN_WITH_CUDA)
-  if (w_hh.is_cuda()) return cuda::prepare_recurrent_weight(w_hh, gates);
-#endif
-  return cpu::prepare_recurrent_weight(w_hh, gates);
-}
-
 // Which rows of the flattened (N, *) sequence each step covers.
 // Dense input (T, B, *): every step has B rows and step t starts at row t*B.
 // Packed input (N, *) with batch_sizes (T,): step t covers batch_sizes[t]
@@ -97,6 +90,45 @@ struct Schedule {
   int64_t carried(int64_t s) const {
     return s == 0 ? 0 : std::min(size_at(s), size_at(s - 1));
   }
+};
+
+// Rows [0, n) of a contiguous 2-D tensor (the tensor itself when that is
+// all of it: a view costs a dispatch, which adds up over the steps).
+inline at::Tensor rows(const at::Tensor& t, int64_t n) {
+  return n == t.size(0) ? t : t.narrow(0, 0, n);
+}
+// Rows of the s-th processed step of a flattened (N, W) sequence tensor.
+inline at::Tensor step_rows(const at::Tensor& t, const Schedule& sc, int64_t s) {
+  return t.narrow(0, sc.offset_at(s), sc.size_at(s));
+}
+
+// The hidden state h_{t-1} each forward step of the per-step loop starts
+// from. Where every row of a step continues the previous step (dense input,
+// and packed input in time order) that is the previous step's output rows,
+// with no copy; the state tensor (hx at first) is then brought up to date
+// once at the end (dense) or follows every step (packed, where sequences
+// end at different steps, and in reverse start at different steps).
+class RunningState {
+ public:
+  // state (B, P): holds hx; holds each sequence's last h after finish().
+  RunningState(const at::Tensor& state, const Schedule& sc) : state_(state), sc_(sc) {}
+  // h_{t-1} of the s-th processed step, (n, P).
+  at::Tensor before(int64_t s, int64_t n) const {
+    return s > 0 && sc_.carried(s) == n ? rows(last_, n) : rows(state_, n);
+  }
+  // Records the s-th step's output h_t, (n, P).
+  void after(const at::Tensor& out_s) {
+    last_ = out_s;
+    if (!sc_.dense) rows(state_, out_s.size(0)).copy_(out_s);
+  }
+  void finish() {
+    if (sc_.dense && last_.defined()) state_.copy_(last_);
+  }
+
+ private:
+  const at::Tensor state_;
+  const Schedule& sc_;
+  at::Tensor last_;
 };
 
 // What every persistent request of a driver shares: the cell, the schedule
@@ -129,7 +161,8 @@ class InputProjection {
   const at::Tensor& all() const { return all_; }
 
  private:
-  const at::Tensor x_, w_t_;
+  const at::Tensor x_;
+  const GemmWeight w_;
   const Schedule& sc_;
   at::Tensor all_, buffer_;
   int64_t block_steps_ = 0, first_ = 0, last_ = -1, row0_ = 0;
@@ -170,23 +203,21 @@ inline at::Tensor absent(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
 
-// Rows [0, n) of a contiguous 2-D tensor.
-inline at::Tensor rows(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
-// Rows of the s-th processed step of a flattened (N, W) sequence tensor.
-inline at::Tensor step_rows(const at::Tensor& t, const Schedule& sc, int64_t s) {
-  return t.narrow(0, sc.offset_at(s), sc.size_at(s));
-}
-
-// out = a @ b, out = bias + a @ b, out = a + b, into an existing view.
-inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  at::mm_out(out, a, b);
-}
-inline void addmm_into(at::Tensor out, const at::Tensor& bias, const at::Tensor& a,
-                       const at::Tensor& b) {
-  at::addmm_out(out, bias, a, b);
-}
+// out = a + b, into an existing view.
 inline void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::add_out(out, a, b);
+}
+
+// a^T @ b, summed over the N rows of a sequence: a (N, X), b (N, Y) give
+// (X, Y) (the weight gradients).
+inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b) {
+  return GemmWeight(b.t(), a.size(1)).product(a.t());
+}
+
+// grad @ w: grad (N, G*H) and w (G*H, I) give the gradient of the input of
+// x @ w^T, (N, I).
+inline at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& w) {
+  return GemmWeight(w.t(), grad.size(0)).product(grad);
 }
 
 }  // namespace fused_rnn

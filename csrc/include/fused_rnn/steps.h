@@ -2,10 +2,10 @@
 // it; csrc/cpu/ and csrc/cuda/ implement them with the cell math of cells.h.
 // A forward step is the recurrent GEMM (h_{t-1} @ W_hh^T) and the fused
 // pointwise pass; a backward step is the pointwise pass only (the driver
-// then multiplies by W_hh). Both devices run the GEMM through ATen (the
-// BLAS on the CPU, cuBLAS on CUDA), then one fused pointwise pass (CPU:
-// parallel over rows, vectorised; CUDA: one kernel). W_hh comes in the
-// layout `prepare_recurrent_weight` made.
+// then multiplies by W_hh). The GEMMs are GemmWeight products (gemm.h:
+// fused_rnn's packed kernel for float32 on CPUs with AVX-512, else ATen's
+// mm: the BLAS on the CPU, cuBLAS on CUDA), then one fused pointwise pass
+// (CPU: parallel over rows, vectorised; CUDA: one kernel).
 //
 // Shape legend (every tensor is a contiguous row-major view):
 //   B  rows (sequences) active at this step
@@ -15,13 +15,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "fused_rnn/gemm.h"
+
 namespace fused_rnn {
 
 struct LstmForwardStep {
   at::Tensor gates;   // (B, 4H) in: W_ih x (no bias); out: activated i, f, g, o
   at::Tensor bias;    // (4H)    b_ih + b_hh; may be undefined
   at::Tensor h_prev;  // (B, P)  h_{t-1}
-  at::Tensor w_hh;    // W_hh (4H, P) as prepare_recurrent_weight laid it out
+  const GemmWeight& w_hh;  // W_hh (4H, P), for h_{t-1} @ W_hh^T
   at::Tensor c;       // (B, H)  in: c_{t-1}; out: c_t (the running cell state)
   at::Tensor cells;   // (B, H)  out: c_t kept for backward; may be undefined
   at::Tensor h;       // (B, H)  out: h_t = o * tanh(c_t), before any projection;
@@ -43,7 +45,7 @@ struct GruForwardStep {
   at::Tensor b_ih;    // (3H)    may be undefined (then b_hh is too)
   at::Tensor b_hh;    // (3H)
   at::Tensor h_prev;  // (B, H)  h_{t-1}
-  at::Tensor w_hh;    // W_hh (3H, H) as prepare_recurrent_weight laid it out
+  const GemmWeight& w_hh;  // W_hh (3H, H), for h_{t-1} @ W_hh^T
   at::Tensor out;     // (B, H)  out: h_t; never h_prev's memory
   at::Tensor hn;      // (B, H)  out: W_hn h_{t-1} + b_hn, for backward; may be undefined
   at::Tensor scratch; // (>= B * 3H) workspace for W_hh h_{t-1}, kept apart from the
@@ -64,7 +66,7 @@ struct RnnForwardStep {
   at::Tensor pre;     // (B, H) in: W_ih x (no bias); overwritten
   at::Tensor bias;    // (H)    b_ih + b_hh; may be undefined
   at::Tensor h_prev;  // (B, H) h_{t-1}
-  at::Tensor w_hh;    // W_hh (H, H) as prepare_recurrent_weight laid it out
+  const GemmWeight& w_hh;  // W_hh (H, H), for h_{t-1} @ W_hh^T
   at::Tensor out;     // (B, H) out: h_t; never h_prev's memory
   bool relu;
 };
@@ -78,7 +80,6 @@ struct RnnBackwardStep {
 };
 
 namespace cpu {
-at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t gates);
 void lstm_forward_step(const LstmForwardStep& s);
 void lstm_backward_step(const LstmBackwardStep& s);
 void gru_forward_step(const GruForwardStep& s);
@@ -89,7 +90,6 @@ void rnn_backward_step(const RnnBackwardStep& s);
 
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
-at::Tensor prepare_recurrent_weight(const at::Tensor& w_hh, int64_t gates);
 void lstm_forward_step(const LstmForwardStep& s);
 void lstm_backward_step(const LstmBackwardStep& s);
 void gru_forward_step(const GruForwardStep& s);

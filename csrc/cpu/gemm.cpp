@@ -1,0 +1,349 @@
+// The packed float32 GEMM of gemm.h and GemmWeight.
+//
+// Kernel: b is packed into panels of kPanel = 32 columns (two 16-float
+// AVX-512 vectors), k-major, so a panel streams from consecutive addresses.
+// A micro-kernel keeps a kRows x 32 tile of the result in 24 zmm registers
+// and, per k, loads the panel's two vectors once and broadcasts one element
+// of each of its rows of `a`. Loops: blocks of kRowBlock rows of `a`, then
+// kDepth-long slices of K (an a block of 240 x 256 floats stays in L2, a
+// panel slice of 256 x 32 in L1), then panels, then row tiles. Work is split
+// over (row block, panel) pairs with at::parallel_for; with few rows (the
+// per-step products) each thread keeps the same panels every step, so its
+// slice of W_hh stays in its own cache.
+#include "fused_rnn/gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <utility>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FR_HAVE_AVX512_GEMM 1
+#include <immintrin.h>
+#define FR_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+#else
+#define FR_HAVE_AVX512_GEMM 0
+#endif
+
+namespace fused_rnn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRows = 12;        // rows of a micro tile
+constexpr int64_t kDepth = 256;      // K per slice
+constexpr int64_t kRowBlock = 240;   // rows of a per task (a multiple of kRows)
+// Products adding up to fewer rows than this use ATen's mm: packing reads
+// and writes all of b once, which a product of that few rows does not repay.
+constexpr int64_t kMinRowsToPack = 8;
+
+GemmChoice parse_gemm(const std::string& name) {
+  if (name == "auto") return GemmChoice::kAuto;
+  if (name == "aten") return GemmChoice::kAten;
+  TORCH_CHECK_VALUE(false, "fused_rnn: unknown CPU GEMM '", name,
+                    "'; expected one of auto, aten");
+}
+
+std::atomic<int>& gemm_state() {
+  static std::atomic<int> state{[] {
+    const char* env = std::getenv("FUSED_RNN_CPU_GEMM");
+    return static_cast<int>(env && *env ? parse_gemm(env) : GemmChoice::kAuto);
+  }()};
+  return state;
+}
+
+bool cpu_has_avx512() {
+#if FR_HAVE_AVX512_GEMM
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if FR_HAVE_AVX512_GEMM
+// c (R, 32 or fewer: `cols`) (+)= a (R, kc) @ panel slice (kc, 32).
+template <int R>
+FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, const float* b,
+                          float* c, int64_t ldc, int64_t cols, bool add) {
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(b + k * kPanel + 16);
+    const float* ak = a + k * sk;
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(ak[i * sm]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+  // Columns past `cols` are masked off (the panel's zero padding).
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
+                       : cols <= 16 ? __mmask16(0)
+                                    : __mmask16((1u << (cols - 16)) - 1);
+  for (int i = 0; i < R; ++i) {
+    float* ci = c + i * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (add) {
+      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), v0);
+      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), v1);
+    }
+    _mm512_mask_storeu_ps(ci, m0, v0);
+    _mm512_mask_storeu_ps(ci + 16, m1, v1);
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                        int64_t, bool);
+
+template <int... R>
+constexpr auto make_tile_table(std::integer_sequence<int, R...>) {
+  return std::array<TileFn, sizeof...(R)>{&micro_tile<R + 1>...};
+}
+// kTiles[r - 1] computes an r-row tile.
+constexpr auto kTiles = make_tile_table(std::make_integer_sequence<int, kRows>{});
+
+struct GemmArgs {
+  int64_t M, N, K;
+  const float* a;
+  int64_t sm, sk;
+  const float* packed;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// Rows [m0, m1) of the result, panel p.
+FR_AVX512 void gemm_task(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p) {
+  const int64_t n0 = p * kPanel;
+  const int64_t cols = std::min(kPanel, g.N - n0);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kDepth) {
+    const int64_t kc = std::min(kDepth, g.K - k0);
+    const bool add = g.accumulate || k0 > 0;
+    const float* b = g.packed + p * g.K * kPanel + k0 * kPanel;
+    for (int64_t m = m0; m < m1; m += kRows) {
+      const int64_t r = std::min(kRows, m1 - m);
+      kTiles[r - 1](kc, g.a + m * g.sm + k0 * g.sk, g.sm, g.sk, b, g.c + m * g.ldc + n0, g.ldc,
+                    cols, add);
+    }
+  }
+}
+#endif  // FR_HAVE_AVX512_GEMM
+
+// One panel: out (K, kPanel) = columns [0, cols) of src^T, src holding the
+// panel's first row of b with strides sn (rows) and sk (k), zero beyond.
+void pack_panel_scalar(const float* src, int64_t sn, int64_t sk, int64_t K, int64_t cols,
+                       float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* row = out + k * kPanel;
+    for (int64_t j = 0; j < cols; ++j) row[j] = src[j * sn + k * sk];
+    for (int64_t j = cols; j < kPanel; ++j) row[j] = 0.f;
+  }
+}
+
+#if FR_HAVE_AVX512_GEMM
+// In-register transpose of a 16 x 16 block: r[i] holds row i; afterwards
+// r[c] holds column c.
+FR_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4q + c] holds, per 128-bit lane L, column 4L + c of rows 4q .. 4q + 3.
+  for (int q = 0; q < 4; ++q) {
+    const __m512 lo0 = t[4 * q], hi0 = t[4 * q + 1], lo1 = t[4 * q + 2], hi1 = t[4 * q + 3];
+    u[4 * q + 0] = _mm512_shuffle_ps(lo0, lo1, _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * q + 1] = _mm512_shuffle_ps(lo0, lo1, _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * q + 2] = _mm512_shuffle_ps(hi0, hi1, _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * q + 3] = _mm512_shuffle_ps(hi0, hi1, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    // Rows 0-7 and 8-15 of columns c, c + 8 (even) and c + 4, c + 12 (odd).
+    const __m512 a_even = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 a_odd = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 b_even = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 b_odd = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(a_even, b_even, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(a_even, b_even, 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(a_odd, b_odd, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(a_odd, b_odd, 0xdd);
+  }
+}
+
+// The same with vector loads: one masked copy of kPanel floats per k where
+// the panel's columns are contiguous (b^T row-major: sn == 1); 16 x 16
+// blocks read row by row and transposed in registers where b is row-major
+// (sk == 1, the weights as torch keeps them).
+FR_AVX512 void pack_panel_avx512(const float* src, int64_t sn, int64_t sk, int64_t K,
+                                 int64_t cols, float* out) {
+  if (sn == 1) {
+    const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
+                         : cols <= 16 ? __mmask16(0)
+                                      : __mmask16((1u << (cols - 16)) - 1);
+    for (int64_t k = 0; k < K; ++k) {
+      const float* in = src + k * sk;
+      _mm512_storeu_ps(out + k * kPanel, _mm512_maskz_loadu_ps(m0, in));
+      _mm512_storeu_ps(out + k * kPanel + 16, _mm512_maskz_loadu_ps(m1, in + 16));
+    }
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t kv = std::min<int64_t>(16, K - k0);
+    const __mmask16 km = kv == 16 ? __mmask16(0xFFFF) : __mmask16((1u << kv) - 1);
+    for (int64_t half = 0; half < 2; ++half) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t j = half * 16 + i;
+        r[i] = j < cols ? _mm512_maskz_loadu_ps(km, src + j * sn + k0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int64_t c = 0; c < kv; ++c) _mm512_storeu_ps(out + (k0 + c) * kPanel + half * 16, r[c]);
+    }
+  }
+}
+#endif
+
+void pack_panel(const float* src, int64_t sn, int64_t sk, int64_t K, int64_t cols, float* out) {
+#if FR_HAVE_AVX512_GEMM
+  if (cpu_has_avx512() && (sn == 1 || sk == 1)) {
+    pack_panel_avx512(src, sn, sk, K, cols, out);
+    return;
+  }
+#endif
+  pack_panel_scalar(src, sn, sk, K, cols, out);
+}
+
+}  // namespace
+
+GemmChoice requested_gemm() { return static_cast<GemmChoice>(gemm_state().load()); }
+
+void set_requested_gemm(GemmChoice choice) { gemm_state().store(static_cast<int>(choice)); }
+
+bool packed_gemm_active() { return requested_gemm() == GemmChoice::kAuto && cpu_has_avx512(); }
+
+std::string gemm_description() {
+  if (packed_gemm_active()) {
+    return "float32 products: fused_rnn's packed AVX-512 GEMM (weights packed once per call); "
+           "other dtypes: ATen's mm";
+  }
+  return std::string("ATen's mm for every product (") +
+         (requested_gemm() == GemmChoice::kAten ? "FUSED_RNN_CPU_GEMM=aten"
+                                                : "this CPU has no AVX-512") +
+         ")";
+}
+
+at::Tensor pack_gemm_operand(const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(b.dim() == 2 && b.scalar_type() == at::kFloat && b.device().is_cpu());
+  const int64_t N = b.size(0), K = b.size(1);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::Tensor packed = at::empty({panels, K, kPanel}, b.options());
+  const float* src = b.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  const int64_t sn = b.stride(0), sk = b.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      pack_panel(src + p * kPanel * sn, sn, sk, K, std::min(kPanel, N - p * kPanel),
+                 dst + p * K * kPanel);
+    }
+  });
+  return packed;
+}
+
+void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
+                 bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  TORCH_INTERNAL_ASSERT(out.size(0) == M && packed.dim() == 3 && packed.size(1) == K &&
+                        packed.size(0) == (N + kPanel - 1) / kPanel &&
+                        (out.stride(1) == 1 || N <= 1) && a.scalar_type() == at::kFloat &&
+                        out.scalar_type() == at::kFloat);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+#if FR_HAVE_AVX512_GEMM
+  TORCH_INTERNAL_ASSERT(cpu_has_avx512());
+  const GemmArgs g{M,          N, K, a.data_ptr<float>(), a.stride(0), a.stride(1),
+                   packed.data_ptr<float>(), out.data_ptr<float>(), out.stride(0), accumulate};
+  const int64_t panels = packed.size(0);
+  // Row blocks of equal size (a multiple of kRows, at most kRowBlock), so
+  // the threads' shares of tasks are equal work.
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t block_rows = ((M + blocks - 1) / blocks + kRows - 1) / kRows * kRows;
+  // A task is (row block, panel), panels inner so neighbouring tasks share
+  // their rows of a; at least ~64K multiply-adds per thread's share.
+  const int64_t task_work = std::min(M, block_rows) * kPanel * K;
+  const int64_t grain = std::max<int64_t>(1, 65536 / task_work);
+  at::parallel_for(0, blocks * panels, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / panels, p = t % panels;
+      const int64_t m0 = blk * block_rows;
+      if (m0 < M) gemm_task(g, m0, std::min(M, m0 + block_rows), p);
+    }
+  });
+#else
+  (void)accumulate;
+  TORCH_INTERNAL_ASSERT(false, "fused_rnn: the packed GEMM is not built for this CPU");
+#endif
+}
+
+namespace {
+
+void set_cpu_gemm_op(c10::string_view choice) {
+  set_requested_gemm(parse_gemm(std::string(choice)));
+}
+
+std::string get_cpu_gemm_op() {
+  return requested_gemm() == GemmChoice::kAten ? "aten" : "auto";
+}
+
+std::string explain_cpu_gemm_op() { return gemm_description(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
+  m.def("set_cpu_gemm(str choice) -> ()", &set_cpu_gemm_op);
+  m.def("get_cpu_gemm() -> str", &get_cpu_gemm_op);
+  m.def("explain_cpu_gemm() -> str", &explain_cpu_gemm_op);
+}
+
+}  // namespace cpu
+
+GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows) : w_(w) {
+  if (w.device().is_cpu() && w.scalar_type() == at::kFloat && total_rows >= cpu::kMinRowsToPack &&
+      cpu::packed_gemm_active()) {
+    packed_ = cpu::pack_gemm_operand(w);
+  }
+}
+
+void GemmWeight::product_into(const at::Tensor& out, const at::Tensor& a, bool accumulate) const {
+  if (packed_.defined()) {
+    cpu::packed_gemm(out, a, packed_, accumulate);
+  } else if (accumulate) {
+    // addmm_ on a view writes through it.
+    at::Tensor target = out;
+    target.addmm_(a, w_.t());
+  } else {
+    at::Tensor target = out;
+    at::mm_out(target, a, w_.t());
+  }
+}
+
+at::Tensor GemmWeight::product(const at::Tensor& a) const {
+  if (!packed_.defined()) return at::mm(a, w_.t());
+  at::Tensor out = at::empty({a.size(0), w_.size(0)}, a.options());
+  cpu::packed_gemm(out, a, packed_, false);
+  return out;
+}
+
+}  // namespace fused_rnn

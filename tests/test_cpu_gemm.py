@@ -1,0 +1,139 @@
+"""The CPU matrix products (csrc/cpu/gemm.cpp): the choice between fused_rnn's
+packed AVX-512 kernel and ATen's mm, and parity of every cell on both at the
+shapes where the packed kernel's blocking has edges: row tiles of 12 (batch
+1, 11, 12, 13, 25), panels of 32 columns (G*H not a multiple of 32), slices
+of 256 along K (hidden and input sizes above 256), row blocks of 240 (more
+than 240 rows of a sequence), packed sequences in both directions."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_rnn
+from helpers import Cfg, check_module_parity
+
+CHOICES = ("auto", "aten")
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"\bavx512f\b", f.read()) is not None
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _restore_choice():
+    previous = fused_rnn.get_cpu_gemm()
+    yield
+    fused_rnn.set_cpu_gemm(previous)
+
+
+@pytest.fixture(params=CHOICES)
+def gemm(request):
+    fused_rnn.set_cpu_gemm(request.param)
+    return request.param
+
+
+def test_default_is_auto_and_env_sets_it():
+    code = "import fused_rnn; print(fused_rnn.get_cpu_gemm())"
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_CPU_GEMM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "auto"
+    env["FUSED_RNN_CPU_GEMM"] = "aten"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "aten"
+
+
+def test_bad_choice():
+    with pytest.raises(ValueError, match="auto, aten"):
+        fused_rnn.set_cpu_gemm("mkl")
+    with pytest.raises(ValueError, match="auto, aten"):
+        torch.ops.fused_rnn.set_cpu_gemm("mkl")
+    assert fused_rnn.get_cpu_gemm() == "auto"
+
+
+def test_context_manager_restores_even_on_error():
+    with pytest.raises(RuntimeError, match="boom"):
+        with fused_rnn.cpu_gemm("aten"):
+            assert fused_rnn.get_cpu_gemm() == "aten"
+            raise RuntimeError("boom")
+    assert fused_rnn.get_cpu_gemm() == "auto"
+
+
+def test_explain_says_which_kernel_runs():
+    text = fused_rnn.explain_cpu_gemm()
+    if _cpu_has_avx512():
+        assert "packed AVX-512" in text
+    else:
+        assert "no AVX-512" in text
+    with fused_rnn.cpu_gemm("aten"):
+        assert "FUSED_RNN_CPU_GEMM=aten" in fused_rnn.explain_cpu_gemm()
+
+
+EDGE_CASES = [
+    # batch across the 12-row tiles, G*H across the 32-column panels
+    Cfg("LSTM", input_size=5, hidden_size=9, batch=1, seq_len=9),
+    Cfg("LSTM", input_size=33, hidden_size=17, batch=11, seq_len=4),
+    Cfg("GRU", input_size=7, hidden_size=32, batch=12, seq_len=5),
+    Cfg("RNN_TANH", input_size=31, hidden_size=33, batch=13, seq_len=5),
+    Cfg("RNN_RELU", input_size=4, hidden_size=40, batch=25, seq_len=3),
+    # K above one 256-long slice, in the recurrence (H) and the projection (I)
+    Cfg("LSTM", input_size=270, hidden_size=300, batch=3, seq_len=3),
+    Cfg("GRU", input_size=300, hidden_size=260, batch=2, seq_len=3),
+    Cfg("RNN_TANH", input_size=513, hidden_size=257, batch=4, seq_len=2),
+    # more than 240 rows: several row blocks in the input projection and the
+    # weight gradients (whose K is then the row count)
+    Cfg("LSTM", input_size=6, hidden_size=10, batch=13, seq_len=23),
+    Cfg("GRU", input_size=6, hidden_size=10, batch=25, seq_len=11, num_layers=2,
+        bidirectional=True),
+    # projection, packed sequences in both directions, no bias
+    Cfg("LSTM_PROJ", input_size=11, hidden_size=37, proj_size=5, batch=4, seq_len=6,
+        bidirectional=True),
+    Cfg("LSTM", input_size=8, hidden_size=35, lengths=(7, 7, 5, 2, 1), bidirectional=True),
+    Cfg("GRU", input_size=8, hidden_size=21, lengths=(6, 4, 4, 1), bidirectional=True,
+        bias=False),
+    Cfg("RNN_RELU", input_size=8, hidden_size=19, lengths=(5, 3, 1), bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("cfg", EDGE_CASES, ids=str)
+def test_float32_parity_on_both_gemms(cfg, gemm):
+    """Outputs, states and every gradient within twice torch's own float32
+    error against the float64 reference."""
+    check_module_parity(cfg, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cfg", EDGE_CASES[:6], ids=str)
+def test_float64_is_unaffected(cfg, gemm):
+    """float64 always runs ATen's products: tight parity either way."""
+    check_module_parity(cfg, dtype=torch.float64)
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="both choices run ATen's mm without AVX-512")
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_packed_and_aten_agree_closely(mode):
+    """Both GEMMs compute the same float32 result up to summation order: a
+    few ulp of the largest value, far below a wrong index or a lost tile."""
+    torch.manual_seed(0)
+    cls = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU, "RNN_TANH": fused_rnn.RNN}[mode]
+    module = cls(70, 45, num_layers=2)
+    x = torch.randn(9, 14, 70)
+    results = {}
+    for choice in CHOICES:
+        with fused_rnn.cpu_gemm(choice):
+            module.zero_grad()
+            xi = x.clone().requires_grad_()
+            out, _ = module(xi)
+            out.pow(2).sum().backward()
+            results[choice] = [out.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()]
+    for a, b in zip(results["auto"], results["aten"]):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0)
