@@ -149,6 +149,13 @@ void pack_panel_scalar(const float* src, int64_t sn, int64_t sk, int64_t K, int6
 }
 
 #if FR_HAVE_AVX512_GEMM
+// GCC 12's shuffle and unpack intrinsics pass _mm512_undefined_ps() as the
+// unused merge source, which -Wmaybe-uninitialized reports; nothing is read
+// from it (no mask is applied).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // In-register transpose of a 16 x 16 block: r[i] holds row i; afterwards
 // r[c] holds column c.
 FR_AVX512 inline void transpose16(__m512 r[16]) {
@@ -210,6 +217,9 @@ FR_AVX512 void pack_panel_avx512(const float* src, int64_t sn, int64_t sk, int64
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 void pack_panel(const float* src, int64_t sn, int64_t sk, int64_t K, int64_t cols, float* out) {
