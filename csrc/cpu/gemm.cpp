@@ -6,7 +6,7 @@
 // and, per k, loads the panel's two vectors once and broadcasts one element
 // of each of its rows of `a`. Loops: blocks of kRowBlock rows of `a`, then
 // kDepth-long slices of K (an a block of 240 x 256 floats stays in L2, a
-// panel slice of 256 x 32 in L1), then panels, then row tiles. Work is split
+// panel slice of 256 x 32 in L1/L2), then panels, then row tiles. Work is split
 // over (row block, panel) pairs with at::parallel_for; with few rows (the
 // per-step products) each thread keeps the same panels every step, so its
 // slice of W_hh stays in its own cache.
@@ -120,18 +120,19 @@ struct GemmArgs {
   bool accumulate;
 };
 
-// Rows [m0, m1) of the result, panel p.
-FR_AVX512 void gemm_task(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p) {
-  const int64_t n0 = p * kPanel;
-  const int64_t cols = std::min(kPanel, g.N - n0);
+// Rows [m0, m1) of the result, panels [p0, p1); a row-major (sk == 1).
+FR_AVX512 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t k0 = 0; k0 < g.K; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, g.K - k0);
     const bool add = g.accumulate || k0 > 0;
-    const float* b = g.packed + p * g.K * kPanel + k0 * kPanel;
-    for (int64_t m = m0; m < m1; m += kRows) {
-      const int64_t r = std::min(kRows, m1 - m);
-      kTiles[r - 1](kc, g.a + m * g.sm + k0 * g.sk, g.sm, g.sk, b, g.c + m * g.ldc + n0, g.ldc,
-                    cols, add);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel;
+      const int64_t cols = std::min(kPanel, g.N - n0);
+      const float* b = g.packed + p * g.K * kPanel + k0 * kPanel;
+      for (int64_t m = m0; m < m1; m += kRows) {
+        kTiles[std::min(kRows, m1 - m) - 1](kc, g.a + m * g.sm + k0, g.sm, 1, b,
+                                            g.c + m * g.ldc + n0, g.ldc, cols, add);
+      }
     }
   }
 }
@@ -283,7 +284,9 @@ void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& p
   }
 #if FR_HAVE_AVX512_GEMM
   TORCH_INTERNAL_ASSERT(cpu_has_avx512());
-  const GemmArgs g{M,          N, K, a.data_ptr<float>(), a.stride(0), a.stride(1),
+  // The tiles read rows of a along K; a transposed operand is copied first.
+  const at::Tensor a_rows = a.stride(1) == 1 || K == 1 ? a : a.contiguous();
+  const GemmArgs g{M,          N, K, a_rows.data_ptr<float>(), a_rows.stride(0), 1,
                    packed.data_ptr<float>(), out.data_ptr<float>(), out.stride(0), accumulate};
   const int64_t panels = packed.size(0);
   // Row blocks of equal size (a multiple of kRows, at most kRowBlock), so
@@ -295,10 +298,13 @@ void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& p
   const int64_t task_work = std::min(M, block_rows) * kPanel * K;
   const int64_t grain = std::max<int64_t>(1, 65536 / task_work);
   at::parallel_for(0, blocks * panels, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = t / panels, p = t % panels;
+    // This thread's tasks, a row block at a time.
+    for (int64_t t = t0; t < t1;) {
+      const int64_t blk = t / panels, p0 = t % panels;
+      const int64_t p1 = std::min(panels, p0 + (t1 - t));
       const int64_t m0 = blk * block_rows;
-      if (m0 < M) gemm_task(g, m0, std::min(M, m0 + block_rows), p);
+      if (m0 < M) gemm_block(g, m0, std::min(M, m0 + block_rows), p0, p1);
+      t += p1 - p0;
     }
   });
 #else

@@ -209,15 +209,17 @@ inline void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 }
 
 // a^T @ b, summed over the N rows of a sequence: a (N, X), b (N, Y) give
-// (X, Y) (the weight gradients).
+// (X, Y) (the weight gradients). ATen's mm: one large product, where the
+// packed kernel (gemm.h) measured no faster than MKL on the 2-core EPYC
+// (K = N runs to thousands, and a^T is a transposed operand).
 inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b) {
-  return GemmWeight(b.t(), a.size(1)).product(a.t());
+  return a.t().mm(b);
 }
 
 // grad @ w: grad (N, G*H) and w (G*H, I) give the gradient of the input of
-// x @ w^T, (N, I).
+// x @ w^T, (N, I). ATen's mm, as above (equal speed measured).
 inline at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& w) {
-  return GemmWeight(w.t(), grad.size(0)).product(grad);
+  return at::mm(grad, w);
 }
 
 }  // namespace fused_rnn

@@ -38,8 +38,9 @@ std::string gemm_description();
 at::Tensor pack_gemm_operand(const at::Tensor& b);
 
 // out (M, N) (+ when accumulate) = a (M, K) @ b^T, b packed by
-// pack_gemm_operand from an (N, K) matrix. a: any strides; out: unit column
-// stride. Parallel over row blocks and panels.
+// pack_gemm_operand from an (N, K) matrix. a: any strides (copied to
+// row-major unless it is); out: unit column stride. Parallel over row
+// blocks and panels.
 void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
                  bool accumulate);
 
