@@ -9,6 +9,8 @@ present, otherwise the build is CPU-only. Environment knobs:
   FUSED_RNN_NVCC_THREADS  nvcc --threads, default 2
   MAX_JOBS              parallel compile jobs (default: from cores and memory)
   FUSED_RNN_DEBUG       "1" builds with -O0 -g
+  FUSED_RNN_OPENMP      "0" builds without -fopenmp (the CPU loops then run on
+                        one thread); default: on Linux when torch uses OpenMP
 """
 
 import glob
@@ -80,7 +82,8 @@ link_flags = []
 # at::parallel_for is inline: in a translation unit built without OpenMP it
 # runs on one thread. torch's CPU build uses OpenMP (libgomp, which it
 # loads itself), so the extension does too where torch does.
-if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+if (os.environ.get("FUSED_RNN_OPENMP", "1") != "0" and sys.platform.startswith("linux")
+        and torch.backends.openmp.is_available()):
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 define_macros = []
@@ -119,6 +122,7 @@ class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
             "torch": torch.__version__,
             "cuda": torch.version.cuda if use_cuda else None,
             "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
+            "openmp": "-fopenmp" in cxx_flags,
         }
         for package_dir in {here, os.path.abspath(self.build_lib)}:
             target = os.path.join(package_dir, "fused_rnn")

@@ -40,6 +40,8 @@ def summary() -> dict:
         "built against torch": config.get("torch", "unknown"),
         "running torch": torch.__version__,
         "CPU kernels": f"yes ({cpu_vector_path()})",
+        "CPU threads": ("OpenMP, as torch" if config.get("openmp")
+                        else "one (built without OpenMP)" if "openmp" in config else "unknown"),
         "CUDA kernels": (
             f"yes, for {config.get('cuda_archs', 'unknown architectures')} "
             f"(CUDA {config.get('cuda', '?')})" if has_cuda_kernels() else "not in this build"

@@ -4,6 +4,7 @@ a kernel is perturbed; bad flags name the flag and the allowed values."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -101,6 +102,10 @@ def test_explain_names_the_path_and_the_build(capsys):
     assert "per step: h @ W_hh^T as one GEMM (4 x 192 x 64)" in out
     assert f"GEMMs: {fused_rnn.explain_cpu_gemm()}" in out
     assert "CPU kernels: yes" in out
+    if (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+            and os.environ.get("FUSED_RNN_OPENMP", "1") != "0"):
+        # Without -fopenmp the extension's at::parallel_for runs on one thread.
+        assert "CPU threads: OpenMP" in out
     assert f"running torch: {torch.__version__}" in out
 
 
