@@ -137,3 +137,18 @@ def test_packed_and_aten_agree_closely(mode):
     for a, b in zip(results["auto"], results["aten"]):
         scale = b.abs().max().item()
         assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parity_at_any_thread_count(threads):
+    """The products and the pointwise passes split work over at::parallel_for
+    (OpenMP); one thread runs the same code serially."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_module_parity(Cfg("LSTM", input_size=20, hidden_size=45, batch=27, seq_len=12),
+                            dtype=torch.float32)
+        check_module_parity(Cfg("GRU", input_size=20, hidden_size=45, lengths=(9, 7, 7, 3)),
+                            dtype=torch.float32)
+    finally:
+        torch.set_num_threads(previous)
