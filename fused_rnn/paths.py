@@ -40,6 +40,16 @@ CPU_GEMMS = ("auto", "aten")
 CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 
+@contextlib.contextmanager
+def _temporarily(get, set_, value):
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
 def set_kernel_path(path: str) -> None:
     """Choose the CUDA kernels for every later call: auto, persistent or general."""
     if path not in PATHS:
@@ -52,15 +62,10 @@ def get_kernel_path() -> str:
     return torch.ops.fused_rnn.get_kernel_path()
 
 
-@contextlib.contextmanager
 def kernel_path(path: str):
-    """Run the body with another kernel choice, then restore the previous one."""
-    previous = get_kernel_path()
-    set_kernel_path(path)
-    try:
-        yield
-    finally:
-        set_kernel_path(previous)
+    """Run the body of a ``with`` with another kernel choice, then restore
+    the previous one."""
+    return _temporarily(get_kernel_path, set_kernel_path, path)
 
 
 def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.float32,
@@ -88,15 +93,10 @@ def get_cpu_gemm() -> str:
     return torch.ops.fused_rnn.get_cpu_gemm()
 
 
-@contextlib.contextmanager
 def cpu_gemm(choice: str):
-    """Run the body with another CPU GEMM choice, then restore the previous one."""
-    previous = get_cpu_gemm()
-    set_cpu_gemm(choice)
-    try:
-        yield
-    finally:
-        set_cpu_gemm(previous)
+    """Run the body of a ``with`` with another CPU GEMM choice, then restore
+    the previous one."""
+    return _temporarily(get_cpu_gemm, set_cpu_gemm, choice)
 
 
 def explain_cpu_gemm() -> str:
