@@ -1,5 +1,6 @@
 """The CPU matrix products (csrc/cpu/gemm.cpp): the choice between fused_rnn's
-packed AVX-512 kernel and ATen's mm, and parity of every cell on both at the
+packed AVX-512 kernel and ATen's mm, and parity of every cell on both (float32,
+and bfloat16 / float16 for the per-step products) at the
 shapes where the packed kernel's blocking has edges: row tiles of 12 (batch
 1, 11, 12, 13, 25), panels of 32 columns (G*H not a multiple of 32), slices
 of 256 along K (hidden and input sizes above 256), row blocks of 240 (more
@@ -109,6 +110,14 @@ def test_float32_parity_on_both_gemms(cfg, gemm):
     """Outputs, states and every gradient within twice torch's own float32
     error against the float64 reference."""
     check_module_parity(cfg, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", EDGE_CASES[::2], ids=str)
+def test_half_types_parity_on_both_gemms(cfg, dtype, gemm):
+    """bfloat16 and float16 take the packed kernel for the per-step products
+    (float32 accumulation, one rounding): within twice torch's own error."""
+    check_module_parity(cfg, dtype=dtype)
 
 
 @pytest.mark.parametrize("cfg", EDGE_CASES[:6], ids=str)

@@ -13,6 +13,7 @@
 #include "fused_rnn/gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FR_HAVE_AVX512_GEMM 1
@@ -252,8 +254,10 @@ std::string gemm_description() {
          ")";
 }
 
-at::Tensor pack_gemm_operand(const at::Tensor& b) {
-  TORCH_INTERNAL_ASSERT(b.dim() == 2 && b.scalar_type() == at::kFloat && b.device().is_cpu());
+at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
+  TORCH_INTERNAL_ASSERT(b_any.dim() == 2 && b_any.device().is_cpu());
+  // bfloat16 and float16 weights are packed as float32 (exactly).
+  const at::Tensor b = b_any.scalar_type() == at::kFloat ? b_any : b_any.to(at::kFloat);
   const int64_t N = b.size(0), K = b.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
   at::Tensor packed = at::empty({panels, K, kPanel}, b.options());
@@ -270,25 +274,15 @@ at::Tensor pack_gemm_operand(const at::Tensor& b) {
   return packed;
 }
 
-void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
-                 bool accumulate) {
-  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
-  TORCH_INTERNAL_ASSERT(out.size(0) == M && packed.dim() == 3 && packed.size(1) == K &&
-                        packed.size(0) == (N + kPanel - 1) / kPanel &&
-                        (out.stride(1) == 1 || N <= 1) && a.scalar_type() == at::kFloat &&
-                        out.scalar_type() == at::kFloat);
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) out.zero_();
-    return;
-  }
+namespace {
+
+// c (M, N; row stride ldc) (+)= a (M, K; row stride lda, unit k stride) @
+// the packed operand, all float32.
+void gemm_float(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                const float* packed, int64_t panels, float* c, int64_t ldc, bool accumulate) {
 #if FR_HAVE_AVX512_GEMM
   TORCH_INTERNAL_ASSERT(cpu_has_avx512());
-  // The tiles read rows of a along K; a transposed operand is copied first.
-  const at::Tensor a_rows = a.stride(1) == 1 || K == 1 ? a : a.contiguous();
-  const GemmArgs g{M,          N, K, a_rows.data_ptr<float>(), a_rows.stride(0), 1,
-                   packed.data_ptr<float>(), out.data_ptr<float>(), out.stride(0), accumulate};
-  const int64_t panels = packed.size(0);
+  const GemmArgs g{M, N, K, a, lda, 1, packed, c, ldc, accumulate};
   // Row blocks of equal size (a multiple of kRows, at most kRowBlock), so
   // the threads' shares of tasks are equal work.
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
@@ -308,9 +302,66 @@ void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& p
     }
   });
 #else
-  (void)accumulate;
+  (void)M, (void)N, (void)K, (void)a, (void)lda, (void)packed, (void)panels, (void)c, (void)ldc,
+      (void)accumulate;
   TORCH_INTERNAL_ASSERT(false, "fused_rnn: the packed GEMM is not built for this CPU");
 #endif
+}
+
+// bfloat16 / float16 operands: a is widened to float32, the product formed
+// in float32 and added to out in float32, rounded once (as ATen's CPU
+// addmm does for these types, with float32 accumulation).
+template <typename scalar_t>
+void gemm_reduced(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
+                  bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  std::vector<float> a32(M * K), c32(M * N);
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  const int64_t sm = a.stride(0), sk = a.stride(1);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) a32[m * K + k] = static_cast<float>(ap[m * sm + k * sk]);
+  }
+  gemm_float(M, N, K, a32.data(), K, packed.data_ptr<float>(), packed.size(0), c32.data(), N,
+             false);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t ldo = out.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      scalar_t* row = op + m * ldo;
+      const float* sum = c32.data() + m * N;
+      for (int64_t n = 0; n < N; ++n) {
+        row[n] = static_cast<scalar_t>(accumulate ? static_cast<float>(row[n]) + sum[n] : sum[n]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
+                 bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
+  const auto dtype = out.scalar_type();
+  TORCH_INTERNAL_ASSERT(out.size(0) == M && packed.dim() == 3 && packed.size(1) == K &&
+                        packed.size(0) == (N + kPanel - 1) / kPanel &&
+                        packed.scalar_type() == at::kFloat && (out.stride(1) == 1 || N <= 1) &&
+                        a.scalar_type() == dtype &&
+                        (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf));
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  if (dtype != at::kFloat) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "fused_rnn_packed_gemm", [&] {
+      gemm_reduced<scalar_t>(out, a, packed, accumulate);
+    });
+    return;
+  }
+  // The tiles read rows of a along K; a transposed operand is copied first.
+  const at::Tensor a_rows = a.stride(1) == 1 || K == 1 ? a : a.contiguous();
+  gemm_float(M, N, K, a_rows.data_ptr<float>(), a_rows.stride(0), packed.data_ptr<float>(),
+             packed.size(0), out.data_ptr<float>(), out.stride(0), accumulate);
 }
 
 namespace {
@@ -335,8 +386,11 @@ TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
 
 }  // namespace cpu
 
-GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows) : w_(w) {
-  if (w.device().is_cpu() && w.scalar_type() == at::kFloat && total_rows >= cpu::kMinRowsToPack &&
+GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows, bool per_step) : w_(w) {
+  const auto dtype = w.scalar_type();
+  const bool packable =
+      dtype == at::kFloat || (per_step && (dtype == at::kBFloat16 || dtype == at::kHalf));
+  if (w.device().is_cpu() && packable && total_rows >= cpu::kMinRowsToPack &&
       cpu::packed_gemm_active()) {
     packed_ = cpu::pack_gemm_operand(w);
   }

@@ -57,7 +57,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
     whole.hn = hn;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const GemmWeight w_rec(w_hh, sc.rows);
+    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
     const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
     h.copy_(hx);
     RunningState state(h, sc);
@@ -123,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     }
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
       const Tensor product = at::empty_like(dh);
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
       dh.copy_(grad_hy);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
         const int64_t n = sc.size_at(s);

@@ -60,8 +60,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     whole.cells = cells;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const GemmWeight w_rec(w_hh, sc.rows);
-    const GemmWeight w_proj = proj ? GemmWeight(*w_hr, sc.rows) : GemmWeight();
+    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
+    const GemmWeight w_proj = proj ? GemmWeight(*w_hr, sc.rows, true) : GemmWeight();
     const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
     h.copy_(hx);
     c.copy_(cx);
@@ -146,8 +146,8 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
       const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
       const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
       // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
-      const GemmWeight w_proj_t = proj ? GemmWeight(w_hr->t(), sc.rows) : GemmWeight();
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
+      const GemmWeight w_proj_t = proj ? GemmWeight(w_hr->t(), sc.rows, true) : GemmWeight();
       dh.copy_(grad_hy);
       dc.copy_(grad_cy);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {

@@ -49,7 +49,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
     whole.hy = h;
   }
   if (!(whole.out.defined() && run_persistent(whole))) {
-    const GemmWeight w_rec(w_hh, sc.rows);
+    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
     h.copy_(hx);
     RunningState state(h, sc);
     for (int64_t s = 0; s < sc.steps; ++s) {
@@ -101,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     }
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
       dh.copy_(grad_hy);
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows);
+      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
         const int64_t n = sc.size_at(s);
         const Tensor dp = step_rows(dpre, sc, s);

@@ -5,8 +5,12 @@
 // 12 rows of `a` by 32 columns of b at a time from the packed panels; it
 // measured ~1.7x ATen's mm (MKL) for the shapes of an RNN on the 2-core
 // AMD EPYC of bench/results (MKL takes a slower code path on AMD CPUs).
-// Elsewhere (other dtypes, other CPUs, or FUSED_RNN_CPU_GEMM=aten) `packed`
-// stays undefined and the products are ATen's.
+// Per-step products in bfloat16 and float16 take it too (weights widened
+// to float32 when packed, float32 accumulation, one rounding): ATen's CPU
+// products in those types cost ~0.1 ms (bfloat16) to ~0.3 ms (float16) a
+// call even at batch 1. Elsewhere (float64, other CPUs, or
+// FUSED_RNN_CPU_GEMM=aten) `packed` stays undefined and the products are
+// ATen's.
 //
 // Shape legend: M rows of the left operand, K the summed dimension, N
 // columns of the result; kPanel columns per packed panel.
@@ -32,15 +36,15 @@ bool packed_gemm_active();
 // What runs, in words, for `fused-rnn explain`.
 std::string gemm_description();
 
-// b (N, K), float32 on the CPU, any strides, as (ceil(N / kPanel), K,
-// kPanel): panel p holds columns [p*kPanel, (p+1)*kPanel) of b^T row by row,
-// zero beyond N.
+// b (N, K) on the CPU, any strides and floating type, as float32 (ceil(N /
+// kPanel), K, kPanel): panel p holds columns [p*kPanel, (p+1)*kPanel) of
+// b^T row by row, zero beyond N.
 at::Tensor pack_gemm_operand(const at::Tensor& b);
 
 // out (M, N) (+ when accumulate) = a (M, K) @ b^T, b packed by
-// pack_gemm_operand from an (N, K) matrix. a: any strides (copied to
-// row-major unless it is); out: unit column stride. Parallel over row
-// blocks and panels.
+// pack_gemm_operand from an (N, K) matrix. a and out: float32, bfloat16 or
+// float16, the same; a: any strides (copied to row-major unless it is);
+// out: unit column stride. Parallel over row blocks and panels.
 void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
                  bool accumulate);
 
@@ -55,7 +59,10 @@ class GemmWeight {
   GemmWeight() = default;
   // w: (N, K), any strides. total_rows: the sum of M over the products this
   // weight will take (a guess is fine; it only decides whether to pack).
-  GemmWeight(const at::Tensor& w, int64_t total_rows);
+  // per_step: the products are a time step's rows each (the recurrence),
+  // where the packed kernel also serves bfloat16 and float16; large
+  // products in those types stay with ATen (oneDNN's bfloat16 GEMM).
+  GemmWeight(const at::Tensor& w, int64_t total_rows, bool per_step = false);
   // out (M, N) (+)= a (M, K) @ w^T.
   void product_into(const at::Tensor& out, const at::Tensor& a, bool accumulate = false) const;
   // a (M, K) @ w^T as a new (M, N) tensor.
