@@ -10,7 +10,8 @@ present, otherwise the build is CPU-only. Environment knobs:
   MAX_JOBS              parallel compile jobs (default: from cores and memory)
   FUSED_RNN_DEBUG       "1" builds with -O0 -g
   FUSED_RNN_OPENMP      "0" builds without -fopenmp (the CPU loops then run on
-                        one thread); default: on Linux when torch uses OpenMP
+                        one thread); default: on Linux, with GCC, when torch
+                        uses OpenMP
 """
 
 import glob
@@ -79,11 +80,26 @@ opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 # -fno-math-errno it changes no result. torch builds with both.
 cxx_flags = opt + ["-fno-trapping-math", "-fno-math-errno", "-Wall"]
 link_flags = []
+
+
+def _compiler_is_gcc():
+    import subprocess
+
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower()
+                                           or "free software foundation" in out.lower())
+
+
 # at::parallel_for is inline: in a translation unit built without OpenMP it
-# runs on one thread. torch's CPU build uses OpenMP (libgomp, which it
-# loads itself), so the extension does too where torch does.
+# runs on one thread. torch's Linux CPU build uses OpenMP (libgomp, which it
+# loads itself), so the extension does too, with GCC, whose -fopenmp links
+# that same libgomp (clang's would bring a second runtime, libomp).
 if (os.environ.get("FUSED_RNN_OPENMP", "1") != "0" and sys.platform.startswith("linux")
-        and torch.backends.openmp.is_available()):
+        and torch.backends.openmp.is_available() and _compiler_is_gcc()):
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 define_macros = []

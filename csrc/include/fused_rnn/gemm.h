@@ -2,7 +2,7 @@
 // b^T with b (N, K) packed once into panels and reused by many products (the
 // recurrent weight over every step, the input weight over every block of
 // steps). On x86-64 CPUs with AVX-512 a register-blocked kernel multiplies
-// 12 rows of `a` by 32 columns of b at a time from the packed panels; it
+// 6 rows of `a` by 32 columns of b at a time from the packed panels; it
 // measured ~1.7x ATen's mm (MKL) for the shapes of an RNN on the 2-core
 // AMD EPYC of bench/results (MKL takes a slower code path on AMD CPUs).
 // Per-step products in bfloat16 and float16 take it too (weights widened
