@@ -53,6 +53,21 @@ def test_default_is_auto_and_env_sets_it():
     assert out.stdout.strip() == "aten"
 
 
+def test_bad_environment_value_fails_until_set():
+    code = ("import torch, fused_rnn\n"
+            "try:\n    fused_rnn.LSTM(8, 16)(torch.randn(10, 1, 8))\n"
+            "except ValueError as e:\n    print('ValueError', e)\n"
+            "fused_rnn.set_cpu_gemm('aten')\n"
+            "fused_rnn.LSTM(8, 16)(torch.randn(10, 1, 8))\n"
+            "print(fused_rnn.get_cpu_gemm())\n")
+    out = subprocess.run([sys.executable, "-c", code],
+                         env={**os.environ, "FUSED_RNN_CPU_GEMM": "mkl"},
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    assert out[0].startswith("ValueError") and "FUSED_RNN_CPU_GEMM=mkl" in out[0]
+    assert "auto, aten" in out[0]
+    assert out[1] == "aten"
+
+
 def test_bad_choice():
     with pytest.raises(ValueError, match="auto, aten"):
         fused_rnn.set_cpu_gemm("mkl")

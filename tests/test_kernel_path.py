@@ -56,14 +56,19 @@ def test_bad_path_value_error(bad):
 def test_environment_variable(value):
     code = ("import fused_rnn\n"
             "try:\n    print(fused_rnn.get_kernel_path())\n"
-            "except ValueError as e:\n    print('ValueError', e)\n")
+            "except ValueError as e:\n    print('ValueError', e)\n"
+            "fused_rnn.set_kernel_path('general')\n"
+            "print(fused_rnn.get_kernel_path())\n")
     out = subprocess.run([sys.executable, "-c", code],
                          env={**os.environ, "FUSED_RNN_KERNEL_PATH": value},
-                         capture_output=True, text=True, check=True).stdout.strip()
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
     if value == "bogus":
-        assert out.startswith("ValueError") and "'bogus'" in out
+        # A typo fails loudly, naming the variable, until a setter chooses.
+        assert out[0].startswith("ValueError") and "FUSED_RNN_KERNEL_PATH=bogus" in out[0]
+        assert "'bogus'" in out[0]
     else:
-        assert out == value
+        assert out[0] == value
+    assert out[1] == "general"
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])

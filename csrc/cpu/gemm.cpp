@@ -12,6 +12,7 @@
 // per-step products) each thread keeps the same panels every step, so its
 // slice of W_hh stays in its own cache.
 #include "fused_rnn/gemm.h"
+#include "fused_rnn/setting.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,8 +21,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -58,11 +57,8 @@ GemmChoice parse_gemm(const std::string& name) {
                     "'; expected one of auto, aten");
 }
 
-std::atomic<int>& gemm_state() {
-  static std::atomic<int> state{[] {
-    const char* env = std::getenv("FUSED_RNN_CPU_GEMM");
-    return static_cast<int>(env && *env ? parse_gemm(env) : GemmChoice::kAuto);
-  }()};
+EnvChoice<GemmChoice>& gemm_state() {
+  static EnvChoice<GemmChoice> state("FUSED_RNN_CPU_GEMM", GemmChoice::kAuto, &parse_gemm);
   return state;
 }
 
@@ -276,9 +272,9 @@ void pack_panel(const float* src, int64_t sn, int64_t sk, int64_t K, int64_t col
 
 }  // namespace
 
-GemmChoice requested_gemm() { return static_cast<GemmChoice>(gemm_state().load()); }
+GemmChoice requested_gemm() { return gemm_state().get(); }
 
-void set_requested_gemm(GemmChoice choice) { gemm_state().store(static_cast<int>(choice)); }
+void set_requested_gemm(GemmChoice choice) { gemm_state().set(choice); }
 
 bool packed_gemm_active() { return requested_gemm() == GemmChoice::kAuto && cpu_has_avx512(); }
 

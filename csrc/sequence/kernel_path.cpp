@@ -5,10 +5,9 @@
 #include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
 
 #include "fused_rnn/persistent.h"
+#include "fused_rnn/setting.h"
 
 namespace fused_rnn {
 
@@ -33,13 +32,9 @@ const char* kernel_path_name(KernelPath path) {
 
 namespace {
 
-std::atomic<int>& path_state() {
-  // FUSED_RNN_KERNEL_PATH is read at the first use; a bad value fails that
-  // call (and the next ones) with the message of parse_kernel_path.
-  static std::atomic<int> state{[] {
-    const char* env = std::getenv("FUSED_RNN_KERNEL_PATH");
-    return static_cast<int>(env && *env ? parse_kernel_path(env) : KernelPath::kAuto);
-  }()};
+EnvChoice<KernelPath>& path_state() {
+  static EnvChoice<KernelPath> state("FUSED_RNN_KERNEL_PATH", KernelPath::kAuto,
+                                     &parse_kernel_path);
   return state;
 }
 
@@ -81,9 +76,9 @@ std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int6
 
 }  // namespace
 
-KernelPath requested_kernel_path() { return static_cast<KernelPath>(path_state().load()); }
+KernelPath requested_kernel_path() { return path_state().get(); }
 
-void set_requested_kernel_path(KernelPath path) { path_state().store(static_cast<int>(path)); }
+void set_requested_kernel_path(KernelPath path) { path_state().set(path); }
 
 TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
   m.def("set_kernel_path(str path) -> ()", &set_kernel_path_op);
