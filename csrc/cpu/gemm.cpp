@@ -12,6 +12,7 @@
 // per-step products) each thread keeps the same panels every step, so its
 // slice of W_hh stays in its own cache.
 #include "fused_rnn/gemm.h"
+#include "fused_rnn/cpu_convert.h"
 #include "fused_rnn/setting.h"
 
 #include <ATen/ATen.h>
@@ -21,8 +22,8 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <utility>
-#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FR_HAVE_AVX512_GEMM 1
@@ -350,22 +351,22 @@ template <typename scalar_t>
 void gemm_reduced(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
                   bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
-  std::vector<float> a32(M * K), c32(M * N);
+  const std::unique_ptr<float[]> a32(new float[M * K]), c32(new float[M * N]);
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const int64_t sm = a.stride(0), sk = a.stride(1);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) a32[m * K + k] = static_cast<float>(ap[m * sm + k * sk]);
   }
-  gemm_float(M, N, K, a32.data(), K, packed.data_ptr<float>(), packed.size(0), c32.data(), N,
+  gemm_float(M, N, K, a32.get(), K, packed.data_ptr<float>(), packed.size(0), c32.get(), N,
              false);
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t ldo = out.stride(0);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       scalar_t* row = op + m * ldo;
-      const float* sum = c32.data() + m * N;
+      const float* sum = c32.get() + m * N;
       for (int64_t n = 0; n < N; ++n) {
-        row[n] = static_cast<scalar_t>(accumulate ? static_cast<float>(row[n]) + sum[n] : sum[n]);
+        row[n] = narrow_to<scalar_t>(accumulate ? static_cast<float>(row[n]) + sum[n] : sum[n]);
       }
     }
   });

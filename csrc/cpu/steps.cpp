@@ -11,6 +11,7 @@
 
 
 #include "fused_rnn/cells.h"
+#include "fused_rnn/cpu_convert.h"
 #include "fused_rnn/steps.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
@@ -117,13 +118,13 @@ FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p, int64_
       }
       T c_new, h_new;
       lstm_forward_point<T>(i, f, g, o, T(c[j]), c_new, h_new);
-      gi[j] = i;
-      gf[j] = f;
-      gg[j] = g;
-      go[j] = o;
-      c[j] = c_new;
-      h[j] = h_new;
-      if constexpr (kCells) cells[j] = c_new;
+      gi[j] = narrow_to<scalar_t>(i);
+      gf[j] = narrow_to<scalar_t>(f);
+      gg[j] = narrow_to<scalar_t>(g);
+      go[j] = narrow_to<scalar_t>(o);
+      c[j] = narrow_to<scalar_t>(c_new);
+      h[j] = narrow_to<scalar_t>(h_new);
+      if constexpr (kCells) cells[j] = narrow_to<scalar_t>(c_new);
     }
   }
 }
@@ -149,6 +150,10 @@ FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p, int64_t b0,
 FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<float>& p, int64_t b0,
                                        int64_t b1) {
   lstm_forward_rows<float>(p, b0, b1);
+}
+
+FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  lstm_forward_rows<c10::BFloat16>(p, b0, b1);
 }
 
 template <typename scalar_t>
@@ -185,11 +190,11 @@ FR_INLINE void lstm_backward_rows_impl(const LstmBackwardPtrs<scalar_t>& p,
       lstm_backward_point<T>(T(gi[j]), T(gf[j]), T(gg[j]), T(go[j]), T(c[j]),
                              T(c_prev[j]), grad_h, T(dc[j]), vi, vf, vg, vo,
                              vc);
-      di[j] = vi;
-      df[j] = vf;
-      dg[j] = vg;
-      d_o[j] = vo;
-      dc[j] = vc;
+      di[j] = narrow_to<scalar_t>(vi);
+      df[j] = narrow_to<scalar_t>(vf);
+      dg[j] = narrow_to<scalar_t>(vg);
+      d_o[j] = narrow_to<scalar_t>(vo);
+      dc[j] = narrow_to<scalar_t>(vc);
     }
   }
 }
@@ -207,6 +212,10 @@ FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
 FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<float>& p,
                                           int64_t b0, int64_t b1) {
   lstm_backward_rows<float>(p, b0, b1);
+}
+
+FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  lstm_backward_rows<c10::BFloat16>(p, b0, b1);
 }
 
 // ------------------------------------------------------------------- GRU
@@ -248,11 +257,11 @@ FR_INLINE void gru_forward_rows_impl(const GruForwardPtrs<scalar_t>& p, int64_t 
       }
       T h_new;
       gru_forward_point<T>(r, z, n, ar, az, an, T(h_prev[j]), h_new);
-      xr[j] = r;
-      xz[j] = z;
-      xn[j] = n;
-      out[j] = h_new;
-      if constexpr (kSave) hn_saved[j] = an;
+      xr[j] = narrow_to<scalar_t>(r);
+      xz[j] = narrow_to<scalar_t>(z);
+      xn[j] = narrow_to<scalar_t>(n);
+      out[j] = narrow_to<scalar_t>(h_new);
+      if constexpr (kSave) hn_saved[j] = narrow_to<scalar_t>(an);
     }
   }
 }
@@ -278,6 +287,10 @@ FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
 FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<float>& p, int64_t b0,
                                       int64_t b1) {
   gru_forward_rows<float>(p, b0, b1);
+}
+
+FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  gru_forward_rows<c10::BFloat16>(p, b0, b1);
 }
 
 template <typename scalar_t>
@@ -313,13 +326,13 @@ FR_INLINE void gru_backward_rows_impl(const GruBackwardPtrs<scalar_t>& p,
       T vr, vz, vn, vhn, vh;
       gru_backward_point<T>(T(r[j]), T(z[j]), T(n[j]), T(hn[j]), T(h_prev[j]),
                             grad_h, vr, vz, vn, vhn, vh);
-      dxr[j] = vr;
-      dxz[j] = vz;
-      dxn[j] = vn;
-      dhr[j] = vr;
-      dhz[j] = vz;
-      dhn[j] = vhn;
-      dh[j] = vh;
+      dxr[j] = narrow_to<scalar_t>(vr);
+      dxz[j] = narrow_to<scalar_t>(vz);
+      dxn[j] = narrow_to<scalar_t>(vn);
+      dhr[j] = narrow_to<scalar_t>(vr);
+      dhz[j] = narrow_to<scalar_t>(vz);
+      dhn[j] = narrow_to<scalar_t>(vhn);
+      dh[j] = narrow_to<scalar_t>(vh);
     }
   }
 }
@@ -337,6 +350,10 @@ FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
 FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<float>& p,
                                          int64_t b0, int64_t b1) {
   gru_backward_rows<float>(p, b0, b1);
+}
+
+FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  gru_backward_rows<c10::BFloat16>(p, b0, b1);
 }
 
 // ------------------------------------------------------------------- RNN
@@ -362,7 +379,7 @@ FR_INLINE void rnn_forward_rows_impl(const RnnForwardPtrs<scalar_t>& p, int64_t 
     for (int64_t j = 0; j < H; ++j) {
       T v = pre[j];
       if constexpr (kBias) v += T(bias[j]);
-      out[j] = rnn_forward_point<kRelu, T>(v);
+      out[j] = narrow_to<scalar_t>(rnn_forward_point<kRelu, T>(v));
     }
   }
 }
@@ -390,6 +407,10 @@ FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<float>& p, int64_t b0,
   rnn_forward_rows<float>(p, b0, b1);
 }
 
+FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  rnn_forward_rows<c10::BFloat16>(p, b0, b1);
+}
+
 template <typename scalar_t>
 struct RnnBackwardPtrs {
   const scalar_t *out, *dh, *dh_extra;
@@ -411,7 +432,7 @@ FR_INLINE void rnn_backward_rows_impl(const RnnBackwardPtrs<scalar_t>& p,
   for (int64_t k = 0; k < (b1 - b0) * H; ++k) {
     T grad_h = T(dh[k]);
     if (dh_extra) grad_h += T(dh_extra[k]);
-    dpre[k] = rnn_backward_point<kRelu, T>(T(out[k]), grad_h);
+    dpre[k] = narrow_to<scalar_t>(rnn_backward_point<kRelu, T>(T(out[k]), grad_h));
   }
 }
 
@@ -428,6 +449,10 @@ FR_INLINE void rnn_backward_rows(const RnnBackwardPtrs<scalar_t>& p, int64_t b0,
 FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<float>& p,
                                          int64_t b0, int64_t b1) {
   rnn_backward_rows<float>(p, b0, b1);
+}
+
+FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
+  rnn_backward_rows<c10::BFloat16>(p, b0, b1);
 }
 
 }  // namespace
