@@ -29,6 +29,8 @@
 #define FR_HAVE_AVX512_GEMM 1
 #include <immintrin.h>
 #define FR_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+#define FR_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bf16,avx2,fma")))
 // The tile's loops over its rows must unroll, or its accumulators live on
 // the stack instead of in zmm registers.
 #if defined(__clang__)
@@ -67,6 +69,17 @@ bool cpu_has_avx512() {
 #if FR_HAVE_AVX512_GEMM
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX512-BF16's dot product of bfloat16 pairs into float32 (vdpbf16ps),
+// as oneDNN multiplies bfloat16 on these CPUs.
+bool cpu_has_avx512_bf16() {
+#if FR_HAVE_AVX512_GEMM
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 #else
   return false;
@@ -174,6 +187,42 @@ FR_AVX512 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
     }
   }
 }
+
+// bfloat16 weights on CPUs with AVX512-BF16: the panel holds pairs of k,
+// (ceil(K / 2), kPanel) 32-bit words, word (kk, j) = b[2kk][j] (low half)
+// and b[2kk+1][j] (high half); a row of `a` is read as the same pairs. Per
+// pair of k one vdpbf16ps per 16 columns adds both products to the float32
+// sums. c (R, 32) = a (R, 2 * k2) @ panel.
+template <int R>
+FR_AVX512_BF16 void micro_tile_bf16(int64_t k2, const uint32_t* a, int64_t lda,
+                                    const uint32_t* b, float* c, int64_t ldc) {
+  __m512 acc[R][2];
+  FR_UNROLL
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k2; ++kk) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kk * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kk * kPanel + 16);
+    FR_UNROLL
+    for (int i = 0; i < R; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + kk]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+    }
+  }
+  FR_UNROLL
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+using TileBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, float*, int64_t);
+template <int... R>
+constexpr auto make_bf16_table(std::integer_sequence<int, R...>) {
+  return std::array<TileBf16Fn, sizeof...(R)>{&micro_tile_bf16<R + 1>...};
+}
+constexpr int64_t kRowsBf16 = 12;
+constexpr auto kTilesBf16 = make_bf16_table(std::make_integer_sequence<int, kRowsBf16>{});
 #endif  // FR_HAVE_AVX512_GEMM
 
 // One panel: out (K, kPanel) = columns [0, cols) of src^T, src holding the
@@ -307,7 +356,26 @@ at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
                  dst + p * K * kPanel);
     }
   });
-  return packed;
+  if (b_any.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16()) return packed;
+  // bfloat16 pairs of k for the AVX512-BF16 tiles (the float32 values are
+  // bfloat16 values: exact), zero past K.
+  const int64_t k2 = (K + 1) / 2;
+  at::Tensor pairs = at::empty({panels, k2, 2 * kPanel}, b_any.options());
+  uint16_t* out = reinterpret_cast<uint16_t*>(pairs.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t kk = 0; kk < k2; ++kk) {
+        for (int64_t j = 0; j < kPanel; ++j) {
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t k = 2 * kk + e;
+            out[((p * k2 + kk) * kPanel + j) * 2 + e] =
+                k < K ? narrow_to<c10::BFloat16>(dst[(p * K + k) * kPanel + j]).x : uint16_t{0};
+          }
+        }
+      }
+    }
+  });
+  return pairs;
 }
 
 namespace {
@@ -344,6 +412,23 @@ void gemm_float(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
 #endif
 }
 
+// out (M, N) (+)= the float32 product c (M, ldc), rounded once to out's type.
+template <typename scalar_t>
+void finish_reduced(const at::Tensor& out, const float* c, int64_t ldc, bool accumulate) {
+  const int64_t M = out.size(0), N = out.size(1);
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t ldo = out.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      scalar_t* row = op + m * ldo;
+      const float* sum = c + m * ldc;
+      for (int64_t n = 0; n < N; ++n) {
+        row[n] = narrow_to<scalar_t>(accumulate ? static_cast<float>(row[n]) + sum[n] : sum[n]);
+      }
+    }
+  });
+}
+
 // bfloat16 / float16 operands: a is widened to float32, the product formed
 // in float32 and added to out in float32, rounded once (as ATen's CPU
 // addmm does for these types, with float32 accumulation).
@@ -359,17 +444,48 @@ void gemm_reduced(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   }
   gemm_float(M, N, K, a32.get(), K, packed.data_ptr<float>(), packed.size(0), c32.get(), N,
              false);
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t ldo = out.stride(0);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      scalar_t* row = op + m * ldo;
-      const float* sum = c32.get() + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        row[n] = narrow_to<scalar_t>(accumulate ? static_cast<float>(row[n]) + sum[n] : sum[n]);
+  finish_reduced<scalar_t>(out, c32.get(), N, accumulate);
+}
+
+// out (M, N) in bfloat16 (+)= a (M, K) @ b^T with b packed as bfloat16
+// pairs (AVX512-BF16): float32 sums of the exact products, rounded once.
+void gemm_bf16_pairs(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
+                     bool accumulate) {
+#if FR_HAVE_AVX512_GEMM
+  const int64_t M = a.size(0), K = a.size(1);
+  const int64_t k2 = (K + 1) / 2, panels = packed.size(0), width = panels * kPanel;
+  // a's rows as the same pairs of k, zero past K.
+  const std::unique_ptr<uint32_t[]> a2(new uint32_t[M * k2]);
+  const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<c10::BFloat16>());
+  const int64_t sm = a.stride(0), sk = a.stride(1);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t kk = 0; kk < k2; ++kk) {
+      const uint32_t lo = ap[m * sm + 2 * kk * sk];
+      const uint32_t hi = 2 * kk + 1 < K ? ap[m * sm + (2 * kk + 1) * sk] : 0u;
+      a2[m * k2 + kk] = lo | (hi << 16);
+    }
+  }
+  const std::unique_ptr<float[]> c32(new float[M * width]);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t block_rows = (M + blocks - 1) / blocks;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (std::min(M, block_rows) * kPanel * K));
+  at::parallel_for(0, blocks * panels, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / panels, p = t % panels;
+      const int64_t m1 = std::min(M, (blk + 1) * block_rows);
+      for (int64_t m = blk * block_rows; m < m1; m += kRowsBf16) {
+        kTilesBf16[std::min(kRowsBf16, m1 - m) - 1](k2, a2.get() + m * k2, k2,
+                                                     words + p * k2 * kPanel,
+                                                     c32.get() + m * width + p * kPanel, width);
       }
     }
   });
+  finish_reduced<c10::BFloat16>(out, c32.get(), width, accumulate);
+#else
+  (void)out, (void)a, (void)packed, (void)accumulate;
+  TORCH_INTERNAL_ASSERT(false, "fused_rnn: the packed GEMM is not built for this CPU");
+#endif
 }
 
 }  // namespace
@@ -378,6 +494,20 @@ void packed_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& p
                  bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1);
   const auto dtype = out.scalar_type();
+  if (packed.scalar_type() == at::kBFloat16) {
+    TORCH_INTERNAL_ASSERT(dtype == at::kBFloat16 && a.scalar_type() == dtype &&
+                          out.size(0) == M && packed.dim() == 3 &&
+                          packed.size(1) == (K + 1) / 2 && packed.size(2) == 2 * kPanel &&
+                          packed.size(0) == (N + kPanel - 1) / kPanel &&
+                          (out.stride(1) == 1 || N <= 1));
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+      if (!accumulate) out.zero_();
+      return;
+    }
+    gemm_bf16_pairs(out, a, packed, accumulate);
+    return;
+  }
   TORCH_INTERNAL_ASSERT(out.size(0) == M && packed.dim() == 3 && packed.size(1) == K &&
                         packed.size(0) == (N + kPanel - 1) / kPanel &&
                         packed.scalar_type() == at::kFloat && (out.stride(1) == 1 || N <= 1) &&

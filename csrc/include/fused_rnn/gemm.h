@@ -5,10 +5,11 @@
 // 6 rows of `a` by 32 columns of b at a time from the packed panels; it
 // measured ~1.7x ATen's mm (MKL) for the shapes of an RNN on the 2-core
 // AMD EPYC of bench/results (MKL takes a slower code path on AMD CPUs).
-// Per-step products in bfloat16 and float16 take it too (weights widened
-// to float32 when packed, float32 accumulation, one rounding): ATen's CPU
-// products in those types cost ~0.1 ms (bfloat16) to ~0.3 ms (float16) a
-// call even at batch 1. Elsewhere (float64, other CPUs, or
+// Per-step products in bfloat16 and float16 take it too (float32
+// accumulation, one rounding; bfloat16 weights packed as pairs of k for
+// AVX512-BF16's dot product where the CPU has it, else both types widened
+// to float32): ATen's CPU products in those types cost ~0.1 ms (bfloat16)
+// to ~0.3 ms (float16) a call even at batch 1. Elsewhere (float64, other CPUs, or
 // FUSED_RNN_CPU_GEMM=aten) `packed` stays undefined and the products are
 // ATen's.
 //
