@@ -330,8 +330,12 @@ bool packed_gemm_active() { return requested_gemm() == GemmChoice::kAuto && cpu_
 
 std::string gemm_description() {
   if (packed_gemm_active()) {
-    return "float32 products: fused_rnn's packed AVX-512 GEMM (weights packed once per call); "
-           "other dtypes: ATen's mm";
+    return std::string(
+               "float32 products: fused_rnn's packed AVX-512 GEMM (weights packed once per "
+               "call); bfloat16 / float16 per-step products: the same kernel (") +
+           (cpu_has_avx512_bf16() ? "bfloat16 on AVX512-BF16 dot products, float16 widened"
+                                  : "widened to float32") +
+           "); weight gradients, float64 and under 32 columns: ATen's mm";
   }
   return std::string("ATen's mm for every product (") +
          (requested_gemm() == GemmChoice::kAten ? "FUSED_RNN_CPU_GEMM=aten"
