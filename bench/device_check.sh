@@ -17,7 +17,8 @@
 # 256/512/1024, float32 with TF32 off on both sides, bfloat16, float16,
 # forward (no_grad) and forward+backward. Results go to
 # bench/results/<card>.json (and <card>-bidir.json) and, with the plot,
-# trace and logs, to $OUT. A short summary is printed last.
+# trace and logs, to $OUT. A short summary is printed last, with each speed
+# goal of issues 3 and 4 as PASS / MISS / NO DATA (bench/goals.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-16}" FUSED_RNN_CUDA=1 FUSED_RNN_NVCC_THREADS=4 PYTHONUNBUFFERED=1
@@ -86,6 +87,16 @@ bench() {
     | tee "$OUT/bench.txt"
   cp "bench/results/$card.json" "bench/results/$card-bidir.json" "$OUT/"
   summary+=("bench: ${SECONDS}s, bench/results/$card.json")
+  goals "$card"
+}
+
+# The speed goals of issues 3 and 4 against the JSON written so far.
+goals() {
+  local card=$1 extra=()
+  [ -f "bench/results/$card-general.json" ] && extra+=(--general "bench/results/$card-general.json")
+  python bench/goals.py "bench/results/$card.json" --bidir "bench/results/$card-bidir.json" \
+    ${extra[@]+"${extra[@]}"} > "$OUT/goals.txt"
+  while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
 
 bench_general() {
@@ -96,6 +107,7 @@ bench_general() {
     --json "bench/results/$card-general.json" | tee "$OUT/bench-general.txt"
   cp "bench/results/$card-general.json" "$OUT/"
   summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
+  [ -f "bench/results/$card.json" ] && goals "$card"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

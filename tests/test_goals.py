@@ -1,0 +1,89 @@
+"""bench/goals.py: the GPU speed goals checked against benchmark JSON, here
+on synthetic rows (the real ones come from bench/device_check.sh on a GPU)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("goals", os.path.join(ROOT, "bench", "goals.py"))
+goals = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(goals)
+
+
+def row(cell="LSTM", dtype="float32", batch=8, hidden=256, training=False, speedup=5.0,
+        us=2.0, layers=1, bidirectional=False):
+    return dict(cell=cell, dtype=dtype, batch=batch, hidden_size=hidden, input_size=hidden,
+                seq_len=256, num_layers=layers, bidirectional=bidirectional, training=training,
+                speedup=speedup, fused_us_per_step=us, kernel="persistent")
+
+
+def full_grid(**overrides):
+    rows = []
+    for cell in ("LSTM", "GRU"):
+        for dtype in ("float32", "bfloat16", "float16"):
+            for batch in (1, 8, 64, 256):
+                for hidden in (256, 512, 1024):
+                    for training in (False, True):
+                        rows.append(row(cell, dtype, batch, hidden, training))
+    return rows
+
+
+def verdicts(lines):
+    return {line.split()[0] for line in lines}
+
+
+def test_all_pass_and_missing_files_are_no_data():
+    lines = goals.check({"grid": full_grid()})
+    assert len(lines) == len(goals.GOALS)
+    assert [l.split()[0] for l in lines[:5]] == ["PASS"] * 5
+    assert lines[5].startswith("NO DATA") and lines[6].startswith("NO DATA")
+
+
+def test_a_slow_row_misses_and_is_named():
+    grid = full_grid()
+    for r in grid:
+        if (r["cell"], r["dtype"], r["batch"], r["hidden_size"], r["training"]) == \
+                ("GRU", "bfloat16", 64, 1024, False):
+            r["speedup"] = 3.5
+    lines = goals.check({"grid": grid})
+    assert lines[0].startswith("MISS") and "GRU bfloat16 B=64 H=1024 forward: 3.50x" in lines[0]
+    assert lines[3].startswith("PASS")  # fwd+bwd rows unaffected
+
+
+def test_fp16_bound_is_one_only_for_cudnn_persistent_lstm_b8():
+    grid = full_grid()
+    for r in grid:
+        if r["dtype"] == "float16" and r["batch"] == 8 and not r["training"]:
+            r["speedup"] = 1.2
+    line = goals.check({"grid": grid})[1]
+    assert line.startswith("MISS") and "GRU float16 B=8" in line
+    for r in grid:
+        if r["dtype"] == "float16" and r["batch"] == 8 and r["cell"] == "GRU":
+            r["speedup"] = 4.5
+    assert goals.check({"grid": grid})[1].startswith("PASS")
+
+
+def test_latency_goal_only_small_batch_and_hidden():
+    grid = full_grid()
+    for r in grid:
+        if r["batch"] == 64 or r["hidden_size"] == 1024:
+            r["fused_us_per_step"] = 50.0
+    assert goals.check({"grid": grid})[2].startswith("PASS")
+    grid[0]["fused_us_per_step"] = 3.1  # LSTM fp32 B=1 H=256 forward
+    assert goals.check({"grid": grid})[2].startswith("MISS")
+
+
+def test_main_reads_files_and_sets_exit_status(tmp_path, capsys):
+    grid = tmp_path / "card.json"
+    grid.write_text(json.dumps({"environment": {}, "rows": full_grid()}))
+    bidir = tmp_path / "card-bidir.json"
+    bidir.write_text(json.dumps({"rows": [row(batch=64, hidden=512, layers=2, bidirectional=True,
+                                              speedup=s, training=t)
+                                          for s, t in ((3.5, False), (2.5, True))]}))
+    assert goals.main([str(grid)]) == 0
+    assert goals.main([str(grid), "--bidir", str(bidir)]) == 1
+    out = capsys.readouterr().out
+    assert "MISS     2-layer bidirectional LSTM" in out and "fwd+bwd: 2.50x" in out
