@@ -18,11 +18,12 @@ from . import ops
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 
-def _match_cpu_autocast(module, input, tensors):
+def _match_cpu_autocast(module, input, tensors, packed=False):
     """Under CPU autocast the fused ops compute in bfloat16 (as oneDNN's LSTM
     does); torch.nn's native paths only autocast their matrix products and
     return some results in float32: GRU, LSTMCell and GRUCell all of them,
-    LSTM with projections its cell state. Cast those back to match."""
+    LSTM with projections its cell state, LSTM over a PackedSequence (no
+    oneDNN there) all of them. Cast those back to match."""
     if not (
         input.device.type == "cpu"
         and input.dtype == torch.float32
@@ -31,7 +32,7 @@ def _match_cpu_autocast(module, input, tensors):
         return tensors
     return tuple(
         t.to(torch.float32) if keep else t
-        for t, keep in zip(tensors, module._cpu_autocast_float32())
+        for t, keep in zip(tensors, module._cpu_autocast_float32(packed))
     )
 
 
@@ -42,9 +43,9 @@ class _FusedRNNBase(nn.RNNBase):
     _name = "RNN"
     _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
 
-    def _cpu_autocast_float32(self):
+    def _cpu_autocast_float32(self, packed):
         """Which of (output, *states) torch.nn returns in float32 under CPU
-        autocast (see _match_cpu_autocast)."""
+        autocast (see _match_cpu_autocast); packed: PackedSequence input."""
         return (False,) * 3
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
@@ -112,7 +113,8 @@ class _FusedRNNBase(nn.RNNBase):
             self._unpack_state(hx),
             batch_sizes,
         )
-        output, *states = _match_cpu_autocast(self, input, (output, *states))
+        output, *states = _match_cpu_autocast(self, input, (output, *states),
+                                              packed=batch_sizes is not None)
         if time_major:
             output = output.transpose(0, 1)
         hidden = self._pack_state(states)
@@ -185,7 +187,9 @@ class LSTM(_FusedRNNBase):
                 f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
             )
 
-    def _cpu_autocast_float32(self):
+    def _cpu_autocast_float32(self, packed):
+        if packed and self.proj_size == 0:
+            return (True, True, True)
         return (False, False, self.proj_size > 0)
 
     def _pack_state(self, states):
@@ -207,7 +211,7 @@ class GRU(_FusedRNNBase):
 
     _name = "GRU"
 
-    def _cpu_autocast_float32(self):
+    def _cpu_autocast_float32(self, packed):
         return (True, True)
 
     def __init__(self, *args, **kwargs):
@@ -265,7 +269,7 @@ class _FusedCellBase(nn.RNNCellBase):
     _name = "RNNCell"
     _cpu_autocast_returns_float32 = False
 
-    def _cpu_autocast_float32(self):
+    def _cpu_autocast_float32(self, packed):
         return (self._cpu_autocast_returns_float32,) * 2
 
     def _prepare(self, input, states):

@@ -340,16 +340,24 @@ def test_gradcheck_cell(mode, bias):
 # autocast (CPU, bfloat16): what torch.nn does under autocast, fused does
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", MODES + ("LSTMCell", "GRUCell", "RNNCell_TANH"))
-def test_autocast_cpu_bfloat16(mode):
+@pytest.mark.parametrize("mode,packed", [(m, False) for m in MODES + ("LSTMCell", "GRUCell",
+                                                                      "RNNCell_TANH")]
+                         + [(m, True) for m in MODES])
+def test_autocast_cpu_bfloat16(mode, packed):
     """Under torch.autocast("cpu", bfloat16) with float32 weights the fused
-    module runs (no dtype error), returns torch.nn's output dtype, values
-    within bfloat16 accuracy, and float32 parameter gradients."""
+    module runs (no dtype error), returns torch.nn's output dtypes (which
+    differ for a PackedSequence: torch.nn's LSTM then returns float32),
+    values within bfloat16 accuracy, and float32 parameter gradients."""
     if mode in MODES:
-        cfg = Cfg(mode=mode, num_layers=2, input_size=5, hidden_size=7)
+        cfg = Cfg(mode=mode, num_layers=2, input_size=5, hidden_size=7,
+                  lengths=(5, 4, 2) if packed else None)
         ref, fused = make_module_twins(cfg, torch.float32)
         inputs = make_module_inputs(cfg, torch.float32)
-        args = (inputs["x"], inputs["hx"])
+        x = inputs["x"]
+        if packed:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"],
+                                                        batch_first=cfg.batch_first)
+        args = (x, inputs["hx"])
     else:
         ref, fused = make_cell_twins(mode, 5, 7, dtype=torch.float32)
         inputs = make_cell_inputs(mode, 5, 7, 3, dtype=torch.float32)
@@ -358,7 +366,8 @@ def test_autocast_cpu_bfloat16(mode):
     for name, m in (("torch", ref), ("fused", fused)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(*args)
-        flat = torch.utils._pytree.tree_leaves(out)
+        flat = [t for t in torch.utils._pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
         sum(t.float().sum() for t in flat).backward()
         results[name] = (flat, {n: p.grad for n, p in m.named_parameters()})
     (t_out, t_grads), (f_out, f_grads) = results["torch"], results["fused"]
