@@ -85,9 +85,12 @@ link_flags = []
 def _compiler_is_gcc():
     import subprocess
 
+    import shlex
+
     try:
-        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True,
-                             text=True, timeout=30).stdout
+        # CXX may be a command line ("ccache g++").
+        out = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"],
+                             capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower()

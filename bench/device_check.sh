@@ -71,43 +71,66 @@ sanitize() {
   summary+=("sanitize: ${SECONDS}s")
 }
 
+# Results written by this script on this machine (build/ survives between
+# calls on a warm machine; the tracked bench/results files are copied in
+# afresh from the working tree and may be a previous session's): only these
+# feed the goal verdicts.
+fresh=build/.fresh-results
+unmark() { mkdir -p build; grep -vxF "$1" "$fresh" 2>/dev/null > "$fresh.tmp"; mv "$fresh.tmp" "$fresh"; }
+mark() { unmark "$1"; echo "$1" >> "$fresh"; }
+is_fresh() { grep -qxF "$1" "$fresh" 2>/dev/null; }
+
+# fused-rnn bench "$@" writing JSON to $json, the table to $log; marks $json
+# fresh when the run succeeded.
+run_bench() {
+  local json=$1 log=$2; shift 2
+  unmark "$json"; rm -f "$json"
+  python -m fused_rnn bench "$@" --json "$json" | tee "$log"
+  if [ "${PIPESTATUS[0]}" -eq 0 ] && [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"
+  else summary+=("FAILED: fused-rnn bench $* (see $log)"); fi
+}
+
+card_name() {
+  python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())"
+}
+
 bench() {
   SECONDS=0
   local card
-  card=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
+  card=$(card_name)
   python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 --batch 8 | tee "$OUT/explain.txt"
   python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 --seq-len 256 \
     --training --trace "$OUT/trace-$card.json" > "$OUT/profile.txt" 2>&1
   tail -8 "$OUT/profile.txt"
-  python -m fused_rnn bench --device cuda --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 \
-    --layers 2 --bidirectional --dtype float32 bfloat16 float16 --no-progress \
-    --json "bench/results/$card-bidir.json" | tee "$OUT/bench-bidir.txt"
-  python -m fused_rnn bench --preset full --device cuda --no-progress \
-    --json "bench/results/$card.json" --csv "$OUT/$card.csv" --plot "$OUT/$card.png" \
-    | tee "$OUT/bench.txt"
-  cp "bench/results/$card.json" "bench/results/$card-bidir.json" "$OUT/"
+  run_bench "bench/results/$card-bidir.json" "$OUT/bench-bidir.txt" --device cuda --cell LSTM \
+    --batch 64 --hidden-size 512 --seq-len 256 --layers 2 --bidirectional \
+    --dtype float32 bfloat16 float16 --no-progress
+  run_bench "bench/results/$card.json" "$OUT/bench.txt" --preset full --device cuda --no-progress \
+    --csv "$OUT/$card.csv" --plot "$OUT/$card.png"
   summary+=("bench: ${SECONDS}s, bench/results/$card.json")
   goals "$card"
 }
 
-# The speed goals of issues 3 and 4 against the JSON written so far.
+# The speed goals of issues 3 and 4 against the results of this machine.
 goals() {
-  local card=$1 extra=()
-  [ -f "bench/results/$card-general.json" ] && extra+=(--general "bench/results/$card-general.json")
-  python bench/goals.py "bench/results/$card.json" --bidir "bench/results/$card-bidir.json" \
-    ${extra[@]+"${extra[@]}"} > "$OUT/goals.txt"
+  local card=$1 args=()
+  if ! is_fresh "bench/results/$card.json"; then
+    summary+=("goals: no fresh bench/results/$card.json (run the bench stage)"); return
+  fi
+  is_fresh "bench/results/$card-bidir.json" && args+=(--bidir "bench/results/$card-bidir.json")
+  is_fresh "bench/results/$card-general.json" && args+=(--general "bench/results/$card-general.json")
+  python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
 
 bench_general() {
   SECONDS=0
   local card
-  card=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
-  python -m fused_rnn bench --preset full --device cuda --kernel general --no-progress \
-    --json "bench/results/$card-general.json" | tee "$OUT/bench-general.txt"
-  cp "bench/results/$card-general.json" "$OUT/"
+  card=$(card_name)
+  run_bench "bench/results/$card-general.json" "$OUT/bench-general.txt" --preset full \
+    --device cuda --kernel general --no-progress
   summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
-  [ -f "bench/results/$card.json" ] && goals "$card"
+  goals "$card"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -452,7 +452,8 @@ void gemm_reduced(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 }
 
 // out (M, N) in bfloat16 (+)= a (M, K) @ b^T with b packed as bfloat16
-// pairs (AVX512-BF16): float32 sums of the exact products, rounded once.
+// pairs (AVX512-BF16): float32 sums of the products, rounded once; like
+// oneDNN's, vdpbf16ps treats denormal inputs as zero.
 void gemm_bf16_pairs(const at::Tensor& out, const at::Tensor& a, const at::Tensor& packed,
                      bool accumulate) {
 #if FR_HAVE_AVX512_GEMM
@@ -563,8 +564,10 @@ GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows, bool per_step) :
   // Fewer columns than a panel: the tile's lanes would mostly multiply zero
   // padding, and ATen's mm (a dot-product kernel there) is the more
   // accurate one.
-  if (w.device().is_cpu() && packable && w.size(0) >= cpu::kPanel &&
-      total_rows >= cpu::kMinRowsToPack && cpu::packed_gemm_active()) {
+  // The choice is read first, so that a bad FUSED_RNN_CPU_GEMM fails every
+  // CPU call, whatever its shape.
+  if (w.device().is_cpu() && cpu::packed_gemm_active() && packable &&
+      w.size(0) >= cpu::kPanel && total_rows >= cpu::kMinRowsToPack) {
     packed_ = cpu::pack_gemm_operand(w);
   }
 }
