@@ -347,29 +347,34 @@ def test_autocast_cpu_bfloat16(mode, packed):
     """Under torch.autocast("cpu", bfloat16) with float32 weights the fused
     module runs (no dtype error), returns torch.nn's output dtypes (which
     differ for a PackedSequence: torch.nn's LSTM then returns float32),
-    values within bfloat16 accuracy, and float32 parameter gradients."""
+    values within bfloat16 accuracy, and float32 gradients of every
+    parameter, the input and the initial states."""
     if mode in MODES:
         cfg = Cfg(mode=mode, num_layers=2, input_size=5, hidden_size=7,
                   lengths=(5, 4, 2) if packed else None)
         ref, fused = make_module_twins(cfg, torch.float32)
         inputs = make_module_inputs(cfg, torch.float32)
-        x = inputs["x"]
-        if packed:
-            x = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"],
-                                                        batch_first=cfg.batch_first)
-        args = (x, inputs["hx"])
     else:
         ref, fused = make_cell_twins(mode, 5, 7, dtype=torch.float32)
         inputs = make_cell_inputs(mode, 5, 7, 3, dtype=torch.float32)
-        args = (inputs["x"], inputs["hx"])
     results = {}
     for name, m in (("torch", ref), ("fused", fused)):
+        # Fresh leaves per run: the input and initial states get gradients too.
+        x = inputs["x"].detach().clone().requires_grad_()
+        hx = torch.utils._pytree.tree_map(lambda t: t.detach().clone().requires_grad_(),
+                                          inputs["hx"])
+        leaves = [x] + torch.utils._pytree.tree_leaves(hx)
+        x_in = (torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"],
+                                                        batch_first=cfg.batch_first)
+                if packed else x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(*args)
+            out = m(x_in, hx)
         flat = [t for t in torch.utils._pytree.tree_leaves(out)
                 if isinstance(t, torch.Tensor) and t.is_floating_point()]
         sum(t.float().sum() for t in flat).backward()
-        results[name] = (flat, {n: p.grad for n, p in m.named_parameters()})
+        grads = {n: p.grad for n, p in m.named_parameters()}
+        grads.update({f"leaf{i}": t.grad for i, t in enumerate(leaves)})
+        results[name] = (flat, grads)
     (t_out, t_grads), (f_out, f_grads) = results["torch"], results["fused"]
     assert [t.dtype for t in f_out] == [t.dtype for t in t_out]
     for a, b in zip(f_out, t_out):

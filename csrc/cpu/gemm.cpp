@@ -86,10 +86,15 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// The first min(max(n, 0), 16) lanes of a vector.
+inline __mmask16 column_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 #if FR_HAVE_AVX512_GEMM
 // c (R, 32 or fewer: `cols`) (+)= a (R, kc) @ panel slice (kc, 32).
 template <int R>
-FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, const float* b,
+FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t lda, const float* b,
                           float* c, int64_t ldc, int64_t cols, bool add) {
   // Two sums per element, over even and over odd k, added at the end: half
   // the length of each rounding chain (the error of one chain of 256 FMAs
@@ -106,11 +111,11 @@ FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, co
     const __m512 b1 = _mm512_loadu_ps(b + k * kPanel + 16);
     const __m512 b2 = _mm512_loadu_ps(b + (k + 1) * kPanel);
     const __m512 b3 = _mm512_loadu_ps(b + (k + 1) * kPanel + 16);
-    const float* ak = a + k * sk;
+    const float* ak = a + k;
     FR_UNROLL
   for (int i = 0; i < R; ++i) {
-      const __m512 a0 = _mm512_set1_ps(ak[i * sm]);
-      const __m512 a1 = _mm512_set1_ps(ak[i * sm + sk]);
+      const __m512 a0 = _mm512_set1_ps(ak[i * lda]);
+      const __m512 a1 = _mm512_set1_ps(ak[i * lda + 1]);
       even[i][0] = _mm512_fmadd_ps(a0, b0, even[i][0]);
       even[i][1] = _mm512_fmadd_ps(a0, b1, even[i][1]);
       odd[i][0] = _mm512_fmadd_ps(a1, b2, odd[i][0]);
@@ -122,7 +127,7 @@ FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, co
     const __m512 b1 = _mm512_loadu_ps(b + k * kPanel + 16);
     FR_UNROLL
   for (int i = 0; i < R; ++i) {
-      const __m512 a0 = _mm512_set1_ps(a[i * sm + k * sk]);
+      const __m512 a0 = _mm512_set1_ps(a[i * lda + k]);
       even[i][0] = _mm512_fmadd_ps(a0, b0, even[i][0]);
       even[i][1] = _mm512_fmadd_ps(a0, b1, even[i][1]);
     }
@@ -134,10 +139,7 @@ FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, co
     acc[i][1] = _mm512_add_ps(even[i][1], odd[i][1]);
   }
   // Columns past `cols` are masked off (the panel's zero padding).
-  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
-                       : cols <= 16 ? __mmask16(0)
-                                    : __mmask16((1u << (cols - 16)) - 1);
+  const __mmask16 m0 = column_mask(cols), m1 = column_mask(cols - 16);
   FR_UNROLL
   for (int i = 0; i < R; ++i) {
     float* ci = c + i * ldc;
@@ -151,8 +153,8 @@ FR_AVX512 void micro_tile(int64_t kc, const float* a, int64_t sm, int64_t sk, co
   }
 }
 
-using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
-                        int64_t, bool);
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                        bool);
 
 template <int... R>
 constexpr auto make_tile_table(std::integer_sequence<int, R...>) {
@@ -163,15 +165,15 @@ constexpr auto kTiles = make_tile_table(std::make_integer_sequence<int, kRows>{}
 
 struct GemmArgs {
   int64_t M, N, K;
-  const float* a;
-  int64_t sm, sk;
+  const float* a;  // row-major
+  int64_t lda;
   const float* packed;
   float* c;
   int64_t ldc;
   bool accumulate;
 };
 
-// Rows [m0, m1) of the result, panels [p0, p1); a row-major (sk == 1).
+// Rows [m0, m1) of the result, panels [p0, p1).
 FR_AVX512 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t k0 = 0; k0 < g.K; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, g.K - k0);
@@ -181,7 +183,7 @@ FR_AVX512 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
       const int64_t cols = std::min(kPanel, g.N - n0);
       const float* b = g.packed + p * g.K * kPanel + k0 * kPanel;
       for (int64_t m = m0; m < m1; m += kRows) {
-        kTiles[std::min(kRows, m1 - m) - 1](kc, g.a + m * g.sm + k0, g.sm, 1, b,
+        kTiles[std::min(kRows, m1 - m) - 1](kc, g.a + m * g.lda + k0, g.lda, b,
                                             g.c + m * g.ldc + n0, g.ldc, cols, add);
       }
     }
@@ -280,10 +282,7 @@ FR_AVX512 inline void transpose16(__m512 r[16]) {
 FR_AVX512 void pack_panel_avx512(const float* src, int64_t sn, int64_t sk, int64_t K,
                                  int64_t cols, float* out) {
   if (sn == 1) {
-    const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF)
-                         : cols <= 16 ? __mmask16(0)
-                                      : __mmask16((1u << (cols - 16)) - 1);
+    const __mmask16 m0 = column_mask(cols), m1 = column_mask(cols - 16);
     for (int64_t k = 0; k < K; ++k) {
       const float* in = src + k * sk;
       _mm512_storeu_ps(out + k * kPanel, _mm512_maskz_loadu_ps(m0, in));
@@ -390,7 +389,7 @@ void gemm_float(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                 const float* packed, int64_t panels, float* c, int64_t ldc, bool accumulate) {
 #if FR_HAVE_AVX512_GEMM
   TORCH_INTERNAL_ASSERT(cpu_has_avx512());
-  const GemmArgs g{M, N, K, a, lda, 1, packed, c, ldc, accumulate};
+  const GemmArgs g{M, N, K, a, lda, packed, c, ldc, accumulate};
   // Row blocks of equal size (a multiple of kRows, at most kRowBlock), so
   // the threads' shares of tasks are equal work.
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;

@@ -74,8 +74,19 @@ at::Tensor recurrent_product(const at::Tensor& scratch, const at::Tensor& h_prev
   return hh;
 }
 
+// Non-template overloads of a row function for float and bfloat16, compiled
+// per instruction set (FR_CPU_CLONES); overload resolution prefers them to
+// the template, which serves double and float16.
+#define FR_CPU_CLONED_ROWS(name, Ptrs)                                                  \
+  FR_CPU_CLONES void name(const Ptrs<float>& p, int64_t b0, int64_t b1) {              \
+    name<float>(p, b0, b1);                                                            \
+  }                                                                                    \
+  FR_CPU_CLONES void name(const Ptrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {      \
+    name<c10::BFloat16>(p, b0, b1);                                                    \
+  }
+
 // Runs a row function over all rows; overload resolution picks the
-// target-cloned float version for float.
+// target-cloned version for float and bfloat16.
 #define FR_RUN_ROWS(kernel, P, rows_, width) \
   for_rows(rows_, width, [&](int64_t b0, int64_t b1) { kernel(P, b0, b1); })
 
@@ -147,14 +158,7 @@ FR_INLINE void lstm_forward_rows(const LstmForwardPtrs<scalar_t>& p, int64_t b0,
   }
 }
 
-FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<float>& p, int64_t b0,
-                                       int64_t b1) {
-  lstm_forward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void lstm_forward_rows(const LstmForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  lstm_forward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(lstm_forward_rows, LstmForwardPtrs)
 
 template <typename scalar_t>
 struct LstmBackwardPtrs {
@@ -209,14 +213,7 @@ FR_INLINE void lstm_backward_rows(const LstmBackwardPtrs<scalar_t>& p,
   }
 }
 
-FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<float>& p,
-                                          int64_t b0, int64_t b1) {
-  lstm_backward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void lstm_backward_rows(const LstmBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  lstm_backward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(lstm_backward_rows, LstmBackwardPtrs)
 
 // ------------------------------------------------------------------- GRU
 template <typename scalar_t>
@@ -284,14 +281,7 @@ FR_INLINE void gru_forward_rows(const GruForwardPtrs<scalar_t>& p, int64_t b0,
   }
 }
 
-FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<float>& p, int64_t b0,
-                                      int64_t b1) {
-  gru_forward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void gru_forward_rows(const GruForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  gru_forward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(gru_forward_rows, GruForwardPtrs)
 
 template <typename scalar_t>
 struct GruBackwardPtrs {
@@ -347,14 +337,7 @@ FR_INLINE void gru_backward_rows(const GruBackwardPtrs<scalar_t>& p,
   }
 }
 
-FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<float>& p,
-                                         int64_t b0, int64_t b1) {
-  gru_backward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void gru_backward_rows(const GruBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  gru_backward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(gru_backward_rows, GruBackwardPtrs)
 
 // ------------------------------------------------------------------- RNN
 template <typename scalar_t>
@@ -402,14 +385,7 @@ FR_INLINE void rnn_forward_rows(const RnnForwardPtrs<scalar_t>& p, int64_t b0,
   }
 }
 
-FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<float>& p, int64_t b0,
-                                      int64_t b1) {
-  rnn_forward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void rnn_forward_rows(const RnnForwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  rnn_forward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(rnn_forward_rows, RnnForwardPtrs)
 
 template <typename scalar_t>
 struct RnnBackwardPtrs {
@@ -446,14 +422,7 @@ FR_INLINE void rnn_backward_rows(const RnnBackwardPtrs<scalar_t>& p, int64_t b0,
   }
 }
 
-FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<float>& p,
-                                         int64_t b0, int64_t b1) {
-  rnn_backward_rows<float>(p, b0, b1);
-}
-
-FR_CPU_CLONES void rnn_backward_rows(const RnnBackwardPtrs<c10::BFloat16>& p, int64_t b0, int64_t b1) {
-  rnn_backward_rows<c10::BFloat16>(p, b0, b1);
-}
+FR_CPU_CLONED_ROWS(rnn_backward_rows, RnnBackwardPtrs)
 
 }  // namespace
 
