@@ -12,6 +12,16 @@
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
+#   bash bench/device_check.sh session    one call for a whole device budget: the tests and
+#                                         both sanitizers side by side, then the default and
+#                                         general grids alone on the GPU, each stage capped so
+#                                         that all ends by DEADLINE seconds (default 420)
+#
+# A prebuilt extension saves the build (minutes of device time): build it
+# here against the device's torch release with bench/prebuild.sh, which
+# writes .prebuilt/ (git-ignored), and name .prebuilt in the call's carry.
+# The script uses it when its torch version matches the device's and it
+# loads; otherwise it builds.
 #
 # The grid: LSTM and GRU, one layer, T=256, I=H, B 1/8/64/256, H
 # 256/512/1024, float32 with TF32 off on both sides, bfloat16, float16,
@@ -31,8 +41,48 @@ fi
 OUT="${OUT:-/tmp}"
 stage="${1:-all}"
 summary=()
+# `python` as the scripts call it, where the machine has only python3.
+if ! command -v python >/dev/null; then
+  mkdir -p /tmp/fused-rnn-bin && ln -sf "$(command -v python3)" /tmp/fused-rnn-bin/python
+  export PATH="/tmp/fused-rnn-bin:$PATH"
+fi
+# The fused_rnn of this tree, also for scripts run from bench/ (the prebuilt
+# extension is not pip-installed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEADLINE="${DEADLINE:-420}"  # seconds, for the session stage
+# Seconds left before DEADLINE, less $1 (reserved for what follows).
+left() { echo $(( DEADLINE - $(date +%s) + START - ${1:-0} )); }
+START=$(date +%s)
+# A cap for a stage: the smaller of $1 and what is left less $2 (at least 5).
+cap() { local l; l=$(left "${2:-0}"); (( l < $1 )) && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
+# Logs of a session in one archive under $OUT (which returns at most 8 files),
+# rewritten after every stage so that a killed call still brings back the rest.
+LOGS="$OUT/logs"; mkdir -p "$LOGS"
+pack() { tar -C "$OUT" -czf "$OUT/logs.tgz.tmp" logs 2>/dev/null && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"; }
+
+use_prebuilt() {
+  [ -f .prebuilt/_C.abi3.so ] && [ -f .prebuilt/_build_config.py ] || return 1
+  local want have
+  want=$(python -c "import torch; print(torch.__version__)")
+  have=$(python -c "exec(open('.prebuilt/_build_config.py').read()); print(CONFIG['torch'])")
+  [ "$want" = "$have" ] || { summary+=("prebuilt: for torch $have, here $want: building"); return 1; }
+  local hash
+  hash=$( (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16)
+  [ "$hash" = "$(cat .prebuilt/source-hash)" ] \
+    || { summary+=("prebuilt: from other sources: building"); return 1; }
+  [ "$FUSED_RNN_CUDA_ARCHS" = "$(cat .prebuilt/arch)" ] \
+    || { summary+=("prebuilt: for sm $(cat .prebuilt/arch), card $FUSED_RNN_CUDA_ARCHS: building"); return 1; }
+  cp .prebuilt/_C.abi3.so .prebuilt/_build_config.py fused_rnn/
+  if python -c "import fused_rnn, torch; torch.zeros(1, device='cuda'); fused_rnn.LSTM(2, 2).cuda()" \
+      >"$LOGS/prebuilt.log" 2>&1; then
+    summary+=("build: prebuilt for torch $have ($(cat .prebuilt/source 2>/dev/null))"); return 0
+  fi
+  tail -5 "$LOGS/prebuilt.log"; summary+=("prebuilt: does not load here: building")
+  rm -f fused_rnn/_C.abi3.so; return 1
+}
 
 build() {
+  [ "$stage" != build ] && use_prebuilt && return 0
   # The copied tree has fresh mtimes on every call: compare the sources'
   # content with that of the last build instead.
   local hash
@@ -133,6 +183,73 @@ bench_general() {
   goals "$card"
 }
 
+# session: the correctness checks side by side (pytest-xdist workers and the
+# two sanitizers share the GPU; none of them is timed), then the timed grids
+# alone on the GPU.
+session() {
+  local card pids=() sanitizer
+  card=$(card_name)
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  SECONDS=0
+  # 1. the checks, side by side, leaving 170 s for the timed grids
+  local checks
+  checks=$(cap 180 170)
+  for tool in memcheck racecheck; do
+    timeout "$checks" "$sanitizer" --tool "$tool" --error-exitcode 3 python bench/sanitize.py \
+      >"$LOGS/sanitize-$tool.log" 2>&1 &
+    pids+=($!)
+  done
+  local workers=6
+  python -c "import xdist" 2>/dev/null || workers=0
+  timeout "$checks" python -m pytest -q -p no:cacheprovider -rfE --durations=8 \
+    $( ((workers)) && echo "-n $workers" ) \
+    $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
+    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
+    >"$LOGS/tests.log" 2>&1
+  local rc=$?
+  summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${checks}s)")
+  local i=0
+  for tool in memcheck racecheck; do
+    wait "${pids[$i]}"; rc=$?; i=$((i + 1))
+    summary+=("sanitize $tool: exit $rc, $(grep -c 'Error\|Hazard' "$LOGS/sanitize-$tool.log") reports, $(grep '^sanitize:' "$LOGS/sanitize-$tool.log" | tr '\n' ' ')")
+  done
+  pack
+  # 2. the timed grids, alone on the GPU
+  SECONDS=0
+  timeout 40 python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 \
+    --batch 8 >"$LOGS/explain.txt" 2>&1
+  run_bench_capped "$(cap 180 45)" "bench/results/$card.json" "$LOGS/bench.txt" --preset full \
+    --device cuda --no-progress --csv "$LOGS/$card.csv"
+  pack
+  run_bench_capped "$(cap 60 0)" "bench/results/$card-bidir.json" "$LOGS/bench-bidir.txt" \
+    --device cuda --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 --layers 2 \
+    --bidirectional --dtype float32 bfloat16 float16 --no-progress
+  pack
+  if (( $(left) >= 40 )); then
+    run_bench_capped "$(cap 200 0)" "bench/results/$card-general.json" "$LOGS/bench-general.txt" \
+      --preset full --device cuda --kernel general --no-progress
+  else
+    summary+=("bench general: skipped, $(left) s left")
+  fi
+  summary+=("bench: ${SECONDS}s")
+  goals "$card"
+  grep -hE '^(FAILED|ERROR) ' "$LOGS/tests.log" | cut -c1-220 | head -40
+  grep -h '^FAILED ' "$LOGS"/bench*.txt 2>/dev/null | cut -c1-220 | head -10
+  pack
+}
+
+# run_bench under a time limit ($1 seconds).
+run_bench_capped() {
+  local limit=$1 json=$2 log=$3; shift 3
+  unmark "$json"; rm -f "$json"
+  timeout "$limit" python -m fused_rnn bench "$@" --json "$json" >"$log" 2>&1
+  local rc=$?
+  # rows written before a cut or a failed configuration still count (the
+  # JSON says complete: false, goals.py names it, failed rows miss)
+  if [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"; fi
+  (( rc == 0 )) || summary+=("bench exit $rc (cap ${limit}s): $* (see logs/$(basename "$log"))")
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$stage" in
   build) build ;;
@@ -141,7 +258,9 @@ case "$stage" in
   bench) build; bench ;;
   general) build; bench_general ;;
   all) build; tests; sanitize; bench ;;
+  session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|all]"; exit 2 ;;
 esac
 echo
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"
+pack

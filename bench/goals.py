@@ -103,11 +103,16 @@ def check(rows_by_source) -> List[str]:
     return lines
 
 
-def _rows(path):
+def _load(path):
+    """(rows, note): note names a file that a cut-short bench left partial."""
     if not path:
-        return []
+        return [], None
     with open(path) as f:
-        return json.load(f)["rows"]
+        data = json.load(f)
+    note = None
+    if data.get("complete") is False:
+        note = f"PARTIAL  {path}: the bench was cut short after {len(data['rows'])} rows"
+    return data["rows"], note
 
 
 def main(argv=None):
@@ -117,9 +122,11 @@ def main(argv=None):
     parser.add_argument("--bidir", help="JSON of the 2-layer bidirectional LSTM rows")
     parser.add_argument("--general", help="JSON of the grid with --kernel general")
     args = parser.parse_args(argv)
-    lines = check({"grid": _rows(args.grid), "bidir": _rows(args.bidir),
-                   "general": _rows(args.general)})
-    print("\n".join(lines))
+    loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
+              "general": _load(args.general)}
+    lines = check({source: rows for source, (rows, _) in loaded.items()})
+    notes = [note for _, note in loaded.values() if note]
+    print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 
 

@@ -142,6 +142,24 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     }
 
 
+def failed_row(config: Config, error: BaseException) -> dict:
+    """The row of a configuration whose run raised: NaN times (which
+    bench/goals.py counts as a miss) and the error."""
+    nan = float("nan")
+    try:
+        kernel = kernel_name(config)
+    except Exception:
+        kernel = "?"
+    return {
+        **dataclasses.asdict(config),
+        "kernel": kernel,
+        "torch_ms": nan, "fused_ms": nan, "speedup": nan,
+        "fused_us_per_step": nan, "torch_us_per_step": nan, "max_abs_error": nan,
+        "repeats": 0,
+        "error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
+    }
+
+
 def kernel_name(config: Config) -> str:
     """The kernels fused_rnn runs for config's forward: persistent, general
     (CUDA) or cpu."""

@@ -186,15 +186,22 @@ def run_bench(args, parser):
     print(_environment_line(env))
     rows = []
     show = not args.no_progress and sys.stderr.isatty()
+    failed = 0
     for i, config in enumerate(configs):
         _progress(i, len(configs), config, None, show)
-        row = benchmark.run(config, repeats=args.repeats, warmup=args.warmup)
+        try:
+            row = benchmark.run(config, repeats=args.repeats, warmup=args.warmup)
+        except Exception as error:  # recorded (NaN times, the error), the grid goes on
+            row = benchmark.failed_row(config, error)
+            failed += 1
+            print(f"FAILED {benchmark.format_table([row]).splitlines()[-1]}: {row['error']}",
+                  file=sys.stderr, flush=True)
         rows.append(row)
         _progress(i + 1, len(configs), config, row, show)
+        if args.json:  # after every row: a run cut short keeps what it measured
+            _write_json(args.json, env, rows, complete=i + 1 == len(configs))
     print(benchmark.format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
         print(f"JSON: {args.json}")
     if args.csv:
         write_csv(args.csv, rows, env)
@@ -202,7 +209,17 @@ def run_bench(args, parser):
     if args.plot:
         write_plot(args.plot, rows, env)
         print(f"plot: {args.plot}")
+    if failed:
+        print(f"{failed} of {len(configs)} configurations failed", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_json(path, env, rows, complete):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": env, "complete": complete, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def environment_report(device):

@@ -167,3 +167,37 @@ def test_kernel_flag_sets_the_path_for_the_command_only(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["explain", "--kernel", "fast"])
     assert "--kernel" in capsys.readouterr().err
+
+
+def test_bench_records_a_failing_configuration_and_goes_on(tmp_path, capsys, monkeypatch):
+    """A configuration whose run raises gets a NaN row with its error, the
+    rest of the grid still runs, the JSON is written after every row (a run
+    cut short keeps what it measured) and the exit status is 1."""
+    from fused_rnn import benchmark
+    real_run = benchmark.run
+    seen = []
+
+    def run(config, **kw):
+        seen.append(config)
+        if config.cell == "GRU" and config.batch == 2:
+            raise RuntimeError("boom\nsecond line")
+        row = real_run(config, **kw)
+        with open(out_json) as f:  # the rows before this one are on disk already
+            assert len(json.load(f)["rows"]) == len(seen) - 1
+        return row
+
+    out_json = tmp_path / "r.json"
+    out_json.write_text(json.dumps({"rows": []}))
+    monkeypatch.setattr(benchmark, "run", run)
+    code = cli.main(["bench", "--cell", "LSTM", "GRU", *TINY, "--mode", "forward",
+                     "--json", str(out_json)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "FAILED GRU" in captured.err and "RuntimeError: boom" in captured.err
+    data = json.loads(out_json.read_text())
+    assert data["complete"] is True and len(data["rows"]) == 4
+    failed = [r for r in data["rows"] if "error" in r]
+    assert [(r["cell"], r["batch"]) for r in failed] == [("GRU", 2)]
+    assert failed[0]["error"] == "RuntimeError: boom" and failed[0]["speedup"] != failed[0]["speedup"]
+    assert all(r["speedup"] > 0 for r in data["rows"] if "error" not in r)
+    assert not os.path.exists(str(out_json) + ".tmp")

@@ -112,3 +112,14 @@ def test_main_reads_files_and_sets_exit_status(tmp_path, capsys):
     assert goals.main([str(grid), "--bidir", str(bidir)]) == 1
     out = capsys.readouterr().out
     assert "MISS     2-layer bidirectional LSTM" in out and "fwd+bwd: 2.50x" in out
+
+
+def test_a_cut_short_file_is_named_partial(tmp_path, capsys):
+    grid = tmp_path / "card.json"
+    grid.write_text(json.dumps({"environment": {}, "complete": False, "rows": full_grid()[:5]}))
+    goals.main([str(grid)])
+    out = capsys.readouterr().out
+    assert f"PARTIAL  {grid}: the bench was cut short after 5 rows" in out
+    grid.write_text(json.dumps({"environment": {}, "complete": True, "rows": full_grid()}))
+    goals.main([str(grid)])
+    assert "PARTIAL" not in capsys.readouterr().out
