@@ -12,6 +12,7 @@ import dataclasses
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -120,11 +121,21 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     try:
         error = _parity(reference, fused, x, grad, config.training)
         times = {"torch": [], "fused": []}
-        for i in range(warmup + repeats):
-            for name, module in (("torch", reference), ("fused", fused)):
-                elapsed = _timed(lambda: step(module, x, grad, config.training), config.device)
-                if i >= warmup:
-                    times[name].append(elapsed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(warmup + repeats):
+                for name, module in (("torch", reference), ("fused", fused)):
+                    elapsed = _timed(lambda: step(module, x, grad, config.training),
+                                     config.device)
+                    if i >= warmup:
+                        times[name].append(elapsed)
+        # torch.nn's cuDNN path compacts its weights on every call when
+        # flatten_parameters() could not make them one buffer (cuDNN takes
+        # no bfloat16 there in some torch releases): say so in the row.
+        flat = not any("contiguous chunk of memory" in str(w.message) for w in caught)
+        for w in caught:
+            if "contiguous chunk of memory" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     torch_ms = statistics.median(times["torch"]) * 1e3
@@ -139,6 +150,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         "torch_us_per_step": torch_ms * 1e3 / config.seq_len,
         "max_abs_error": error,
         "repeats": repeats,
+        "torch_weights_flat": flat,
     }
 
 

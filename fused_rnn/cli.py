@@ -237,7 +237,9 @@ def _environment_line(env):
 
 
 def write_csv(path, rows, env):
-    fields = list(rows[0].keys()) + ["device_name", "torch_version"]
+    # every row's keys (a failed row has "error", a timed one more fields)
+    fields = list(dict.fromkeys(k for row in rows for k in row)) + ["device_name",
+                                                                   "torch_version"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

@@ -523,7 +523,9 @@ def check_cell_parity(mode, input_size, hidden_size, batch, *, bias=True, unbatc
 def reference_op(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
                  relu=False):
     """cell in {"lstm", "gru", "rnn"}. Returns (output, hy[, cy]) like the
-    fused_rnn.ops wrappers, differentiable."""
+    fused_rnn.ops wrappers, differentiable. Called with train=True (dropout
+    is 0, so it changes nothing else): cuDNN refuses a backward through an
+    RNN run with train=False."""
     has_bias = b_ih is not None
     layer = [w_ih, w_hh] + ([b_ih, b_hh] if has_bias else []) + ([w_hr] if w_hr is not None else [])
     if reverse:
@@ -538,20 +540,20 @@ def reference_op(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
     if cell == "lstm":
         state = (hx2, cx2)
         if batch_sizes is None:
-            out, hy, cy = torch._VF.lstm(input, state, params, has_bias, 1, 0.0, False, bidir,
+            out, hy, cy = torch._VF.lstm(input, state, params, has_bias, 1, 0.0, True, bidir,
                                          False)
         else:
             out, hy, cy = torch._VF.lstm(input, batch_sizes, state, params, has_bias, 1, 0.0,
-                                         False, bidir)
+                                         True, bidir)
     else:
         if cell == "gru":
             fn = torch._VF.gru
         else:
             fn = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
         if batch_sizes is None:
-            out, hy = fn(input, hx2, params, has_bias, 1, 0.0, False, bidir, False)
+            out, hy = fn(input, hx2, params, has_bias, 1, 0.0, True, bidir, False)
         else:
-            out, hy = fn(input, batch_sizes, hx2, params, has_bias, 1, 0.0, False, bidir)
+            out, hy = fn(input, batch_sizes, hx2, params, has_bias, 1, 0.0, True, bidir)
         cy = None
     P = hx.shape[-1]
     if reverse:

@@ -51,6 +51,7 @@ def test_bench_writes_consistent_json_csv_and_plot(tmp_path, capsys):
     for r in rows:
         assert r["torch_ms"] > 0 and r["fused_ms"] > 0
         assert r["max_abs_error"] < 1e-5  # float32 parity of every row
+        assert r["torch_weights_flat"] is True  # no cuDNN weight compaction on the CPU
     with open(out_csv) as f:
         csv_rows = list(csv.DictReader(f))
     assert [(r["cell"], int(r["batch"]), float(r["fused_ms"])) for r in csv_rows] == [
@@ -189,8 +190,9 @@ def test_bench_records_a_failing_configuration_and_goes_on(tmp_path, capsys, mon
     out_json = tmp_path / "r.json"
     out_json.write_text(json.dumps({"rows": []}))
     monkeypatch.setattr(benchmark, "run", run)
+    out_csv = tmp_path / "r.csv"
     code = cli.main(["bench", "--cell", "LSTM", "GRU", *TINY, "--mode", "forward",
-                     "--json", str(out_json)])
+                     "--json", str(out_json), "--csv", str(out_csv)])
     assert code == 1
     captured = capsys.readouterr()
     assert "FAILED GRU" in captured.err and "RuntimeError: boom" in captured.err
@@ -201,3 +203,5 @@ def test_bench_records_a_failing_configuration_and_goes_on(tmp_path, capsys, mon
     assert failed[0]["error"] == "RuntimeError: boom" and failed[0]["speedup"] != failed[0]["speedup"]
     assert all(r["speedup"] > 0 for r in data["rows"] if "error" not in r)
     assert not os.path.exists(str(out_json) + ".tmp")
+    with open(out_csv) as f:  # the failed row and the timed ones, one header
+        assert [r["error"] for r in csv.DictReader(f)] == ["", "", "RuntimeError: boom", ""]

@@ -57,7 +57,14 @@ def _train(model, batches, lr=0.1, compiled_step=None):
         return loss.detach()
 
     step = compiled_step(step) if compiled_step else step
-    return [step(x, target) for x, target in batches]
+    losses = []
+    for x, target in batches:
+        if compiled_step and torch.cuda.is_available():
+            # one training iteration per CUDA-graph tree step
+            torch.compiler.cudagraph_mark_step_begin()
+        # a copy: a CUDA graph's output is overwritten by its next replay
+        losses.append(step(x, target).clone())
+    return losses
 
 
 def _batches(count, dtype=torch.float32, device="cpu", batch=4, steps=5):

@@ -55,6 +55,11 @@ CONFIGS = {
     "ragged_tiles_and_blocks": (31, 10, 3, 11, 8),  # backward k = G*H: several chunks
     "widest_block_2_chunks": (40, 3, 2, 16, 8),     # LSTM: 64 rows, the most a block holds
     "one_unit_per_block": (5, 9, 2, 1, 8),
+    # warps left free by the rows take batch tiles side by side: 5 tiles
+    # (not a power of two) in one pass, the last ragged
+    "tiles_side_by_side": (6, 37, 2, 2, 8),
+    # 4 tiles side by side, three passes, the last one partly past the batch
+    "several_passes": (8, 70, 2, 4, 8),
 }
 
 
@@ -155,10 +160,11 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_emulated_low_precision(emu, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
-    16x16x16, rows and columns padded to 16, two batch tiles with a ragged
-    last one), forward and backward, against the CPU ops in float64 on the
-    same (rounded) inputs: within a few roundings of the storage type."""
-    H, B, T, units = 31, 20, 3, 11
+    16x16x16, rows and columns padded to 16, two batch tiles side by side
+    and a second pass with one, past the batch), forward and backward,
+    against the CPU ops in float64 on the same (rounded) inputs: within a
+    few roundings of the storage type."""
+    H, B, T, units = 31, 40, 3, 11
     tile = 8 if dtype == torch.float32 else 16
     op_cell = cell.split("_")[0]
     a = make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=reverse,

@@ -128,9 +128,9 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     d.choice.reason = why.str();
     return d;
   }
-  plan.shared_bytes = make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile,
-                                  c10::elementSize(dtype), math_size(dtype))
-                          .bytes;
+  const Tiling tiling = make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile,
+                                    batch, plan.units, c10::elementSize(dtype), math_size(dtype));
+  plan.shared_bytes = tiling.bytes;
   if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
     std::ostringstream why;
     if (explain)
@@ -163,7 +163,10 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
       << (plan.batch_tile == kMmaTile ? " on tensor cores (wmma, fp32 accumulation)"
                                       : " on FMA units")
-      << ", one grid barrier per step";
+      << ", " << tiling.bsplits << " tile" << (tiling.bsplits == 1 ? "" : "s")
+      << " side by side (" << (batch + tiling.pass - 1) / tiling.pass << " pass"
+      << ((batch + tiling.pass - 1) / tiling.pass == 1 ? "" : "es")
+      << " per step), one grid barrier per step";
   d.choice.reason = why.str();
   return d;
 }

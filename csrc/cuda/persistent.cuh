@@ -5,12 +5,15 @@
 // fewer). Its weight slice, `rows` x `k` in shared memory:
 //   forward   rows = G*J, row q*J + jj = W_hh row q*H + j0 + jj, k = H
 //   backward  rows = J,   row jj = W_hh column j0 + jj,          k = G*H
-// Per step and batch tile of BT rows, block_matvec multiplies the slice by
-// BT rows of a vector the whole grid wrote during the previous step (h_{t-1}
+// Per step and pass of P batch rows, block_matvec multiplies the slice by
+// P rows of a vector the whole grid wrote during the previous step (h_{t-1}
 // forward, the next step's gate gradients backward), staged in shared memory
-// in chunks of kChunk columns as the math type; the cell math of cells.h
-// then runs over the block's units and the tile's rows, and after the last
-// tile the grid meets at one barrier. Math in at::opmath_type (float for
+// in chunks of columns; the cell math of cells.h then runs over the block's
+// units and the pass's rows, and after the last pass the grid meets at one
+// barrier. A pass is bsplits batch tiles of BT rows: warps that the
+// block's weight rows leave free take further batch tiles side by side
+// (before they split the columns), so that a batch of 64 costs one pass,
+// not eight one after another. Math in at::opmath_type (float for
 // half and bfloat16, with fp32 accumulation and an fp32 cell state);
 // float32 is exact fp32 FMA.
 //
@@ -52,8 +55,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;
 // At most this many weight rows per block (kWarps row groups of kRowsPerWarp).
 constexpr int kMaxRows = kWarps * kRowsPerWarp;
-// Columns of the staged input tile (smaller in the CPU emulation's build,
-// tests/emulation/, so that small shapes cover several chunks).
+// Columns of the staged input tile for one batch tile (smaller in the CPU
+// emulation's build, tests/emulation/, so that small shapes cover several
+// chunks); a pass of bsplits tiles stages kChunk / bsplits columns at a time
+// (at least 16).
 #if defined(FUSED_RNN_EMULATION_CHUNK)
 constexpr int kChunk = FUSED_RNN_EMULATION_CHUNK;
 #else
@@ -66,11 +71,19 @@ constexpr int kChunk = 1024;
 constexpr int kMaxBatchTile = 8;
 constexpr int kMmaTile = 16;
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
+static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
-// Warps that share one row group split its columns: kWarps / groups of them.
-__host__ __device__ constexpr int column_splits(int rows) {
-  const int groups = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
-  return groups >= kWarps ? 1 : kWarps / groups;
+// Batch tiles side by side in a pass (bsplits): as many as the warps that
+// the `groups` row groups leave free, the batch's tiles and one (pass row,
+// unit) pair per thread in the pointwise phase allow.
+__host__ __device__ inline int batch_splits(int groups, int64_t batch, int batch_tile,
+                                            int units) {
+  int s = groups >= kWarps ? 1 : kWarps / groups;
+  const int64_t tiles = (batch + batch_tile - 1) / batch_tile;
+  if (tiles < s) s = static_cast<int>(tiles);
+  const int by_threads = kThreads / (batch_tile * units);
+  if (by_threads < s) s = by_threads;
+  return s < 1 ? 1 : s;
 }
 
 __host__ __device__ constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
@@ -78,32 +91,43 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 
 // How a block holds and splits its product, and its dynamic shared memory:
 // the weight slice (rows_pad x ldw of the storage type, zeros past rows and
-// past k), the staged input tile (BT x chunk: the math type for FMA, the
+// past k), the staged input (pass x chunk: the math type for FMA, the
 // storage type for tensor cores) and the partial sums (splits x rows_pad x
-// BT of the math type). Tensor-core tiles pad rows and columns to 16.
+// pass of the math type). Tensor-core tiles pad rows and columns to 16.
+// Warp w takes row group w % groups, batch tile (w / groups) % bsplits and
+// column split w / (groups * bsplits). Host (plan) and device compute it
+// alike from the launch's shape.
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
   int ldw;             // weight row stride, >= k
-  int chunk;           // columns staged at once (the stride of tile rows)
-  int splits;          // warps splitting the columns of one row group
+  int groups;          // row groups (kRowsPerWarp rows, or 16 on tensor cores)
+  int bsplits;         // batch tiles side by side in a pass
+  int pass;            // batch rows per pass: bsplits * BT
+  int chunk;           // columns staged at once (the stride of staged rows)
+  int splits;          // warps splitting the columns of one row group and batch tile
   size_t tile_offset, partial_offset, bytes;
 };
-__host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, size_t element,
-                                              size_t math_element) {
+__host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, int64_t batch,
+                                              int units, size_t element, size_t math_element) {
   const bool mma = batch_tile == kMmaTile;
   Tiling t{};
   t.rows = rows;
   t.rows_pad = mma ? round_up(rows, 16) : rows;
   t.ldw = mma ? round_up(k, 16) : k;
-  t.chunk = t.ldw < kChunk ? t.ldw : kChunk;
-  const int groups = t.rows_pad / 16;
-  t.splits = mma ? (groups >= kWarps ? 1 : kWarps / groups) : column_splits(rows);
+  t.groups = mma ? t.rows_pad / 16 : (rows + kRowsPerWarp - 1) / kRowsPerWarp;
+  t.bsplits = batch_splits(t.groups, batch, batch_tile, units);
+  t.pass = t.bsplits * batch_tile;
+  int chunk = kChunk / t.bsplits / 16 * 16;
+  if (chunk < 16) chunk = 16;
+  t.chunk = t.ldw < chunk ? t.ldw : chunk;
+  const int used = t.groups * t.bsplits;
+  t.splits = used >= kWarps ? 1 : kWarps / used;
   t.tile_offset = align128(static_cast<size_t>(t.rows_pad) * t.ldw * element);
   t.partial_offset =
-      t.tile_offset + align128(static_cast<size_t>(batch_tile) * t.chunk *
+      t.tile_offset + align128(static_cast<size_t>(t.pass) * t.chunk *
                                (mma ? element : math_element));
   t.bytes = t.partial_offset +
-            align128(static_cast<size_t>(t.splits) * t.rows_pad * batch_tile * math_element);
+            align128(static_cast<size_t>(t.splits) * t.rows_pad * t.pass * math_element);
   return t;
 }
 
@@ -196,37 +220,55 @@ struct MmaType<c10::BFloat16> {
 };
 #endif
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
+// The warp-wide sums of N values per lane (N a power of two, at most 32)
+// in N - 1 + 5 - log2(N) shuffles (31 for N = 32, 6 for N = 4) instead of
+// 5 N. Each halving step trades half of the values with the lane `offset`
+// away (the lane with that bit set keeps the upper half); afterwards lane l
+// holds in v[0] the sum of value l / (32 / N) over the warp.
+template <int N, typename T>
+__device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
+  int offset = 16;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
+  for (int n = N; n > 1; n >>= 1, offset >>= 1) {
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const T send = upper ? v[i] : v[i + n / 2];
+      const T keep = upper ? v[i + n / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+#pragma unroll
+  for (; offset > 0; offset >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
 }
 
-// partial[(split * rows_pad + r) * BT + bb] = the sum over this split's
-// columns of w[r][col] * in[b0 + bb][col], for r < rows and bb < BT (input
-// rows past nb count as zeros); see product(). Call from every thread of
-// the block; it synchronises the block before it stages the input and
-// before it returns.
+// partial[(split * rows_pad + r) * pass + pb] = the sum over this split's
+// columns of w[r][col] * in[b0 + pb][col], for r < rows and pb < nb (input
+// rows past nb count as zeros; tiles wholly past nb are skipped); see
+// product(). Call from every thread of the block; it synchronises the block
+// before it stages the input and before it returns.
 //   w       (rows_pad, ldw) in shared memory (Tiling)
 //   in      (B, in_stride), k columns, in global memory, written by other blocks
-//   tile    (BT, chunk), partial (splits, rows_pad, BT): shared (Tiling)
+//   tile    (pass, chunk), partial (splits, rows_pad, pass): shared (Tiling)
 //
 // FMA version (float, double, and half types at BT = 1): warps take groups
-// of kRowsPerWarp rows and interleaved columns; each lane keeps
-// kRowsPerWarp x BT sums in registers, reduced across the warp at the end.
+// of kRowsPerWarp rows, a batch tile and interleaved columns; each lane
+// keeps kRowsPerWarp x BT sums in registers, reduced across the warp at the
+// end.
 template <int BT, typename scalar_t>
 __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                              const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
                              at::opmath_type<scalar_t>* __restrict__ tile,
                              at::opmath_type<scalar_t>* __restrict__ partial) {
   using T = at::opmath_type<scalar_t>;
-  const int rows = tl.rows, chunk = tl.chunk, splits = tl.splits;
+  const int rows = tl.rows, chunk = tl.chunk, splits = tl.splits, groups = tl.groups;
+  const int pass = tl.pass;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int groups = (rows + kRowsPerWarp - 1) / kRowsPerWarp;
-  const bool active = warp < groups * splits;
   const int r0 = (warp % groups) * kRowsPerWarp;
-  const int split = warp / groups;
+  const int tile0 = ((warp / groups) % tl.bsplits) * BT;  // this warp's first pass row
+  const int split = warp / (groups * tl.bsplits);
+  const bool active = warp < groups * tl.bsplits * splits && tile0 < nb;
 
   T acc[kRowsPerWarp][BT];
 #pragma unroll
@@ -237,17 +279,17 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    for (int i = threadIdx.x; i < BT * width; i += kThreads) {
-      const int bb = i / width, col = i - bb * width;
-      tile[bb * chunk + col] =
-          bb < nb ? static_cast<T>(load_l2(in + (b0 + bb) * in_stride + c0 + col)) : T(0);
+    for (int i = threadIdx.x; i < pass * width; i += kThreads) {
+      const int pb = i / width, col = i - pb * width;
+      tile[pb * chunk + col] =
+          pb < nb ? static_cast<T>(load_l2(in + (b0 + pb) * in_stride + c0 + col)) : T(0);
     }
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
         T x[BT];
 #pragma unroll
-        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[bb * chunk + col];
+        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[(tile0 + bb) * chunk + col];
 #pragma unroll
         for (int i = 0; i < kRowsPerWarp; ++i) {
           const int r = r0 + i;
@@ -259,23 +301,27 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
     }
   }
   if (active) {
+    constexpr int N = kRowsPerWarp * BT;
+    constexpr int stride = 32 / N;
+    T v[N];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
+    for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
-      for (int bb = 0; bb < BT; ++bb) {
-        const T v = warp_sum(acc[i][bb]);
-        if (lane == 0 && r0 + i < rows) partial[(split * tl.rows_pad + r0 + i) * BT + bb] = v;
-      }
+      for (int bb = 0; bb < BT; ++bb) v[i * BT + bb] = acc[i][bb];
+    warp_sums(v, lane);
+    const int i = lane / stride / BT, bb = lane / stride % BT;
+    if (lane % stride == 0 && r0 + i < rows) {
+      partial[(split * tl.rows_pad + r0 + i) * pass + tile0 + bb] = v[0];
     }
   }
   __syncthreads();
 }
 
 // Tensor-core version (half types, BT = kMmaTile = 16): warps take 16-row
-// groups and interleaved 16-column steps; wmma 16x16x16 with the weights as
-// A (row major), the staged tile as B (column major: tile row bb is column
-// bb) and an fp32 accumulator stored to partial. Rows and columns past
-// rows and k are zeros in w and in the tile.
+// groups, a batch tile and interleaved 16-column steps; wmma 16x16x16 with
+// the weights as A (row major), the staged rows as B (column major: pass
+// row pb is column pb) and an fp32 accumulator stored to partial. Rows and
+// columns past rows and k are zeros in w and in the staged rows.
 template <typename scalar_t>
 __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                                  const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
@@ -283,22 +329,22 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaType<scalar_t>::type;
   constexpr int BT = kMmaTile;
-  const int chunk = tl.chunk, splits = tl.splits;
+  const int chunk = tl.chunk, splits = tl.splits, groups = tl.groups, pass = tl.pass;
   const int warp = threadIdx.x / 32;
-  const int groups = tl.rows_pad / 16;
-  const bool active = warp < groups * splits;
   const int m0 = (warp % groups) * 16;
-  const int split = warp / groups;
+  const int tile0 = ((warp / groups) % tl.bsplits) * BT;
+  const int split = warp / (groups * tl.bsplits);
+  const bool active = warp < groups * tl.bsplits * splits && tile0 < nb;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.0f);
   for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
     const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    for (int i = threadIdx.x; i < BT * width; i += kThreads) {
-      const int bb = i / width, col = i - bb * width;
-      tile[bb * chunk + col] = bb < nb && c0 + col < k
-                                   ? load_l2(in + (b0 + bb) * in_stride + c0 + col)
+    for (int i = threadIdx.x; i < pass * width; i += kThreads) {
+      const int pb = i / width, col = i - pb * width;
+      tile[pb * chunk + col] = pb < nb && c0 + col < k
+                                   ? load_l2(in + (b0 + pb) * in_stride + c0 + col)
                                    : scalar_t(0);
     }
     __syncthreads();
@@ -308,13 +354,14 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
         wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
         wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(w) + m0 * tl.ldw + c0 + kt * 16,
                                tl.ldw);
-        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(tile) + kt * 16, chunk);
+        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(tile) + tile0 * chunk + kt * 16,
+                               chunk);
         wmma::mma_sync(acc, a, b, acc);
       }
     }
   }
   if (active) {
-    wmma::store_matrix_sync(partial + (split * tl.rows_pad + m0) * BT, acc, BT,
+    wmma::store_matrix_sync(partial + (split * tl.rows_pad + m0) * pass + tile0, acc, pass,
                             wmma::mem_row_major);
   }
   __syncthreads();
@@ -337,11 +384,11 @@ __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& t
   }
 }
 
-// Row r, tile row bb of the last block_product.
-template <int BT, typename T>
-__device__ __forceinline__ T product(const T* partial, const Tiling& tl, int r, int bb) {
+// Row r, pass row pb of the last block_product.
+template <typename T>
+__device__ __forceinline__ T product(const T* partial, const Tiling& tl, int r, int pb) {
   T sum = T(0);
-  for (int s = 0; s < tl.splits; ++s) sum += partial[(s * tl.rows_pad + r) * BT + bb];
+  for (int s = 0; s < tl.splits; ++s) sum += partial[(s * tl.rows_pad + r) * tl.pass + pb];
   return sum;
 }
 
@@ -354,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const int H = p.hidden, J = p.units, rows = G * J;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
-  const Tiling tl = make_tiling(rows, H, BT, sizeof(scalar_t), sizeof(T));
+  const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T));
   scalar_t* w = reinterpret_cast<scalar_t*>(shared);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
@@ -374,9 +421,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
     const int64_t t_prev = p.reverse ? t + 1 : t - 1;
     const scalar_t* h_prev = s == 0 ? p.hx : p.out + t_prev * B * H;
     const bool last = s == p.steps - 1;
-    for (int64_t b0 = 0; b0 < B; b0 += BT) {
-      const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      // One (tile row, unit) per thread: nb * J <= BT * J <= kThreads (plan).
+    for (int64_t b0 = 0; b0 < B; b0 += tl.pass) {
+      const int nb = static_cast<int>(B - b0 < tl.pass ? B - b0 : tl.pass);
+      // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
@@ -407,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) g[q] = in[q] + product<BT>(partial, tl, q * J + jj, bb);
+        for (int q = 0; q < 4; ++q) g[q] = in[q] + product(partial, tl, q * J + jj, bb);
         T c, h;
         lstm_forward_point<T>(g[0], g[1], g[2], g[3], prev, c, h);
         p.state[unit] = c;
@@ -423,9 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         }
       } else if constexpr (kCell == PersistentCell::kGru) {
         T r = in[0], z = in[1], n = in[2];
-        const T hr = in_h[0] + product<BT>(partial, tl, jj, bb);
-        const T hz = in_h[1] + product<BT>(partial, tl, J + jj, bb);
-        const T hn = in_h[2] + product<BT>(partial, tl, 2 * J + jj, bb);
+        const T hr = in_h[0] + product(partial, tl, jj, bb);
+        const T hz = in_h[1] + product(partial, tl, J + jj, bb);
+        const T hn = in_h[2] + product(partial, tl, 2 * J + jj, bb);
         T h;
         gru_forward_point<T>(r, z, n, hr, hz, hn, prev, h);
         p.out[row * H + j] = static_cast<scalar_t>(h);
@@ -438,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         if (last) p.hy[unit] = static_cast<scalar_t>(h);
       } else {
         const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
-            in[0] + product<BT>(partial, tl, jj, bb));
+            in[0] + product(partial, tl, jj, bb));
         p.out[row * H + j] = static_cast<scalar_t>(h);
         if (last) p.hy[unit] = static_cast<scalar_t>(h);
       }
@@ -460,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch, steps = p.steps;
-  const Tiling tl = make_tiling(rows, k, BT, sizeof(scalar_t), sizeof(T));
+  const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T));
   scalar_t* w = reinterpret_cast<scalar_t*>(shared);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
@@ -486,9 +533,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
     const bool first = s == steps - 1;  // the first processed: the last forward step
     const int64_t t = time(s < 0 ? 0 : s);
     const int64_t t_prev = time(s < 1 ? 0 : s - 1);  // the step before t (s > 0)
-    for (int64_t b0 = 0; b0 < B; b0 += BT) {
-      const int nb = static_cast<int>(B - b0 < BT ? B - b0 : BT);
-      // One (tile row, unit) per thread: nb * J <= BT * J <= kThreads (plan).
+    for (int64_t b0 = 0; b0 < B; b0 += tl.pass) {
+      const int nb = static_cast<int>(B - b0 < tl.pass ? B - b0 : tl.pass);
+      // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
@@ -528,7 +575,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
         block_product<BT>(w, tl, k, recurrent + time(s + 1) * B * k, k, b0, nb, shared);
       }
       if (!mine) continue;
-      const T dh_rec = has_next ? product<BT>(partial, tl, jj, bb) : T(0);
+      const T dh_rec = has_next ? product(partial, tl, jj, bb) : T(0);
       if (s < 0) {
         T grad = dh_rec;
         if constexpr (kCell == PersistentCell::kGru) grad += p.carry[unit];

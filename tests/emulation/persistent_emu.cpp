@@ -90,8 +90,8 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
-        const auto layout = p::make_tiling(rows, static_cast<int>(H), bt.value,
-                                           sizeof(scalar_t), sizeof(T));
+        const auto layout = p::make_tiling(rows, static_cast<int>(H), bt.value, batch,
+                                           static_cast<int>(units), sizeof(scalar_t), sizeof(T));
         fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
                               layout.bytes, static_cast<int>(order),
                               [&] { p::forward_kernel<c.value, bt.value, scalar_t>(prm); });
@@ -144,8 +144,8 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
-        const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value,
-                                           sizeof(scalar_t), sizeof(T));
+        const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
+                                           static_cast<int>(units), sizeof(scalar_t), sizeof(T));
         fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
                               layout.bytes, static_cast<int>(order),
                               [&] { p::backward_kernel<c.value, bt.value, scalar_t>(prm); });
