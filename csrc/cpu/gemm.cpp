@@ -556,7 +556,8 @@ TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
 
 }  // namespace cpu
 
-GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows, bool per_step) : w_(w) {
+GemmWeight::GemmWeight(const at::Tensor& w, int64_t total_rows, bool per_step)
+    : w_(w), w_t_(w.t()) {
   const auto dtype = w.scalar_type();
   const bool packable =
       dtype == at::kFloat || (per_step && (dtype == at::kBFloat16 || dtype == at::kHalf));
@@ -577,15 +578,15 @@ void GemmWeight::product_into(const at::Tensor& out, const at::Tensor& a, bool a
   } else if (accumulate) {
     // addmm_ on a view writes through it.
     at::Tensor target = out;
-    target.addmm_(a, w_.t());
+    target.addmm_(a, w_t_);
   } else {
     at::Tensor target = out;
-    at::mm_out(target, a, w_.t());
+    at::mm_out(target, a, w_t_);
   }
 }
 
 at::Tensor GemmWeight::product(const at::Tensor& a) const {
-  if (!packed_.defined()) return at::mm(a, w_.t());
+  if (!packed_.defined()) return at::mm(a, w_t_);
   at::Tensor out = at::empty({a.size(0), w_.size(0)}, a.options());
   cpu::packed_gemm(out, a, packed_, false);
   return out;

@@ -53,9 +53,13 @@ inline bool run_persistent(const PersistentBackward& args) {
 }
 
 // Inside a kernel the ATen calls run in the caller's dtype: autocast (which
-// would recast them; the op itself is not autocast-aware) is excluded.
+// would recast them; the op itself is not autocast-aware) is excluded. They
+// also run below autograd and ADInplaceOrView: nothing inside is
+// differentiated (the op's own backward is), and each of the per-step views
+// and products then costs one dispatch instead of three.
 struct AutocastOff {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
 // A named range for the profiler (and NVTX under emit_nvtx) around a phase

@@ -71,7 +71,8 @@ class GemmWeight {
   bool packed() const { return packed_.defined(); }
 
  private:
-  at::Tensor w_, packed_;
+  // w_t_: the transposed view, made once rather than on every step's product
+  at::Tensor w_, w_t_, packed_;
 };
 
 }  // namespace fused_rnn
