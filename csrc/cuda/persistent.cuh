@@ -224,13 +224,12 @@ struct MmaType<c10::BFloat16> {
 // in N - 1 + 5 - log2(N) shuffles (31 for N = 32, 6 for N = 4) instead of
 // 5 N. Each halving step trades half of the values with the lane `offset`
 // away (the lane with that bit set keeps the upper half); afterwards lane l
-// holds in v[0] the sum of value l / (32 / N) over the warp.
-template <int N, typename T>
-__device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
-  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
-  int offset = 16;
-#pragma unroll
-  for (int n = N; n > 1; n >>= 1, offset >>= 1) {
+// holds in v[0] the sum of value l / (32 / N) over the warp. Recursion on
+// compile-time counts, so that every index into v is a constant and v stays
+// in registers.
+template <int n, int offset, int N, typename T>
+__device__ __forceinline__ void warp_sums_step(T (&v)[N], int lane) {
+  if constexpr (n > 1) {
     const bool upper = (lane & offset) != 0;
 #pragma unroll
     for (int i = 0; i < n / 2; ++i) {
@@ -238,9 +237,16 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
       const T keep = upper ? v[i + n / 2] : v[i];
       v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
     }
+    warp_sums_step<n / 2, offset / 2>(v, lane);
+  } else if constexpr (offset > 0) {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    warp_sums_step<1, offset / 2>(v, lane);
   }
-#pragma unroll
-  for (; offset > 0; offset >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+}
+template <int N, typename T>
+__device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
+  warp_sums_step<N, 16>(v, lane);
 }
 
 // partial[(split * rows_pad + r) * pass + pb] = the sum over this split's
