@@ -49,7 +49,7 @@ fi
 # The fused_rnn of this tree, also for scripts run from bench/ (the prebuilt
 # extension is not pip-installed).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-DEADLINE="${DEADLINE:-420}"  # seconds, for the session stage
+DEADLINE="${DEADLINE:-420}"  # seconds, for the session stage (all of it took ~390 s on an H200)
 # Seconds left before DEADLINE, less $1 (reserved for what follows).
 left() { echo $(( DEADLINE - $(date +%s) + START - ${1:-0} )); }
 START=$(date +%s)
@@ -191,12 +191,13 @@ session() {
   card=$(card_name)
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   SECONDS=0
-  # 1. the checks, side by side, leaving 220 s for the timed grids
+  # 1. the checks, side by side, leaving 200 s for the timed grids (the
+  # H200 session of 2026-11-27 needed ~155 s for the tests with 12 workers)
   # registers, shared memory and stack (spills) of every kernel
   (command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage fused_rnn/_C.abi3.so \
     >"$LOGS/resources.txt" 2>&1) || true
   local checks
-  checks=$(cap 150 220)
+  checks=$(cap 200 200)
   for tool in memcheck racecheck; do
     timeout "$checks" "$sanitizer" --tool "$tool" --error-exitcode 3 python bench/sanitize.py \
       >"$LOGS/sanitize-$tool.log" 2>&1 &
@@ -204,13 +205,15 @@ session() {
   done
   local workers=12
   python -c "import xdist" 2>/dev/null || workers=0
-  timeout "$checks" python -m pytest -q -p no:cacheprovider -rfE --durations=8 \
+  # -v: with xdist each result is a line with the test's name, so a run cut
+  # by the cap still names its failures (the summary comes only at the end)
+  timeout "$checks" python -m pytest -v -p no:cacheprovider -rfE --durations=8 \
     $( ((workers)) && echo "-n $workers" ) \
     $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
     tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
     >"$LOGS/tests.log" 2>&1
   local rc=$?
-  summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${checks}s)")
+  summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${checks}s; $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -c ' FAILED ' "$LOGS/tests.log") failed so far)")
   local i=0
   for tool in memcheck racecheck; do
     wait "${pids[$i]}"; rc=$?; i=$((i + 1))
@@ -226,7 +229,12 @@ session() {
   timeout 40 python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 \
     --batch 64 >"$LOGS/explain.txt" 2>&1
   run_bench_capped "$(cap 180 40)" "bench/results/$card.json" "$LOGS/bench.txt" --preset full \
-    --device cuda --kernel persistent --no-progress --csv "$LOGS/$card.csv"
+    --device cuda --kernel persistent --no-progress --csv "$LOGS/$card.csv" \
+    --plot "$LOGS/$card.png"
+  # fused-rnn profile (issue 5): phases, top kernels, per-step latency, trace
+  timeout 60 python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 \
+    --seq-len 256 --training --trace "$LOGS/trace-$card.json" >"$LOGS/profile.txt" 2>&1 \
+    || summary+=("profile: failed (logs/profile.txt)")
   pack
   run_bench_capped "$(cap 40 0)" "bench/results/$card-bidir.json" "$LOGS/bench-bidir.txt" \
     --device cuda --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 --layers 2 \
@@ -240,7 +248,7 @@ session() {
   fi
   summary+=("bench: ${SECONDS}s")
   goals "$card"
-  grep -hE '^(FAILED|ERROR) ' "$LOGS/tests.log" | cut -c1-220 | head -40
+  grep -hE '^(FAILED|ERROR) | FAILED | ERROR ' "$LOGS/tests.log" | cut -c1-220 | sort -u | head -40
   grep -h '^FAILED ' "$LOGS"/bench*.txt 2>/dev/null | cut -c1-220 | head -10
   pack
 }

@@ -28,13 +28,21 @@ extern template bool run_backward<PersistentCell::kRnnRelu>(const PersistentBack
 
 namespace {
 
-// Under the automatic choice, float and double run the general path when a
-// block's FMA work per step, rows x k x padded batch, passes this (about
-// 30 us of FMA loops on an H100 SM): there the per-step cuBLAS GEMM has
-// enough work to win. Half types multiply on tensor cores and take the
-// persistent kernels wherever they fit. An estimate from the H100 baseline
-// in DESIGN.md, to be tuned with bench/device_check.sh.
-constexpr int64_t kAutoMaxFmaPerBlock = int64_t{1} << 22;
+// The automatic choice, from the H200 grid of 2026-11-27 (both paths
+// forced, LSTM and GRU, T=256, B 1-256, H 256-1024, every dtype;
+// bench/results/nvidia-h200*.json). Up to kAutoLatencyBatch sequences the
+// persistent kernels won every shape (the steps are latency-bound, and
+// cuBLAS plus a pointwise kernel per step cost 15-60 us of launches). Past
+// it they run while a block's work per step, weight rows x k x batch, is
+// at most kAutoMaxWork (kAutoMaxWorkMma for the tensor-core forward), and
+// the per-step GEMMs take over beyond: e.g. float32 LSTM forward at B=64
+// H=256 (131k) 4.2 ms persistent vs 8.0 ms general, at B=64 H=512 (524k)
+// 8.5 vs 6.3 ms. The measured crossover came before the batch tiles were
+// staged with several loads in flight; FUSED_RNN_KERNEL_PATH=persistent
+// forces the persistent kernels wherever they fit.
+constexpr int64_t kAutoLatencyBatch = 16;
+constexpr int64_t kAutoMaxWork = int64_t{1} << 18;
+constexpr int64_t kAutoMaxWorkMma = int64_t{1} << 19;
 
 struct DeviceLimits {
   int sms = 0;
@@ -140,15 +148,16 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     d.choice.reason = why.str();
     return d;
   }
-  const int64_t padded_batch = (batch + plan.batch_tile - 1) / plan.batch_tile * plan.batch_tile;
-  const int64_t fma_per_block = rows * k * padded_batch;
-  if (want == KernelPath::kAuto && plan.batch_tile != kMmaTile &&
-      fma_per_block > kAutoMaxFmaPerBlock) {
+  const int64_t work = rows * k * batch;
+  const int64_t max_work =
+      plan.batch_tile == kMmaTile && !backward ? kAutoMaxWorkMma : kAutoMaxWork;
+  if (want == KernelPath::kAuto && batch > kAutoLatencyBatch && work > max_work) {
     std::ostringstream why;
     if (explain)
-      why << general << rows << " x " << k << " weights x " << padded_batch
-        << " rows of FMA per block and step, where the per-step GEMMs have enough work (the "
-           "persistent kernel would fit: FUSED_RNN_KERNEL_PATH=persistent forces it)";
+      why << general << rows << " x " << k << " weights x " << batch
+        << " sequences of work per block and step (more than " << max_work
+        << "), where the per-step GEMMs are faster (the persistent kernel would fit: "
+           "FUSED_RNN_KERNEL_PATH=persistent forces it)";
     d.choice.reason = why.str();
     return d;
   }

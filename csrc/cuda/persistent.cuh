@@ -249,6 +249,38 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
   warp_sums_step<N, 16>(v, lane);
 }
 
+// Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
+// tile (pass, chunk) as type S: zeros for rows past nb and columns past k.
+// Each thread first issues up to 8 loads (4 for double, whose batch-tile-8
+// kernels are at the register limit), then stores them: the loads (from L2,
+// written by other blocks during the previous step) are in flight together
+// instead of one after another, which at B=64, H=256 was 32 round trips to
+// L2 per thread and step.
+template <typename S, typename scalar_t>
+__device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk, const scalar_t* in,
+                                           int64_t in_stride, int64_t b0, int nb, int c0,
+                                           int width, int k, int pass) {
+  constexpr int kStageLoads = sizeof(S) > 4 ? 4 : 8;
+  const int total = pass * width;
+  for (int base = threadIdx.x; base < total; base += kThreads * kStageLoads) {
+    S v[kStageLoads];
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int i = base + u * kThreads;
+      const int pb = i / width, col = i - pb * width;
+      v[u] = i < total && pb < nb && c0 + col < k
+                 ? static_cast<S>(load_l2(in + (b0 + pb) * in_stride + c0 + col))
+                 : S(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int i = base + u * kThreads;
+      const int pb = i / width, col = i - pb * width;
+      if (i < total) tile[pb * chunk + col] = v[u];
+    }
+  }
+}
+
 // partial[(split * rows_pad + r) * pass + pb] = the sum over this split's
 // columns of w[r][col] * in[b0 + pb][col], for r < rows and pb < nb (input
 // rows past nb count as zeros; tiles wholly past nb are skipped); see
@@ -285,11 +317,7 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    for (int i = threadIdx.x; i < pass * width; i += kThreads) {
-      const int pb = i / width, col = i - pb * width;
-      tile[pb * chunk + col] =
-          pb < nb ? static_cast<T>(load_l2(in + (b0 + pb) * in_stride + c0 + col)) : T(0);
-    }
+    stage_rows(tile, chunk, in, in_stride, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
@@ -347,12 +375,7 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
     const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    for (int i = threadIdx.x; i < pass * width; i += kThreads) {
-      const int pb = i / width, col = i - pb * width;
-      tile[pb * chunk + col] = pb < nb && c0 + col < k
-                                   ? load_l2(in + (b0 + pb) * in_stride + c0 + col)
-                                   : scalar_t(0);
-    }
+    stage_rows(tile, chunk, in, in_stride, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
