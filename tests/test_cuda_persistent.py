@@ -76,6 +76,18 @@ def test_choice(name):
         assert explain(name, 256, 64, torch.bfloat16).startswith("persistent kernel")
         # FMA work per block and step past the automatic limit: cuBLAS per step
         assert explain(name, 1024, 2048, f32).startswith("general path")
+    if name == "LSTM" and torch.cuda.get_device_properties(0).multi_processor_count >= 128:
+        # the rule fitted to the H200 grid (132 SMs): up to 16 sequences always
+        # persistent; past that, rows x k x batch per block of at most 2^18
+        # (2^19 for the tensor-core forward)
+        with fused_rnn.kernel_path("auto"):
+            assert explain(name, 1024, 16, f32).startswith("persistent kernel")
+            assert explain(name, 256, 64, f32).startswith("persistent kernel")
+            assert explain(name, 256, 64, f32, backward=True).startswith("persistent kernel")
+            assert explain(name, 512, 64, f32).startswith("general path")
+            assert explain(name, 512, 64, f32, backward=True).startswith("general path")
+            assert explain(name, 512, 64, torch.bfloat16).startswith("persistent kernel")
+            assert explain(name, 1024, 64, torch.bfloat16).startswith("general path")
     if explain(name, 1024, 2048, f32).startswith("persistent kernel"):  # fits this GPU
         assert "FMA" in explain(name, 1024, 2048, f32)
     assert "tensor cores" in explain(name, 256, 64, torch.bfloat16)
@@ -141,6 +153,31 @@ def test_low_precision_within_twice_general_error(cell_key, shape, dtype):
             low[path] = max_errors(results(cell, args), ref)
     eps = torch.finfo(dtype).eps
     for k, err in low["persistent"].items():
+        assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
+
+
+@pytest.mark.parametrize("cell_key", ["lstm", "gru"])
+def test_auto_forward_persistent_backward_general(cell_key):
+    """The automatic choice decides forward and backward apart: at a shape
+    where it runs the persistent forward and the general backward, the
+    gradients (from what the persistent forward saved) are as close to
+    float64 as the general path's own."""
+    cell, name, extra = CELLS[cell_key]
+    dtype, H, B, T = torch.bfloat16, 512, 64, 3
+    with fused_rnn.kernel_path("auto"):
+        forward = explain(name, H, B, dtype)
+        backward = explain(name, H, B, dtype, backward=True)
+    if not (forward.startswith("persistent kernel") and backward.startswith("general path")):
+        pytest.skip(f"the automatic choice on this GPU is not mixed here: {forward} / {backward}")
+    kw = dict(T=T, B=B, I=16, H=H, **extra)
+    ref = run(cell, False, **kw)  # float64 reference
+    low = {}
+    for path in ("auto", "general"):
+        with fused_rnn.kernel_path(path):
+            args = make_op_args(cell, dtype=dtype, device=DEVICE, requires_grad=True, **kw)
+            low[path] = max_errors(results(cell, args), ref)
+    eps = torch.finfo(dtype).eps
+    for k, err in low["auto"].items():
         assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
 
 
