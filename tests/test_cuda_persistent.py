@@ -144,15 +144,20 @@ def test_low_precision_within_twice_general_error(cell_key, shape, dtype):
     cell, name, extra = CELLS[cell_key]
     H, B, T = shape
     require_persistent(name, H, B, dtype)
-    kw = dict(T=T, B=B, I=16, H=H, **extra)
+    assert_within_twice_general(cell, dict(T=T, B=B, I=16, H=H, **extra), dtype, "persistent")
+
+
+def assert_within_twice_general(cell, kw, dtype, path):
+    """Against float64, every output and gradient of `path`'s run in dtype
+    is within twice the general path's error plus a little."""
     ref = run(cell, False, **kw)  # float64 reference
     low = {}
-    for path in ("persistent", "general"):
-        with fused_rnn.kernel_path(path):
+    for p in (path, "general"):
+        with fused_rnn.kernel_path(p):
             args = make_op_args(cell, dtype=dtype, device=DEVICE, requires_grad=True, **kw)
-            low[path] = max_errors(results(cell, args), ref)
+            low[p] = max_errors(results(cell, args), ref)
     eps = torch.finfo(dtype).eps
-    for k, err in low["persistent"].items():
+    for k, err in low[path].items():
         assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
 
 
@@ -169,16 +174,7 @@ def test_auto_forward_persistent_backward_general(cell_key):
         backward = explain(name, H, B, dtype, backward=True)
     if not (forward.startswith("persistent kernel") and backward.startswith("general path")):
         pytest.skip(f"the automatic choice on this GPU is not mixed here: {forward} / {backward}")
-    kw = dict(T=T, B=B, I=16, H=H, **extra)
-    ref = run(cell, False, **kw)  # float64 reference
-    low = {}
-    for path in ("auto", "general"):
-        with fused_rnn.kernel_path(path):
-            args = make_op_args(cell, dtype=dtype, device=DEVICE, requires_grad=True, **kw)
-            low[path] = max_errors(results(cell, args), ref)
-    eps = torch.finfo(dtype).eps
-    for k, err in low["auto"].items():
-        assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
+    assert_within_twice_general(cell, dict(T=T, B=B, I=16, H=H, **extra), dtype, "auto")
 
 
 def test_long_sequence_many_barriers():
