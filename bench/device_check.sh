@@ -7,13 +7,13 @@
 #   bash bench/device_check.sh test       the CUDA tests (both kernel paths), build first if needed
 #   bash bench/device_check.sh sanitize   compute-sanitizer memcheck and racecheck, small shapes
 #   bash bench/device_check.sh bench      fused-rnn bench --preset full vs torch.nn (cuDNN) in one
-#                                         process (default kernel choice), a 2-layer bidirectional
-#                                         LSTM, explain, profile
+#                                         process (persistent kernels forced), a 2-layer
+#                                         bidirectional LSTM (default choice), explain, profile
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #   bash bench/device_check.sh session    one call for a whole device budget: the tests and
-#                                         both sanitizers side by side, then the default and
+#                                         both sanitizers side by side, then the bench and
 #                                         general grids alone on the GPU, each stage capped so
 #                                         that all ends by DEADLINE seconds (default 420)
 #
@@ -99,26 +99,43 @@ build() {
   summary+=("build: ${SECONDS}s")
 }
 
-tests() {
+# The CUDA tests under a time limit ($1 s) with $2 pytest-xdist workers (0:
+# one process), into logs/tests.log. -v: each result is a line with the
+# test's name, so a run cut by the limit still names its failures (the
+# summary comes only at the end).
+run_tests() {
+  local limit=$1 workers=$2 rc
   SECONDS=0
-  timeout 330 python -m pytest -q -p no:cacheprovider -x --durations=8 \
-    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py 2>&1 \
-    | tee "$OUT/tests.log" | tail -30
-  summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1) (${SECONDS}s)")
+  python -c "import xdist" 2>/dev/null || workers=0
+  timeout "$limit" python -m pytest -v -p no:cacheprovider -rfE --durations=8 \
+    $( ((workers)) && echo "-n $workers" ) \
+    $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
+    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
+    >"$LOGS/tests.log" 2>&1
+  rc=$?
+  summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${limit}s; $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -c ' FAILED ' "$LOGS/tests.log") failed so far)")
 }
 
-sanitize() {
-  SECONDS=0
+# compute-sanitizer --tool $1 over bench/sanitize.py under a time limit ($2
+# s), into logs/sanitize-$1.log; sanitizer_summary $1 <exit status> reports it.
+run_sanitizer() {
   local sanitizer
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  timeout "$2" "$sanitizer" --tool "$1" --error-exitcode 3 python bench/sanitize.py \
+    >"$LOGS/sanitize-$1.log" 2>&1
+}
+sanitizer_summary() {
+  summary+=("sanitize $1: exit $2, $(grep -c 'Error\|Hazard' "$LOGS/sanitize-$1.log") reports, $(grep '^sanitize:' "$LOGS/sanitize-$1.log" | tr '\n' ' ')")
+}
+
+tests() { run_tests 330 0; tail -30 "$LOGS/tests.log"; }
+
+sanitize() {
+  local tool
   for tool in memcheck racecheck; do
-    timeout 150 "$sanitizer" --tool "$tool" --error-exitcode 3 python bench/sanitize.py \
-      >"$OUT/sanitize-$tool.log" 2>&1
-    local rc=$?
-    tail -4 "$OUT/sanitize-$tool.log"
-    summary+=("sanitize $tool: exit $rc, $(grep -c 'Error\|Hazard' "$OUT/sanitize-$tool.log") reports")
+    run_sanitizer "$tool" 150
+    sanitizer_summary "$tool" $?
   done
-  summary+=("sanitize: ${SECONDS}s")
 }
 
 # Results written by this script on this machine (build/ survives between
@@ -130,34 +147,71 @@ unmark() { mkdir -p build; grep -vxF "$1" "$fresh" 2>/dev/null > "$fresh.tmp"; m
 mark() { unmark "$1"; echo "$1" >> "$fresh"; }
 is_fresh() { grep -qxF "$1" "$fresh" 2>/dev/null; }
 
-# fused-rnn bench "$@" writing JSON to $json, the table to $log; marks $json
-# fresh when the run succeeded.
+# fused-rnn bench "$@" under a time limit ($1 s), JSON to $2, the table to
+# $3. Rows written before a cut or a failed configuration still count (the
+# JSON says complete: false, goals.py names it, failed rows miss).
 run_bench() {
-  local json=$1 log=$2; shift 2
+  local limit=$1 json=$2 log=$3 rc; shift 3
   unmark "$json"; rm -f "$json"
-  python -m fused_rnn bench "$@" --json "$json" | tee "$log"
-  if [ "${PIPESTATUS[0]}" -eq 0 ] && [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"
-  else summary+=("FAILED: fused-rnn bench $* (see $log)"); fi
+  timeout "$limit" python -m fused_rnn bench "$@" --json "$json" >"$log" 2>&1
+  rc=$?
+  if [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"; fi
+  (( rc == 0 )) || summary+=("bench exit $rc (limit ${limit}s): $* (see logs/$(basename "$log"))")
 }
 
 card_name() {
   python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())"
 }
 
+# explain and fused-rnn profile (issue 5: phases, top kernels, per-step
+# latency, a Chrome trace) for one training shape.
+explain_and_profile() {
+  local card=$1
+  timeout 40 python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 \
+    --batch 64 >"$LOGS/explain.txt" 2>&1
+  timeout 60 python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 \
+    --seq-len 256 --training --trace "$LOGS/trace-$card.json" >"$LOGS/profile.txt" 2>&1 \
+    || summary+=("profile: failed (logs/profile.txt)")
+}
+
+# The grids. The full grid with the persistent kernels forced (issue 4's
+# goals; shapes where they do not fit run the general path and say so in
+# the kernel column), the 2-layer bidirectional LSTM with the automatic
+# choice, the full grid with the general path forced (issue 3's goal). Per
+# shape, the faster of the two forced paths is what the automatic choice
+# should pick.
+bench_persistent() {
+  run_bench "$1" "bench/results/$card.json" "$LOGS/bench.txt" --preset full --device cuda \
+    --kernel persistent --no-progress --csv "$LOGS/$card.csv" --plot "$LOGS/$card.png"
+}
+bench_bidir() {
+  run_bench "$1" "bench/results/$card-bidir.json" "$LOGS/bench-bidir.txt" --device cuda \
+    --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 --layers 2 --bidirectional \
+    --dtype float32 bfloat16 float16 --no-progress
+}
+bench_general() {
+  run_bench "$1" "bench/results/$card-general.json" "$LOGS/bench-general.txt" --preset full \
+    --device cuda --kernel general --no-progress ${GENERAL_BATCHES:+--batch $GENERAL_BATCHES}
+}
+
 bench() {
   SECONDS=0
-  local card
   card=$(card_name)
-  python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 --batch 8 | tee "$OUT/explain.txt"
-  python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 --seq-len 256 \
-    --training --trace "$OUT/trace-$card.json" > "$OUT/profile.txt" 2>&1
-  tail -8 "$OUT/profile.txt"
-  run_bench "bench/results/$card-bidir.json" "$OUT/bench-bidir.txt" --device cuda --cell LSTM \
-    --batch 64 --hidden-size 512 --seq-len 256 --layers 2 --bidirectional \
-    --dtype float32 bfloat16 float16 --no-progress
-  run_bench "bench/results/$card.json" "$OUT/bench.txt" --preset full --device cuda --no-progress \
-    --csv "$OUT/$card.csv" --plot "$OUT/$card.png"
+  explain_and_profile "$card"
+  tail -8 "$LOGS/profile.txt"
+  bench_bidir 600
+  bench_persistent 600
+  tail -40 "$LOGS/bench.txt"
   summary+=("bench: ${SECONDS}s, bench/results/$card.json")
+  goals "$card"
+}
+
+general() {
+  SECONDS=0
+  card=$(card_name)
+  bench_general 600
+  tail -40 "$LOGS/bench-general.txt"
+  summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
   goals "$card"
 }
 
@@ -173,96 +227,41 @@ goals() {
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
 
-bench_general() {
-  SECONDS=0
-  local card
-  card=$(card_name)
-  run_bench "bench/results/$card-general.json" "$OUT/bench-general.txt" --preset full \
-    --device cuda --kernel general --no-progress
-  summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
-  goals "$card"
-}
-
 # session: the correctness checks side by side (pytest-xdist workers and the
 # two sanitizers share the GPU; none of them is timed), then the timed grids
 # alone on the GPU.
 session() {
-  local card pids=() sanitizer
+  local pids=() tool i=0 checks
   card=$(card_name)
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  SECONDS=0
-  # 1. the checks, side by side, leaving 200 s for the timed grids (the
-  # H200 session of 2026-11-27 needed ~155 s for the tests with 12 workers)
   # registers, shared memory and stack (spills) of every kernel
   (command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage fused_rnn/_C.abi3.so \
     >"$LOGS/resources.txt" 2>&1) || true
-  local checks
+  # 1. the checks, side by side, leaving 200 s for the timed grids (the
+  # H200 session of 2026-11-27 needed ~155 s for the tests with 12 workers)
   checks=$(cap 200 200)
   for tool in memcheck racecheck; do
-    timeout "$checks" "$sanitizer" --tool "$tool" --error-exitcode 3 python bench/sanitize.py \
-      >"$LOGS/sanitize-$tool.log" 2>&1 &
+    run_sanitizer "$tool" "$checks" &
     pids+=($!)
   done
-  local workers=12
-  python -c "import xdist" 2>/dev/null || workers=0
-  # -v: with xdist each result is a line with the test's name, so a run cut
-  # by the cap still names its failures (the summary comes only at the end)
-  timeout "$checks" python -m pytest -v -p no:cacheprovider -rfE --durations=8 \
-    $( ((workers)) && echo "-n $workers" ) \
-    $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
-    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
-    >"$LOGS/tests.log" 2>&1
-  local rc=$?
-  summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${checks}s; $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -c ' FAILED ' "$LOGS/tests.log") failed so far)")
-  local i=0
+  run_tests "$checks" 12
   for tool in memcheck racecheck; do
-    wait "${pids[$i]}"; rc=$?; i=$((i + 1))
-    summary+=("sanitize $tool: exit $rc, $(grep -c 'Error\|Hazard' "$LOGS/sanitize-$tool.log") reports, $(grep '^sanitize:' "$LOGS/sanitize-$tool.log" | tr '\n' ' ')")
+    wait "${pids[$i]}"; sanitizer_summary "$tool" $?; i=$((i + 1))
   done
   pack
-  # 2. the timed grids, alone on the GPU: the persistent kernels forced
-  # (issue 4's goals; shapes where they do not fit run the general path and
-  # say so in the kernel column), the general path forced (issue 3's goal),
-  # the 2-layer bidirectional LSTM with the automatic choice. Per shape, the
-  # faster of the first two is what the automatic choice should pick.
+  # 2. the timed grids, alone on the GPU
   SECONDS=0
-  timeout 40 python -m fused_rnn explain --device cuda --cell LSTM --hidden-size 512 \
-    --batch 64 >"$LOGS/explain.txt" 2>&1
-  run_bench_capped "$(cap 180 40)" "bench/results/$card.json" "$LOGS/bench.txt" --preset full \
-    --device cuda --kernel persistent --no-progress --csv "$LOGS/$card.csv" \
-    --plot "$LOGS/$card.png"
-  # fused-rnn profile (issue 5): phases, top kernels, per-step latency, trace
-  timeout 60 python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 \
-    --seq-len 256 --training --trace "$LOGS/trace-$card.json" >"$LOGS/profile.txt" 2>&1 \
-    || summary+=("profile: failed (logs/profile.txt)")
+  bench_persistent "$(cap 180 40)"
+  explain_and_profile "$card"
   pack
-  run_bench_capped "$(cap 40 0)" "bench/results/$card-bidir.json" "$LOGS/bench-bidir.txt" \
-    --device cuda --cell LSTM --batch 64 --hidden-size 512 --seq-len 256 --layers 2 \
-    --bidirectional --dtype float32 bfloat16 float16 --no-progress
+  bench_bidir "$(cap 40 0)"
   pack
-  if (( $(left) >= 40 )); then
-    run_bench_capped "$(cap 200 0)" "bench/results/$card-general.json" "$LOGS/bench-general.txt" \
-      --preset full --device cuda --kernel general --no-progress ${GENERAL_BATCHES:+--batch $GENERAL_BATCHES}
-  else
-    summary+=("bench general: skipped, $(left) s left")
-  fi
+  if (( $(left) >= 40 )); then bench_general "$(cap 200 0)"
+  else summary+=("bench general: skipped, $(left) s left"); fi
   summary+=("bench: ${SECONDS}s")
   goals "$card"
   grep -hE '^(FAILED|ERROR) | FAILED | ERROR ' "$LOGS/tests.log" | cut -c1-220 | sort -u | head -40
   grep -h '^FAILED ' "$LOGS"/bench*.txt 2>/dev/null | cut -c1-220 | head -10
   pack
-}
-
-# run_bench under a time limit ($1 seconds).
-run_bench_capped() {
-  local limit=$1 json=$2 log=$3; shift 3
-  unmark "$json"; rm -f "$json"
-  timeout "$limit" python -m fused_rnn bench "$@" --json "$json" >"$log" 2>&1
-  local rc=$?
-  # rows written before a cut or a failed configuration still count (the
-  # JSON says complete: false, goals.py names it, failed rows miss)
-  if [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"; fi
-  (( rc == 0 )) || summary+=("bench exit $rc (cap ${limit}s): $* (see logs/$(basename "$log"))")
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -271,10 +270,10 @@ case "$stage" in
   test) build; tests ;;
   sanitize) build; sanitize ;;
   bench) build; bench ;;
-  general) build; bench_general ;;
+  general) build; general ;;
   all) build; tests; sanitize; bench ;;
   session) build; session ;;
-  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|all]"; exit 2 ;;
+  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|all|session]"; exit 2 ;;
 esac
 echo
 printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"

@@ -16,6 +16,9 @@ H), L layers, D directions.
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -637,3 +640,14 @@ def gradcheck_op(cell, args):
         return call_wrapper(cell, a)
 
     return torch.autograd.gradcheck(fn, [args[k] for k in names], eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def python_lines(code, var, value=None):
+    """The output lines of `code` run by a fresh Python with the environment
+    variable `var` set to `value` (removed when None): what a setting read
+    once per process does at start-up."""
+    env = {k: v for k, v in os.environ.items() if k != var}
+    if value is not None:
+        env[var] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()

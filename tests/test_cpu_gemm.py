@@ -6,16 +6,13 @@ shapes where the packed kernel's blocking has edges: row tiles of 12 (batch
 of 256 along K (hidden and input sizes above 256), row blocks of 240 (more
 than 240 rows of a sequence), packed sequences in both directions."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fused_rnn
-from helpers import Cfg, check_module_parity
+from helpers import Cfg, check_module_parity, python_lines
 
 CHOICES = ("auto", "aten")
 
@@ -43,14 +40,8 @@ def gemm(request):
 
 def test_default_is_auto_and_env_sets_it():
     code = "import fused_rnn; print(fused_rnn.get_cpu_gemm())"
-    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_CPU_GEMM"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "auto"
-    env["FUSED_RNN_CPU_GEMM"] = "aten"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "aten"
+    assert python_lines(code, "FUSED_RNN_CPU_GEMM") == ["auto"]
+    assert python_lines(code, "FUSED_RNN_CPU_GEMM", "aten") == ["aten"]
 
 
 def test_bad_environment_value_fails_until_set():
@@ -62,9 +53,7 @@ def test_bad_environment_value_fails_until_set():
             "fused_rnn.set_cpu_gemm('aten')\n"
             "fused_rnn.LSTM(8, 16)(torch.randn(10, 1, 8))\n"
             "print(fused_rnn.get_cpu_gemm())\n")
-    out = subprocess.run([sys.executable, "-c", code],
-                         env={**os.environ, "FUSED_RNN_CPU_GEMM": "mkl"},
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    out = python_lines(code, "FUSED_RNN_CPU_GEMM", "mkl")
     assert out[0].startswith("ValueError") and "FUSED_RNN_CPU_GEMM=mkl" in out[0]
     assert "auto, aten" in out[0]
     assert out[1] == "aten"

@@ -2,14 +2,12 @@
 API, its errors and the environment variable. What each path computes is
 tested in test_cuda.py and test_cuda_persistent.py."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fused_rnn
+from helpers import python_lines
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +19,7 @@ def _restore_path():
 
 def test_default_is_auto():
     code = "import fused_rnn; print(fused_rnn.get_kernel_path())"
-    env = {k: v for k, v in os.environ.items() if k != "FUSED_RNN_KERNEL_PATH"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "auto"
+    assert python_lines(code, "FUSED_RNN_KERNEL_PATH") == ["auto"]
 
 
 @pytest.mark.parametrize("path", ["auto", "persistent", "general"])
@@ -59,9 +54,7 @@ def test_environment_variable(value):
             "except ValueError as e:\n    print('ValueError', e)\n"
             "fused_rnn.set_kernel_path('general')\n"
             "print(fused_rnn.get_kernel_path())\n")
-    out = subprocess.run([sys.executable, "-c", code],
-                         env={**os.environ, "FUSED_RNN_KERNEL_PATH": value},
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    out = python_lines(code, "FUSED_RNN_KERNEL_PATH", value)
     if value == "bogus":
         # A typo fails loudly, naming the variable, until a setter chooses.
         assert out[0].startswith("ValueError") and "FUSED_RNN_KERNEL_PATH=bogus" in out[0]
