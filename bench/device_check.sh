@@ -60,15 +60,16 @@ cap() { local l; l=$(left "${2:-0}"); (( l < $1 )) && echo $(( l > 5 ? l : 5 )) 
 LOGS="$OUT/logs"; mkdir -p "$LOGS"
 pack() { tar -C "$OUT" -czf "$OUT/logs.tgz.tmp" logs 2>/dev/null && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"; }
 
+# What a build is made of (bench/prebuild.sh records the same for .prebuilt/).
+src_hash() { (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16; }
+
 use_prebuilt() {
   [ -f .prebuilt/_C.abi3.so ] && [ -f .prebuilt/_build_config.py ] || return 1
   local want have
   want=$(python -c "import torch; print(torch.__version__)")
   have=$(python -c "exec(open('.prebuilt/_build_config.py').read()); print(CONFIG['torch'])")
   [ "$want" = "$have" ] || { summary+=("prebuilt: for torch $have, here $want: building"); return 1; }
-  local hash
-  hash=$( (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16)
-  [ "$hash" = "$(cat .prebuilt/source-hash)" ] \
+  [ "$(src_hash)" = "$(cat .prebuilt/source-hash)" ] \
     || { summary+=("prebuilt: from other sources: building"); return 1; }
   [ "$FUSED_RNN_CUDA_ARCHS" = "$(cat .prebuilt/arch)" ] \
     || { summary+=("prebuilt: for sm $(cat .prebuilt/arch), card $FUSED_RNN_CUDA_ARCHS: building"); return 1; }
@@ -86,14 +87,14 @@ build() {
   # The copied tree has fresh mtimes on every call: compare the sources'
   # content with that of the last build instead.
   local hash
-  hash=$( (echo "$FUSED_RNN_CUDA_ARCHS"; cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16)
+  hash="$FUSED_RNN_CUDA_ARCHS $(src_hash)"
   if [ "$stage" != build ] && [ "$(cat build/.source-hash 2>/dev/null)" = "$hash" ] \
      && python -c "import fused_rnn, torch; assert torch.cuda.is_available()" 2>/dev/null; then
     summary+=("build: up to date"); return 0
   fi
   SECONDS=0
-  if ! python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; echo "build: FAILED"; exit 1
+  if ! python -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
+    tail -40 "$LOGS/build.log"; echo "build: FAILED"; exit 1
   fi
   mkdir -p build && echo "$hash" > build/.source-hash
   summary+=("build: ${SECONDS}s")

@@ -21,6 +21,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" ninja setuptools wheel
 fi
+# the same as device_check.sh's src_hash
 src_hash() { (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16; }
 hash=$(src_hash)
 work=$(mktemp -d)
