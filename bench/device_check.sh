@@ -11,11 +11,12 @@
 #                                         bidirectional LSTM (default choice), explain, profile
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
+#   bash bench/device_check.sh stepwise   the same grid with the stepwise launches forced
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #   bash bench/device_check.sh session    one call for a whole device budget: the tests and
 #                                         both sanitizers side by side, then the bench and
-#                                         general grids alone on the GPU, each stage capped so
-#                                         that all ends by DEADLINE seconds (default 420)
+#                                         stepwise grids alone on the GPU, each stage capped
+#                                         so that all ends by DEADLINE seconds (default 420)
 #
 # A prebuilt extension saves the build (minutes of device time): build it
 # here against the device's torch release with bench/prebuild.sh, which
@@ -194,6 +195,13 @@ bench_general() {
   run_bench "$1" "bench/results/$card-general.json" "$LOGS/bench-general.txt" --preset full \
     --device cuda --kernel general --no-progress ${GENERAL_BATCHES:+--batch $GENERAL_BATCHES}
 }
+# The persistent kernels one launch per step: B 1, 8, 64 (where they stand in
+# for a grid that cannot be co-resident, and where a per-step path competes
+# with cuDNN's own per-step kernels).
+bench_stepwise() {
+  run_bench "$1" "bench/results/$card-stepwise.json" "$LOGS/bench-stepwise.txt" --preset full \
+    --device cuda --kernel stepwise --no-progress --batch ${STEPWISE_BATCHES:-1 8 64}
+}
 
 bench() {
   SECONDS=0
@@ -216,6 +224,15 @@ general() {
   goals "$card"
 }
 
+stepwise() {
+  SECONDS=0
+  card=$(card_name)
+  bench_stepwise 600
+  tail -40 "$LOGS/bench-stepwise.txt"
+  summary+=("bench stepwise: ${SECONDS}s, bench/results/$card-stepwise.json")
+  goals "$card"
+}
+
 # The speed goals of issues 3 and 4 against the results of this machine.
 goals() {
   local card=$1 args=()
@@ -224,6 +241,7 @@ goals() {
   fi
   is_fresh "bench/results/$card-bidir.json" && args+=(--bidir "bench/results/$card-bidir.json")
   is_fresh "bench/results/$card-general.json" && args+=(--general "bench/results/$card-general.json")
+  is_fresh "bench/results/$card-stepwise.json" && args+=(--stepwise "bench/results/$card-stepwise.json")
   python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
@@ -256,8 +274,10 @@ session() {
   pack
   bench_bidir "$(cap 40 0)"
   pack
-  if (( $(left) >= 40 )); then bench_general "$(cap 200 0)"
-  else summary+=("bench general: skipped, $(left) s left"); fi
+  # the general path's code has not changed since the committed
+  # <card>-general.json; the stepwise launches are new
+  if (( $(left) >= 40 )); then bench_stepwise "$(cap 200 0)"
+  else summary+=("bench stepwise: skipped, $(left) s left"); fi
   summary+=("bench: ${SECONDS}s")
   goals "$card"
   grep -hE '^(FAILED|ERROR) | FAILED | ERROR ' "$LOGS/tests.log" | cut -c1-220 | sort -u | head -40
@@ -272,9 +292,10 @@ case "$stage" in
   sanitize) build; sanitize ;;
   bench) build; bench ;;
   general) build; general ;;
+  stepwise) build; stepwise ;;
   all) build; tests; sanitize; bench ;;
   session) build; session ;;
-  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|all|session]"; exit 2 ;;
+  *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;
 esac
 echo
 printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"

@@ -4,8 +4,8 @@
     compute-sanitizer --tool racecheck python bench/sanitize.py
 
 Each cell (LSTM, LSTM with projection, GRU, RNN tanh and relu), forward and
-backward, in every dtype, on both kernel paths (persistent where it fits,
-general), with batch 1 and 3 (both batch tiles of the persistent kernels),
+backward, in every dtype, on every kernel path (persistent where it fits,
+stepwise, general), with batch 1 and 3 (both batch tiles of the persistent kernels),
 hidden sizes below and above one unit per SM, forward and reverse, dense and
 packed. Prints one line per path and exits 0 when every result is finite."""
 
@@ -52,7 +52,7 @@ def main():
     # of this script on a machine without a GPU)
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     ok = True
-    for path in ("persistent", "general"):
+    for path in ("persistent", "stepwise", "general"):
         count = 0
         with fused_rnn.kernel_path(path):
             for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):

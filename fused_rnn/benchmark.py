@@ -173,8 +173,8 @@ def failed_row(config: Config, error: BaseException) -> dict:
 
 
 def kernel_name(config: Config) -> str:
-    """The kernels fused_rnn runs for config's forward: persistent, general
-    (CUDA) or cpu."""
+    """The kernels fused_rnn runs for config's forward: persistent, stepwise,
+    general (CUDA) or cpu."""
     text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
                                      getattr(torch, config.dtype), config.device)
     return text.split()[0].lower()

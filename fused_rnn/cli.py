@@ -67,8 +67,9 @@ def _shape_flags(parser, many):
     parser.add_argument("--dtype", nargs=nargs, choices=DTYPES, help="dtype(s)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--kernel", choices=paths.PATHS, default=None,
-                        help="CUDA kernels: auto (default), persistent (wherever they fit) or "
-                             "general (per-step GEMMs); see fused_rnn.set_kernel_path")
+                        help="CUDA kernels: auto (default), persistent (wherever they fit), "
+                             "stepwise (the persistent kernels, one launch per step) or general "
+                             "(per-step GEMMs); see fused_rnn.set_kernel_path")
 
 
 def build_parser():
@@ -399,12 +400,12 @@ def run_explain(args, parser):
               f"({props.name}): {props.multi_processor_count} SMs x "
               f"{_shared_memory_per_sm(props) // 1024} KiB = {on_chip / 2**20:.1f} MiB")
         print(f"  kernel choice: {paths.get_kernel_path()} (fused_rnn.set_kernel_path or "
-              f"FUSED_RNN_KERNEL_PATH: auto | persistent | general)")
+              f"FUSED_RNN_KERNEL_PATH: auto | persistent | stepwise | general)")
         for what, backward in (("forward", False), ("backward", True)):
             text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
                                              backward=backward)
             print(f"  {what}: {text}")
-        print("  both paths: the input projection of every step as one GEMM first; in "
+        print("  every path: the input projection of every step as one GEMM first; in "
               "backward the weight gradients as large GEMMs after the recurrence")
     print()
     print("This build:")

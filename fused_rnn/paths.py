@@ -1,18 +1,28 @@
 """Which CUDA kernels fused_rnn runs, and why.
 
-On CUDA every op runs one of two paths:
+On CUDA every op runs one of three paths:
 
 - ``persistent``: one cooperative launch for the whole sequence, the
   recurrent weights held on chip (shared memory) for every step, one grid
   barrier per step. Dense input, no ``proj_size``, weights that fit the
   device's shared memory.
+- ``stepwise``: the persistent kernels' code, one ordinary launch per step
+  (the launch boundary is the barrier), each block's slice of the weights
+  packed once per call into global memory and read from there (L2). Dense
+  input, no ``proj_size``, any hidden size; no co-residency needed, so it is
+  also what a persistent call falls back to when its grid cannot be
+  co-resident at the call (another kernel on the GPU, MPS limits).
 - ``general``: per step one cuBLAS GEMM and one fused pointwise kernel. Any
   shape, packed sequences and ``proj_size`` included.
 
 The default, ``auto``, takes the persistent kernels where they fit and are
-expected to win (batch <= 64). ``persistent`` takes them wherever they fit,
-``general`` never. The choice is process-wide; set it here, or with the
-environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
+expected to win (up to 16 sequences always, beyond while a block's work per
+step stays small), the stepwise launches where the device takes no
+cooperative launch, and the general path elsewhere. ``persistent`` takes
+the persistent kernels wherever they fit, ``stepwise`` the stepwise ones
+wherever they apply, ``general`` neither. The choice is process-wide; set
+it here, or with the environment variable ``FUSED_RNN_KERNEL_PATH`` before
+the first call::
 
     fused_rnn.set_kernel_path("general")
     with fused_rnn.kernel_path("persistent"):
@@ -35,7 +45,7 @@ import torch
 
 from . import ops  # noqa: F401  (loads the extension)
 
-PATHS = ("auto", "persistent", "general")
+PATHS = ("auto", "persistent", "stepwise", "general")
 CPU_GEMMS = ("auto", "aten")
 CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
@@ -51,14 +61,15 @@ def _temporarily(get, set_, value):
 
 
 def set_kernel_path(path: str) -> None:
-    """Choose the CUDA kernels for every later call: auto, persistent or general."""
+    """Choose the CUDA kernels for every later call: auto, persistent, stepwise
+    or general."""
     if path not in PATHS:
         raise ValueError(f"kernel path must be one of {', '.join(PATHS)}, got {path!r}")
     torch.ops.fused_rnn.set_kernel_path(path)
 
 
 def get_kernel_path() -> str:
-    """The CUDA kernel choice now in force: auto, persistent or general."""
+    """The CUDA kernel choice now in force: auto, persistent, stepwise or general."""
     return torch.ops.fused_rnn.get_kernel_path()
 
 
@@ -72,7 +83,8 @@ def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.flo
                         device="cuda", *, packed=False, proj=False, backward=False) -> str:
     """Which kernels one layer and direction of `cell` runs for this shape
     on `device` under the current choice, and why: a sentence starting with
-    "persistent kernel", "general path" or "CPU sequence kernel"."""
+    "persistent kernel", "stepwise kernels", "general path" or "CPU sequence
+    kernel"."""
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
     like = torch.empty(0, dtype=dtype, device=device)

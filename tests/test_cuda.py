@@ -49,9 +49,10 @@ def no_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.fixture(params=["persistent", "general"])
+@pytest.fixture(params=["persistent", "stepwise", "general"])
 def path(request):
-    """Both CUDA kernel paths: the persistent kernels wherever they fit (the
+    """Every CUDA kernel path: the persistent kernels wherever they fit, the
+    same kernels one launch per step (stepwise) wherever they apply (the
     packed and proj_size features run the general path on both), and the
     per-step general path."""
     with fused_rnn.kernel_path(request.param):

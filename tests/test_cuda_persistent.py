@@ -1,10 +1,12 @@
 """The persistent CUDA kernels (one cooperative launch per layer and
-direction, weights on chip), forced with fused_rnn.kernel_path: the choice
-of path, float64 parity with the plain PyTorch reference at odd sizes
-across every batch tile and block split, float32 within twice the general
-path's error, long sequences, a GPU busy with other work. The module-level
-parity, gradcheck, opcheck and CUDA-graph tests of test_cuda.py run on both
-paths too. Every test is skipped without a GPU."""
+direction, weights on chip) and the same kernels one launch per step
+(stepwise, weight slices in global memory), forced with
+fused_rnn.kernel_path: the choice of path, float64 parity with the plain
+PyTorch reference at odd sizes across every batch tile and block split,
+float32 and half types within twice the general path's error, hidden sizes
+past on-chip memory (stepwise), long sequences, a GPU busy with other work.
+The module-level parity, gradcheck, opcheck and CUDA-graph tests of
+test_cuda.py run on every path too. Every test is skipped without a GPU."""
 
 import pytest
 import torch
@@ -31,13 +33,27 @@ def _persistent():
         yield
 
 
+@pytest.fixture(params=["persistent", "stepwise"])
+def mode(request):
+    """The persistent kernels as one cooperative launch, or one launch per
+    step (stepwise)."""
+    with fused_rnn.kernel_path(request.param):
+        yield request.param
+
+
 def explain(name, H, B, dtype, backward=False, **kw):
     return fused_rnn.explain_kernel_path(name, H, B, dtype, DEVICE, backward=backward, **kw)
 
 
-def require_persistent(name, H, B, dtype):
+def require_persistent(name, H, B, dtype, mode="persistent"):
     """Skip, saying why, where this GPU's shared memory cannot hold the
-    weights (the general path is tested there by test_cuda.py)."""
+    weights (the general path is tested there by test_cuda.py); the stepwise
+    launches take every size."""
+    if mode == "stepwise":
+        for backward in (False, True):
+            with fused_rnn.kernel_path("stepwise"):
+                assert explain(name, H, B, dtype, backward=backward).startswith("stepwise kernels")
+        return
     for backward in (False, True):
         text = explain(name, H, B, dtype, backward=backward)
         if not text.startswith("persistent kernel"):
@@ -96,6 +112,14 @@ def test_choice(name):
     # far too large for shared memory on any GPU
     assert explain(name, 8192, 8, torch.float64).startswith("general path")
     assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
+    with fused_rnn.kernel_path("stepwise"):
+        # any hidden size, in waves of blocks past the SM count
+        for H, B, dtype in ((256, 8, f32), (8192, 8, torch.float64), (3000, 300, torch.float16)):
+            for backward in (False, True):
+                text = explain(name, H, B, dtype, backward=backward)
+                assert text.startswith("stepwise kernels"), text
+        assert explain(name, 256, 8, f32, packed=True).startswith("general path")
+        assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
 
 
 # ---------------------------------------------------------------- float64
@@ -103,26 +127,42 @@ def test_choice(name):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}_B{}_T{}".format(*s))
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_float64_matches_reference(cell_key, shape, reverse):
+def test_float64_matches_reference(mode, cell_key, shape, reverse):
     cell, name, extra = CELLS[cell_key]
     H, B, T = shape
-    require_persistent(name, H, B, torch.float64)
+    require_persistent(name, H, B, torch.float64, mode)
     kw = dict(T=T, B=B, I=5, H=H, reverse=reverse, **extra)
     assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
-                         what=f"persistent {name} H={H} B={B} T={T} reverse={reverse}")
+                         what=f"{mode} {name} H={H} B={B} T={T} reverse={reverse}")
 
 
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_float64_no_bias(cell_key):
+@pytest.mark.parametrize("shape", [(3000, 3, 3), (2200, 20, 2)],
+                         ids=lambda s: "H{}_B{}_T{}".format(*s))
+def test_stepwise_past_on_chip_memory(cell_key, shape):
+    """Hidden sizes whose weights no GPU holds on chip in float64: more
+    blocks than SMs (waves, in the LSTM and GRU forward on a GPU of up to
+    ~140 SMs), a ragged last block, both batch tiles."""
+    cell, name, extra = CELLS[cell_key]
+    H, B, T = shape
+    with fused_rnn.kernel_path("stepwise"):
+        require_persistent(name, H, B, torch.float64, "stepwise")
+        kw = dict(T=T, B=B, I=5, H=H, **extra)
+        assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
+                             what=f"stepwise {name} H={H} B={B} T={T}")
+
+
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_float64_no_bias(mode, cell_key):
     cell, name, extra = CELLS[cell_key]
     kw = dict(T=3, B=10, I=4, H=45, bias=False, **extra)
     assert_results_close(run(cell, True, **kw), run(cell, False, **kw))
 
 
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_gradcheck(cell_key):
+def test_gradcheck(mode, cell_key):
     cell, name, extra = CELLS[cell_key]
-    require_persistent(name, 3, 2, torch.float64)
+    require_persistent(name, 3, 2, torch.float64, mode)
     args = make_op_args(cell, T=3, B=2, I=3, H=3, requires_grad=True, device=DEVICE, **extra)
     assert gradcheck_op(cell, args)
 
@@ -138,13 +178,14 @@ def max_errors(res, ref):
 @pytest.mark.parametrize("shape", [(1024, 1, 3), (512, 8, 4), (1024, 70, 2), (256, 64, 5)],
                          ids=lambda s: "H{}_B{}_T{}".format(*s))
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_low_precision_within_twice_general_error(cell_key, shape, dtype):
-    """Against float64: the persistent kernel's error is at most twice the
-    general path's (cuBLAS per step) plus a little."""
+def test_low_precision_within_twice_general_error(mode, cell_key, shape, dtype):
+    """Against float64: the persistent kernel's error (one launch or
+    stepwise) is at most twice the general path's (cuBLAS per step) plus a
+    little."""
     cell, name, extra = CELLS[cell_key]
     H, B, T = shape
-    require_persistent(name, H, B, dtype)
-    assert_within_twice_general(cell, dict(T=T, B=B, I=16, H=H, **extra), dtype, "persistent")
+    require_persistent(name, H, B, dtype, mode)
+    assert_within_twice_general(cell, dict(T=T, B=B, I=16, H=H, **extra), dtype, mode)
 
 
 def assert_within_twice_general(cell, kw, dtype, path):
@@ -177,8 +218,9 @@ def test_auto_forward_persistent_backward_general(cell_key):
     assert_within_twice_general(cell, dict(T=T, B=B, I=16, H=H, **extra), dtype, "auto")
 
 
-def test_long_sequence_many_barriers():
-    """T=3000: thousands of grid barriers in one launch, both directions."""
+def test_long_sequence_many_barriers(mode):
+    """T=3000: thousands of grid barriers in one launch (or of launches,
+    stepwise), both directions."""
     for reverse in (False, True):
         kw = dict(T=3000, B=3, I=8, H=64, reverse=reverse, dtype=torch.float32)
         with fused_rnn.kernel_path("general"):
@@ -190,7 +232,8 @@ def test_long_sequence_many_barriers():
 
 def test_gpu_busy_with_other_work():
     """A kernel already running on another stream: the cooperative launch
-    waits for room or falls back, never hangs, and the result is right."""
+    waits for room or falls back (to the stepwise launches), never hangs,
+    and the result is right."""
     require_persistent("GRU", 300, 4, torch.float64)
     kw = dict(T=20, B=4, I=8, H=300, dtype=torch.float64)
     expected = run("gru", False, **kw)
@@ -202,7 +245,7 @@ def test_gpu_busy_with_other_work():
     assert_results_close(actual, expected)
 
 
-@pytest.mark.parametrize("path", ["persistent", "general"])
+@pytest.mark.parametrize("path", ["persistent", "stepwise", "general"])
 def test_two_layer_bidirectional_lstm(path):
     """The benchmark's multi-layer shape: both directions and both layers on
     the chosen path, against torch.nn (cuDNN) in float64."""

@@ -39,7 +39,7 @@ def test_all_pass_and_missing_files_are_no_data():
     lines = goals.check({"grid": full_grid()})
     assert len(lines) == len(goals.GOALS)
     assert [l.split()[0] for l in lines[:5]] == ["PASS"] * 5
-    assert lines[5].startswith("NO DATA") and lines[6].startswith("NO DATA")
+    assert all(line.startswith("NO DATA") for line in lines[5:])
 
 
 def test_a_slow_row_misses_and_is_named():
@@ -84,11 +84,14 @@ def test_a_failed_run_never_passes(field, missed):
     assert [i for i, line in enumerate(lines[:5]) if line.startswith("MISS")] == list(missed)
 
 
-def test_general_goal_takes_only_general_path_rows():
-    general = [dict(r, kernel="general") for r in full_grid()]
-    assert goals.check({"general": general})[6].startswith("PASS")
+@pytest.mark.parametrize("source,index", [("general", 6), ("stepwise", 7)])
+def test_per_step_goals_take_only_their_path_rows(source, index):
+    rows = [dict(r, kernel=source) for r in full_grid()]
+    assert goals.check({source: rows})[index].startswith("PASS")
+    rows[3]["speedup"] = 0.9
+    assert goals.check({source: rows})[index].startswith("MISS")
     wrong = [dict(r, kernel="persistent") for r in full_grid()]
-    assert goals.check({"general": wrong})[6].startswith("NO DATA")
+    assert goals.check({source: wrong})[index].startswith("NO DATA")
 
 
 def test_latency_goal_only_small_batch_and_hidden():

@@ -22,7 +22,7 @@ def test_default_is_auto():
     assert python_lines(code, "FUSED_RNN_KERNEL_PATH") == ["auto"]
 
 
-@pytest.mark.parametrize("path", ["auto", "persistent", "general"])
+@pytest.mark.parametrize("path", ["auto", "persistent", "stepwise", "general"])
 def test_set_and_get(path):
     fused_rnn.set_kernel_path(path)
     assert fused_rnn.get_kernel_path() == path
@@ -40,14 +40,14 @@ def test_context_manager_restores_even_on_error():
 
 @pytest.mark.parametrize("bad", ["fast", "", "Persistent"])
 def test_bad_path_value_error(bad):
-    with pytest.raises(ValueError, match="auto, persistent, general"):
+    with pytest.raises(ValueError, match="auto, persistent, stepwise, general"):
         fused_rnn.set_kernel_path(bad)
-    with pytest.raises(ValueError, match="auto, persistent, general"):
+    with pytest.raises(ValueError, match="auto, persistent, stepwise, general"):
         torch.ops.fused_rnn.set_kernel_path(bad)
-    assert fused_rnn.get_kernel_path() in ("auto", "persistent", "general")
+    assert fused_rnn.get_kernel_path() in fused_rnn.paths.PATHS
 
 
-@pytest.mark.parametrize("value", ["general", "persistent", "bogus"])
+@pytest.mark.parametrize("value", ["general", "persistent", "stepwise", "bogus"])
 def test_environment_variable(value):
     code = ("import fused_rnn\n"
             "try:\n    print(fused_rnn.get_kernel_path())\n"
@@ -67,7 +67,7 @@ def test_environment_variable(value):
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
 @pytest.mark.parametrize("backward", [False, True])
 def test_explain_on_cpu(cell, backward):
-    for path in ("auto", "persistent", "general"):
+    for path in fused_rnn.paths.PATHS:
         with fused_rnn.kernel_path(path):
             text = fused_rnn.explain_kernel_path(cell, 256, 8, device="cpu", backward=backward)
         assert text.startswith("CPU sequence kernel")
@@ -80,9 +80,9 @@ def test_explain_bad_cell():
         torch.ops.fused_rnn.kernel_path(torch.empty(0), "lstm", 8, 1, False, False, False)
 
 
-@pytest.mark.parametrize("path", ["persistent", "general"])
+@pytest.mark.parametrize("path", ["persistent", "stepwise", "general"])
 def test_cpu_results_do_not_depend_on_the_choice(path):
-    """The setting is for CUDA; on the CPU both settings give bit-identical
+    """The setting is for CUDA; on the CPU every setting gives bit-identical
     results (there is one CPU path)."""
     lstm = fused_rnn.LSTM(5, 7, num_layers=2, dtype=torch.float64)
     x = torch.randn(4, 3, 5, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """The persistent CUDA kernels' own source (csrc/cuda/persistent.cuh) run on
-the CPU through a thread-per-CUDA-thread emulation (tests/emulation/), and
-compared with the CPU ops: forward outputs, states and saved tensors;
+the CPU through a thread-per-CUDA-thread emulation (tests/emulation/), as
+one cooperative launch and as stepwise launches (one per step, the weight
+slices packed into global memory), and compared with the CPU ops: forward outputs, states and saved tensors;
 backward state gradients and the gate gradients behind every parameter
 gradient. Shapes cover one and several blocks with a ragged last block, one
 and several batch tiles with a ragged last tile, one and several column
@@ -85,10 +86,14 @@ def close(actual, expected, what, dtype):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_emulated_kernels_match_cpu_ops(emu, cell, config, reverse, bias, order,
+@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
+def test_emulated_kernels_match_cpu_ops(emu, stepwise, cell, config, reverse, bias, order,
                                         dtype=torch.float64):
     """Thread order: the threads of each phase between barriers run in
-    ascending or descending order; a missing barrier shows in one of them."""
+    ascending or descending order; a missing barrier shows in one of them.
+    Stepwise: the same kernels one launch per step, the weight slices packed
+    into global memory first (a fresh shared memory, filled with garbage,
+    at every launch)."""
     H, B, T, units, tile = CONFIGS[config]
     op_cell = cell.split("_")[0]
     a = make_op_args(op_cell, T=T, B=B, I=5, H=H, bias=bias, reverse=reverse, dtype=dtype,
@@ -102,7 +107,7 @@ def test_emulated_kernels_match_cpu_ops(emu, cell, config, reverse, bias, order,
         bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
-        cell in ("lstm", "gru"), units, tile, order)
+        cell in ("lstm", "gru"), units, tile, order, stepwise)
     close(out, ref[0].reshape(T * B, H), "output", dtype)
     close(hy, ref[1], "hy", dtype)
     if cell == "lstm":
@@ -125,14 +130,15 @@ def test_emulated_kernels_match_cpu_ops(emu, cell, config, reverse, bias, order,
                                      a["w_ih"], a["w_hh"], None, output, ref[3], ref[4], None,
                                      reverse, bias, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
-                                       ref[4], None, T, B, reverse, units, tile, order)
+                                       ref[4], None, T, B, reverse, units, tile, order,
+                                       stepwise)
         close(gcx, expected[2], "grad_cx", dtype)
     elif cell == "gru":
         expected = ops.gru_backward(go.view(T, B, H), ghy, a["input"], a["hx"], a["w_ih"],
                                     a["w_hh"], output, ref[2], ref[3], None, reverse, bias, True)
         dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(T * B, H),
                                        a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
-                                       tile, order)
+                                       tile, order, stepwise)
         if bias:
             close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
     else:
@@ -140,7 +146,7 @@ def test_emulated_kernels_match_cpu_ops(emu, cell, config, reverse, bias, order,
                                     a["w_hh"], output, None, reverse, a["relu"], bias, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
                                      output.reshape(T * B, H), None, None, None, None, None, T,
-                                     B, reverse, units, tile, order)
+                                     B, reverse, units, tile, order, stepwise)
     close(ghx, expected[1], "grad_hx", dtype)
     close((dg @ a["w_ih"]).view(T, B, -1), expected[0], "grad_input", dtype)
     grad_w_ih = expected[3] if cell == "lstm" else expected[2]
@@ -158,7 +164,8 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_emulated_low_precision(emu, cell, dtype, reverse):
+@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
+def test_emulated_low_precision(emu, stepwise, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
     16x16x16, rows and columns padded to 16, two batch tiles side by side
     and a second pass with one, past the batch), forward and backward,
@@ -178,7 +185,7 @@ def test_emulated_low_precision(emu, cell, dtype, reverse):
                         else (a["b_ih"] + a["b_hh"], None))
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse, True,
-        units, tile, 0)
+        units, tile, 0, stepwise)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     assert rel_error(out, ref[0].reshape(T * B, H)) < tol
     assert rel_error(hy, ref[1]) < tol
@@ -198,18 +205,19 @@ def test_emulated_low_precision(emu, cell, dtype, reverse):
                                      ref[4], None, reverse, True, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go.to(dtype), ghy.to(dtype), gcy.to(dtype),
                                        None, None, a["cx"], gates, cells, None, T, B, reverse,
-                                       units, tile, 0)
+                                       units, tile, 0, stepwise)
         assert rel_error(gcx, expected[2]) < tol
     elif cell == "gru":
         expected = ops.gru_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], ref[2], ref[3], None, reverse, True, True)
         dg, _, ghx, _ = emu.backward(1, a["w_hh"], go.to(dtype), ghy.to(dtype), None, out,
-                                     a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0)
+                                     a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0,
+                                     stepwise)
     else:
         expected = ops.rnn_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], None, reverse, a["relu"], True, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go.to(dtype), ghy.to(dtype), None,
                                      out, None, None, None, None, None, T, B, reverse, units,
-                                     tile, 0)
+                                     tile, 0, stepwise)
     assert rel_error(ghx, expected[1]) < 2 * tol
     assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(T * B, -1)) < 2 * tol

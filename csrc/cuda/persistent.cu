@@ -1,8 +1,9 @@
-// The choice between the persistent kernels and the general per-step path,
-// the plan of a persistent launch for the device at hand, and the
-// cooperative launch.
+// The choice between the persistent kernels (one cooperative launch, or one
+// launch per step: stepwise) and the general per-step path, the plan of a
+// launch for the device at hand, and the launches.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -91,111 +92,144 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   Decision d;
   const KernelPath want = requested_kernel_path();
   const char* general = "general path (a cuBLAS GEMM and a fused pointwise kernel per step): ";
-  if (want == KernelPath::kGeneral) {
-    d.choice.reason = std::string(general) + "the general path was requested";
+  auto take_general = [&](const std::string& why) {
+    d.choice.path = KernelPath::kGeneral;
+    d.choice.reason = general + why;
     return d;
-  }
-  if (packed) {
-    d.choice.reason = std::string(general) + "packed sequences run per step";
-    return d;
-  }
-  if (proj) {
-    d.choice.reason = std::string(general) + "LSTM with proj_size runs per step";
-    return d;
-  }
+  };
+  if (want == KernelPath::kGeneral) return take_general("the general path was requested");
+  if (packed) return take_general("packed sequences run per step");
+  if (proj) return take_general("LSTM with proj_size runs per step");
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf &&
       dtype != at::kBFloat16) {
-    d.choice.reason = std::string(general) + "no persistent kernel for this dtype";
-    return d;
+    return take_general("no persistent kernel for this dtype");
   }
-  if (hidden <= 0 || batch <= 0) {
-    d.choice.reason = std::string(general) + "an empty hidden state";
-    return d;
-  }
+  if (hidden <= 0 || batch <= 0) return take_general("an empty hidden state");
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
-  if (!limits.cooperative) {
-    d.choice.reason = std::string(general) + "this device takes no cooperative launches";
-    return d;
-  }
   const int64_t G = gates_of(cell);
-  const int64_t units = (hidden + limits.sms - 1) / limits.sms;
-  const int64_t rows = backward ? units : G * units;
   const int64_t k = backward ? G * hidden : hidden;
+  const int64_t rows_per_unit = backward ? 1 : G;
   Plan& plan = d.plan;
-  plan.units = static_cast<int>(units);
-  plan.blocks = static_cast<int>((hidden + units - 1) / units);
   plan.batch_tile = batch_tile(batch, dtype);
-  if (rows > kMaxRows || plan.batch_tile * units > kThreads) {
-    std::ostringstream why;
-    if (explain)
-      why << general << "H=" << hidden << " needs " << units << " hidden units (" << rows
-        << " weight rows) per block on " << limits.sms
-        << " SMs; a persistent block holds at most " << kMaxRows << " rows and "
-        << kThreads / plan.batch_tile << " units";
-    d.choice.reason = why.str();
+  // One unit per SM or more, as few as cover H on every SM: the persistent
+  // grid; a stepwise grid takes more blocks than SMs where a block cannot
+  // hold that many units' rows.
+  const int64_t units = (hidden + limits.sms - 1) / limits.sms;
+  const int64_t max_units = std::min<int64_t>(kMaxRows / rows_per_unit,
+                                              kThreads / plan.batch_tile);
+  const bool too_many_rows = units > max_units;
+  plan.units = static_cast<int>(std::min(units, max_units));
+  plan.blocks = static_cast<int>((hidden + plan.units - 1) / plan.units);
+  const int64_t rows = rows_per_unit * plan.units;
+  auto tiling = [&](bool weights_shared) {
+    return make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile, batch,
+                       plan.units, c10::elementSize(dtype), math_size(dtype), weights_shared);
+  };
+  plan.shared_bytes = too_many_rows ? 0 : tiling(true).bytes;
+  plan.step_shared_bytes = tiling(false).bytes;
+  const Tiling step_tiling = tiling(false);
+
+  std::ostringstream why;
+  auto take_stepwise = [&](const char* because) {
+    plan.stepwise = true;
+    d.choice.path = KernelPath::kStepwise;
+    if (explain) {
+      why << "stepwise kernels (the persistent kernels' code, one launch per step, "
+          << (backward ? "W_hh^T" : "W_hh") << " slices read from global memory): "
+          << plan.blocks << " blocks x " << kThreads << " threads, " << plan.units
+          << " hidden unit" << (plan.units == 1 ? "" : "s") << " per block, slice of " << rows
+          << " x " << k << ", batch tile " << plan.batch_tile
+          << (plan.batch_tile == kMmaTile ? " on tensor cores" : " on FMA units") << ", "
+          << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
+          << " side by side; " << because;
+      d.choice.reason = why.str();
+    }
     return d;
+  };
+  if (want == KernelPath::kStepwise) return take_stepwise("the stepwise kernels were requested");
+
+  if (too_many_rows) {
+    if (explain)
+      why << "H=" << hidden << " needs " << units << " hidden units (" << rows_per_unit * units
+          << " weight rows) per block on " << limits.sms
+          << " SMs; a persistent block holds at most " << kMaxRows << " rows and "
+          << kThreads / plan.batch_tile << " units";
+    return take_general(why.str());
   }
-  const Tiling tiling = make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile,
-                                    batch, plan.units, c10::elementSize(dtype), math_size(dtype));
-  plan.shared_bytes = tiling.bytes;
   if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
-    std::ostringstream why;
     if (explain)
-      why << general << "the weights need " << plan.shared_bytes / 1024
-        << " KiB of shared memory per block on " << limits.sms << " SMs; a block may have "
-        << limits.shared_optin / 1024 << " KiB";
-    d.choice.reason = why.str();
-    return d;
+      why << "the weights need " << plan.shared_bytes / 1024
+          << " KiB of shared memory per block on " << limits.sms << " SMs; a block may have "
+          << limits.shared_optin / 1024 << " KiB";
+    return take_general(why.str());
   }
   const int64_t work = rows * k * batch;
   const int64_t max_work =
       plan.batch_tile == kMmaTile && !backward ? kAutoMaxWorkMma : kAutoMaxWork;
   if (want == KernelPath::kAuto && batch > kAutoLatencyBatch && work > max_work) {
-    std::ostringstream why;
     if (explain)
-      why << general << rows << " x " << k << " weights x " << batch
-        << " sequences of work per block and step (more than " << max_work
-        << "), where the per-step GEMMs are faster (the persistent kernel would fit: "
-           "FUSED_RNN_KERNEL_PATH=persistent forces it)";
-    d.choice.reason = why.str();
-    return d;
+      why << rows << " x " << k << " weights x " << batch
+          << " sequences of work per block and step (more than " << max_work
+          << "), where the per-step GEMMs are faster (the persistent kernel would fit: "
+             "FUSED_RNN_KERNEL_PATH=persistent forces it)";
+    return take_general(why.str());
   }
-  d.choice.persistent = true;
+  if (!limits.cooperative) {
+    return take_stepwise("this device takes no cooperative launches, so no persistent kernel");
+  }
+  d.choice.path = KernelPath::kPersistent;
   if (!explain) return d;
-  std::ostringstream why;
+  const Tiling tl = tiling(true);
   why << "persistent kernel (" << (backward ? "backward" : "forward")
       << ", one cooperative launch for the whole sequence): " << plan.blocks << " blocks x "
-      << kThreads << " threads, " << units << " hidden unit" << (units == 1 ? "" : "s")
-      << " per block, W_hh" << (backward ? "^T" : "") << " slice of " << rows << " x " << k
-      << " in " << plan.shared_bytes / 1024 << " KiB of shared memory (of "
-      << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
+      << kThreads << " threads, " << plan.units << " hidden unit"
+      << (plan.units == 1 ? "" : "s") << " per block, W_hh" << (backward ? "^T" : "")
+      << " slice of " << rows << " x " << k << " in " << plan.shared_bytes / 1024
+      << " KiB of shared memory (of " << limits.shared_optin / 1024 << " KiB), batch tile "
+      << plan.batch_tile
       << (plan.batch_tile == kMmaTile ? " on tensor cores (wmma, fp32 accumulation)"
                                       : " on FMA units")
-      << ", " << tiling.bsplits << " tile" << (tiling.bsplits == 1 ? "" : "s")
-      << " side by side (" << (batch + tiling.pass - 1) / tiling.pass << " pass"
-      << ((batch + tiling.pass - 1) / tiling.pass == 1 ? "" : "es")
-      << " per step), one grid barrier per step";
+      << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
+      << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
+      << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
+      << " per step), one grid barrier per step; one launch per step (stepwise) when the "
+         "grid cannot be co-resident at the call";
   d.choice.reason = why.str();
   return d;
 }
 
 }  // namespace
 
+namespace {
+
+// Raises the kernel's dynamic shared memory limit to the device's, once per
+// kernel and device.
+void allow_shared_memory(const void* kernel, int device, const DeviceLimits& limits) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (raised.count({kernel, device}) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        limits.shared_optin));
+    raised.insert({kernel, device});
+  }
+}
+
+}  // namespace
+
+void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args) {
+  const int device = c10::cuda::current_device();
+  allow_shared_memory(kernel, device, device_limits(device));
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), args, shared_bytes,
+                                  c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
-  {
-    // Raise the kernel's dynamic shared memory limit once per device.
-    static std::mutex mutex;
-    static std::set<std::pair<const void*, int>> raised;
-    std::lock_guard<std::mutex> lock(mutex);
-    if (raised.count({kernel, device}) == 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          limits.shared_optin));
-      raised.insert({kernel, device});
-    }
-  }
+  allow_shared_memory(kernel, device, limits);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                plan.shared_bytes));
@@ -222,42 +256,63 @@ PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::S
   return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, true).choice;
 }
 
-bool persistent_forward(const PersistentForward& a) {
+namespace {
+
+using persistent::Plan;
+
+bool run_forward_cell(const PersistentForward& a, const Plan& plan) {
   using persistent::run_forward;
-  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
-                                    /*packed=*/false, /*proj=*/false, /*backward=*/false,
-                                    /*explain=*/false);
-  if (!d.choice.persistent) return false;
   switch (a.cell) {
     case PersistentCell::kLstm:
-      return run_forward<PersistentCell::kLstm>(a, d.plan);
+      return run_forward<PersistentCell::kLstm>(a, plan);
     case PersistentCell::kGru:
-      return run_forward<PersistentCell::kGru>(a, d.plan);
+      return run_forward<PersistentCell::kGru>(a, plan);
     case PersistentCell::kRnnTanh:
-      return run_forward<PersistentCell::kRnnTanh>(a, d.plan);
+      return run_forward<PersistentCell::kRnnTanh>(a, plan);
     case PersistentCell::kRnnRelu:
-      return run_forward<PersistentCell::kRnnRelu>(a, d.plan);
+      return run_forward<PersistentCell::kRnnRelu>(a, plan);
   }
   return false;
 }
 
-bool persistent_backward(const PersistentBackward& a) {
+bool run_backward_cell(const PersistentBackward& a, const Plan& plan) {
   using persistent::run_backward;
+  switch (a.cell) {
+    case PersistentCell::kLstm:
+      return run_backward<PersistentCell::kLstm>(a, plan);
+    case PersistentCell::kGru:
+      return run_backward<PersistentCell::kGru>(a, plan);
+    case PersistentCell::kRnnTanh:
+      return run_backward<PersistentCell::kRnnTanh>(a, plan);
+    case PersistentCell::kRnnRelu:
+      return run_backward<PersistentCell::kRnnRelu>(a, plan);
+  }
+  return false;
+}
+
+// The persistent plan run one step per launch (its units per block need no
+// co-residency), for a grid that cannot be co-resident now.
+Plan stepwise(Plan plan) {
+  plan.stepwise = true;
+  return plan;
+}
+
+}  // namespace
+
+bool persistent_forward(const PersistentForward& a) {
+  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
+                                    /*packed=*/false, /*proj=*/false, /*backward=*/false,
+                                    /*explain=*/false);
+  if (d.choice.path == KernelPath::kGeneral) return false;
+  return run_forward_cell(a, d.plan) || run_forward_cell(a, stepwise(d.plan));
+}
+
+bool persistent_backward(const PersistentBackward& a) {
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
                                     /*packed=*/false, /*proj=*/false, /*backward=*/true,
                                     /*explain=*/false);
-  if (!d.choice.persistent) return false;
-  switch (a.cell) {
-    case PersistentCell::kLstm:
-      return run_backward<PersistentCell::kLstm>(a, d.plan);
-    case PersistentCell::kGru:
-      return run_backward<PersistentCell::kGru>(a, d.plan);
-    case PersistentCell::kRnnTanh:
-      return run_backward<PersistentCell::kRnnTanh>(a, d.plan);
-    case PersistentCell::kRnnRelu:
-      return run_backward<PersistentCell::kRnnRelu>(a, d.plan);
-  }
-  return false;
+  if (d.choice.path == KernelPath::kGeneral) return false;
+  return run_backward_cell(a, d.plan) || run_backward_cell(a, stepwise(d.plan));
 }
 
 }  // namespace cuda

@@ -96,7 +96,9 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // pass of the math type). Tensor-core tiles pad rows and columns to 16.
 // Warp w takes row group w % groups, batch tile (w / groups) % bsplits and
 // column split w / (groups * bsplits). Host (plan) and device compute it
-// alike from the launch's shape.
+// alike from the launch's shape. The stepwise launches read the weight slice
+// from global memory (pack_slices_kernel lays it out the same way) and hold
+// only the staged input and the partial sums (weights_shared false).
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
   int ldw;             // weight row stride, >= k
@@ -108,7 +110,8 @@ struct Tiling {
   size_t tile_offset, partial_offset, bytes;
 };
 __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, int64_t batch,
-                                              int units, size_t element, size_t math_element) {
+                                              int units, size_t element, size_t math_element,
+                                              bool weights_shared = true) {
   const bool mma = batch_tile == kMmaTile;
   Tiling t{};
   t.rows = rows;
@@ -122,7 +125,8 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   t.chunk = t.ldw < chunk ? t.ldw : chunk;
   const int used = t.groups * t.bsplits;
   t.splits = used >= kWarps ? 1 : kWarps / used;
-  t.tile_offset = align128(static_cast<size_t>(t.rows_pad) * t.ldw * element);
+  t.tile_offset =
+      weights_shared ? align128(static_cast<size_t>(t.rows_pad) * t.ldw * element) : 0;
   t.partial_offset =
       t.tile_offset + align128(static_cast<size_t>(t.pass) * t.chunk *
                                (mma ? element : math_element));
@@ -132,12 +136,24 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
 }
 
 // ------------------------------------------------------------ parameters
+// What a launch runs: every step, with a grid barrier after each (the
+// persistent kernel, one cooperative launch, the weight slices in shared
+// memory), or one step (a stepwise launch: one per step, the kernel
+// boundary for the barrier, the slices read from global memory where
+// pack_slices_kernel put them).
+struct LaunchSteps {
+  int64_t begin, end;  // forward: steps [begin, end); backward: begin down to end
+  bool cooperative;    // a grid barrier after each step
+};
+
 template <typename scalar_t>
 struct ForwardParams {
   using T = at::opmath_type<scalar_t>;
   int64_t steps, batch;
   int hidden, units;  // H, J
   bool reverse, keep_gates;
+  LaunchSteps run;
+  const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
   const scalar_t* bias_hh;     // (G*H) GRU, or null
@@ -158,6 +174,8 @@ struct BackwardParams {
   int64_t steps, batch;
   int hidden, units;
   bool reverse;
+  LaunchSteps run;             // processed steps begin down to end (-1: grad_hx)
+  const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   const scalar_t* w_hh;      // (G*H, H)
   const scalar_t* grad_out;  // (T*B, H)
   const scalar_t* grad_hy;   // (B, H)
@@ -421,6 +439,80 @@ __device__ __forceinline__ T product(const T* partial, const Tiling& tl, int r, 
   return sum;
 }
 
+// ------------------------------------------------------------ weight slices
+// Block `block`'s forward slice into w (rows_pad x ldw): row q*J + jj holds
+// W_hh row q*H + j0 + jj, j0 = block*J (zeros past H, past the rows and
+// past the columns). Call from every thread of the block.
+template <typename scalar_t>
+__device__ void load_forward_slice(scalar_t* __restrict__ w, const Tiling& tl,
+                                   const scalar_t* __restrict__ w_hh, int H, int J, int block) {
+  const int j0 = block * J;
+  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
+    const int r = i / tl.ldw, col = i - r * tl.ldw;
+    const int q = r / J, j = j0 + (r - q * J);
+    w[i] = r < tl.rows && j < H && col < H ? w_hh[static_cast<int64_t>(q * H + j) * H + col]
+                                           : scalar_t(0);
+  }
+}
+
+// Block `block`'s backward slice (of W_hh^T): row jj holds W_hh column
+// j0 + jj over the k = G*H rows of W_hh (zeros past H, past the rows and
+// past the columns). Neighbouring threads read neighbouring columns of one
+// W_hh row.
+template <typename scalar_t>
+__device__ void load_backward_slice(scalar_t* __restrict__ w, const Tiling& tl,
+                                    const scalar_t* __restrict__ w_hh, int H, int J, int k,
+                                    int block) {
+  const int j0 = block * J;
+  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
+    const int col = i / tl.rows_pad, jj = i - col * tl.rows_pad, j = j0 + jj;
+    w[jj * tl.ldw + col] =
+        jj < tl.rows && j < H && col < k ? w_hh[static_cast<int64_t>(col) * H + j] : scalar_t(0);
+  }
+}
+
+// The elements of one block's slice in the stepwise layout.
+inline __host__ __device__ int64_t slice_elements(const Tiling& tl) {
+  return static_cast<int64_t>(tl.rows_pad) * tl.ldw;
+}
+
+// For the stepwise launches: every block's slice, laid out as a persistent
+// block holds it in shared memory, one after another in global memory
+// (slices: blocks x slice_elements), written once per call. Launched with
+// the kernels' grid and block size.
+template <int G, bool kBackward, int BT, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) pack_slices_kernel(const scalar_t* __restrict__ w_hh,
+                                                               scalar_t* __restrict__ slices,
+                                                               int H, int J, int64_t batch) {
+  const int rows = kBackward ? J : G * J, k = kBackward ? G * H : H;
+  const Tiling tl = make_tiling(rows, k, BT, batch, J, sizeof(scalar_t),
+                                sizeof(at::opmath_type<scalar_t>), false);
+  scalar_t* w = slices + blockIdx.x * slice_elements(tl);
+  if constexpr (kBackward) {
+    load_backward_slice(w, tl, w_hh, H, J, k, blockIdx.x);
+  } else {
+    load_forward_slice(w, tl, w_hh, H, J, blockIdx.x);
+  }
+}
+
+// The weight slice a block multiplies by: its stepwise slice in global
+// memory, or (persistent) the block's copy in shared memory, loaded here.
+// block_product synchronises the block before it reads w.
+template <bool kBackward, typename scalar_t>
+__device__ __forceinline__ const scalar_t* block_slice(const scalar_t* slices, const Tiling& tl,
+                                                       unsigned char* shared,
+                                                       const scalar_t* w_hh, int H, int J,
+                                                       int k) {
+  if (slices) return slices + blockIdx.x * slice_elements(tl);
+  scalar_t* w = reinterpret_cast<scalar_t*>(shared);
+  if constexpr (kBackward) {
+    load_backward_slice(w, tl, w_hh, H, J, k, blockIdx.x);
+  } else {
+    load_forward_slice(w, tl, w_hh, H, J, blockIdx.x);
+  }
+  return w;
+}
+
 // ------------------------------------------------------------ forward
 template <PersistentCell kCell, int BT, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scalar_t> p) {
@@ -430,22 +522,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const int H = p.hidden, J = p.units, rows = G * J;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
-  const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T));
-  scalar_t* w = reinterpret_cast<scalar_t*>(shared);
+  const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
+                                p.slices == nullptr);
+  const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
-  // Row q*J + jj of the slice: W_hh row q*H + j0 + jj (zeros past H, past
-  // the rows and past the columns).
-  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
-    const int r = i / tl.ldw, col = i - r * tl.ldw;
-    const int q = r / J, j = j0 + (r - q * J);
-    w[i] = r < rows && j < H && col < H ? p.w_hh[static_cast<int64_t>(q * H + j) * H + col]
-                                        : scalar_t(0);
-  }
-  // (block_matvec synchronises the block before it reads w)
-
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  for (int64_t s = 0; s < p.steps; ++s) {
+  for (int64_t s = p.run.begin; s < p.run.end; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t t_prev = p.reverse ? t + 1 : t - 1;
     const scalar_t* h_prev = s == 0 ? p.hx : p.out + t_prev * B * H;
@@ -519,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         if (last) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
-    grid.sync();
+    if (p.run.cooperative) cooperative_groups::this_grid().sync();
   }
 }
 
@@ -536,28 +618,17 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch, steps = p.steps;
-  const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T));
-  scalar_t* w = reinterpret_cast<scalar_t*>(shared);
+  const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
+                                p.slices == nullptr);
+  // (step T-1 does not read the slice)
+  const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
-
-  // Row jj of the slice: W_hh column j0 + jj (zeros past H, past the rows
-  // and past the columns). Neighbouring threads read neighbouring columns of
-  // one W_hh row.
-  for (int i = threadIdx.x; i < tl.rows_pad * tl.ldw; i += kThreads) {
-    const int col = i / tl.rows_pad, jj = i - col * tl.rows_pad, j = j0 + jj;
-    w[jj * tl.ldw + col] = jj < rows && j < H && col < k
-                               ? p.w_hh[static_cast<int64_t>(col) * H + j]
-                               : scalar_t(0);
-  }
-  // (block_matvec synchronises the block before it reads w; step T-1 does
-  // not read it)
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
   const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
   auto time = [&](int64_t s) { return p.reverse ? steps - 1 - s : s; };
 
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  for (int64_t s = steps - 1; s >= -1; --s) {
+  for (int64_t s = p.run.begin; s >= p.run.end; --s) {
     const bool has_next = s < steps - 1;
     const bool first = s == steps - 1;  // the first processed: the last forward step
     const int64_t t = time(s < 0 ? 0 : s);
@@ -636,7 +707,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
             rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(saved, dh));
       }
     }
-    if (s >= 0) grid.sync();
+    if (s >= 0 && p.run.cooperative) cooperative_groups::this_grid().sync();
   }
 }
 

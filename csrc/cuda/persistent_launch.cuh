@@ -19,16 +19,21 @@ namespace cuda {
 namespace persistent {
 
 struct Plan {
-  int blocks = 0;      // grid size, ceil(H / units)
-  int units = 0;       // J, hidden units per block
-  int batch_tile = 0;  // BT: 1, kMaxBatchTile or kMmaTile
-  size_t shared_bytes = 0;
+  bool stepwise = false;  // one launch per step (else one cooperative launch)
+  int blocks = 0;         // grid size, ceil(H / units)
+  int units = 0;          // J, hidden units per block
+  int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile
+  size_t shared_bytes = 0;       // per block, the persistent kernel (weights on chip)
+  size_t step_shared_bytes = 0;  // per block, a stepwise launch (staged input, sums)
 };
 
 // Cooperative launch of `kernel` (one argument, *params) on the current
 // stream. Returns false, having launched nothing, when the grid cannot be
 // co-resident on the current device now (other work or MPS limits).
 bool launch_cooperative(const void* kernel, const Plan& plan, void* params);
+// An ordinary launch of `kernel` (arguments `args`) with `blocks` blocks of
+// kThreads threads on the current stream, checked.
+void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args);
 
 template <typename scalar_t>
 scalar_t* data(const at::Tensor& t) {
@@ -63,6 +68,45 @@ const void* tiled(const Plan& plan, Kernel1 k1, KernelWide wide) {
 #define FR_PERSISTENT_DISPATCH(type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, name, __VA_ARGS__)
 
+// For the stepwise launches: every block's weight slice (forward: W_hh
+// rows, backward: W_hh columns), packed once per call into global memory by
+// pack_slices_kernel. The tensor must live until the launches that read it
+// are enqueued (the caching allocator orders its reuse on the stream).
+template <int G, bool kBackward, typename scalar_t>
+at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) {
+  using T = at::opmath_type<scalar_t>;
+  int H = static_cast<int>(w_hh.size(1)), J = plan.units;
+  const Tiling tl = make_tiling(kBackward ? J : G * J, kBackward ? G * H : H, plan.batch_tile,
+                                batch, J, sizeof(scalar_t), sizeof(T), false);
+  at::Tensor slices = at::empty({plan.blocks * slice_elements(tl)}, w_hh.options());
+  const scalar_t* w = data<scalar_t>(w_hh);
+  scalar_t* out = data<scalar_t>(slices);
+  void* args[] = {&w, &out, &H, &J, &batch};
+  launch_blocks(tiled(plan, pack_slices_kernel<G, kBackward, 1, scalar_t>,
+                      pack_slices_kernel<G, kBackward, wide_tile<scalar_t>(), scalar_t>),
+                plan.blocks, 0, args);
+  return slices;
+}
+
+// Runs `kernel` over the steps: one cooperative launch for all of them
+// (false, nothing launched, when the grid cannot be co-resident now), or,
+// when plan.stepwise, one launch per step (p.slices set by the caller). Forward
+// steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
+template <bool kBackward, typename Params>
+bool launch_steps(const void* kernel, const Plan& plan, Params& p) {
+  if (!plan.stepwise) {
+    p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
+    return launch_cooperative(kernel, plan, &p);
+  }
+  void* args[] = {&p};  // read at each launch: the next step may change p
+  for (int64_t s = kBackward ? p.steps - 1 : 0; kBackward ? s >= -1 : s < p.steps;
+       s += kBackward ? -1 : 1) {
+    p.run = {s, kBackward ? s : s + 1, false};
+    launch_blocks(kernel, plan.blocks, plan.step_shared_bytes, args);
+  }
+  return true;
+}
+
 template <PersistentCell kCell>
 bool run_forward(const PersistentForward& a, const Plan& plan) {
   bool launched = false;
@@ -93,10 +137,13 @@ bool run_forward(const PersistentForward& a, const Plan& plan) {
     p.cells = data<scalar_t>(a.cells);
     p.hn = data<scalar_t>(a.hn);
     p.state = data<T>(state);
-    launched = launch_cooperative(
-        tiled(plan, forward_kernel<kCell, 1, scalar_t>,
-              forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, &p);
+    const at::Tensor slices =
+        plan.stepwise ? pack_slices<gate_count<kCell>(), false, scalar_t>(a.w_hh, plan, B)
+                      : at::Tensor();
+    p.slices = data<scalar_t>(slices);
+    launched = launch_steps<false>(tiled(plan, forward_kernel<kCell, 1, scalar_t>,
+                                         forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
+                                   plan, p);
   });
   return launched;
 }
@@ -134,10 +181,13 @@ bool run_backward(const PersistentBackward& a, const Plan& plan) {
     p.grad_hx = data<scalar_t>(a.grad_hx);
     p.grad_cx = data<scalar_t>(a.grad_cx);
     p.carry = data<T>(carry);
-    launched = launch_cooperative(
-        tiled(plan, backward_kernel<kCell, 1, scalar_t>,
-              backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, &p);
+    const at::Tensor slices =
+        plan.stepwise ? pack_slices<gate_count<kCell>(), true, scalar_t>(a.w_hh, plan, B)
+                      : at::Tensor();
+    p.slices = data<scalar_t>(slices);
+    launched = launch_steps<true>(tiled(plan, backward_kernel<kCell, 1, scalar_t>,
+                                         backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
+                                   plan, p);
   });
   return launched;
 }

@@ -14,15 +14,18 @@ namespace fused_rnn {
 KernelPath parse_kernel_path(const std::string& name) {
   if (name == "auto") return KernelPath::kAuto;
   if (name == "persistent") return KernelPath::kPersistent;
+  if (name == "stepwise") return KernelPath::kStepwise;
   if (name == "general") return KernelPath::kGeneral;
   TORCH_CHECK_VALUE(false, "fused_rnn: unknown kernel path '", name,
-                    "'; expected one of auto, persistent, general");
+                    "'; expected one of auto, persistent, stepwise, general");
 }
 
 const char* kernel_path_name(KernelPath path) {
   switch (path) {
     case KernelPath::kPersistent:
       return "persistent";
+    case KernelPath::kStepwise:
+      return "stepwise";
     case KernelPath::kGeneral:
       return "general";
     default:

@@ -51,7 +51,7 @@ struct Barrier {
 struct Fiber {
   ucontext_t context;  // the first entry
   jmp_buf resume;      // where it yielded
-  std::vector<char> stack;
+  char* stack = nullptr;  // kStackBytes from stack_pool()
   dim3_emu thread_idx, block_idx;
   bool started = false, done = false;
   const struct Barrier* waiting = nullptr;  // and on which generation
@@ -72,6 +72,21 @@ struct Launch {
   uint64_t progress = 0;  // barrier arrivals and finished fibers
   const std::function<void()>* kernel = nullptr;
 };
+
+constexpr size_t kStackBytes = 64 * 1024;
+
+// The fibers' stacks, kept from one launch to the next: a stepwise test
+// makes a launch per step, and fresh zeroed stacks for every thread of
+// every launch cost more than the kernels.
+inline char* stack_pool(size_t fibers) {
+  static std::unique_ptr<char[]> pool;
+  static size_t size = 0;
+  if (size < fibers) {
+    pool.reset(new char[fibers * kStackBytes]);
+    size = fibers;
+  }
+  return pool.get();
+}
 
 inline Launch*& active() {
   static Launch* launch = nullptr;
@@ -136,14 +151,15 @@ inline void launch(int blocks, int threads, size_t shared_bytes, int order,
   l->lanes.assign(total, 0.0);
   l->grid.count = total;
   active() = l.get();
+  char* stacks = stack_pool(total);
   for (int i = 0; i < total; ++i) {
     Fiber& f = l->fibers[i];
     f.thread_idx.x = i % threads;
     f.block_idx.x = i / threads;
-    f.stack.resize(64 * 1024);
+    f.stack = stacks + i * kStackBytes;
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.data();
-    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
     makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 0);
   }

@@ -1,9 +1,10 @@
 // The persistent kernels of csrc/cuda/persistent.cuh run on the CPU through
 // cuda_emu.h (order: 0 runs the threads of each phase in ascending order, 1
 // in descending), as two ops of the namespace fused_rnn_emu, for
-// tests/test_persistent_emulation.py. They fill the kernels' parameters as
-// csrc/cuda/persistent_launch.cuh does, with the units per block given
-// rather than derived from a GPU's SM count.
+// tests/test_persistent_emulation.py: one cooperative launch, or
+// (stepwise) the packed weight slices and one launch per step. They fill
+// the kernels' parameters as csrc/cuda/persistent_launch.cuh does, with the
+// units per block given rather than derived from a GPU's SM count.
 #include "cuda_emu.h"
 
 #include <ATen/ATen.h>
@@ -51,12 +52,48 @@ void with_tile(int64_t tile, F&& f) {
 
 int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
 
+// Runs `kernel` over the steps as persistent_launch.cuh does: one
+// cooperative launch, or (stepwise, prm.slices set) one launch per step,
+// forward 0 .. T-1, backward T-1 down to -1. `bytes`: the launch's dynamic
+// shared memory.
+template <bool kBackward, typename Params, typename Kernel>
+void run_steps(Params& prm, int blocks, size_t bytes, bool stepwise, int64_t order,
+               Kernel kernel) {
+  if (!stepwise) {
+    prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
+    fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
+                          [&] { kernel(prm); });
+    return;
+  }
+  for (int64_t s = kBackward ? prm.steps - 1 : 0; kBackward ? s >= -1 : s < prm.steps;
+       s += kBackward ? -1 : 1) {
+    prm.run = {s, kBackward ? s : s + 1, false};
+    fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
+                          [&] { kernel(prm); });
+  }
+}
+
+// Stepwise: every block's weight slice packed by pack_slices_kernel (its own
+// emulated launch), as persistent_launch.cuh's pack_slices does.
+template <int G, bool kBackward, int BT, typename scalar_t>
+Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int units,
+                   int64_t batch, int64_t order) {
+  Tensor slices = at::empty({blocks * p::slice_elements(tl)}, w_hh.options());
+  const scalar_t* w = w_hh.data_ptr<scalar_t>();
+  scalar_t* out = slices.data_ptr<scalar_t>();
+  const int H = static_cast<int>(w_hh.size(1));
+  fused_rnn_emu::launch(blocks, p::kThreads, 0, static_cast<int>(order), [&] {
+    p::pack_slices_kernel<G, kBackward, BT, scalar_t>(w, out, H, units, batch);
+  });
+  return slices;
+}
+
 // Returns out, hy, cy, xw (activated gates when keep_gates), cells, hn.
 std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Tensor>& bias,
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
-                            int64_t batch_tile, int64_t order) {
+                            int64_t batch_tile, int64_t order, bool stepwise) {
   const int64_t H = w_hh.size(1), G = gates(cell);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
   const auto o = xw_in.options();
@@ -90,11 +127,17 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
-        const auto layout = p::make_tiling(rows, static_cast<int>(H), bt.value, batch,
-                                           static_cast<int>(units), sizeof(scalar_t), sizeof(T));
-        fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
-                              layout.bytes, static_cast<int>(order),
-                              [&] { p::forward_kernel<c.value, bt.value, scalar_t>(prm); });
+        const auto layout =
+            p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
+                           sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise);
+        const int blocks = static_cast<int>((H + units - 1) / units);
+        const Tensor slices =
+            stepwise ? pack_slices<p::gate_count<c.value>(), false, bt.value, scalar_t>(
+                           w_hh, layout, blocks, static_cast<int>(units), batch, order)
+                     : Tensor();
+        prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
+        run_steps<false>(prm, blocks, layout.bytes, stepwise, order,
+                         p::forward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
@@ -109,7 +152,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cx, const optional<Tensor>& gates_in,
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
-                             int64_t batch_tile, int64_t order) {
+                             int64_t batch_tile, int64_t order, bool stepwise) {
   const int64_t H = w_hh.size(1), G = gates(cell);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
   const auto o = grad_out.options();
@@ -145,10 +188,16 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
-                                           static_cast<int>(units), sizeof(scalar_t), sizeof(T));
-        fused_rnn_emu::launch(static_cast<int>((H + units - 1) / units), p::kThreads,
-                              layout.bytes, static_cast<int>(order),
-                              [&] { p::backward_kernel<c.value, bt.value, scalar_t>(prm); });
+                                           static_cast<int>(units), sizeof(scalar_t), sizeof(T),
+                                           /*weights_shared=*/!stepwise);
+        const int blocks = static_cast<int>((H + units - 1) / units);
+        const Tensor slices =
+            stepwise ? pack_slices<p::gate_count<c.value>(), true, bt.value, scalar_t>(
+                           w_hh, layout, blocks, static_cast<int>(units), batch, order)
+                     : Tensor();
+        prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
+        run_steps<true>(prm, blocks, layout.bytes, stepwise, order,
+                        p::backward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
@@ -161,11 +210,12 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
-      "int batch_tile, int order) -> Tensor[]",
+      "int batch_tile, int order, bool stepwise=False) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
-      "int steps, int batch, bool reverse, int units, int batch_tile, int order) -> Tensor[]",
+      "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
+      "bool stepwise=False) -> Tensor[]",
       &backward);
 }

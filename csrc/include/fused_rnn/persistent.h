@@ -8,8 +8,10 @@
 // for the whole sequence; per step it reads the full previous state (or the
 // full gradient of the next step's pre-activations), multiplies, applies the
 // cell math of cells.h to its units, writes them, and the grid meets at one
-// barrier. Dense (T, B, *) input and no projection only; packed sequences
-// and proj_size run the general path.
+// barrier. The stepwise mode runs the same code one step per launch, the
+// blocks' weight slices packed once into global memory. Dense (T, B, *)
+// input and no projection only; packed sequences and proj_size run the
+// general path.
 //
 // Shape legend (every tensor contiguous, time-major, rows of step t at
 // t*B .. t*B+B-1):
@@ -23,12 +25,19 @@
 
 namespace fused_rnn {
 
-// Which CUDA kernels the ops run: the default `kAuto` takes the persistent
-// kernels where they fit on chip and are expected to win, `kPersistent`
-// wherever they fit, `kGeneral` never. Set with the op set_kernel_path or
-// the environment variable FUSED_RNN_KERNEL_PATH (auto | persistent |
-// general), read at the first call.
-enum class KernelPath { kAuto = 0, kPersistent = 1, kGeneral = 2 };
+// Which CUDA kernels the ops run. kPersistent: one cooperative launch for
+// the whole sequence, the weights on chip. kStepwise: the same kernels, one
+// ordinary launch per step, the weights read from global memory (L2): no
+// limit on the hidden size and no co-residency needed. kGeneral: per step a
+// cuBLAS GEMM and a fused pointwise kernel. The default kAuto takes the
+// persistent kernels where they fit on chip and are expected to win, the
+// stepwise ones where the persistent grid cannot be co-resident, the
+// general path otherwise; a forced kPersistent takes them wherever they fit
+// (stepwise when the grid cannot be co-resident at the call), kStepwise
+// wherever it applies. Set with the op set_kernel_path or the environment
+// variable FUSED_RNN_KERNEL_PATH (auto | persistent | stepwise | general),
+// read at the first call.
+enum class KernelPath { kAuto = 0, kPersistent = 1, kGeneral = 2, kStepwise = 3 };
 KernelPath requested_kernel_path();
 void set_requested_kernel_path(KernelPath path);
 KernelPath parse_kernel_path(const std::string& name);
@@ -80,17 +89,19 @@ struct PersistentBackward {
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
 
-// Whether the persistent kernels take a shape on the current device, and why.
+// Which kernels take a shape on the current device (kPersistent, kStepwise
+// or kGeneral), and why.
 struct PathChoice {
-  bool persistent = false;
+  KernelPath path = KernelPath::kGeneral;
   std::string reason;
 };
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
                        at::ScalarType dtype, bool packed, bool proj, bool backward);
 
 // Run the persistent kernel when choose_path takes the shape and the grid
-// can be co-resident now; return false (nothing launched, nothing written)
-// otherwise, and the caller runs the general path.
+// can be co-resident now, else the stepwise launches where they apply;
+// return false (nothing launched, nothing written) when the choice is the
+// general path, which the caller then runs.
 bool persistent_forward(const PersistentForward& args);
 bool persistent_backward(const PersistentBackward& args);
 
