@@ -51,10 +51,10 @@ def no_tf32():
 
 @pytest.fixture(params=["persistent", "stepwise", "general"])
 def path(request):
-    """Every CUDA kernel path: the persistent kernels wherever they fit, the
-    same kernels one launch per step (stepwise) wherever they apply (the
-    packed and proj_size features run the general path on both), and the
-    per-step general path."""
+    """Every CUDA kernel path: the persistent kernels wherever they fit (the
+    packed features run the general path there), the same kernels one launch
+    per step (stepwise, packed sequences included), and the per-step general
+    path (proj_size runs it on every path)."""
     with fused_rnn.kernel_path(request.param):
         yield request.param
 

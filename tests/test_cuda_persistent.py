@@ -118,8 +118,11 @@ def test_choice(name):
             for backward in (False, True):
                 text = explain(name, H, B, dtype, backward=backward)
                 assert text.startswith("stepwise kernels"), text
-        assert explain(name, 256, 8, f32, packed=True).startswith("general path")
+        # packed sequences too (the rows of each step come with its launch)
+        assert explain(name, 256, 8, f32, packed=True).startswith("stepwise kernels")
         assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
+    with fused_rnn.kernel_path("auto"):
+        assert explain(name, 256, 8, f32, packed=True).startswith("general path")
 
 
 # ---------------------------------------------------------------- float64
@@ -150,6 +153,23 @@ def test_stepwise_past_on_chip_memory(cell_key, shape):
         kw = dict(T=T, B=B, I=5, H=H, **extra)
         assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
                              what=f"stepwise {name} H={H} B={B} T={T}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [(5, 3, 3, 1), (4,) * 9 + (2,) * 9 + (1,) * 3],
+                         ids=["ragged", "tiles"])
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_stepwise_packed(cell_key, lengths, reverse):
+    """Packed sequences on the stepwise launches: sequences ending early
+    (and, in reverse, starting late), one and several batch tiles, against
+    the reference in float64."""
+    cell, name, extra = CELLS[cell_key]
+    with fused_rnn.kernel_path("stepwise"):
+        assert explain(name, 300, len(lengths), torch.float64, packed=True).startswith(
+            "stepwise kernels")
+        kw = dict(B=len(lengths), I=5, H=300, lengths=lengths, reverse=reverse, **extra)
+        assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
+                             what=f"stepwise packed {name} lengths={lengths} reverse={reverse}")
 
 
 @pytest.mark.parametrize("cell_key", list(CELLS))

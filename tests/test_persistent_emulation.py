@@ -66,13 +66,14 @@ CONFIGS = {
 
 def cpu_reference(cell, a, train=True):
     ops = torch.ops.fused_rnn
+    bs = a["batch_sizes"]
     if cell == "lstm":
         return ops.lstm_forward(a["input"], a["hx"], a["cx"], a["w_ih"], a["w_hh"], a["b_ih"],
-                                a["b_hh"], None, None, a["reverse"], train)
+                                a["b_hh"], None, bs, a["reverse"], train)
     if cell == "gru":
         return ops.gru_forward(a["input"], a["hx"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
-                               None, a["reverse"], train)
-    return ops.rnn_forward(a["input"], a["hx"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], None,
+                               bs, a["reverse"], train)
+    return ops.rnn_forward(a["input"], a["hx"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], bs,
                            a["reverse"], a["relu"])
 
 
@@ -95,11 +96,51 @@ def test_emulated_kernels_match_cpu_ops(emu, stepwise, cell, config, reverse, bi
     into global memory first (a fresh shared memory, filled with garbage,
     at every launch)."""
     H, B, T, units, tile = CONFIGS[config]
+    a = make_op_args(cell.split("_")[0], T=T, B=B, I=5, H=H, bias=bias, reverse=reverse,
+                     dtype=dtype, relu=cell == "rnn_relu")
+    check_kernels(emu, cell, a, units, tile, order, stepwise, dtype)
+
+
+# (lengths, units per block, batch tile); reverse walks the steps of growing
+# size, where sequences start at different steps.
+PACKED = {
+    "ragged_tile1": ((4, 2, 2, 1), 3, 1),
+    "several_tiles_side_by_side": ((5, 5, 4, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1), 2,
+                                   8),
+    "one_sequence": ((3,), 4, 1),
+}
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["ascending", "descending"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", list(PACKED))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_emulated_stepwise_packed(emu, cell, packed, reverse, order, dtype=torch.float64):
+    """Packed sequences (stepwise launches only): each step's rows, the
+    sequences that end early (hy, cy; grad_hy, grad_cy enter there) and, in
+    reverse, those that start late (from hx, cx; grad_hx, grad_cx leave
+    there)."""
+    lengths, units, tile = PACKED[packed]
+    a = make_op_args(cell.split("_")[0], B=len(lengths), I=5, H=7, lengths=lengths,
+                     reverse=reverse, dtype=dtype, relu=cell == "rnn_relu")
+    check_kernels(emu, cell, a, units, tile, order, True, dtype)
+
+
+def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):
+    """The emulated forward and backward kernels on the op arguments `a`
+    (dense or packed) against the CPU ops."""
     op_cell = cell.split("_")[0]
-    a = make_op_args(op_cell, T=T, B=B, I=5, H=H, bias=bias, reverse=reverse, dtype=dtype,
-                     relu=cell == "rnn_relu")
+    bias = a["b_ih"] is not None
+    reverse, bs = a["reverse"], a["batch_sizes"]
+    B, H = a["hx"].shape
+    T = len(bs) if bs is not None else a["input"].shape[0]
+    x = a["input"].reshape(-1, a["input"].shape[-1])
+    N = x.shape[0]
+
+    def seq(t):  # (N, H) as the ops' output shape
+        return t if bs is not None else t.view(T, B, H)
+
     ref = cpu_reference(op_cell, a)
-    x = a["input"].reshape(T * B, -1)
     xw = x @ a["w_ih"].t()
     if cell == "gru":
         bias_in, bias_hh = a["b_ih"], a["b_hh"]
@@ -107,8 +148,8 @@ def test_emulated_kernels_match_cpu_ops(emu, stepwise, cell, config, reverse, bi
         bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
-        cell in ("lstm", "gru"), units, tile, order, stepwise)
-    close(out, ref[0].reshape(T * B, H), "output", dtype)
+        cell in ("lstm", "gru"), units, tile, order, stepwise, bs)
+    close(out, ref[0].reshape(N, H), "output", dtype)
     close(hy, ref[1], "hy", dtype)
     if cell == "lstm":
         close(cy, ref[2], "cy", dtype)
@@ -120,35 +161,35 @@ def test_emulated_kernels_match_cpu_ops(emu, stepwise, cell, config, reverse, bi
 
     # backward from the same saved tensors, against the CPU backward op
     gen = torch.Generator().manual_seed(5)
-    go = torch.randn(T * B, H, generator=gen, dtype=dtype)
+    go = torch.randn(N, H, generator=gen, dtype=dtype)
     ghy = torch.randn(B, H, generator=gen, dtype=dtype)
     gcy = torch.randn(B, H, generator=gen, dtype=dtype)
     ops = torch.ops.fused_rnn
     output = ref[0]
     if cell == "lstm":
-        expected = ops.lstm_backward(go.view(T, B, H), ghy, gcy, a["input"], a["hx"], a["cx"],
-                                     a["w_ih"], a["w_hh"], None, output, ref[3], ref[4], None,
+        expected = ops.lstm_backward(seq(go), ghy, gcy, a["input"], a["hx"], a["cx"],
+                                     a["w_ih"], a["w_hh"], None, output, ref[3], ref[4], bs,
                                      reverse, bias, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
                                        ref[4], None, T, B, reverse, units, tile, order,
-                                       stepwise)
+                                       stepwise, bs)
         close(gcx, expected[2], "grad_cx", dtype)
     elif cell == "gru":
-        expected = ops.gru_backward(go.view(T, B, H), ghy, a["input"], a["hx"], a["w_ih"],
-                                    a["w_hh"], output, ref[2], ref[3], None, reverse, bias, True)
-        dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(T * B, H),
+        expected = ops.gru_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
+                                    output, ref[2], ref[3], bs, reverse, bias, True)
+        dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(N, H),
                                        a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
-                                       tile, order, stepwise)
+                                       tile, order, stepwise, bs)
         if bias:
             close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
     else:
-        expected = ops.rnn_backward(go.view(T, B, H), ghy, a["input"], a["hx"], a["w_ih"],
-                                    a["w_hh"], output, None, reverse, a["relu"], bias, True)
+        expected = ops.rnn_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
+                                    output, bs, reverse, a["relu"], bias, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
-                                     output.reshape(T * B, H), None, None, None, None, None, T,
-                                     B, reverse, units, tile, order, stepwise)
+                                     output.reshape(N, H), None, None, None, None, None, T,
+                                     B, reverse, units, tile, order, stepwise, bs)
     close(ghx, expected[1], "grad_hx", dtype)
-    close((dg @ a["w_ih"]).view(T, B, -1), expected[0], "grad_input", dtype)
+    close((dg @ a["w_ih"]).view(a["input"].shape), expected[0], "grad_input", dtype)
     grad_w_ih = expected[3] if cell == "lstm" else expected[2]
     close(dg.t() @ x, grad_w_ih, "grad_w_ih", dtype)
     if bias:

@@ -98,7 +98,10 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return d;
   };
   if (want == KernelPath::kGeneral) return take_general("the general path was requested");
-  if (packed) return take_general("packed sequences run per step");
+  if (packed && want != KernelPath::kStepwise) {
+    return take_general("packed sequences run per step (the stepwise kernels take them when "
+                        "forced)");
+  }
   if (proj) return take_general("LSTM with proj_size runs per step");
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf &&
       dtype != at::kBFloat16) {
@@ -301,16 +304,16 @@ Plan stepwise(Plan plan) {
 
 bool persistent_forward(const PersistentForward& a) {
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
-                                    /*packed=*/false, /*proj=*/false, /*backward=*/false,
-                                    /*explain=*/false);
+                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
+                                    /*backward=*/false, /*explain=*/false);
   if (d.choice.path == KernelPath::kGeneral) return false;
   return run_forward_cell(a, d.plan) || run_forward_cell(a, stepwise(d.plan));
 }
 
 bool persistent_backward(const PersistentBackward& a) {
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
-                                    /*packed=*/false, /*proj=*/false, /*backward=*/true,
-                                    /*explain=*/false);
+                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
+                                    /*backward=*/true, /*explain=*/false);
   if (d.choice.path == KernelPath::kGeneral) return false;
   return run_backward_cell(a, d.plan) || run_backward_cell(a, stepwise(d.plan));
 }

@@ -146,13 +146,76 @@ struct LaunchSteps {
   bool cooperative;    // a grid barrier after each step
 };
 
+// The rows of one processed step s of the (N, *) sequence tensors. Dense
+// input (T, B, *): every step has B rows, step t's at t*B. Packed input
+// (stepwise launches only): time step t has batch_sizes[t] rows
+// (non-increasing in t) after the earlier steps' rows; row b of a step is
+// sequence b, row b of the (B, *) states. Steps are processed in time order
+// or in reverse.
+struct StepRows {
+  int64_t row0;       // first row of step s (when rows > 0)
+  int64_t rows;       // rows of step s (0 for s outside the sequence)
+  int64_t prev_row0;  // first row of step s - 1 (when carried > 0)
+  int64_t carried;    // rows of step s that continue step s - 1; the others
+                      // (reverse packed input only) start from the initial state
+  int64_t next_row0;  // first row of step s + 1 (when next_rows > 0)
+  int64_t next_rows;  // rows of step s + 1 (0 after the last): rows of step s
+                      // past it end there (forward: hy, cy; backward: grad_hy)
+};
+
+// StepRows of dense input, on host and device.
+__host__ __device__ inline StepRows dense_step_rows(int64_t s, int64_t steps, int64_t batch,
+                                                    bool reverse) {
+  auto first_row = [&](int64_t i) { return (reverse ? steps - 1 - i : i) * batch; };
+  const bool in_sequence = s >= 0 && s < steps;
+  StepRows r{};
+  r.rows = in_sequence ? batch : 0;
+  r.row0 = in_sequence ? first_row(s) : 0;
+  r.carried = in_sequence && s > 0 ? batch : 0;
+  r.prev_row0 = r.carried > 0 ? first_row(s - 1) : 0;
+  r.next_rows = s + 1 < steps ? batch : 0;
+  r.next_row0 = r.next_rows > 0 ? first_row(s + 1) : 0;
+  return r;
+}
+
+// StepRows of step s from the rows of every time step (sizes, batch_sizes
+// of packed input) and their first rows (first), on the host.
+inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int64_t steps,
+                                 int64_t s, bool reverse) {
+  auto t = [&](int64_t i) { return reverse ? steps - 1 - i : i; };
+  const bool in_sequence = s >= 0 && s < steps;
+  StepRows r{};
+  r.rows = in_sequence ? sizes[t(s)] : 0;
+  r.row0 = in_sequence ? first[t(s)] : 0;
+  r.carried = in_sequence && s > 0 ? (r.rows < sizes[t(s - 1)] ? r.rows : sizes[t(s - 1)]) : 0;
+  r.prev_row0 = r.carried > 0 ? first[t(s - 1)] : 0;
+  r.next_rows = s + 1 < steps ? sizes[t(s + 1)] : 0;
+  r.next_row0 = r.next_rows > 0 ? first[t(s + 1)] : 0;
+  return r;
+}
+
+// The input rows of a block product: row b comes from `in` (the previous
+// step's rows) for b < carried, and from `alt` past it (the initial state),
+// or is zero where alt is null; rows `stride` apart.
+template <typename scalar_t>
+struct InputRows {
+  const scalar_t* in;
+  const scalar_t* alt;
+  int64_t carried;
+  int64_t stride;
+  __device__ __forceinline__ const scalar_t* row(int64_t b) const {
+    return b < carried ? in + b * stride : alt ? alt + b * stride : nullptr;
+  }
+};
+
 template <typename scalar_t>
 struct ForwardParams {
   using T = at::opmath_type<scalar_t>;
-  int64_t steps, batch;
+  int64_t steps, batch;  // T, B (the rows of the states)
   int hidden, units;  // H, J
   bool reverse, keep_gates;
   LaunchSteps run;
+  StepRows step;               // stepwise: the rows of step run.begin
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
@@ -175,6 +238,7 @@ struct BackwardParams {
   int hidden, units;
   bool reverse;
   LaunchSteps run;             // processed steps begin down to end (-1: grad_hx)
+  StepRows step;               // stepwise: the rows of step run.begin
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   const scalar_t* w_hh;      // (G*H, H)
   const scalar_t* grad_out;  // (T*B, H)
@@ -268,16 +332,16 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
 }
 
 // Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
-// tile (pass, chunk) as type S: zeros for rows past nb and columns past k.
-// Each thread first issues up to 8 loads (4 for double, whose batch-tile-8
-// kernels are at the register limit), then stores them: the loads (from L2,
-// written by other blocks during the previous step) are in flight together
-// instead of one after another, which at B=64, H=256 was 32 round trips to
-// L2 per thread and step.
+// tile (pass, chunk) as type S: zeros for rows past nb, rows without a
+// source and columns past k. Each thread first issues up to 8 loads (4 for
+// double, whose batch-tile-8 kernels are at the register limit), then
+// stores them: the loads (from L2, written by other blocks during the
+// previous step) are in flight together instead of one after another, which
+// at B=64, H=256 was 32 round trips to L2 per thread and step.
 template <typename S, typename scalar_t>
-__device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk, const scalar_t* in,
-                                           int64_t in_stride, int64_t b0, int nb, int c0,
-                                           int width, int k, int pass) {
+__device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
+                                           const InputRows<scalar_t>& in, int64_t b0, int nb,
+                                           int c0, int width, int k, int pass) {
   constexpr int kStageLoads = sizeof(S) > 4 ? 4 : 8;
   const int total = pass * width;
   for (int base = threadIdx.x; base < total; base += kThreads * kStageLoads) {
@@ -286,9 +350,8 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk, cons
     for (int u = 0; u < kStageLoads; ++u) {
       const int i = base + u * kThreads;
       const int pb = i / width, col = i - pb * width;
-      v[u] = i < total && pb < nb && c0 + col < k
-                 ? static_cast<S>(load_l2(in + (b0 + pb) * in_stride + c0 + col))
-                 : S(0);
+      const scalar_t* src = i < total && pb < nb && c0 + col < k ? in.row(b0 + pb) : nullptr;
+      v[u] = src ? static_cast<S>(load_l2(src + c0 + col)) : S(0);
     }
 #pragma unroll
     for (int u = 0; u < kStageLoads; ++u) {
@@ -300,12 +363,12 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk, cons
 }
 
 // partial[(split * rows_pad + r) * pass + pb] = the sum over this split's
-// columns of w[r][col] * in[b0 + pb][col], for r < rows and pb < nb (input
-// rows past nb count as zeros; tiles wholly past nb are skipped); see
-// product(). Call from every thread of the block; it synchronises the block
-// before it stages the input and before it returns.
-//   w       (rows_pad, ldw) in shared memory (Tiling)
-//   in      (B, in_stride), k columns, in global memory, written by other blocks
+// columns of w[r][col] * in.row(b0 + pb)[col], for r < rows and pb < nb
+// (input rows past nb count as zeros; tiles wholly past nb are skipped);
+// see product(). Call from every thread of the block; it synchronises the
+// block before it stages the input and before it returns.
+//   w       (rows_pad, ldw) in shared or global memory (Tiling)
+//   in      rows of k columns in global memory, written by other blocks
 //   tile    (pass, chunk), partial (splits, rows_pad, pass): shared (Tiling)
 //
 // FMA version (float, double, and half types at BT = 1): warps take groups
@@ -314,7 +377,7 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk, cons
 // end.
 template <int BT, typename scalar_t>
 __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, int k,
-                             const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
+                             const InputRows<scalar_t>& in, int64_t b0, int nb,
                              at::opmath_type<scalar_t>* __restrict__ tile,
                              at::opmath_type<scalar_t>* __restrict__ partial) {
   using T = at::opmath_type<scalar_t>;
@@ -335,7 +398,7 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    stage_rows(tile, chunk, in, in_stride, b0, nb, c0, width, k, pass);
+    stage_rows(tile, chunk, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
@@ -376,7 +439,7 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
 // columns past rows and k are zeros in w and in the staged rows.
 template <typename scalar_t>
 __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& tl, int k,
-                                 const scalar_t* in, int64_t in_stride, int64_t b0, int nb,
+                                 const InputRows<scalar_t>& in, int64_t b0, int nb,
                                  scalar_t* __restrict__ tile, float* __restrict__ partial) {
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaType<scalar_t>::type;
@@ -393,7 +456,7 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
     const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    stage_rows(tile, chunk, in, in_stride, b0, nb, c0, width, k, pass);
+    stage_rows(tile, chunk, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
@@ -418,15 +481,15 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
 // FMA or the tensor-core version by batch tile. `shared` as Tiling lays it out.
 template <int BT, typename scalar_t>
 __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& tl, int k,
-                                              const scalar_t* in, int64_t in_stride, int64_t b0,
+                                              const InputRows<scalar_t>& in, int64_t b0,
                                               int nb, unsigned char* shared) {
   using T = at::opmath_type<scalar_t>;
   T* partial = reinterpret_cast<T*>(shared + tl.partial_offset);
   if constexpr (BT == kMmaTile) {
-    block_matvec_mma(w, tl, k, in, in_stride, b0, nb,
+    block_matvec_mma(w, tl, k, in, b0, nb,
                      reinterpret_cast<scalar_t*>(shared + tl.tile_offset), partial);
   } else {
-    block_matvec<BT>(w, tl, k, in, in_stride, b0, nb,
+    block_matvec<BT>(w, tl, k, in, b0, nb,
                      reinterpret_cast<T*>(shared + tl.tile_offset), partial);
   }
 }
@@ -528,18 +591,19 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
-    const int64_t t = p.reverse ? p.steps - 1 - s : s;
-    const int64_t t_prev = p.reverse ? t + 1 : t - 1;
-    const scalar_t* h_prev = s == 0 ? p.hx : p.out + t_prev * B * H;
-    const bool last = s == p.steps - 1;
-    for (int64_t b0 = 0; b0 < B; b0 += tl.pass) {
-      const int nb = static_cast<int>(B - b0 < tl.pass ? B - b0 : tl.pass);
+    const StepRows sr = p.run.cooperative ? dense_step_rows(s, p.steps, B, p.reverse) : p.step;
+    // h_{t-1}: the previous step's output rows, the initial state past them
+    const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H};
+    for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
+      const int nb = static_cast<int>(sr.rows - b0 < tl.pass ? sr.rows - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
-      const int64_t row = t * B + b;   // of the (T*B, *) sequence tensors
-      const int64_t unit = b * H + j;  // of the (B, H) states
+      const bool starts = b >= sr.carried;  // from the initial state
+      const bool ends = b >= sr.next_rows;  // this sequence's last step: hy, cy
+      const int64_t row = sr.row0 + b;  // of the (N, *) sequence tensors
+      const int64_t unit = b * H + j;   // of the (B, H) states
       scalar_t* x = p.xw + row * G * H + j;
       // This thread's inputs besides the product, loaded before it so that
       // their latency overlaps block_matvec: x_t W_ih^T plus the input-side
@@ -555,12 +619,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
           if (kCell == PersistentCell::kGru && p.bias_hh) in_h[q] = static_cast<T>(p.bias_hh[q * H + j]);
         }
         if constexpr (kCell == PersistentCell::kLstm) {
-          prev = s == 0 ? static_cast<T>(p.cx[unit]) : p.state[unit];
+          prev = starts ? static_cast<T>(p.cx[unit]) : p.state[unit];
         } else if constexpr (kCell == PersistentCell::kGru) {
-          prev = static_cast<T>(load_l2(h_prev + unit));
+          prev = static_cast<T>(load_l2(h_prev.row(b) + j));
         }
       }
-      block_product<BT>(w, tl, H, h_prev, H, b0, nb, shared);
+      block_product<BT>(w, tl, H, h_prev, b0, nb, shared);
       if (!mine) continue;
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
@@ -575,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
           for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
         }
         if (p.cells) p.cells[row * H + j] = static_cast<scalar_t>(c);
-        if (last) {
+        if (ends) {
           p.hy[unit] = static_cast<scalar_t>(h);
           p.cy[unit] = static_cast<scalar_t>(c);
         }
@@ -593,12 +657,12 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
           x[2 * H] = static_cast<scalar_t>(n);
         }
         if (p.hn) p.hn[row * H + j] = static_cast<scalar_t>(hn);
-        if (last) p.hy[unit] = static_cast<scalar_t>(h);
+        if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       } else {
         const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
             in[0] + product(partial, tl, jj, bb));
         p.out[row * H + j] = static_cast<scalar_t>(h);
-        if (last) p.hy[unit] = static_cast<scalar_t>(h);
+        if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
     if (p.run.cooperative) cooperative_groups::this_grid().sync();
@@ -617,7 +681,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   FR_DYNAMIC_SHARED(shared);
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = blockIdx.x * J;
-  const int64_t B = p.batch, steps = p.steps;
+  const int64_t B = p.batch;
   const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
                                 p.slices == nullptr);
   // (step T-1 does not read the slice)
@@ -626,20 +690,27 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
   const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
-  auto time = [&](int64_t s) { return p.reverse ? steps - 1 - s : s; };
 
   for (int64_t s = p.run.begin; s >= p.run.end; --s) {
-    const bool has_next = s < steps - 1;
-    const bool first = s == steps - 1;  // the first processed: the last forward step
-    const int64_t t = time(s < 0 ? 0 : s);
-    const int64_t t_prev = time(s < 1 ? 0 : s - 1);  // the step before t (s > 0)
-    for (int64_t b0 = 0; b0 < B; b0 += tl.pass) {
-      const int nb = static_cast<int>(B - b0 < tl.pass ? B - b0 : tl.pass);
+    const StepRows sr = p.run.cooperative ? dense_step_rows(s, p.steps, B, p.reverse) : p.step;
+    const bool has_next = sr.next_rows > 0;
+    // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
+    const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k};
+    // The rows of step s, and those of step s+1 past them: sequences that
+    // start at step s+1 (every row at s = -1; some at other steps in reverse
+    // over packed input), whose dh_rec is the gradient of the initial state.
+    const int64_t span = sr.rows > sr.next_rows ? sr.rows : sr.next_rows;
+    for (int64_t b0 = 0; b0 < span; b0 += tl.pass) {
+      const int nb = static_cast<int>(span - b0 < tl.pass ? span - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
       const int bb = threadIdx.x / J, jj = threadIdx.x - bb * J, j = j0 + jj;
       const bool mine = bb < nb && j < H;
       const int64_t b = b0 + bb;
-      const int64_t row = t * B + b;
+      const bool in_step = b < sr.rows;
+      const bool ends = b >= sr.next_rows;  // its last step: grad_hy and grad_cy enter
+      const bool starts = b >= sr.carried;  // its first step: from hx, cx; grad_cx
+      const int64_t row = sr.row0 + b;
+      const int64_t prev_row = sr.prev_row0 + b;
       const int64_t unit = b * H + j;
       // This thread's inputs besides dh_rec, loaded before block_matvec so
       // that their latency overlaps it: dh (the output's gradient, plus
@@ -647,21 +718,19 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
       T dh = T(0), dc = T(0), prev = T(0), saved = T(0), g[G];
 #pragma unroll
       for (int q = 0; q < G; ++q) g[q] = T(0);
-      if (mine && s >= 0) {
+      if (mine && in_step) {
         dh = static_cast<T>(p.grad_out[row * H + j]);
-        if (first) {
+        if (ends) {
           dh += static_cast<T>(p.grad_hy[unit]);
         } else if constexpr (kCell == PersistentCell::kGru) {
           dh += p.carry[unit];
         }
         if constexpr (kCell == PersistentCell::kLstm) {
-          dc = first ? static_cast<T>(p.grad_cy[unit]) : p.carry[unit];
-          prev = s == 0 ? static_cast<T>(p.cx[unit])
-                        : static_cast<T>(p.cells[t_prev * B * H + unit]);
+          dc = ends ? static_cast<T>(p.grad_cy[unit]) : p.carry[unit];
+          prev = starts ? static_cast<T>(p.cx[unit]) : static_cast<T>(p.cells[prev_row * H + j]);
           saved = static_cast<T>(p.cells[row * H + j]);
         } else if constexpr (kCell == PersistentCell::kGru) {
-          prev = s == 0 ? static_cast<T>(p.hx[unit])
-                        : static_cast<T>(p.out[t_prev * B * H + unit]);
+          prev = starts ? static_cast<T>(p.hx[unit]) : static_cast<T>(p.out[prev_row * H + j]);
           saved = static_cast<T>(p.hn[row * H + j]);
         } else {
           saved = static_cast<T>(p.out[row * H + j]);
@@ -671,12 +740,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
           for (int q = 0; q < G; ++q) g[q] = static_cast<T>(p.gates[row * G * H + q * H + j]);
         }
       }
-      if (has_next) {
-        block_product<BT>(w, tl, k, recurrent + time(s + 1) * B * k, k, b0, nb, shared);
-      }
+      if (has_next) block_product<BT>(w, tl, k, next, b0, nb, shared);
       if (!mine) continue;
       const T dh_rec = has_next ? product(partial, tl, jj, bb) : T(0);
-      if (s < 0) {
+      if (!in_step) {  // b < next_rows: a sequence that starts at step s+1
         T grad = dh_rec;
         if constexpr (kCell == PersistentCell::kGru) grad += p.carry[unit];
         p.grad_hx[unit] = static_cast<scalar_t>(grad);
@@ -691,7 +758,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
 #pragma unroll
         for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
         p.carry[unit] = dc_prev;
-        if (s == 0) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
+        if (starts) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
       } else if constexpr (kCell == PersistentCell::kGru) {
         T dxr, dxz, dxn, dhn, dh_direct;
         gru_backward_point<T>(g[0], g[1], g[2], saved, prev, dh, dxr, dxz, dxn, dhn, dh_direct);

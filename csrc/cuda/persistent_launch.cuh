@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "persistent.cuh"
 
@@ -90,18 +91,27 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 
 // Runs `kernel` over the steps: one cooperative launch for all of them
 // (false, nothing launched, when the grid cannot be co-resident now), or,
-// when plan.stepwise, one launch per step (p.slices set by the caller). Forward
+// when plan.stepwise, one launch per step (p.slices set by the caller) with
+// the rows of its step (batch_sizes: those of packed input, else dense). Forward
 // steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
 template <bool kBackward, typename Params>
-bool launch_steps(const void* kernel, const Plan& plan, Params& p) {
+bool launch_steps(const void* kernel, const Plan& plan, Params& p,
+                  const std::vector<int64_t>& batch_sizes) {
   if (!plan.stepwise) {
+    TORCH_INTERNAL_ASSERT(batch_sizes.empty(), "fused_rnn: packed input in a persistent launch");
     p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
     return launch_cooperative(kernel, plan, &p);
   }
+  // Packed input: the first row of each time step.
+  std::vector<int64_t> first(batch_sizes.size());
+  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
   void* args[] = {&p};  // read at each launch: the next step may change p
   for (int64_t s = kBackward ? p.steps - 1 : 0; kBackward ? s >= -1 : s < p.steps;
        s += kBackward ? -1 : 1) {
     p.run = {s, kBackward ? s : s + 1, false};
+    p.step = batch_sizes.empty()
+                 ? dense_step_rows(s, p.steps, p.batch, p.reverse)
+                 : packed_step_rows(batch_sizes.data(), first.data(), p.steps, s, p.reverse);
     launch_blocks(kernel, plan.blocks, plan.step_shared_bytes, args);
   }
   return true;
@@ -143,7 +153,7 @@ bool run_forward(const PersistentForward& a, const Plan& plan) {
     p.slices = data<scalar_t>(slices);
     launched = launch_steps<false>(tiled(plan, forward_kernel<kCell, 1, scalar_t>,
                                          forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-                                   plan, p);
+                                   plan, p, a.batch_sizes);
   });
   return launched;
 }
@@ -187,7 +197,7 @@ bool run_backward(const PersistentBackward& a, const Plan& plan) {
     p.slices = data<scalar_t>(slices);
     launched = launch_steps<true>(tiled(plan, backward_kernel<kCell, 1, scalar_t>,
                                          backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-                                   plan, p);
+                                   plan, p, a.batch_sizes);
   });
   return launched;
 }

@@ -45,7 +45,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
 
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
-  if (input.is_cuda() && sc.dense) {
+  if (input.is_cuda()) {
     whole = persistent_request<PersistentForward>(PersistentCell::kGru, sc, w_hh);
     whole.xw = xw.all();
     whole.keep_gates = train;
@@ -109,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
-    if (input.is_cuda() && sc.dense) {
+    if (input.is_cuda()) {
       whole = persistent_request<PersistentBackward>(PersistentCell::kGru, sc, w_hh);
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();

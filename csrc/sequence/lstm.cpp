@@ -47,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
-  if (input.is_cuda() && sc.dense && !proj) {
+  if (input.is_cuda() && !proj) {
     whole = persistent_request<PersistentForward>(PersistentCell::kLstm, sc, w_hh);
     whole.xw = xw.all();
     whole.keep_gates = train;
@@ -130,7 +130,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
-    if (input.is_cuda() && sc.dense && !proj) {
+    if (input.is_cuda() && !proj) {
       whole = persistent_request<PersistentBackward>(PersistentCell::kLstm, sc, w_hh);
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();

@@ -39,7 +39,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
 
   const PhaseRange recurrence("fused_rnn::recurrence");
   PersistentForward whole;
-  if (input.is_cuda() && sc.dense) {
+  if (input.is_cuda()) {
     whole = persistent_request<PersistentForward>(
         relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh, sc, w_hh);
     whole.xw = xw.all();
@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
-    if (input.is_cuda() && sc.dense) {
+    if (input.is_cuda()) {
       whole = persistent_request<PersistentBackward>(
           relu ? PersistentCell::kRnnRelu : PersistentCell::kRnnTanh, sc, w_hh);
       whole.grad_out = go;

@@ -136,7 +136,7 @@ class RunningState {
 };
 
 // What every persistent request of a driver shares: the cell, the schedule
-// (dense input: the caller checks) and W_hh.
+// (packed input: the rows of each step) and W_hh.
 template <typename Args>
 Args persistent_request(PersistentCell cell, const Schedule& sc, const at::Tensor& w_hh) {
   Args args;
@@ -144,6 +144,7 @@ Args persistent_request(PersistentCell cell, const Schedule& sc, const at::Tenso
   args.steps = sc.steps;
   args.batch = sc.batch;
   args.reverse = sc.reverse;
+  if (!sc.dense) args.batch_sizes = sc.size;
   args.w_hh = w_hh.contiguous();
   return args;
 }

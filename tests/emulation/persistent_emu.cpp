@@ -53,24 +53,39 @@ void with_tile(int64_t tile, F&& f) {
 int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
 
 // Runs `kernel` over the steps as persistent_launch.cuh does: one
-// cooperative launch, or (stepwise, prm.slices set) one launch per step,
-// forward 0 .. T-1, backward T-1 down to -1. `bytes`: the launch's dynamic
-// shared memory.
+// cooperative launch, or (stepwise, prm.slices set) one launch per step with
+// the rows of its step (batch_sizes: packed input; empty: dense), forward
+// 0 .. T-1, backward T-1 down to -1. `bytes`: the launch's dynamic shared
+// memory.
 template <bool kBackward, typename Params, typename Kernel>
 void run_steps(Params& prm, int blocks, size_t bytes, bool stepwise, int64_t order,
-               Kernel kernel) {
+               const std::vector<int64_t>& batch_sizes, Kernel kernel) {
   if (!stepwise) {
+    TORCH_CHECK(batch_sizes.empty(), "packed input runs stepwise only");
     prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
     fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
                           [&] { kernel(prm); });
     return;
   }
+  std::vector<int64_t> first(batch_sizes.size());
+  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
   for (int64_t s = kBackward ? prm.steps - 1 : 0; kBackward ? s >= -1 : s < prm.steps;
        s += kBackward ? -1 : 1) {
     prm.run = {s, kBackward ? s : s + 1, false};
+    prm.step = batch_sizes.empty() ? p::dense_step_rows(s, prm.steps, prm.batch, prm.reverse)
+                                   : p::packed_step_rows(batch_sizes.data(), first.data(),
+                                                         prm.steps, s, prm.reverse);
     fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
                           [&] { kernel(prm); });
   }
+}
+
+// Rows of the (N, *) sequence tensors and the batch_sizes vector: dense
+// (T*B rows) when batch_sizes is absent.
+std::vector<int64_t> sizes_of(const optional<Tensor>& batch_sizes) {
+  if (!batch_sizes.has_value()) return {};
+  const Tensor b = batch_sizes->to(at::kLong).contiguous();
+  return std::vector<int64_t>(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + b.numel());
 }
 
 // Stepwise: every block's weight slice packed by pack_slices_kernel (its own
@@ -93,14 +108,16 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
-                            int64_t batch_tile, int64_t order, bool stepwise) {
-  const int64_t H = w_hh.size(1), G = gates(cell);
+                            int64_t batch_tile, int64_t order, bool stepwise,
+                            const optional<Tensor>& batch_sizes) {
+  const int64_t H = w_hh.size(1), G = gates(cell), N = xw_in.size(0);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
+  const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = xw_in.options();
-  Tensor xw = xw_in.clone(), out = at::empty({steps * batch, H}, o), hy = at::empty({batch, H}, o);
+  Tensor xw = xw_in.clone(), out = at::empty({N, H}, o), hy = at::empty({batch, H}, o);
   Tensor cy = at::empty({batch, H}, o);
-  Tensor cells = cell == 0 && keep_gates ? at::empty({steps * batch, H}, o) : Tensor();
-  Tensor hn = cell == 1 && keep_gates ? at::empty({steps * batch, H}, o) : Tensor();
+  Tensor cells = cell == 0 && keep_gates ? at::empty({N, H}, o) : Tensor();
+  Tensor hn = cell == 1 && keep_gates ? at::empty({N, H}, o) : Tensor();
   Tensor state = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "emu_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -136,7 +153,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                            w_hh, layout, blocks, static_cast<int>(units), batch, order)
                      : Tensor();
         prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
-        run_steps<false>(prm, blocks, layout.bytes, stepwise, order,
+        run_steps<false>(prm, blocks, layout.bytes, stepwise, order, sizes,
                          p::forward_kernel<c.value, bt.value, scalar_t>);
       });
     });
@@ -152,12 +169,14 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cx, const optional<Tensor>& gates_in,
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
-                             int64_t batch_tile, int64_t order, bool stepwise) {
-  const int64_t H = w_hh.size(1), G = gates(cell);
+                             int64_t batch_tile, int64_t order, bool stepwise,
+                             const optional<Tensor>& batch_sizes) {
+  const int64_t H = w_hh.size(1), G = gates(cell), N = grad_out.size(0);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
+  const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = grad_out.options();
-  Tensor dgates = at::empty({steps * batch, G * H}, o);
-  Tensor dgates_h = cell == 1 ? at::empty({steps * batch, G * H}, o) : at::empty({0}, o);
+  Tensor dgates = at::empty({N, G * H}, o);
+  Tensor dgates_h = cell == 1 ? at::empty({N, G * H}, o) : at::empty({0}, o);
   Tensor grad_hx = at::empty({batch, H}, o), grad_cx = at::empty({batch, H}, o);
   Tensor carry = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "emu_backward", [&] {
@@ -196,7 +215,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                            w_hh, layout, blocks, static_cast<int>(units), batch, order)
                      : Tensor();
         prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
-        run_steps<true>(prm, blocks, layout.bytes, stepwise, order,
+        run_steps<true>(prm, blocks, layout.bytes, stepwise, order, sizes,
                         p::backward_kernel<c.value, bt.value, scalar_t>);
       });
     });
@@ -210,12 +229,12 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
-      "int batch_tile, int order, bool stepwise=False) -> Tensor[]",
+      "int batch_tile, int order, bool stepwise=False, Tensor? batch_sizes=None) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
-      "bool stepwise=False) -> Tensor[]",
+      "bool stepwise=False, Tensor? batch_sizes=None) -> Tensor[]",
       &backward);
 }

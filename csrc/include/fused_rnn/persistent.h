@@ -9,9 +9,9 @@
 // full gradient of the next step's pre-activations), multiplies, applies the
 // cell math of cells.h to its units, writes them, and the grid meets at one
 // barrier. The stepwise mode runs the same code one step per launch, the
-// blocks' weight slices packed once into global memory. Dense (T, B, *)
-// input and no projection only; packed sequences and proj_size run the
-// general path.
+// blocks' weight slices packed once into global memory; it also takes
+// packed sequences (the rows of each step passed with its launch). No
+// projection: proj_size runs the general path.
 //
 // Shape legend (every tensor contiguous, time-major, rows of step t at
 // t*B .. t*B+B-1):
@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <vector>
 
 namespace fused_rnn {
 
@@ -49,6 +50,10 @@ struct PersistentForward {
   PersistentCell cell = PersistentCell::kLstm;
   int64_t steps = 0, batch = 0;  // T, B
   bool reverse = false;          // walk t = T-1 .. 0
+  // Packed input (stepwise launches only): the rows of each time step,
+  // non-increasing, with batch = batch_sizes[0]; then every (T*B, *) below
+  // is (N, *), N = sum(batch_sizes). Empty for dense input.
+  std::vector<int64_t> batch_sizes;
   at::Tensor xw;       // (T*B, G*H) in: x_t @ W_ih^T (no bias); out, when
                        //            keep_gates: the activated gates (LSTM
                        //            i,f,g,o; GRU r,z,n)
@@ -69,6 +74,7 @@ struct PersistentBackward {
   PersistentCell cell = PersistentCell::kLstm;
   int64_t steps = 0, batch = 0;
   bool reverse = false;
+  std::vector<int64_t> batch_sizes;  // packed input, as PersistentForward's
   at::Tensor w_hh;      // (G*H, H)
   at::Tensor grad_out;  // (T*B, H) gradient of the output
   at::Tensor grad_hy;   // (B, H)
