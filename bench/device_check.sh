@@ -11,7 +11,8 @@
 #                                         bidirectional LSTM (default choice), explain, profile
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
-#   bash bench/device_check.sh stepwise   the same grid with the stepwise launches forced
+#   bash bench/device_check.sh stepwise   the grid at B 1/8/64 with the stepwise launches forced,
+#                                         and packed sequences on stepwise and general
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #   bash bench/device_check.sh session    one call for a whole device budget: the tests and
 #                                         both sanitizers side by side, then the bench and
@@ -202,6 +203,16 @@ bench_stepwise() {
   run_bench "$1" "bench/results/$card-stepwise.json" "$LOGS/bench-stepwise.txt" --preset full \
     --device cuda --kernel stepwise --no-progress --batch ${STEPWISE_BATCHES:-1 8 64}
 }
+# Packed sequences (lengths T down to T/2), stepwise against general: which
+# one the automatic choice should take for them (general until measured).
+bench_packed() {
+  local kernel
+  for kernel in stepwise general; do
+    run_bench "$1" "bench/results/$card-packed-$kernel.json" "$LOGS/bench-packed-$kernel.txt" \
+      --device cuda --kernel "$kernel" --packed --cell LSTM GRU --batch 8 64 \
+      --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 --no-progress
+  done
+}
 
 bench() {
   SECONDS=0
@@ -227,9 +238,12 @@ general() {
 stepwise() {
   SECONDS=0
   card=$(card_name)
-  bench_stepwise 600
-  tail -40 "$LOGS/bench-stepwise.txt"
-  summary+=("bench stepwise: ${SECONDS}s, bench/results/$card-stepwise.json")
+  bench_stepwise 300
+  pack
+  bench_packed 90
+  tail -30 "$LOGS/bench-stepwise.txt"
+  tail -12 "$LOGS"/bench-packed-*.txt
+  summary+=("bench stepwise: ${SECONDS}s, bench/results/$card-stepwise.json, -packed-*.json")
   goals "$card"
 }
 

@@ -39,10 +39,20 @@ class Config:
     dtype: str = "float32"
     device: str = "cpu"
     training: bool = False  # forward + backward when True, else forward under no_grad
+    # variable-length sequences as a PackedSequence (lengths: packed_lengths)
+    packed: bool = False
 
     def __post_init__(self):
         if self.input_size is None:
             self.input_size = self.hidden_size
+
+
+def packed_lengths(config: Config) -> list[int]:
+    """The lengths of a packed batch, sorted: evenly from seq_len down to
+    half of it (every step still has rows, the batch shrinks along time)."""
+    T, B = config.seq_len, config.batch
+    shortest = max(1, (T + 1) // 2)
+    return [T - (i * (T - shortest)) // max(1, B - 1) for i in range(B)]
 
 
 def make_pair(config: Config, seed: int = 0):
@@ -68,7 +78,9 @@ def synchronize(device):
 
 
 def make_inputs(config: Config, seed: int = 0):
-    """Random input (T, B, I) and upstream gradient (T, B, D*H) for config."""
+    """Random input (T, B, I) and upstream gradient (T, B, D*H) for config;
+    packed: a PackedSequence of packed_lengths and the gradient of its
+    output's data (N, D*H)."""
     dtype = getattr(torch, config.dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(
@@ -78,9 +90,22 @@ def make_inputs(config: Config, seed: int = 0):
     grad = torch.randn(
         config.seq_len, config.batch, directions * config.hidden_size, generator=generator
     ).to(config.device, dtype)
-    if config.training:
-        x.requires_grad_(True)
-    return x, grad
+    if config.packed:
+        lengths = packed_lengths(config)
+        x = nn.utils.rnn.pack_padded_sequence(x, lengths)
+        grad = nn.utils.rnn.pack_padded_sequence(grad, lengths).data
+    return _leaf(x, config.training), grad
+
+
+def _leaf(x, requires_grad):
+    """A fresh leaf copy of an input tensor or of a PackedSequence's data."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return x._replace(data=x.data.detach().clone().requires_grad_(requires_grad))
+    return x.detach().clone().requires_grad_(requires_grad)
+
+
+def _input_grad(x):
+    return x.data.grad if isinstance(x, nn.utils.rnn.PackedSequence) else x.grad
 
 
 def _timed(fn, device):
@@ -102,11 +127,15 @@ def step(module, x, grad, training):
     """One forward (no_grad), or forward + backward of output * grad."""
     if not training:
         with torch.no_grad():
-            return module(x)[0]
+            return _data(module(x)[0])
     module.zero_grad(set_to_none=True)
-    output, _ = module(x)
+    output = _data(module(x)[0])
     output.backward(grad)
     return output
+
+
+def _data(output):
+    return output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
 
 
 def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict:
@@ -176,7 +205,8 @@ def kernel_name(config: Config) -> str:
     """The kernels fused_rnn runs for config's forward: persistent, stepwise,
     general (CUDA) or cpu."""
     text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
-                                     getattr(torch, config.dtype), config.device)
+                                     getattr(torch, config.dtype), config.device,
+                                     packed=config.packed)
     return text.split()[0].lower()
 
 
@@ -185,9 +215,9 @@ def _parity(reference, fused, x, grad, training):
     gradient when training."""
     outputs = []
     for module in (reference, fused):
-        xi = x.detach().clone().requires_grad_(training)
+        xi = _leaf(x, training)
         output = step(module, xi, grad, training)
-        outputs.append((output.detach(), xi.grad))
+        outputs.append((output.detach(), _input_grad(xi)))
     (out_t, grad_t), (out_f, grad_f) = outputs
     error = (out_t.float() - out_f.float()).abs().max().item()
     if training:
@@ -225,13 +255,16 @@ def _cpu_name():
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'cell':<9}{'mode':<9}{'dtype':<9}{'B':>5}{'H':>6}{'T':>5}"
+        f"{'cell':<10}{'mode':<9}{'dtype':<9}{'B':>5}{'H':>6}{'T':>5}"
         f"{'torch ms':>11}{'fused ms':>11}{'speedup':>9}{'max |diff|':>12}  kernel"
     )
     lines = [header, "-" * len(header)]
+    if any(r.get("packed") for r in rows):
+        lines.insert(0, "* packed: variable lengths as a PackedSequence, T the longest")
     for r in rows:
         lines.append(
-            f"{r['cell']:<9}{'train' if r['training'] else 'forward':<9}{r['dtype']:<9}"
+            f"{r['cell'] + ('*' if r.get('packed') else ''):<10}"
+            f"{'train' if r['training'] else 'forward':<9}{r['dtype']:<9}"
             f"{r['batch']:>5}{r['hidden_size']:>6}{r['seq_len']:>5}"
             f"{r['torch_ms']:>11.3f}{r['fused_ms']:>11.3f}{r['speedup']:>8.2f}x"
             f"{r['max_abs_error']:>12.2e}  {r.get('kernel', '')}"

@@ -64,6 +64,9 @@ def _shape_flags(parser, many):
     parser.add_argument("--seq-len", type=int, nargs=nargs, help="sequence length(s)")
     parser.add_argument("--layers", type=int, nargs=nargs, dest="num_layers", help="number of layers")
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
+    parser.add_argument("--packed", action="store_true",
+                        help="variable-length sequences as a PackedSequence (lengths from the "
+                             "sequence length down to half of it)")
     parser.add_argument("--dtype", nargs=nargs, choices=DTYPES, help="dtype(s)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--kernel", choices=paths.PATHS, default=None,
@@ -156,7 +159,8 @@ def bench_configs(args, device):
                                     for training in MODES[grid["mode"]]:
                                         configs.append(benchmark.Config(
                                             cell, batch, hidden, seq_len, input_size,
-                                            layers, bidirectional, dtype, device, training))
+                                            layers, bidirectional, dtype, device, training,
+                                            args.packed))
     return configs
 
 
@@ -320,7 +324,7 @@ def run_profile(args, parser):
         _single(args, "cell", "LSTM"), _single(args, "batch", 32),
         _single(args, "hidden_size", 256), _single(args, "seq_len", 100),
         args.input_size, _single(args, "num_layers", 1), args.bidirectional,
-        _single(args, "dtype", "float32"), device, args.training)
+        _single(args, "dtype", "float32"), device, args.training, args.packed)
     for flag, value in (("--batch", config.batch), ("--hidden-size", config.hidden_size),
                         ("--seq-len", config.seq_len), ("--iterations", args.iterations)):
         _positive(parser, flag, value)
@@ -349,7 +353,8 @@ def run_profile(args, parser):
     print(f"{config.cell} {'forward+backward' if config.training else 'forward'} "
           f"{config.dtype} B={config.batch} H={config.hidden_size} I={config.input_size} "
           f"T={config.seq_len} layers={config.num_layers}"
-          f"{' bidirectional' if config.bidirectional else ''} on {device}")
+          f"{' bidirectional' if config.bidirectional else ''}"
+          f"{' packed' if config.packed else ''} on {device}")
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
     phases = {e.key: e for e in prof.key_averages() if e.key.startswith("fused_rnn::")}
     if phases:
@@ -377,7 +382,8 @@ def run_explain(args, parser):
     element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     weight_bytes = gates * hidden * hidden * element
     info = build_info.summary()
-    print(f"{cell}, B={batch}, I={input_size}, H={hidden}, T={seq_len}, {dtype}, on {device}")
+    print(f"{cell}, B={batch}, I={input_size}, H={hidden}, T={seq_len}, {dtype}, on {device}"
+          + (", packed sequences" if args.packed else ""))
     print()
     print("Kernel path:")
     if device == "cpu":
@@ -403,7 +409,7 @@ def run_explain(args, parser):
               f"FUSED_RNN_KERNEL_PATH: auto | persistent | stepwise | general)")
         for what, backward in (("forward", False), ("backward", True)):
             text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
-                                             backward=backward)
+                                             packed=args.packed, backward=backward)
             print(f"  {what}: {text}")
         print("  every path: the input projection of every step as one GEMM first; in "
               "backward the weight gradients as large GEMMs after the recurrence")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_rnn
-from fused_rnn import cli
+from fused_rnn import benchmark, cli
 
 TINY = ["--device", "cpu", "--batch", "2", "3", "--hidden-size", "8", "--seq-len", "4",
         "--repeats", "2", "--warmup", "1", "--no-progress"]
@@ -24,7 +24,7 @@ def _table_rows(text):
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 11 and parts[1] in ("forward", "train"):
-            assert parts[10] in ("cpu", "persistent", "general")
+            assert parts[10] in ("cpu", "persistent", "stepwise", "general")
             rows.append((parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]),
                          int(parts[5]), parts[8]))
     return rows
@@ -58,6 +58,36 @@ def test_bench_writes_consistent_json_csv_and_plot(tmp_path, capsys):
         (r["cell"], r["batch"], r["fused_ms"]) for r in rows]
     assert all(r["device_name"] for r in csv_rows)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+
+
+def test_bench_packed_sequences(tmp_path, capsys):
+    """--packed: variable lengths as a PackedSequence on both sides; each
+    row says so (its JSON field, a starred cell in the table) and matches
+    torch.nn, training included."""
+    out_json = tmp_path / "p.json"
+    assert cli.main(["bench", "--cell", "LSTM", "RNN_RELU", *TINY, "--packed",
+                     "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "* packed: variable lengths" in out
+    printed = _table_rows(out)
+    assert len(printed) == 8 and all(r[0] in ("LSTM*", "RNN_RELU*") for r in printed)
+    rows = json.loads(out_json.read_text())["rows"]
+    assert len(rows) == 8 and all(r["packed"] for r in rows)
+    assert all(r["max_abs_error"] < 1e-5 for r in rows)
+
+
+@pytest.mark.parametrize("T,B", [(4, 3), (256, 64), (1, 5), (7, 1)])
+def test_packed_lengths(T, B):
+    """From the sequence length down to half of it, sorted, one per sequence;
+    the packed input has those lengths."""
+    config = benchmark.Config("GRU", B, 8, T, packed=True, training=True)
+    lengths = benchmark.packed_lengths(config)
+    assert len(lengths) == B and lengths == sorted(lengths, reverse=True)
+    assert lengths[0] == T and lengths[-1] == (max(1, (T + 1) // 2) if B > 1 else T)
+    x, grad = benchmark.make_inputs(config)
+    assert isinstance(x, torch.nn.utils.rnn.PackedSequence) and x.data.requires_grad
+    assert x.batch_sizes.tolist() == [sum(n > t for n in lengths) for t in range(T)]
+    assert grad.shape == (sum(lengths), 8)
 
 
 def test_bench_presets_expand_to_their_grids():

@@ -333,7 +333,7 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
 
 // Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
 // tile (pass, chunk) as type S: zeros for rows past nb, rows without a
-// source and columns past k. Each thread first issues up to 8 loads (4 for
+// source and columns past k. Each thread first issues up to 8 loads (2 for
 // double, whose batch-tile-8 kernels are at the register limit), then
 // stores them: the loads (from L2, written by other blocks during the
 // previous step) are in flight together instead of one after another, which
@@ -342,7 +342,7 @@ template <typename S, typename scalar_t>
 __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
                                            const InputRows<scalar_t>& in, int64_t b0, int nb,
                                            int c0, int width, int k, int pass) {
-  constexpr int kStageLoads = sizeof(S) > 4 ? 4 : 8;
+  constexpr int kStageLoads = sizeof(S) > 4 ? 2 : 8;
   const int total = pass * width;
   for (int base = threadIdx.x; base < total; base += kThreads * kStageLoads) {
     S v[kStageLoads];
@@ -502,6 +502,16 @@ __device__ __forceinline__ T product(const T* partial, const Tiling& tl, int r, 
   return sum;
 }
 
+// Whether a step's pointwise inputs are loaded before the block product
+// (their latency hidden behind it) or after: after only in the float64
+// kernels with the wide batch tile, whose 4 x 8 double sums leave no
+// registers to hold them (ptxas: spills otherwise; float64 is for accuracy,
+// not speed).
+template <int BT, typename T>
+__host__ __device__ constexpr bool preload() {
+  return !(sizeof(T) > 4 && BT > 1);
+}
+
 // ------------------------------------------------------------ weight slices
 // Block `block`'s forward slice into w (rows_pad x ldw): row q*J + jj holds
 // W_hh row q*H + j0 + jj, j0 = block*J (zeros past H, past the rows and
@@ -605,13 +615,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
       const int64_t row = sr.row0 + b;  // of the (N, *) sequence tensors
       const int64_t unit = b * H + j;   // of the (B, H) states
       scalar_t* x = p.xw + row * G * H + j;
-      // This thread's inputs besides the product, loaded before it so that
-      // their latency overlaps block_matvec: x_t W_ih^T plus the input-side
-      // bias per gate; GRU's recurrent-side bias and h_prev; LSTM's c_prev.
+      // This thread's inputs besides the product: x_t W_ih^T plus the
+      // input-side bias per gate; GRU's recurrent-side bias and h_prev;
+      // LSTM's c_prev. Loaded before the product so that their latency
+      // overlaps it (kPreload), except where they would not fit in
+      // registers beside its sums.
       T in[G], in_h[G], prev = T(0);
+      auto load = [&] {
 #pragma unroll
-      for (int q = 0; q < G; ++q) in[q] = in_h[q] = T(0);
-      if (mine) {
+        for (int q = 0; q < G; ++q) in[q] = in_h[q] = T(0);
+        if (!mine) return;
 #pragma unroll
         for (int q = 0; q < G; ++q) {
           in[q] = static_cast<T>(x[q * H]);
@@ -623,8 +636,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         } else if constexpr (kCell == PersistentCell::kGru) {
           prev = static_cast<T>(load_l2(h_prev.row(b) + j));
         }
-      }
+      };
+      if constexpr (preload<BT, T>()) load();
       block_product<BT>(w, tl, H, h_prev, b0, nb, shared);
+      if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
@@ -712,13 +727,16 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
       const int64_t row = sr.row0 + b;
       const int64_t prev_row = sr.prev_row0 + b;
       const int64_t unit = b * H + j;
-      // This thread's inputs besides dh_rec, loaded before block_matvec so
-      // that their latency overlaps it: dh (the output's gradient, plus
-      // grad_hy or GRU's carried z * dh), what the forward saved, LSTM's dc.
+      // This thread's inputs besides dh_rec: dh (the output's gradient,
+      // plus grad_hy or GRU's carried z * dh), what the forward saved,
+      // LSTM's dc. Loaded before the product so that their latency overlaps
+      // it (kPreload), except where they would not fit in registers beside
+      // its sums.
       T dh = T(0), dc = T(0), prev = T(0), saved = T(0), g[G];
+      auto load = [&] {
 #pragma unroll
-      for (int q = 0; q < G; ++q) g[q] = T(0);
-      if (mine && in_step) {
+        for (int q = 0; q < G; ++q) g[q] = T(0);
+        if (!(mine && in_step)) return;
         dh = static_cast<T>(p.grad_out[row * H + j]);
         if (ends) {
           dh += static_cast<T>(p.grad_hy[unit]);
@@ -739,8 +757,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
 #pragma unroll
           for (int q = 0; q < G; ++q) g[q] = static_cast<T>(p.gates[row * G * H + q * H + j]);
         }
-      }
+      };
+      if constexpr (preload<BT, T>()) load();
       if (has_next) block_product<BT>(w, tl, k, next, b0, nb, shared);
+      if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
       const T dh_rec = has_next ? product(partial, tl, jj, bb) : T(0);
       if (!in_step) {  // b < next_rows: a sequence that starts at step s+1
