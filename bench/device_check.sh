@@ -185,7 +185,8 @@ explain_and_profile() {
 # should pick.
 bench_persistent() {
   run_bench "$1" "bench/results/$card.json" "$LOGS/bench.txt" --preset full --device cuda \
-    --kernel persistent --no-progress --csv "$LOGS/$card.csv" --plot "$LOGS/$card.png"
+    --kernel persistent --no-progress --csv "$LOGS/$card.csv" --plot "$LOGS/$card.png" \
+    --batch ${PERSISTENT_BATCHES:-1 8 64 256}
 }
 bench_bidir() {
   run_bench "$1" "bench/results/$card-bidir.json" "$LOGS/bench-bidir.txt" --device cuda \
@@ -269,9 +270,10 @@ session() {
   # registers, shared memory and stack (spills) of every kernel
   (command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage fused_rnn/_C.abi3.so \
     >"$LOGS/resources.txt" 2>&1) || true
-  # 1. the checks, side by side, leaving 200 s for the timed grids (the
-  # H200 session of 2026-11-27 needed ~155 s for the tests with 12 workers)
-  checks=$(cap 200 200)
+  # 1. the checks, side by side, leaving 150 s for the timed grids (the
+  # H200 session of 2026-11-27 needed ~155 s for 575 tests with 12 workers;
+  # the stepwise path brought them to 892)
+  checks=$(cap 260 150)
   for tool in memcheck racecheck; do
     run_sanitizer "$tool" "$checks" &
     pids+=($!)
@@ -283,7 +285,9 @@ session() {
   pack
   # 2. the timed grids, alone on the GPU
   SECONDS=0
-  bench_persistent "$(cap 180 40)"
+  # B=256 left out: measured twice, and the automatic choice never takes
+  # the persistent kernels there
+  PERSISTENT_BATCHES="${PERSISTENT_BATCHES:-1 8 64}" bench_persistent "$(cap 150 20)"
   explain_and_profile "$card"
   pack
   bench_bidir "$(cap 40 0)"

@@ -129,9 +129,9 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile, batch,
                        plan.units, c10::elementSize(dtype), math_size(dtype), weights_shared);
   };
-  plan.shared_bytes = too_many_rows ? 0 : tiling(true).bytes;
-  plan.step_shared_bytes = tiling(false).bytes;
   const Tiling step_tiling = tiling(false);
+  plan.shared_bytes = too_many_rows ? 0 : tiling(true).bytes;
+  plan.step_shared_bytes = step_tiling.bytes;
 
   std::ostringstream why;
   auto take_stepwise = [&](const char* because) {
@@ -150,6 +150,12 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     }
     return d;
   };
+  if (plan.step_shared_bytes > static_cast<size_t>(limits.shared_optin)) {
+    if (explain)
+      why << "a stepwise block needs " << plan.step_shared_bytes / 1024
+          << " KiB of shared memory; a block may have " << limits.shared_optin / 1024 << " KiB";
+    return take_general(why.str());
+  }
   if (want == KernelPath::kStepwise) return take_stepwise("the stepwise kernels were requested");
 
   if (too_many_rows) {

@@ -91,17 +91,20 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 
 // Runs `kernel` over the steps: one cooperative launch for all of them
 // (false, nothing launched, when the grid cannot be co-resident now), or,
-// when plan.stepwise, one launch per step (p.slices set by the caller) with
-// the rows of its step (batch_sizes: those of packed input, else dense). Forward
-// steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
-template <bool kBackward, typename Params>
-bool launch_steps(const void* kernel, const Plan& plan, Params& p,
+// when plan.stepwise, the weight slices of w_hh packed and one launch per
+// step with the rows of its step (batch_sizes: those of packed input, else
+// dense). Forward steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
+template <int G, bool kBackward, typename scalar_t, typename Params>
+bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Tensor& w_hh,
                   const std::vector<int64_t>& batch_sizes) {
   if (!plan.stepwise) {
     TORCH_INTERNAL_ASSERT(batch_sizes.empty(), "fused_rnn: packed input in a persistent launch");
     p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
+    p.slices = nullptr;
     return launch_cooperative(kernel, plan, &p);
   }
+  const at::Tensor slices = pack_slices<G, kBackward, scalar_t>(w_hh, plan, p.batch);
+  p.slices = data<scalar_t>(slices);
   // Packed input: the first row of each time step.
   std::vector<int64_t> first(batch_sizes.size());
   for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
@@ -147,13 +150,10 @@ bool run_forward(const PersistentForward& a, const Plan& plan) {
     p.cells = data<scalar_t>(a.cells);
     p.hn = data<scalar_t>(a.hn);
     p.state = data<T>(state);
-    const at::Tensor slices =
-        plan.stepwise ? pack_slices<gate_count<kCell>(), false, scalar_t>(a.w_hh, plan, B)
-                      : at::Tensor();
-    p.slices = data<scalar_t>(slices);
-    launched = launch_steps<false>(tiled(plan, forward_kernel<kCell, 1, scalar_t>,
-                                         forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-                                   plan, p, a.batch_sizes);
+    launched = launch_steps<gate_count<kCell>(), false, scalar_t>(
+        tiled(plan, forward_kernel<kCell, 1, scalar_t>,
+              forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
+        plan, p, a.w_hh, a.batch_sizes);
   });
   return launched;
 }
@@ -191,13 +191,10 @@ bool run_backward(const PersistentBackward& a, const Plan& plan) {
     p.grad_hx = data<scalar_t>(a.grad_hx);
     p.grad_cx = data<scalar_t>(a.grad_cx);
     p.carry = data<T>(carry);
-    const at::Tensor slices =
-        plan.stepwise ? pack_slices<gate_count<kCell>(), true, scalar_t>(a.w_hh, plan, B)
-                      : at::Tensor();
-    p.slices = data<scalar_t>(slices);
-    launched = launch_steps<true>(tiled(plan, backward_kernel<kCell, 1, scalar_t>,
-                                         backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-                                   plan, p, a.batch_sizes);
+    launched = launch_steps<gate_count<kCell>(), true, scalar_t>(
+        tiled(plan, backward_kernel<kCell, 1, scalar_t>,
+              backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
+        plan, p, a.w_hh, a.batch_sizes);
   });
   return launched;
 }

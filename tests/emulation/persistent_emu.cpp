@@ -52,42 +52,6 @@ void with_tile(int64_t tile, F&& f) {
 
 int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
 
-// Runs `kernel` over the steps as persistent_launch.cuh does: one
-// cooperative launch, or (stepwise, prm.slices set) one launch per step with
-// the rows of its step (batch_sizes: packed input; empty: dense), forward
-// 0 .. T-1, backward T-1 down to -1. `bytes`: the launch's dynamic shared
-// memory.
-template <bool kBackward, typename Params, typename Kernel>
-void run_steps(Params& prm, int blocks, size_t bytes, bool stepwise, int64_t order,
-               const std::vector<int64_t>& batch_sizes, Kernel kernel) {
-  if (!stepwise) {
-    TORCH_CHECK(batch_sizes.empty(), "packed input runs stepwise only");
-    prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
-    fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
-                          [&] { kernel(prm); });
-    return;
-  }
-  std::vector<int64_t> first(batch_sizes.size());
-  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
-  for (int64_t s = kBackward ? prm.steps - 1 : 0; kBackward ? s >= -1 : s < prm.steps;
-       s += kBackward ? -1 : 1) {
-    prm.run = {s, kBackward ? s : s + 1, false};
-    prm.step = batch_sizes.empty() ? p::dense_step_rows(s, prm.steps, prm.batch, prm.reverse)
-                                   : p::packed_step_rows(batch_sizes.data(), first.data(),
-                                                         prm.steps, s, prm.reverse);
-    fused_rnn_emu::launch(blocks, p::kThreads, bytes, static_cast<int>(order),
-                          [&] { kernel(prm); });
-  }
-}
-
-// Rows of the (N, *) sequence tensors and the batch_sizes vector: dense
-// (T*B rows) when batch_sizes is absent.
-std::vector<int64_t> sizes_of(const optional<Tensor>& batch_sizes) {
-  if (!batch_sizes.has_value()) return {};
-  const Tensor b = batch_sizes->to(at::kLong).contiguous();
-  return std::vector<int64_t>(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + b.numel());
-}
-
 // Stepwise: every block's weight slice packed by pack_slices_kernel (its own
 // emulated launch), as persistent_launch.cuh's pack_slices does.
 template <int G, bool kBackward, int BT, typename scalar_t>
@@ -101,6 +65,47 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
     p::pack_slices_kernel<G, kBackward, BT, scalar_t>(w, out, H, units, batch);
   });
   return slices;
+}
+
+// Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does:
+// one cooperative launch, or (stepwise) the weight slices packed and one
+// launch per step with the rows of its step (batch_sizes: packed input;
+// empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`: the
+// launch's tiling (its bytes of dynamic shared memory), `units` per block.
+template <int G, bool kBackward, int BT, typename scalar_t, typename Params, typename Kernel>
+void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, bool stepwise,
+               int64_t order, const std::vector<int64_t>& batch_sizes, Kernel kernel) {
+  const int blocks = (prm.hidden + units - 1) / units;
+  if (!stepwise) {
+    TORCH_CHECK(batch_sizes.empty(), "packed input runs stepwise only");
+    prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
+    prm.slices = nullptr;
+    fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
+                          [&] { kernel(prm); });
+    return;
+  }
+  const Tensor slices =
+      pack_slices<G, kBackward, BT, scalar_t>(w_hh, tl, blocks, units, prm.batch, order);
+  prm.slices = slices.data_ptr<scalar_t>();
+  std::vector<int64_t> first(batch_sizes.size());
+  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
+  for (int64_t s = kBackward ? prm.steps - 1 : 0; kBackward ? s >= -1 : s < prm.steps;
+       s += kBackward ? -1 : 1) {
+    prm.run = {s, kBackward ? s : s + 1, false};
+    prm.step = batch_sizes.empty() ? p::dense_step_rows(s, prm.steps, prm.batch, prm.reverse)
+                                   : p::packed_step_rows(batch_sizes.data(), first.data(),
+                                                         prm.steps, s, prm.reverse);
+    fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
+                          [&] { kernel(prm); });
+  }
+}
+
+// Rows of the (N, *) sequence tensors and the batch_sizes vector: dense
+// (T*B rows) when batch_sizes is absent.
+std::vector<int64_t> sizes_of(const optional<Tensor>& batch_sizes) {
+  if (!batch_sizes.has_value()) return {};
+  const Tensor b = batch_sizes->to(at::kLong).contiguous();
+  return std::vector<int64_t>(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + b.numel());
 }
 
 // Returns out, hy, cy, xw (activated gates when keep_gates), cells, hn.
@@ -147,14 +152,9 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
         const auto layout =
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise);
-        const int blocks = static_cast<int>((H + units - 1) / units);
-        const Tensor slices =
-            stepwise ? pack_slices<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-                           w_hh, layout, blocks, static_cast<int>(units), batch, order)
-                     : Tensor();
-        prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
-        run_steps<false>(prm, blocks, layout.bytes, stepwise, order, sizes,
-                         p::forward_kernel<c.value, bt.value, scalar_t>);
+        run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
+            prm, w_hh, layout, static_cast<int>(units), stepwise, order, sizes,
+            p::forward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
@@ -209,14 +209,9 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
                                            /*weights_shared=*/!stepwise);
-        const int blocks = static_cast<int>((H + units - 1) / units);
-        const Tensor slices =
-            stepwise ? pack_slices<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-                           w_hh, layout, blocks, static_cast<int>(units), batch, order)
-                     : Tensor();
-        prm.slices = stepwise ? slices.data_ptr<scalar_t>() : nullptr;
-        run_steps<true>(prm, blocks, layout.bytes, stepwise, order, sizes,
-                        p::backward_kernel<c.value, bt.value, scalar_t>);
+        run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
+            prm, w_hh, layout, static_cast<int>(units), stepwise, order, sizes,
+            p::backward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
