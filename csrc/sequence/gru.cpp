@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
   const Tensor out = output.reshape({sc.rows, H}).contiguous();
-  const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
+  const Tensor hx_c = hx.contiguous();
+  const PreviousStates h_prev(out, hx_c, sc);
   const Tensor gates_c = gates.contiguous();
   const Tensor hn_c = hidden_n.contiguous();
   const Tensor dgates_x = at::empty({sc.rows, 3 * H}, input.options());
@@ -114,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       whole.grad_out = go;
       whole.grad_hy = grad_hy.contiguous();
       whole.out = out;
-      whole.hx = hx.contiguous();
+      whole.hx = hx_c;
       whole.gates = gates_c;
       whole.hn = hn_c;
       whole.dgates = dgates_x;
@@ -129,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
         const int64_t n = sc.size_at(s);
         const Tensor dgh = step_rows(dgates_h, sc, s);
         GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
-                             step_rows(h_prev, sc, s),  rows(dh, n),
+                             h_prev.step(s),            rows(dh, n),
                              step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
                              dgh};
         FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
@@ -148,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
                      : absent(input),
           dh,
           sequence_sum_product(dgates_x, x),
-          sequence_sum_product(dgates_h, h_prev),
+          h_prev.sum_product(dgates_h),
           has_bias ? dgates_x.sum(0) : absent(input),
           has_bias ? dgates_h.sum(0) : absent(input)};
 }

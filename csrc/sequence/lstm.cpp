@@ -143,7 +143,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_cx = dc;
     }
     if (!(whole.grad_out.defined() && run_persistent(whole))) {
-      const Tensor c_prev = previous_states(cells_c, cx.contiguous(), sc);
+      const PreviousStates c_prev(cells_c, cx.contiguous(), sc);
       const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
       // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
       const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
@@ -159,7 +159,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
         }
         LstmBackwardStep step{step_rows(gates_c, sc, s),
                               step_rows(cells_c, sc, s),
-                              step_rows(c_prev, sc, s),
+                              c_prev.step(s),
                               proj ? rows(dh_full, n) : rows(dh, n),
                               proj ? Tensor() : step_rows(go, sc, s),
                               rows(dc, n),
@@ -171,7 +171,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
   }
 
   const PhaseRange weights("fused_rnn::weight_gradients");
-  const Tensor h_prev = previous_states(out.contiguous(), hx.contiguous(), sc);
+  const PreviousStates h_prev(out.contiguous(), hx.contiguous(), sc);
   Tensor grad_w_hr = absent(input);
   if (proj) {
     const Tensor h_all = gates_c.narrow(1, 3 * H, H) * at::tanh(cells_c);
@@ -181,7 +181,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
           dh,
           dc,
           sequence_sum_product(dgates, x),
-          sequence_sum_product(dgates, h_prev),
+          h_prev.sum_product(dgates),
           has_bias ? dgates.sum(0) : absent(input),
           grad_w_hr};
 }

@@ -115,9 +115,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
 
   const PhaseRange weights("fused_rnn::weight_gradients");
 
-  const Tensor h_prev = previous_states(out, hx.contiguous(), sc);
   return {input_grad ? input_gradient(dpre, w_ih).view(input.sizes()) : absent(input),
-          dh, sequence_sum_product(dpre, x), sequence_sum_product(dpre, h_prev),
+          dh, sequence_sum_product(dpre, x),
+          PreviousStates(out, hx.contiguous(), sc).sum_product(dpre),
           has_bias ? dpre.sum(0) : absent(input)};
 }
 

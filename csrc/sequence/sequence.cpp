@@ -148,6 +148,33 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
   return prev;
 }
 
+PreviousStates::PreviousStates(const at::Tensor& seq, const at::Tensor& init,
+                               const Schedule& sc)
+    : seq_(seq), init_(init), sc_(sc) {
+  if (!sc.dense) all_ = previous_states(seq, init, sc);
+}
+
+at::Tensor PreviousStates::step(int64_t s) const {
+  if (all_.defined()) return step_rows(all_, sc_, s);
+  return s == 0 ? init_ : step_rows(seq_, sc_, s - 1);
+}
+
+at::Tensor PreviousStates::sum_product(const at::Tensor& a) const {
+  const auto dtype = a.scalar_type();
+  if (all_.defined() || (dtype != at::kFloat && dtype != at::kDouble)) {
+    return sequence_sum_product(a, all_.defined() ? all_ : previous_states(seq_, init_, sc_));
+  }
+  // Dense: processed step 0 (time 0, or T-1 in reverse) starts from init,
+  // every other row from the row B before it in processing order.
+  const int64_t B = sc_.batch, N = sc_.rows;
+  at::Tensor sum = sequence_sum_product(a.narrow(0, sc_.reverse ? N - B : 0, B), init_);
+  if (N > B) {
+    sum.addmm_(a.narrow(0, sc_.reverse ? 0 : B, N - B).t(),
+               seq_.narrow(0, sc_.reverse ? B : 0, N - B));
+  }
+  return sum;
+}
+
 InputProjection::InputProjection(const at::Tensor& x, const at::Tensor& w_ih,
                                  const Schedule& sc, bool keep_all)
     : x_(x), w_(w_ih, sc.rows), sc_(sc) {

@@ -203,6 +203,28 @@ void check_like(const char* what, const at::Tensor& t, const at::Tensor& like,
 at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
                            const Schedule& schedule);
 
+// The states every step started from (h_{t-1}, c_{t-1}), as previous_states
+// gives them, without copying for dense input: there step s's are the
+// previous step's rows of `seq` (N, W), or `init` (B, W) for the first
+// step. Packed input (where some rows of a step may start from init)
+// materialises previous_states once. seq and init: contiguous.
+class PreviousStates {
+ public:
+  PreviousStates(const at::Tensor& seq, const at::Tensor& init, const Schedule& sc);
+  // (rows of the s-th processed step, W).
+  at::Tensor step(int64_t s) const;
+  // a^T @ previous_states(seq, init) for a (N, X): (X, W), the gradient of
+  // a recurrent weight. Dense float32 and float64 input: two products (the
+  // first step's rows by init, the others by seq shifted one step), no
+  // (N, W) copy; half types keep one product (a second would round twice).
+  at::Tensor sum_product(const at::Tensor& a) const;
+
+ private:
+  const at::Tensor seq_, init_;
+  const Schedule& sc_;
+  at::Tensor all_;  // packed input: previous_states(seq, init)
+};
+
 // An empty tensor standing for "not computed" in an op's outputs.
 inline at::Tensor absent(const at::Tensor& like) {
   return at::empty({0}, like.options());
