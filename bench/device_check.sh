@@ -4,7 +4,7 @@
 # keeps the build between calls):
 #
 #   bash bench/device_check.sh build      rebuild the extension against the torch there
-#   bash bench/device_check.sh test       the CUDA tests (both kernel paths), build first if needed
+#   bash bench/device_check.sh test       the CUDA tests (every kernel path), build first if needed
 #   bash bench/device_check.sh sanitize   compute-sanitizer memcheck and racecheck, small shapes
 #   bash bench/device_check.sh bench      fused-rnn bench --preset full vs torch.nn (cuDNN) in one
 #                                         process (persistent kernels forced), a 2-layer

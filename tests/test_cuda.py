@@ -1,8 +1,8 @@
 """The CUDA side: parity with torch.nn (cuDNN) in float32 / float64 and, by
 the twice-cuDNN's-error rule against torch.nn in float64 on the CPU, in
-float16 / bfloat16; sizes on both kernel paths (small hidden sizes for the
-persistent path, a large one for the general path); gradcheck and opcheck of
-the ops on CUDA; torch.compile; convert keeps the device; a CUDA graph
+float16 / bfloat16; sizes on every kernel path (small hidden sizes for the
+persistent path, large ones past on-chip memory for the stepwise and
+general paths); gradcheck and opcheck of the ops on CUDA; torch.compile; convert keeps the device; a CUDA graph
 capture / replay of a whole training step matched to eager. Every test is
 skipped without a GPU."""
 
