@@ -206,14 +206,17 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
-def test_emulated_low_precision(emu, stepwise, cell, dtype, reverse):
+@pytest.mark.parametrize("wide", [True, False], ids=["wide_tile", "one_sequence"])
+def test_emulated_low_precision(emu, wide, stepwise, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
     16x16x16, rows and columns padded to 16, two batch tiles side by side
     and a second pass with one, past the batch), forward and backward,
     against the CPU ops in float64 on the same (rounded) inputs: within a
-    few roundings of the storage type."""
-    H, B, T, units = 31, 40, 3, 11
-    tile = 8 if dtype == torch.float32 else 16
+    few roundings of the storage type. One sequence: batch tile 1, FMA in
+    every dtype (the half types staged as float32)."""
+    H, T, units = 31, 3, 11
+    B = 40 if wide else 1
+    tile = (8 if dtype == torch.float32 else 16) if wide else 1
     op_cell = cell.split("_")[0]
     a = make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=reverse,
                      relu=cell == "rnn_relu")
