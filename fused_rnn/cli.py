@@ -10,6 +10,7 @@ With no subcommand it runs `bench --preset quick`.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -428,13 +429,18 @@ def _shared_memory_per_sm(props):
 CHECK_CASES = [
     ("LSTM", dict(num_layers=2, bidirectional=True)),
     ("LSTM proj_size", dict(proj_size=3, num_layers=2)),
+    ("LSTM packed", dict(bidirectional=True)),
     ("GRU", dict(num_layers=2, bidirectional=True)),
+    ("GRU packed", dict(bidirectional=True)),
     ("RNN tanh", dict(nonlinearity="tanh", num_layers=2)),
     ("RNN relu", dict(nonlinearity="relu", bidirectional=True)),
+    ("RNN packed", dict(nonlinearity="tanh", bidirectional=True)),
     ("LSTMCell", {}),
     ("GRUCell", {}),
     ("RNNCell", {}),
 ]
+# The lengths of the packed cases' three sequences (unsorted).
+CHECK_LENGTHS = [2, 4, 1]
 
 
 def parity_errors(device, dtype=torch.float64):
@@ -456,7 +462,10 @@ def parity_errors(device, dtype=torch.float64):
         errors = []
         for module in (reference, fused):
             xi = x.clone().requires_grad_(True)
-            flat = torch.utils._pytree.tree_leaves(module(xi))
+            inp = (nn.utils.rnn.pack_padded_sequence(xi, CHECK_LENGTHS, enforce_sorted=False)
+                   if name.endswith("packed") else xi)
+            flat = [t for t in torch.utils._pytree.tree_leaves(module(inp))
+                    if t.is_floating_point()]
             weights = [torch.linspace(-1, 1, t.numel(), device=device, dtype=dtype).view_as(t)
                        for t in flat]
             loss = sum((t * w).sum() for t, w in zip(flat, weights))
@@ -468,15 +477,25 @@ def parity_errors(device, dtype=torch.float64):
 
 
 def run_check(args, parser):
+    """Every case on the CPU; on CUDA on every kernel path in turn (or the
+    one --kernel names), so that each kernel of the build is checked."""
     device = _resolve_device(parser, args.device)
     tolerance = 1e-10
     failed = 0
     print(f"fused_rnn parity self-test on {device} (float64, tolerance {tolerance:g})")
-    for name, error in parity_errors(device):
-        ok = error <= tolerance
-        failed += not ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = {error:.2e}")
-    print("all cells match torch.nn" if not failed else f"{failed} cell(s) differ from torch.nn")
+    kernels = ([None] if device == "cpu" or args.kernel is not None
+               else ["persistent", "stepwise", "general"])
+    for kernel in kernels:
+        context = paths.kernel_path(kernel) if kernel else contextlib.nullcontext()
+        if kernel:
+            print(f" {kernel} kernels:")
+        with context:
+            for name, error in parity_errors(device):
+                ok = error <= tolerance
+                failed += not ok
+                print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = "
+                      f"{error:.2e}")
+    print("all cells match torch.nn" if not failed else f"{failed} case(s) differ from torch.nn")
     return 1 if failed else 0
 
 

@@ -2,8 +2,9 @@
 the twice-cuDNN's-error rule against torch.nn in float64 on the CPU, in
 float16 / bfloat16; sizes on every kernel path (small hidden sizes for the
 persistent path, large ones past on-chip memory for the stepwise and
-general paths); gradcheck and opcheck of the ops on CUDA; torch.compile; convert keeps the device; a CUDA graph
-capture / replay of a whole training step matched to eager. Every test is
+general paths); gradcheck and opcheck of the ops on CUDA; torch.compile;
+convert keeps the device; a CUDA graph capture / replay of a whole training
+step matched to eager; `fused-rnn check` on every path. Every test is
 skipped without a GPU."""
 
 import contextlib
@@ -353,3 +354,19 @@ def test_cuda_graph_inference_no_host_sync(path):
             graph.replay()
             expected, _ = model(x)
             torch.testing.assert_close(static_out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_rnn_check_runs_every_kernel_path(capsys):
+    """`fused-rnn check` on CUDA checks the build's every kernel: each case
+    (packed input included) on the persistent, stepwise and general paths;
+    --kernel narrows it to one."""
+    from fused_rnn import cli
+
+    assert cli.main(["check", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    for kernel in ("persistent", "stepwise", "general"):
+        assert f" {kernel} kernels:" in out
+    assert out.count("ok   GRU packed") == 3 and "FAIL" not in out
+    assert cli.main(["check", "--device", "cuda", "--kernel", "stepwise"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels:" not in out and out.count("ok   LSTM packed") == 1
