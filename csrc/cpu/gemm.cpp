@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #define FR_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
 #define FR_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bf16,avx2,fma")))
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,avx2,fma")))
 // The tile's loops over its rows must unroll, or its accumulators live on
 // the stack instead of in zmm registers.
 #if defined(__clang__)
@@ -79,7 +79,8 @@ bool cpu_has_avx512() {
 // as oneDNN multiplies bfloat16 on these CPUs.
 bool cpu_has_avx512_bf16() {
 #if FR_HAVE_AVX512_GEMM
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
   return has;
 #else
   return false;
@@ -215,6 +216,26 @@ FR_AVX512_BF16 void micro_tile_bf16(int64_t k2, const uint32_t* a, int64_t lda,
   for (int i = 0; i < R; ++i) {
     _mm512_storeu_ps(c + i * ldc, acc[i][0]);
     _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+// Rounds a tile's float32 sums (rows x cols, rows kPanel apart) into out
+// (rows ldo apart) as bfloat16, round to nearest even, added to out first
+// when accumulating: 16 columns a vector (vcvtneps2bf16).
+FR_AVX512_BF16 void round_bf16_tile(const float* sums, int64_t rows, int64_t cols,
+                                    c10::BFloat16* out, int64_t ldo, bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* row = reinterpret_cast<uint16_t*>(out + i * ldo);
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 mask = column_mask(cols - j);
+      __m512 v = _mm512_loadu_ps(sums + i * kPanel + j);
+      if (accumulate) {
+        const __m256i old = _mm256_maskz_loadu_epi16(mask, row + j);
+        v = _mm512_add_ps(
+            v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+      }
+      _mm256_mask_storeu_epi16(row + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
   }
 }
 
@@ -457,7 +478,7 @@ void gemm_bf16_pairs(const at::Tensor& out, const at::Tensor& a, const at::Tenso
                      bool accumulate) {
 #if FR_HAVE_AVX512_GEMM
   const int64_t M = a.size(0), K = a.size(1);
-  const int64_t k2 = (K + 1) / 2, panels = packed.size(0), width = panels * kPanel;
+  const int64_t k2 = (K + 1) / 2, panels = packed.size(0);
   // a's rows as the same pairs of k, zero past K.
   const std::unique_ptr<uint32_t[]> a2(new uint32_t[M * k2]);
   const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<c10::BFloat16>());
@@ -469,23 +490,28 @@ void gemm_bf16_pairs(const at::Tensor& out, const at::Tensor& a, const at::Tenso
       a2[m * k2 + kk] = lo | (hi << 16);
     }
   }
-  const std::unique_ptr<float[]> c32(new float[M * width]);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const int64_t N = out.size(1), ldo = out.stride(0);
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   const int64_t block_rows = (M + blocks - 1) / blocks;
   const int64_t grain = std::max<int64_t>(1, 65536 / (std::min(M, block_rows) * kPanel * K));
   at::parallel_for(0, blocks * panels, grain, [&](int64_t t0, int64_t t1) {
+    // A tile's float32 sums, rounded into out (added to it when
+    // accumulating) while they are in L1: no (M, N) float32 buffer and no
+    // second pass over it.
+    alignas(64) float sums[kRowsBf16 * kPanel];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t / panels, p = t % panels;
       const int64_t m1 = std::min(M, (blk + 1) * block_rows);
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
       for (int64_t m = blk * block_rows; m < m1; m += kRowsBf16) {
-        kTilesBf16[std::min(kRowsBf16, m1 - m) - 1](k2, a2.get() + m * k2, k2,
-                                                     words + p * k2 * kPanel,
-                                                     c32.get() + m * width + p * kPanel, width);
+        const int64_t rows = std::min(kRowsBf16, m1 - m);
+        kTilesBf16[rows - 1](k2, a2.get() + m * k2, k2, words + p * k2 * kPanel, sums, kPanel);
+        round_bf16_tile(sums, rows, cols, op + m * ldo + n0, ldo, accumulate);
       }
     }
   });
-  finish_reduced<c10::BFloat16>(out, c32.get(), width, accumulate);
 #else
   (void)out, (void)a, (void)packed, (void)accumulate;
   TORCH_INTERNAL_ASSERT(false, "fused_rnn: the packed GEMM is not built for this CPU");
