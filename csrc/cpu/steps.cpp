@@ -129,13 +129,17 @@ FR_INLINE void lstm_forward_rows_impl(const LstmForwardPtrs<scalar_t>& p, int64_
       }
       T c_new, h_new;
       lstm_forward_point<T>(i, f, g, o, T(c[j]), c_new, h_new);
-      gi[j] = narrow_to<scalar_t>(i);
-      gf[j] = narrow_to<scalar_t>(f);
-      gg[j] = narrow_to<scalar_t>(g);
-      go[j] = narrow_to<scalar_t>(o);
+      // The activated gates and c_t are kept for backward (training, where
+      // cells is given); inference needs only the state.
+      if constexpr (kCells) {
+        gi[j] = narrow_to<scalar_t>(i);
+        gf[j] = narrow_to<scalar_t>(f);
+        gg[j] = narrow_to<scalar_t>(g);
+        go[j] = narrow_to<scalar_t>(o);
+        cells[j] = narrow_to<scalar_t>(c_new);
+      }
       c[j] = narrow_to<scalar_t>(c_new);
       h[j] = narrow_to<scalar_t>(h_new);
-      if constexpr (kCells) cells[j] = narrow_to<scalar_t>(c_new);
     }
   }
 }
@@ -254,11 +258,15 @@ FR_INLINE void gru_forward_rows_impl(const GruForwardPtrs<scalar_t>& p, int64_t 
       }
       T h_new;
       gru_forward_point<T>(r, z, n, ar, az, an, T(h_prev[j]), h_new);
-      xr[j] = narrow_to<scalar_t>(r);
-      xz[j] = narrow_to<scalar_t>(z);
-      xn[j] = narrow_to<scalar_t>(n);
+      // The activated gates and W_hn h + b_hn are kept for backward
+      // (training, where hn is given); inference needs only h_t.
+      if constexpr (kSave) {
+        xr[j] = narrow_to<scalar_t>(r);
+        xz[j] = narrow_to<scalar_t>(z);
+        xn[j] = narrow_to<scalar_t>(n);
+        hn_saved[j] = narrow_to<scalar_t>(an);
+      }
       out[j] = narrow_to<scalar_t>(h_new);
-      if constexpr (kSave) hn_saved[j] = narrow_to<scalar_t>(an);
     }
   }
 }

@@ -63,13 +63,15 @@ __global__ void lstm_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__
       o += T(bias[3 * H + j]);
     }
     lstm_forward_point<T>(i, f, gg, o, T(c[k]), c_new, h_new);
-    g[0] = i;
-    g[H] = f;
-    g[2 * H] = gg;
-    g[3 * H] = o;
+    if (cells) {  // training: what backward reads
+      g[0] = i;
+      g[H] = f;
+      g[2 * H] = gg;
+      g[3 * H] = o;
+      cells[k] = c_new;
+    }
     c[k] = c_new;
     h[k] = h_new;
-    if (cells) cells[k] = c_new;
   }
 }
 
@@ -121,11 +123,13 @@ __global__ void gru_forward_kernel(int64_t n, int64_t H, scalar_t* __restrict__ 
       hn += T(b_hh[2 * H + j]);
     }
     gru_forward_point<T>(r, z, nn, hr, hz, hn, T(h_prev[k]), h_new);
-    x[0] = r;
-    x[H] = z;
-    x[2 * H] = nn;
+    if (hn_saved) {  // training: what backward reads
+      x[0] = r;
+      x[H] = z;
+      x[2 * H] = nn;
+      hn_saved[k] = hn;
+    }
     out[k] = h_new;
-    if (hn_saved) hn_saved[k] = hn;
   }
 }
 

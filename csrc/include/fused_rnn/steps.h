@@ -20,7 +20,8 @@
 namespace fused_rnn {
 
 struct LstmForwardStep {
-  at::Tensor gates;   // (B, 4H) in: W_ih x (no bias); out: activated i, f, g, o
+  at::Tensor gates;   // (B, 4H) in: W_ih x (no bias); out, when cells is given
+                      //         (training): activated i, f, g, o
   at::Tensor bias;    // (4H)    b_ih + b_hh; may be undefined
   at::Tensor h_prev;  // (B, P)  h_{t-1}
   const GemmWeight& w_hh;  // W_hh (4H, P), for h_{t-1} @ W_hh^T
@@ -41,7 +42,8 @@ struct LstmBackwardStep {
 };
 
 struct GruForwardStep {
-  at::Tensor gates;   // (B, 3H) in: W_ih x (no bias); out: activated r, z, n
+  at::Tensor gates;   // (B, 3H) in: W_ih x (no bias); out, when hn is given
+                      //         (training): activated r, z, n
   at::Tensor b_ih;    // (3H)    may be undefined (then b_hh is too)
   at::Tensor b_hh;    // (3H)
   at::Tensor h_prev;  // (B, H)  h_{t-1}
