@@ -10,8 +10,9 @@ On CUDA every op runs one of three paths:
   (the launch boundary is the barrier), each block's slice of the weights
   packed once per call into global memory and read from there (L2). Dense
   or packed input, no ``proj_size``, any hidden size; no co-residency
-  needed, so it is also what a persistent call falls back to when its grid
-  cannot be co-resident at the call (another kernel on the GPU, MPS limits).
+  needed, so it is also what a persistent call falls back to when the
+  driver refuses its grid as not co-resident (an MPS client limited to
+  fewer SMs, say).
 - ``general``: per step one cuBLAS GEMM and one fused pointwise kernel. Any
   shape, packed sequences and ``proj_size`` included.
 
