@@ -215,37 +215,32 @@ bench_packed() {
   done
 }
 
-bench() {
+# A stand-alone grid stage: its body ($2, a function) timed, its line in the
+# summary ($1, what it wrote), then the goals.
+grid_stage() {
   SECONDS=0
   card=$(card_name)
+  "$2"
+  summary+=("$1: ${SECONDS}s")
+  goals "$card"
+}
+bench_body() {
   explain_and_profile "$card"
   tail -8 "$LOGS/profile.txt"
   bench_bidir 600
   bench_persistent 600
   tail -40 "$LOGS/bench.txt"
-  summary+=("bench: ${SECONDS}s, bench/results/$card.json")
-  goals "$card"
 }
-
-general() {
-  SECONDS=0
-  card=$(card_name)
+general_body() {
   bench_general 600
   tail -40 "$LOGS/bench-general.txt"
-  summary+=("bench general: ${SECONDS}s, bench/results/$card-general.json")
-  goals "$card"
 }
-
-stepwise() {
-  SECONDS=0
-  card=$(card_name)
+stepwise_body() {
   bench_stepwise 300
   pack
   bench_packed 90
   tail -30 "$LOGS/bench-stepwise.txt"
   tail -12 "$LOGS"/bench-packed-*.txt
-  summary+=("bench stepwise: ${SECONDS}s, bench/results/$card-stepwise.json, -packed-*.json")
-  goals "$card"
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -308,10 +303,10 @@ case "$stage" in
   build) build ;;
   test) build; tests ;;
   sanitize) build; sanitize ;;
-  bench) build; bench ;;
-  general) build; general ;;
-  stepwise) build; stepwise ;;
-  all) build; tests; sanitize; bench ;;
+  bench) build; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
+  general) build; grid_stage "bench general (<card>-general.json)" general_body ;;
+  stepwise) build; grid_stage "bench stepwise (<card>-stepwise.json, -packed-*.json)" stepwise_body ;;
+  all) build; tests; sanitize; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;
 esac

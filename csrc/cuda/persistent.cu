@@ -130,7 +130,8 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
                        plan.units, c10::elementSize(dtype), math_size(dtype), weights_shared);
   };
   const Tiling step_tiling = tiling(false);
-  plan.shared_bytes = too_many_rows ? 0 : tiling(true).bytes;
+  const Tiling shared_tiling = too_many_rows ? Tiling{} : tiling(true);
+  plan.shared_bytes = shared_tiling.bytes;
   plan.step_shared_bytes = step_tiling.bytes;
 
   std::ostringstream why;
@@ -189,7 +190,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   }
   d.choice.path = KernelPath::kPersistent;
   if (!explain) return d;
-  const Tiling tl = tiling(true);
+  const Tiling& tl = shared_tiling;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
       << ", one cooperative launch for the whole sequence): " << plan.blocks << " blocks x "
       << kThreads << " threads, " << plan.units << " hidden unit"
@@ -214,7 +215,7 @@ namespace {
 
 // Raises the kernel's dynamic shared memory limit to the device's, once per
 // kernel and device.
-void allow_shared_memory(const void* kernel, int device, const DeviceLimits& limits) {
+void raise_shared_limit(const void* kernel, int device, const DeviceLimits& limits) {
   static std::mutex mutex;
   static std::set<std::pair<const void*, int>> raised;
   std::lock_guard<std::mutex> lock(mutex);
@@ -227,9 +228,12 @@ void allow_shared_memory(const void* kernel, int device, const DeviceLimits& lim
 
 }  // namespace
 
-void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args) {
+void allow_shared_memory(const void* kernel) {
   const int device = c10::cuda::current_device();
-  allow_shared_memory(kernel, device, device_limits(device));
+  raise_shared_limit(kernel, device, device_limits(device));
+}
+
+void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args) {
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), args, shared_bytes,
                                   c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -238,7 +242,7 @@ void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** a
 bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
-  allow_shared_memory(kernel, device, limits);
+  raise_shared_limit(kernel, device, limits);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                plan.shared_bytes));
@@ -249,7 +253,7 @@ bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
                                   plan.shared_bytes, c10::cuda::getCurrentCUDAStream());
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     // Not co-resident now (MPS limits, say): nothing ran; the caller runs
-    // the general path.
+    // the same plan stepwise.
     (void)cudaGetLastError();
     return false;
   }

@@ -34,6 +34,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "fused_rnn/cells.h"
 #include "fused_rnn/persistent.h"
@@ -192,6 +193,23 @@ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int
   r.next_rows = s + 1 < steps ? sizes[t(s + 1)] : 0;
   r.next_row0 = r.next_rows > 0 ? first[t(s + 1)] : 0;
   return r;
+}
+
+// The launches of a stepwise run, in order: launch(s, rows of step s) for
+// forward steps 0 .. T-1, backward T-1 down to -1 (grad_hx); batch_sizes:
+// the rows of each time step of packed input, empty for dense input. The
+// CUDA launcher (persistent_launch.cuh) and the CPU emulation both use it.
+template <bool kBackward, typename Launch>
+void for_each_step(int64_t steps, int64_t batch, bool reverse,
+                   const std::vector<int64_t>& batch_sizes, Launch launch) {
+  std::vector<int64_t> first(batch_sizes.size());  // packed: first row of each time step
+  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
+  for (int64_t s = kBackward ? steps - 1 : 0; kBackward ? s >= -1 : s < steps;
+       s += kBackward ? -1 : 1) {
+    launch(s, batch_sizes.empty()
+                  ? dense_step_rows(s, steps, batch, reverse)
+                  : packed_step_rows(batch_sizes.data(), first.data(), steps, s, reverse));
+  }
 }
 
 // The input rows of a block product: row b comes from `in` (the previous

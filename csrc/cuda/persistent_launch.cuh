@@ -32,6 +32,9 @@ struct Plan {
 // stream. Returns false, having launched nothing, when the grid cannot be
 // co-resident on the current device now (other work or MPS limits).
 bool launch_cooperative(const void* kernel, const Plan& plan, void* params);
+// Lets `kernel` have the current device's dynamic shared memory (once per
+// kernel and device); before launch_blocks.
+void allow_shared_memory(const void* kernel);
 // An ordinary launch of `kernel` (arguments `args`) with `blocks` blocks of
 // kThreads threads on the current stream, checked.
 void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args);
@@ -83,9 +86,10 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
   const scalar_t* w = data<scalar_t>(w_hh);
   scalar_t* out = data<scalar_t>(slices);
   void* args[] = {&w, &out, &H, &J, &batch};
-  launch_blocks(tiled(plan, pack_slices_kernel<G, kBackward, 1, scalar_t>,
-                      pack_slices_kernel<G, kBackward, wide_tile<scalar_t>(), scalar_t>),
-                plan.blocks, 0, args);
+  const void* kernel = tiled(plan, pack_slices_kernel<G, kBackward, 1, scalar_t>,
+                             pack_slices_kernel<G, kBackward, wide_tile<scalar_t>(), scalar_t>);
+  allow_shared_memory(kernel);
+  launch_blocks(kernel, plan.blocks, 0, args);
   return slices;
 }
 
@@ -105,18 +109,14 @@ bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Ten
   }
   const at::Tensor slices = pack_slices<G, kBackward, scalar_t>(w_hh, plan, p.batch);
   p.slices = data<scalar_t>(slices);
-  // Packed input: the first row of each time step.
-  std::vector<int64_t> first(batch_sizes.size());
-  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
+  allow_shared_memory(kernel);
   void* args[] = {&p};  // read at each launch: the next step may change p
-  for (int64_t s = kBackward ? p.steps - 1 : 0; kBackward ? s >= -1 : s < p.steps;
-       s += kBackward ? -1 : 1) {
-    p.run = {s, kBackward ? s : s + 1, false};
-    p.step = batch_sizes.empty()
-                 ? dense_step_rows(s, p.steps, p.batch, p.reverse)
-                 : packed_step_rows(batch_sizes.data(), first.data(), p.steps, s, p.reverse);
-    launch_blocks(kernel, plan.blocks, plan.step_shared_bytes, args);
-  }
+  for_each_step<kBackward>(p.steps, p.batch, p.reverse, batch_sizes,
+                           [&](int64_t s, const StepRows& rows) {
+                             p.run = {s, kBackward ? s : s + 1, false};
+                             p.step = rows;
+                             launch_blocks(kernel, plan.blocks, plan.step_shared_bytes, args);
+                           });
   return true;
 }
 

@@ -87,17 +87,14 @@ void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, 
   const Tensor slices =
       pack_slices<G, kBackward, BT, scalar_t>(w_hh, tl, blocks, units, prm.batch, order);
   prm.slices = slices.data_ptr<scalar_t>();
-  std::vector<int64_t> first(batch_sizes.size());
-  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
-  for (int64_t s = kBackward ? prm.steps - 1 : 0; kBackward ? s >= -1 : s < prm.steps;
-       s += kBackward ? -1 : 1) {
-    prm.run = {s, kBackward ? s : s + 1, false};
-    prm.step = batch_sizes.empty() ? p::dense_step_rows(s, prm.steps, prm.batch, prm.reverse)
-                                   : p::packed_step_rows(batch_sizes.data(), first.data(),
-                                                         prm.steps, s, prm.reverse);
-    fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
-                          [&] { kernel(prm); });
-  }
+  p::for_each_step<kBackward>(prm.steps, prm.batch, prm.reverse, batch_sizes,
+                              [&](int64_t s, const p::StepRows& rows) {
+                                prm.run = {s, kBackward ? s : s + 1, false};
+                                prm.step = rows;
+                                fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes,
+                                                      static_cast<int>(order),
+                                                      [&] { kernel(prm); });
+                              });
 }
 
 // Rows of the (N, *) sequence tensors and the batch_sizes vector: dense
