@@ -4,7 +4,9 @@ On CUDA every op runs one of three paths:
 
 - ``persistent``: one cooperative launch for the whole sequence, the
   recurrent weights held on chip (shared memory) for every step, one grid
-  barrier per step. Dense input, no ``proj_size``, weights that fit the
+  barrier per step. Dense or packed input (each step's rows from a table
+  copied to the device with the launch; packed input runs stepwise while a
+  CUDA graph is being captured), no ``proj_size``, weights that fit the
   device's shared memory.
 - ``stepwise``: the persistent kernels' code, one ordinary launch per step
   (the launch boundary is the barrier), each block's slice of the weights
@@ -19,7 +21,8 @@ On CUDA every op runs one of three paths:
 The default, ``auto``, takes the persistent kernels where they fit and are
 expected to win (up to 16 sequences always, beyond while a block's work per
 step stays small), the stepwise launches where the device takes no
-cooperative launch, and the general path elsewhere. ``persistent`` takes
+cooperative launch, and the general path elsewhere; packed input as dense
+input of its largest batch. ``persistent`` takes
 the persistent kernels wherever they fit, ``stepwise`` the stepwise ones
 wherever they apply, ``general`` neither. The choice is process-wide; set
 it here, or with the environment variable ``FUSED_RNN_KERNEL_PATH`` before

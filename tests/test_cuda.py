@@ -52,10 +52,10 @@ def no_tf32():
 
 @pytest.fixture(params=["persistent", "stepwise", "general"])
 def path(request):
-    """Every CUDA kernel path: the persistent kernels wherever they fit (the
-    packed features run the general path there), the same kernels one launch
-    per step (stepwise, packed sequences included), and the per-step general
-    path (proj_size runs it on every path)."""
+    """Every CUDA kernel path: the persistent kernels wherever they fit
+    (packed sequences included), the same kernels one launch per step
+    (stepwise), and the per-step general path (proj_size runs it on every
+    path)."""
     with fused_rnn.kernel_path(request.param):
         yield request.param
 

@@ -84,7 +84,9 @@ def test_choice(name):
     f32 = torch.float32
     assert explain(name, 256, 8, f32).startswith("persistent kernel")
     assert explain(name, 256, 8, f32, backward=True).startswith("persistent kernel")
-    assert explain(name, 256, 8, f32, packed=True).startswith("general path")
+    # packed sequences: each step's rows from a table on the device
+    assert explain(name, 256, 8, f32, packed=True).startswith("persistent kernel")
+    assert "packed sequences" in explain(name, 256, 8, f32, packed=True)
     with fused_rnn.kernel_path("general"):
         assert explain(name, 256, 8, f32).startswith("general path")
     with fused_rnn.kernel_path("auto"):
@@ -122,7 +124,11 @@ def test_choice(name):
         assert explain(name, 256, 8, f32, packed=True).startswith("stepwise kernels")
         assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
     with fused_rnn.kernel_path("auto"):
-        assert explain(name, 256, 8, f32, packed=True).startswith("general path")
+        # packed input as dense input of its largest batch
+        assert explain(name, 256, 8, f32, packed=True).startswith("persistent kernel")
+        assert explain(name, 256, 8, f32, packed=True, backward=True).startswith(
+            "persistent kernel")
+        assert explain(name, 1024, 2048, f32, packed=True).startswith("general path")
 
 
 # ---------------------------------------------------------------- float64
@@ -159,17 +165,50 @@ def test_stepwise_past_on_chip_memory(cell_key, shape):
 @pytest.mark.parametrize("lengths", [(5, 3, 3, 1), (4,) * 9 + (2,) * 9 + (1,) * 3],
                          ids=["ragged", "tiles"])
 @pytest.mark.parametrize("cell_key", list(CELLS))
-def test_stepwise_packed(cell_key, lengths, reverse):
-    """Packed sequences on the stepwise launches: sequences ending early
-    (and, in reverse, starting late), one and several batch tiles, against
-    the reference in float64."""
+def test_packed(mode, cell_key, lengths, reverse):
+    """Packed sequences in one cooperative launch (each step's rows from the
+    step table on the device) and on the stepwise launches: sequences ending
+    early (and, in reverse, starting late), one and several batch tiles,
+    against the reference in float64."""
     cell, name, extra = CELLS[cell_key]
-    with fused_rnn.kernel_path("stepwise"):
-        assert explain(name, 300, len(lengths), torch.float64, packed=True).startswith(
-            "stepwise kernels")
-        kw = dict(B=len(lengths), I=5, H=300, lengths=lengths, reverse=reverse, **extra)
-        assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
-                             what=f"stepwise packed {name} lengths={lengths} reverse={reverse}")
+    for backward in (False, True):
+        text = explain(name, 300, len(lengths), torch.float64, packed=True, backward=backward)
+        assert text.startswith("stepwise kernels" if mode == "stepwise" else "persistent kernel")
+    kw = dict(B=len(lengths), I=5, H=300, lengths=lengths, reverse=reverse, **extra)
+    assert_results_close(run(cell, True, **kw), run(cell, False, **kw),
+                         what=f"{mode} packed {name} lengths={lengths} reverse={reverse}")
+
+
+@pytest.mark.parametrize("cell_key", ["lstm", "gru"])
+def test_packed_capture_runs_stepwise(cell_key):
+    """While a CUDA graph is being captured, packed input cannot copy its
+    step table to the device with the launch (the replays could not count
+    on the host buffer): the persistent path runs those launches stepwise,
+    and the replay on new data matches eager calls."""
+    _, name, _ = CELLS[cell_key]
+    module = getattr(fused_rnn, name)(5, 40, num_layers=2, bidirectional=True,
+                                      device=DEVICE, dtype=torch.float64)
+    lengths = [6, 4, 4, 1]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    xs = [torch.randn(6, 4, 5, device=DEVICE, dtype=torch.float64, generator=gen)
+          for _ in range(3)]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(xs[0], lengths)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        module(packed)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out, static_state = module(packed)
+    for x in xs[1:]:
+        new = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        packed.data.copy_(new.data)
+        graph.replay()
+        with torch.no_grad():
+            out, state = module(new)
+        assert_results_close({"out": static_out.data, "h": static_state[0]},
+                             {"out": out.data, "h": state[0]}, what=f"{name} packed graph")
 
 
 @pytest.mark.parametrize("cell_key", list(CELLS))

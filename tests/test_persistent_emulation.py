@@ -1,7 +1,7 @@
 """The persistent CUDA kernels' own source (csrc/cuda/persistent.cuh) run on
 the CPU through a thread-per-CUDA-thread emulation (tests/emulation/), as
 one cooperative launch and as stepwise launches (one per step, the weight
-slices packed into global memory), and compared with the CPU ops: forward outputs, states and saved tensors;
+slices packed into global memory), on dense and packed input, and compared with the CPU ops: forward outputs, states and saved tensors;
 backward state gradients and the gate gradients behind every parameter
 gradient. Shapes cover one and several blocks with a ragged last block, one
 and several batch tiles with a ragged last tile, one and several column
@@ -115,15 +115,17 @@ PACKED = {
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", list(PACKED))
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_emulated_stepwise_packed(emu, cell, packed, reverse, order, dtype=torch.float64):
-    """Packed sequences (stepwise launches only): each step's rows, the
+@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
+def test_emulated_packed(emu, stepwise, cell, packed, reverse, order, dtype=torch.float64):
+    """Packed sequences, in one cooperative launch (each step's rows from
+    the step table) and stepwise (each launch given its rows): the
     sequences that end early (hy, cy; grad_hy, grad_cy enter there) and, in
     reverse, those that start late (from hx, cx; grad_hx, grad_cx leave
     there)."""
     lengths, units, tile = PACKED[packed]
     a = make_op_args(cell.split("_")[0], B=len(lengths), I=5, H=7, lengths=lengths,
                      reverse=reverse, dtype=dtype, relu=cell == "rnn_relu")
-    check_kernels(emu, cell, a, units, tile, order, True, dtype)
+    check_kernels(emu, cell, a, units, tile, order, stepwise, dtype)
 
 
 def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):

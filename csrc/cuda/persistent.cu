@@ -98,10 +98,6 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return d;
   };
   if (want == KernelPath::kGeneral) return take_general("the general path was requested");
-  if (packed && want != KernelPath::kStepwise) {
-    return take_general("packed sequences run per step (the stepwise kernels take them when "
-                        "forced)");
-  }
   if (proj) return take_general("LSTM with proj_size runs per step");
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf &&
       dtype != at::kBFloat16) {
@@ -203,8 +199,12 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
-      << " per step), one grid barrier per step; one launch per step (stepwise) when the "
-         "grid cannot be co-resident at the call";
+      << " per step" << (packed ? " at most" : "") << "), one grid barrier per step"
+      << (packed ? "; packed sequences: each step's rows from a table copied to the device "
+                   "with the launch"
+                 : "")
+      << "; one launch per step (stepwise) when the grid cannot be co-resident at the call"
+      << (packed ? " or the stream is being captured into a CUDA graph" : "");
   d.choice.reason = why.str();
   return d;
 }
@@ -231,6 +231,18 @@ void raise_shared_limit(const void* kernel, int device, const DeviceLimits& limi
 void allow_shared_memory(const void* kernel) {
   const int device = c10::cuda::current_device();
   raise_shared_limit(kernel, device, device_limits(device));
+}
+
+at::Tensor step_table_on_device(const std::vector<int64_t>& batch_sizes, at::Device device) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::Tensor();
+  const std::vector<int64_t> table = packed_step_table(batch_sizes);
+  at::Tensor host = at::empty({static_cast<int64_t>(table.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(table.begin(), table.end(), host.data_ptr<int64_t>());
+  return host.to(device, /*non_blocking=*/true);
 }
 
 void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args) {

@@ -148,8 +148,8 @@ struct LaunchSteps {
 };
 
 // The rows of one processed step s of the (N, *) sequence tensors. Dense
-// input (T, B, *): every step has B rows, step t's at t*B. Packed input
-// (stepwise launches only): time step t has batch_sizes[t] rows
+// input (T, B, *): every step has B rows, step t's at t*B. Packed input:
+// time step t has batch_sizes[t] rows
 // (non-increasing in t) after the earlier steps' rows; row b of a step is
 // sequence b, row b of the (B, *) states. Steps are processed in time order
 // or in reverse.
@@ -180,8 +180,9 @@ __host__ __device__ inline StepRows dense_step_rows(int64_t s, int64_t steps, in
 }
 
 // StepRows of step s from the rows of every time step (sizes, batch_sizes
-// of packed input) and their first rows (first), on the host.
-inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int64_t steps,
+// of packed input) and their first rows (first): on the host for the
+// stepwise launches, on the device from the step table of a cooperative one.
+__host__ __device__ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int64_t steps,
                                  int64_t s, bool reverse) {
   auto t = [&](int64_t i) { return reverse ? steps - 1 - i : i; };
   const bool in_sequence = s >= 0 && s < steps;
@@ -195,6 +196,19 @@ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int
   return r;
 }
 
+// The step table of packed input (batch_sizes, T non-increasing sizes):
+// the sizes, then the first row of each time step in the (N, *) tensors.
+// A cooperative launch reads it on the device (the kernels' step_table).
+inline std::vector<int64_t> packed_step_table(const std::vector<int64_t>& batch_sizes) {
+  const size_t steps = batch_sizes.size();
+  std::vector<int64_t> table(2 * steps);
+  for (size_t t = 0; t < steps; ++t) {
+    table[t] = batch_sizes[t];
+    table[steps + t] = t == 0 ? 0 : table[steps + t - 1] + batch_sizes[t - 1];
+  }
+  return table;
+}
+
 // The launches of a stepwise run, in order: launch(s, rows of step s) for
 // forward steps 0 .. T-1, backward T-1 down to -1 (grad_hx); batch_sizes:
 // the rows of each time step of packed input, empty for dense input. The
@@ -202,13 +216,12 @@ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int
 template <bool kBackward, typename Launch>
 void for_each_step(int64_t steps, int64_t batch, bool reverse,
                    const std::vector<int64_t>& batch_sizes, Launch launch) {
-  std::vector<int64_t> first(batch_sizes.size());  // packed: first row of each time step
-  for (size_t t = 1; t < first.size(); ++t) first[t] = first[t - 1] + batch_sizes[t - 1];
+  const std::vector<int64_t> table = packed_step_table(batch_sizes);
   for (int64_t s = kBackward ? steps - 1 : 0; kBackward ? s >= -1 : s < steps;
        s += kBackward ? -1 : 1) {
     launch(s, batch_sizes.empty()
                   ? dense_step_rows(s, steps, batch, reverse)
-                  : packed_step_rows(batch_sizes.data(), first.data(), steps, s, reverse));
+                  : packed_step_rows(table.data(), table.data() + steps, steps, s, reverse));
   }
 }
 
@@ -234,6 +247,8 @@ struct ForwardParams {
   bool reverse, keep_gates;
   LaunchSteps run;
   StepRows step;               // stepwise: the rows of step run.begin
+  const int64_t* step_table;   // packed input in one cooperative launch: (2, T)
+                               // batch_sizes, then each time step's first row; else null
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
@@ -257,6 +272,7 @@ struct BackwardParams {
   bool reverse;
   LaunchSteps run;             // processed steps begin down to end (-1: grad_hx)
   StepRows step;               // stepwise: the rows of step run.begin
+  const int64_t* step_table;   // packed input in one cooperative launch, as ForwardParams'
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   const scalar_t* w_hh;      // (G*H, H)
   const scalar_t* grad_out;  // (T*B, H)
@@ -604,6 +620,18 @@ __device__ __forceinline__ const scalar_t* block_slice(const scalar_t* slices, c
   return w;
 }
 
+// The rows of processed step s in a launch: those the stepwise launch was
+// given, or (one cooperative launch for every step) from the step table of
+// packed input or the dense rule.
+template <typename Params>
+__device__ __forceinline__ StepRows rows_of_step(const Params& p, int64_t s) {
+  if (!p.run.cooperative) return p.step;
+  if (p.step_table) {
+    return packed_step_rows(p.step_table, p.step_table + p.steps, p.steps, s, p.reverse);
+  }
+  return dense_step_rows(s, p.steps, p.batch, p.reverse);
+}
+
 // ------------------------------------------------------------ forward
 template <PersistentCell kCell, int BT, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scalar_t> p) {
@@ -619,7 +647,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
-    const StepRows sr = p.run.cooperative ? dense_step_rows(s, p.steps, B, p.reverse) : p.step;
+    const StepRows sr = rows_of_step(p, s);
     // h_{t-1}: the previous step's output rows, the initial state past them
     const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H};
     for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
@@ -725,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
 
   for (int64_t s = p.run.begin; s >= p.run.end; --s) {
-    const StepRows sr = p.run.cooperative ? dense_step_rows(s, p.steps, B, p.reverse) : p.step;
+    const StepRows sr = rows_of_step(p, s);
     const bool has_next = sr.next_rows > 0;
     // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
     const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k};

@@ -35,6 +35,12 @@ bool launch_cooperative(const void* kernel, const Plan& plan, void* params);
 // Lets `kernel` have the current device's dynamic shared memory (once per
 // kernel and device); before launch_blocks.
 void allow_shared_memory(const void* kernel);
+// Packed input's step table (packed_step_table) on the device, copied from
+// pinned host memory on the current stream; undefined while the stream is
+// being captured into a CUDA graph, whose replays could not count on that
+// host buffer (the caller then runs the steps stepwise: each launch carries
+// its rows in its parameters).
+at::Tensor step_table_on_device(const std::vector<int64_t>& batch_sizes, at::Device device);
 // An ordinary launch of `kernel` (arguments `args`) with `blocks` blocks of
 // kThreads threads on the current stream, checked.
 void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args);
@@ -93,18 +99,27 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
   return slices;
 }
 
-// Runs `kernel` over the steps: one cooperative launch for all of them
-// (false, nothing launched, when the grid cannot be co-resident now), or,
-// when plan.stepwise, the weight slices of w_hh packed and one launch per
-// step with the rows of its step (batch_sizes: those of packed input, else
-// dense). Forward steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
+// Runs `kernel` over the steps (batch_sizes: the rows of each time step of
+// packed input, empty for dense input): one cooperative launch for all of
+// them, packed input's rows read from a step table on the device (false,
+// nothing launched, when the grid cannot be co-resident now, or for packed
+// input while the stream is being captured), or, when plan.stepwise, the
+// weight slices of w_hh packed and one launch per step with the rows of its
+// step. Forward steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
 template <int G, bool kBackward, typename scalar_t, typename Params>
 bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Tensor& w_hh,
                   const std::vector<int64_t>& batch_sizes) {
   if (!plan.stepwise) {
-    TORCH_INTERNAL_ASSERT(batch_sizes.empty(), "fused_rnn: packed input in a persistent launch");
     p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
     p.slices = nullptr;
+    // Lives until the launch is enqueued: the caching allocator orders its
+    // reuse after the kernel on the stream.
+    at::Tensor table;
+    if (!batch_sizes.empty()) {
+      table = step_table_on_device(batch_sizes, w_hh.device());
+      if (!table.defined()) return false;
+      p.step_table = data<int64_t>(table);
+    }
     return launch_cooperative(kernel, plan, &p);
   }
   const at::Tensor slices = pack_slices<G, kBackward, scalar_t>(w_hh, plan, p.batch);

@@ -68,7 +68,7 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
 }
 
 // Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does:
-// one cooperative launch, or (stepwise) the weight slices packed and one
+// one cooperative launch (packed input: its rows from the step table), or (stepwise) the weight slices packed and one
 // launch per step with the rows of its step (batch_sizes: packed input;
 // empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`: the
 // launch's tiling (its bytes of dynamic shared memory), `units` per block.
@@ -77,9 +77,11 @@ void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, 
                int64_t order, const std::vector<int64_t>& batch_sizes, Kernel kernel) {
   const int blocks = (prm.hidden + units - 1) / units;
   if (!stepwise) {
-    TORCH_CHECK(batch_sizes.empty(), "packed input runs stepwise only");
     prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
     prm.slices = nullptr;
+    // packed input: the step table the launcher copies to the device
+    const std::vector<int64_t> table = p::packed_step_table(batch_sizes);
+    prm.step_table = batch_sizes.empty() ? nullptr : table.data();
     fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
                           [&] { kernel(prm); });
     return;

@@ -9,9 +9,10 @@
 // full gradient of the next step's pre-activations), multiplies, applies the
 // cell math of cells.h to its units, writes them, and the grid meets at one
 // barrier. The stepwise mode runs the same code one step per launch, the
-// blocks' weight slices packed once into global memory; it also takes
-// packed sequences (the rows of each step passed with its launch). No
-// projection: proj_size runs the general path.
+// blocks' weight slices packed once into global memory. Packed sequences
+// run in both: the rows of each step come from a table copied to the device
+// with the cooperative launch, or with each stepwise launch. No projection:
+// proj_size runs the general path.
 //
 // Shape legend (every tensor contiguous, time-major, rows of step t at
 // t*B .. t*B+B-1):
@@ -50,7 +51,7 @@ struct PersistentForward {
   PersistentCell cell = PersistentCell::kLstm;
   int64_t steps = 0, batch = 0;  // T, B
   bool reverse = false;          // walk t = T-1 .. 0
-  // Packed input (stepwise launches only): the rows of each time step,
+  // Packed input: the rows of each time step,
   // non-increasing, with batch = batch_sizes[0]; then every (T*B, *) below
   // is (N, *), N = sum(batch_sizes). Empty for dense input.
   std::vector<int64_t> batch_sizes;
