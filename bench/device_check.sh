@@ -11,8 +11,10 @@
 #                                         bidirectional LSTM (default choice), explain, profile
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
-#   bash bench/device_check.sh stepwise   the grid at B 1/8/64 with the stepwise launches forced,
-#                                         and packed sequences on stepwise and general
+#   bash bench/device_check.sh stepwise   the persistent grid at B 1/8 with a grid barrier per step
+#                                         (FUSED_RNN_GRID_SYNC=barrier) against the tagged exchange,
+#                                         packed sequences on persistent, stepwise and general, and
+#                                         the grid at B 1/8/64 with the stepwise launches forced
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #   bash bench/device_check.sh session    one call for a whole device budget: the tests and
 #                                         both sanitizers side by side, then the bench and
@@ -204,15 +206,24 @@ bench_stepwise() {
   run_bench "$1" "bench/results/$card-stepwise.json" "$LOGS/bench-stepwise.txt" --preset full \
     --device cuda --kernel stepwise --no-progress --batch ${STEPWISE_BATCHES:-1 8 64}
 }
-# Packed sequences (lengths T down to T/2), stepwise against general: which
-# one the automatic choice should take for them (general until measured).
+# Packed sequences (lengths T down to T/2) in the cooperative kernels, on the
+# stepwise launches and on the general path: the automatic choice treats
+# them as dense input of their largest batch.
 bench_packed() {
   local kernel
-  for kernel in stepwise general; do
+  for kernel in persistent stepwise general; do
     run_bench "$1" "bench/results/$card-packed-$kernel.json" "$LOGS/bench-packed-$kernel.txt" \
       --device cuda --kernel "$kernel" --packed --cell LSTM GRU --batch 8 64 \
       --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 --no-progress
   done
+}
+# The persistent grid with a grid barrier per step instead of the tagged
+# exchange (FUSED_RNN_GRID_SYNC=barrier), at the batches where a step's
+# latency is all there is: what the exchange gains, against <card>.json.
+bench_barrier() {
+  FUSED_RNN_GRID_SYNC=barrier run_bench "$1" "bench/results/$card-barrier.json" \
+    "$LOGS/bench-barrier.txt" --preset full --device cuda --kernel persistent --no-progress \
+    --batch ${BARRIER_BATCHES:-1 8}
 }
 
 # A stand-alone grid stage: its body ($2, a function) timed, its line in the
@@ -236,11 +247,14 @@ general_body() {
   tail -40 "$LOGS/bench-general.txt"
 }
 stepwise_body() {
-  bench_stepwise 300
+  bench_barrier "$(cap 100 220)"
   pack
-  bench_packed 90
+  bench_packed "$(cap 45 150)"
+  pack
+  bench_stepwise "$(cap 200 0)"
   tail -30 "$LOGS/bench-stepwise.txt"
   tail -12 "$LOGS"/bench-packed-*.txt
+  tail -12 "$LOGS/bench-barrier.txt"
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -305,7 +319,7 @@ case "$stage" in
   sanitize) build; sanitize ;;
   bench) build; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   general) build; grid_stage "bench general (<card>-general.json)" general_body ;;
-  stepwise) build; grid_stage "bench stepwise (<card>-stepwise.json, -packed-*.json)" stepwise_body ;;
+  stepwise) build; grid_stage "bench barrier, packed, stepwise (<card>-barrier.json, -packed-*.json, -stepwise.json)" stepwise_body ;;
   all) build; tests; sanitize; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;

@@ -9,6 +9,7 @@ flatten_parameters()'d and TF32 is off for float32 on both sides.
 """
 
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -239,6 +240,8 @@ def environment(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        # how the persistent kernels' blocks meet between steps (paths.py)
+        info["grid_sync"] = os.environ.get("FUSED_RNN_GRID_SYNC") or "tags"
     return info
 
 

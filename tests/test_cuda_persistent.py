@@ -8,6 +8,10 @@ past on-chip memory (stepwise), long sequences, a GPU busy with other work.
 The module-level parity, gradcheck, opcheck and CUDA-graph tests of
 test_cuda.py run on every path too. Every test is skipped without a GPU."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,6 +88,10 @@ def test_choice(name):
     f32 = torch.float32
     assert explain(name, 256, 8, f32).startswith("persistent kernel")
     assert explain(name, 256, 8, f32, backward=True).startswith("persistent kernel")
+    if os.environ.get("FUSED_RNN_GRID_SYNC", "tags") == "tags":
+        # the blocks pass each step's rows on tagged, without a grid barrier
+        assert "tagged ring" in explain(name, 256, 8, f32)
+        assert "tagged ring" in explain(name, 256, 8, f32, backward=True)
     # packed sequences: each step's rows from a table on the device
     assert explain(name, 256, 8, f32, packed=True).startswith("persistent kernel")
     assert "packed sequences" in explain(name, 256, 8, f32, packed=True)
@@ -278,8 +286,9 @@ def test_auto_forward_persistent_backward_general(cell_key):
 
 
 def test_long_sequence_many_barriers(mode):
-    """T=3000: thousands of grid barriers in one launch (or of launches,
-    stepwise), both directions."""
+    """T=3000: thousands of steps in one launch (the tagged ring's two slots
+    reused 1500 times each; or grid barriers), or of launches (stepwise),
+    both directions."""
     for reverse in (False, True):
         kw = dict(T=3000, B=3, I=8, H=64, reverse=reverse, dtype=torch.float32)
         with fused_rnn.kernel_path("general"):
@@ -287,6 +296,31 @@ def test_long_sequence_many_barriers(mode):
                                                     **kw))
         actual = results("lstm", make_op_args("lstm", device=DEVICE, requires_grad=True, **kw))
         assert_results_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_grid_barrier_mode_in_a_fresh_process():
+    """FUSED_RNN_GRID_SYNC (read once per process) switches the cooperative
+    launches from the tagged exchange to a grid barrier per step: explain
+    says so and `fused-rnn check` passes on the persistent path (every cell,
+    dense and packed, forward and backward); an unknown value is a clear
+    error, not a silent default."""
+    def python(code, value):
+        env = dict(os.environ, FUSED_RNN_GRID_SYNC=value)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    explain_code = ("import torch, fused_rnn; print(fused_rnn.explain_kernel_path("
+                    "'LSTM', 256, 8, torch.float32, 'cuda'))")
+    proc = python(explain_code + "; from fused_rnn import cli; "
+                  "raise SystemExit(cli.main(['check', '--device', 'cuda', '--kernel', "
+                  "'persistent']))", "barrier")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "one grid barrier per step" in proc.stdout and "FAIL" not in proc.stdout
+    proc = python(explain_code, "tags")
+    assert proc.returncode == 0 and "tagged ring" in proc.stdout, proc.stderr
+    proc = python(explain_code, "fences")
+    assert proc.returncode != 0
+    assert "FUSED_RNN_GRID_SYNC must be 'tags' or 'barrier', got 'fences'" in proc.stderr
 
 
 def test_gpu_busy_with_other_work():

@@ -29,6 +29,9 @@ SOURCES = [os.path.join(EMULATION, f) for f in ("persistent_emu.cpp", "cuda_emu.
     os.path.join(ROOT, "csrc", "include", "fused_rnn", "activations.h"),
     os.path.join(ROOT, "csrc", "include", "fused_rnn", "persistent.h"),
 ]
+# One cooperative launch whose blocks exchange rows tagged (the default on
+# a GPU) or meet at a grid barrier, and one launch per step.
+MODES = ["tags", "barrier", "stepwise"]
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
@@ -87,18 +90,21 @@ def close(actual, expected, what, dtype):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
-def test_emulated_kernels_match_cpu_ops(emu, stepwise, cell, config, reverse, bias, order,
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_kernels_match_cpu_ops(emu, mode, cell, config, reverse, bias, order,
                                         dtype=torch.float64):
     """Thread order: the threads of each phase between barriers run in
     ascending or descending order; a missing barrier shows in one of them.
-    Stepwise: the same kernels one launch per step, the weight slices packed
-    into global memory first (a fresh shared memory, filled with garbage,
-    at every launch)."""
+    Tags: one cooperative launch whose blocks pass each step's rows through
+    the tagged ring (a reader waits, yielding, until the tag of its step is
+    there; a wrong slot or tag never arrives and shows as a deadlock).
+    Barrier: the grid barrier per step instead. Stepwise: the same kernels
+    one launch per step, the weight slices packed into global memory first
+    (a fresh shared memory, filled with garbage, at every launch)."""
     H, B, T, units, tile = CONFIGS[config]
     a = make_op_args(cell.split("_")[0], T=T, B=B, I=5, H=H, bias=bias, reverse=reverse,
                      dtype=dtype, relu=cell == "rnn_relu")
-    check_kernels(emu, cell, a, units, tile, order, stepwise, dtype)
+    check_kernels(emu, cell, a, units, tile, order, mode, dtype)
 
 
 # (lengths, units per block, batch tile); reverse walks the steps of growing
@@ -115,20 +121,26 @@ PACKED = {
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", list(PACKED))
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
-def test_emulated_packed(emu, stepwise, cell, packed, reverse, order, dtype=torch.float64):
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_packed(emu, mode, cell, packed, reverse, order, dtype=torch.float64):
     """Packed sequences, in one cooperative launch (each step's rows from
-    the step table) and stepwise (each launch given its rows): the
+    the step table; tagged exchange or grid barrier) and stepwise (each
+    launch given its rows): the
     sequences that end early (hy, cy; grad_hy, grad_cy enter there) and, in
     reverse, those that start late (from hx, cx; grad_hx, grad_cx leave
     there)."""
     lengths, units, tile = PACKED[packed]
     a = make_op_args(cell.split("_")[0], B=len(lengths), I=5, H=7, lengths=lengths,
                      reverse=reverse, dtype=dtype, relu=cell == "rnn_relu")
-    check_kernels(emu, cell, a, units, tile, order, stepwise, dtype)
+    check_kernels(emu, cell, a, units, tile, order, mode, dtype)
 
 
-def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):
+def launch_kw(mode, batch_sizes=None):
+    """The emulated ops' launch arguments for a mode of MODES."""
+    return dict(stepwise=mode == "stepwise", tagged=mode == "tags", batch_sizes=batch_sizes)
+
+
+def check_kernels(emu, cell, a, units, tile, order, mode, dtype):
     """The emulated forward and backward kernels on the op arguments `a`
     (dense or packed) against the CPU ops."""
     op_cell = cell.split("_")[0]
@@ -150,7 +162,7 @@ def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):
         bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
-        cell in ("lstm", "gru"), units, tile, order, stepwise, bs)
+        cell in ("lstm", "gru"), units, tile, order, **launch_kw(mode, bs))
     close(out, ref[0].reshape(N, H), "output", dtype)
     close(hy, ref[1], "hy", dtype)
     if cell == "lstm":
@@ -174,14 +186,14 @@ def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):
                                      reverse, bias, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
                                        ref[4], None, T, B, reverse, units, tile, order,
-                                       stepwise, bs)
+                                       **launch_kw(mode, bs))
         close(gcx, expected[2], "grad_cx", dtype)
     elif cell == "gru":
         expected = ops.gru_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
                                     output, ref[2], ref[3], bs, reverse, bias, True)
         dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(N, H),
                                        a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
-                                       tile, order, stepwise, bs)
+                                       tile, order, **launch_kw(mode, bs))
         if bias:
             close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
     else:
@@ -189,7 +201,7 @@ def check_kernels(emu, cell, a, units, tile, order, stepwise, dtype):
                                     output, bs, reverse, a["relu"], bias, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
                                      output.reshape(N, H), None, None, None, None, None, T,
-                                     B, reverse, units, tile, order, stepwise, bs)
+                                     B, reverse, units, tile, order, **launch_kw(mode, bs))
     close(ghx, expected[1], "grad_hx", dtype)
     close((dg @ a["w_ih"]).view(a["input"].shape), expected[0], "grad_input", dtype)
     grad_w_ih = expected[3] if cell == "lstm" else expected[2]
@@ -207,9 +219,9 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("stepwise", [False, True], ids=["persistent", "stepwise"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wide", [True, False], ids=["wide_tile", "one_sequence"])
-def test_emulated_low_precision(emu, wide, stepwise, cell, dtype, reverse):
+def test_emulated_low_precision(emu, wide, mode, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
     16x16x16, rows and columns padded to 16, two batch tiles side by side
     and a second pass with one, past the batch), forward and backward,
@@ -231,7 +243,7 @@ def test_emulated_low_precision(emu, wide, stepwise, cell, dtype, reverse):
                         else (a["b_ih"] + a["b_hh"], None))
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse, True,
-        units, tile, 0, stepwise)
+        units, tile, 0, **launch_kw(mode))
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     assert rel_error(out, ref[0].reshape(T * B, H)) < tol
     assert rel_error(hy, ref[1]) < tol
@@ -251,19 +263,19 @@ def test_emulated_low_precision(emu, wide, stepwise, cell, dtype, reverse):
                                      ref[4], None, reverse, True, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go.to(dtype), ghy.to(dtype), gcy.to(dtype),
                                        None, None, a["cx"], gates, cells, None, T, B, reverse,
-                                       units, tile, 0, stepwise)
+                                       units, tile, 0, **launch_kw(mode))
         assert rel_error(gcx, expected[2]) < tol
     elif cell == "gru":
         expected = ops.gru_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], ref[2], ref[3], None, reverse, True, True)
         dg, _, ghx, _ = emu.backward(1, a["w_hh"], go.to(dtype), ghy.to(dtype), None, out,
                                      a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0,
-                                     stepwise)
+                                     **launch_kw(mode))
     else:
         expected = ops.rnn_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], None, reverse, a["relu"], True, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go.to(dtype), ghy.to(dtype), None,
                                      out, None, None, None, None, None, T, B, reverse, units,
-                                     tile, 0, stepwise)
+                                     tile, 0, **launch_kw(mode))
     assert rel_error(ghx, expected[1]) < 2 * tol
     assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(T * B, -1)) < 2 * tol

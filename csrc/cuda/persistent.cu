@@ -4,9 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <sstream>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -44,6 +46,23 @@ namespace {
 constexpr int64_t kAutoLatencyBatch = 16;
 constexpr int64_t kAutoMaxWork = int64_t{1} << 18;
 constexpr int64_t kAutoMaxWorkMma = int64_t{1} << 19;
+
+// How the blocks of one cooperative launch pass a step's rows on: the
+// tagged exchange (persistent.cuh, exchange_put: one trip through L2 per
+// step) or a grid barrier per step followed by loads of the rows
+// (FUSED_RNN_GRID_SYNC=barrier, kept to measure one against the other).
+// Read once.
+bool tagged_exchange() {
+  static const bool tagged = [] {
+    const char* value = std::getenv("FUSED_RNN_GRID_SYNC");
+    const std::string mode = value ? value : "";
+    if (mode.empty() || mode == "tags") return true;
+    TORCH_CHECK(mode == "barrier", "FUSED_RNN_GRID_SYNC must be 'tags' or 'barrier', got '",
+                mode, "'");
+    return false;
+  }();
+  return tagged;
+}
 
 struct DeviceLimits {
   int sms = 0;
@@ -185,6 +204,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return take_stepwise("this device takes no cooperative launches, so no persistent kernel");
   }
   d.choice.path = KernelPath::kPersistent;
+  plan.tagged = tagged_exchange();
   if (!explain) return d;
   const Tiling& tl = shared_tiling;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
@@ -199,7 +219,10 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
-      << " per step" << (packed ? " at most" : "") << "), one grid barrier per step"
+      << " per step" << (packed ? " at most" : "") << "), "
+      << (plan.tagged ? "each step's rows passed on through a tagged ring in global memory "
+                        "(no grid barrier)"
+                      : "one grid barrier per step (FUSED_RNN_GRID_SYNC=barrier)")
       << (packed ? "; packed sequences: each step's rows from a table copied to the device "
                    "with the launch"
                  : "")

@@ -34,6 +34,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fused_rnn/cells.h"
@@ -227,13 +228,18 @@ void for_each_step(int64_t steps, int64_t batch, bool reverse,
 
 // The input rows of a block product: row b comes from `in` (the previous
 // step's rows) for b < carried, and from `alt` past it (the initial state),
-// or is zero where alt is null; rows `stride` apart.
+// or is zero where alt is null; rows `stride` apart. A cooperative launch
+// with the tagged exchange reads rows b < carried from `ring` instead (the
+// slot of the step that wrote them, rows `stride` elements apart, each
+// element waited for until it carries `tag`).
 template <typename scalar_t>
 struct InputRows {
   const scalar_t* in;
   const scalar_t* alt;
   int64_t carried;
   int64_t stride;
+  const uint64_t* ring = nullptr;
+  uint32_t tag = 0;
   __device__ __forceinline__ const scalar_t* row(int64_t b) const {
     return b < carried ? in + b * stride : alt ? alt + b * stride : nullptr;
   }
@@ -249,6 +255,8 @@ struct ForwardParams {
   StepRows step;               // stepwise: the rows of step run.begin
   const int64_t* step_table;   // packed input in one cooperative launch: (2, T)
                                // batch_sizes, then each time step's first row; else null
+  uint64_t* exchange;          // a cooperative launch's tagged ring (2, B, H, words),
+                               // zeroed; null: a grid barrier per step (see exchange_put)
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
@@ -273,6 +281,8 @@ struct BackwardParams {
   LaunchSteps run;             // processed steps begin down to end (-1: grad_hx)
   StepRows step;               // stepwise: the rows of step run.begin
   const int64_t* step_table;   // packed input in one cooperative launch, as ForwardParams'
+  uint64_t* exchange;          // as ForwardParams', (2, B, G*H, words): the rows the
+                               // next product reads (LSTM, RNN dgates; GRU dgates_h)
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   const scalar_t* w_hh;      // (G*H, H)
   const scalar_t* grad_out;  // (T*B, H)
@@ -365,33 +375,171 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
   warp_sums_step<N, 16>(v, lane);
 }
 
+// ------------------------------------------------------------ exchange
+// The tagged exchange: in one cooperative launch the blocks pass each
+// step's rows (forward h_t, backward the gradients the next product reads)
+// through a ring in global memory instead of meeting at a grid barrier. An
+// element is exchange_words() 64-bit words, each a 32-bit piece of the
+// value's bits (low piece first) in its low half and the tag of the step
+// that wrote it, s + 1, in its high half. A naturally aligned 64-bit store
+// is single-copy atomic (a strong relaxed access at GPU scope), so a reader
+// that sees the tag it waits for sees the piece written with it: the data
+// is its own flag, as in NCCL's LL protocol, and a step costs one trip
+// through L2 instead of a barrier (an atomic per block, a poll) followed by
+// that trip. Two slots, by the parity of the step: a block writes rows of
+// step s+1 into step s-1's slot only after every block wrote those rows of
+// step s, which each did after reading them from step s-1 (the product
+// that a row's output depends on reads the whole row), so no row is
+// overwritten while a block still needs it. The ring is zeroed before the
+// launch and tags start at 1: nothing left from earlier use matches. The
+// grid is co-resident (a cooperative launch), so every wait ends; a wait
+// past kExchangeTimeoutNs traps (an error, not a hang) should that ever fail.
+template <typename scalar_t>
+__host__ __device__ constexpr int exchange_words() {
+  return sizeof(scalar_t) > 4 ? 2 : 1;
+}
+__host__ __device__ inline uint32_t exchange_tag(int64_t s) { return static_cast<uint32_t>(s + 1); }
+// The slot of step s in a ring of `elements` elements per slot.
+template <typename scalar_t>
+__device__ __forceinline__ uint64_t* exchange_slot(uint64_t* ring, int64_t s, int64_t elements) {
+  return ring + (s & 1) * elements * exchange_words<scalar_t>();
+}
+constexpr uint64_t kExchangeTimeoutNs = 100ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
+#if defined(FUSED_RNN_EMULATION)
+  return *static_cast<const volatile uint64_t*>(p);
+#else
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+#endif
+}
+__device__ __forceinline__ void store_relaxed(uint64_t* p, uint64_t v) {
+#if defined(FUSED_RNN_EMULATION)
+  *static_cast<volatile uint64_t*>(p) = v;
+#else
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+#endif
+}
+
+// Element `at` of a ring slot := v, tagged.
+template <typename scalar_t>
+__device__ __forceinline__ void exchange_put(uint64_t* at, scalar_t v, uint32_t tag) {
+  constexpr int W = exchange_words<scalar_t>();
+  uint32_t pieces[W] = {};
+  memcpy(pieces, &v, sizeof(scalar_t));
+#pragma unroll
+  for (int w = 0; w < W; ++w) store_relaxed(at + w, static_cast<uint64_t>(tag) << 32 | pieces[w]);
+}
+
+// `word`, a load of *at, or the first later load of it that carries `tag`.
+__device__ __forceinline__ uint64_t exchange_wait(const uint64_t* at, uint64_t word,
+                                                  uint32_t tag) {
+#if !defined(FUSED_RNN_EMULATION)
+  uint32_t polls = 0;
+  uint64_t start = 0;
+#endif
+  while (static_cast<uint32_t>(word >> 32) != tag) {
+#if defined(FUSED_RNN_EMULATION)
+    ::fused_rnn_emu::yield();  // let the writer run
+#else
+    if (++polls % 4096 == 0) {
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      if (start == 0) {
+        start = now;
+      } else if (now - start > kExchangeTimeoutNs) {
+        __trap();
+      }
+    }
+#endif
+    word = load_relaxed(at);
+  }
+  return word;
+}
+
 // Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
 // tile (pass, chunk) as type S: zeros for rows past nb, rows without a
 // source and columns past k. Each thread first issues up to 8 loads (2 for
 // double, whose batch-tile-8 kernels are at the register limit), then
 // stores them: the loads (from L2, written by other blocks during the
 // previous step) are in flight together instead of one after another, which
-// at B=64, H=256 was 32 round trips to L2 per thread and step.
-template <typename S, typename scalar_t>
+// at B=64, H=256 was 32 round trips to L2 per thread and step. Tagged
+// words take two registers each while in flight: kTight (the FMA kernels
+// with the wide batch tile, whose sums fill the registers) halves the
+// loads issued at once from the ring.
+template <bool kTight, typename S, typename scalar_t>
 __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
                                            const InputRows<scalar_t>& in, int64_t b0, int nb,
                                            int c0, int width, int k, int pass) {
   constexpr int kStageLoads = sizeof(S) > 4 ? 2 : 8;
   const int total = pass * width;
-  for (int base = threadIdx.x; base < total; base += kThreads * kStageLoads) {
-    S v[kStageLoads];
+  if (in.ring == nullptr) {
+    for (int base = threadIdx.x; base < total; base += kThreads * kStageLoads) {
+      S v[kStageLoads];
 #pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
+      for (int u = 0; u < kStageLoads; ++u) {
+        const int i = base + u * kThreads;
+        const int pb = i / width, col = i - pb * width;
+        const scalar_t* src = i < total && pb < nb && c0 + col < k ? in.row(b0 + pb) : nullptr;
+        v[u] = src ? static_cast<S>(load_l2(src + c0 + col)) : S(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kStageLoads; ++u) {
+        const int i = base + u * kThreads;
+        const int pb = i / width, col = i - pb * width;
+        if (i < total) tile[pb * chunk + col] = v[u];
+      }
+    }
+    return;
+  }
+  // The tagged exchange: rows below carried from the ring, each word
+  // waited for once the loads of the round are in flight; the others from
+  // alt (as scalar_t bits in the low word, tagged as awaited) or zero.
+  constexpr int W = exchange_words<scalar_t>();
+  constexpr int kRingLoads = kTight ? kStageLoads / 2 : kStageLoads;
+  for (int base = threadIdx.x; base < total; base += kThreads * kRingLoads) {
+    uint64_t raw[kRingLoads][W];
+    unsigned waiting = 0;  // bit u: element u comes from the ring
+#pragma unroll
+    for (int u = 0; u < kRingLoads; ++u) {
       const int i = base + u * kThreads;
       const int pb = i / width, col = i - pb * width;
-      const scalar_t* src = i < total && pb < nb && c0 + col < k ? in.row(b0 + pb) : nullptr;
-      v[u] = src ? static_cast<S>(load_l2(src + c0 + col)) : S(0);
+      const int64_t b = b0 + pb;
+      const bool valid = i < total && pb < nb && c0 + col < k;
+#pragma unroll
+      for (int w = 0; w < W; ++w) raw[u][w] = static_cast<uint64_t>(in.tag) << 32;
+      if (valid && b < in.carried) {
+        const uint64_t* at = in.ring + (b * in.stride + c0 + col) * W;
+#pragma unroll
+        for (int w = 0; w < W; ++w) raw[u][w] = load_relaxed(at + w);
+        waiting |= 1u << u;
+      } else if (valid && in.alt) {
+        const scalar_t x = load_l2(in.alt + b * in.stride + c0 + col);
+        uint32_t pieces[W] = {};
+        memcpy(pieces, &x, sizeof(scalar_t));
+#pragma unroll
+        for (int w = 0; w < W; ++w) raw[u][w] |= pieces[w];
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kStageLoads; ++u) {
+    for (int u = 0; u < kRingLoads; ++u) {
       const int i = base + u * kThreads;
       const int pb = i / width, col = i - pb * width;
-      if (i < total) tile[pb * chunk + col] = v[u];
+      if (waiting & (1u << u)) {
+        const uint64_t* at = in.ring + ((b0 + pb) * in.stride + c0 + col) * W;
+#pragma unroll
+        for (int w = 0; w < W; ++w) raw[u][w] = exchange_wait(at + w, raw[u][w], in.tag);
+      }
+      if (i < total) {
+        uint32_t pieces[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) pieces[w] = static_cast<uint32_t>(raw[u][w]);
+        scalar_t x;
+        memcpy(&x, pieces, sizeof(scalar_t));
+        tile[pb * chunk + col] = static_cast<S>(x);
+      }
     }
   }
 }
@@ -432,7 +580,7 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    stage_rows(tile, chunk, in, b0, nb, c0, width, k, pass);
+    stage_rows<(BT > 1)>(tile, chunk, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
@@ -490,7 +638,7 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
     const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    stage_rows(tile, chunk, in, b0, nb, c0, width, k, pass);
+    stage_rows<false>(tile, chunk, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
@@ -644,12 +792,19 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
                                 p.slices == nullptr);
   const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H);
+  constexpr int W = exchange_words<scalar_t>();
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
     const StepRows sr = rows_of_step(p, s);
     // h_{t-1}: the previous step's output rows, the initial state past them
-    const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H};
+    const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H,
+                                     p.exchange ? exchange_slot<scalar_t>(p.exchange, s - 1, B * H)
+                                                : nullptr,
+                                     exchange_tag(s - 1)};
+    // This step's rows for the next, when the blocks exchange them tagged.
+    uint64_t* const publish =
+        p.exchange ? exchange_slot<scalar_t>(p.exchange, s, B * H) : nullptr;
     for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
       const int nb = static_cast<int>(sr.rows - b0 < tl.pass ? sr.rows - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -695,6 +850,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         lstm_forward_point<T>(g[0], g[1], g[2], g[3], prev, c, h);
         p.state[unit] = c;
         p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
         if (p.keep_gates) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
@@ -712,6 +868,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         T h;
         gru_forward_point<T>(r, z, n, hr, hz, hn, prev, h);
         p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
         if (p.keep_gates) {
           x[0] = static_cast<scalar_t>(r);
           x[H] = static_cast<scalar_t>(z);
@@ -723,10 +880,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
             in[0] + product(partial, tl, jj, bb));
         p.out[row * H + j] = static_cast<scalar_t>(h);
+        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
         if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
-    if (p.run.cooperative) cooperative_groups::this_grid().sync();
+    if (p.run.cooperative && !p.exchange) cooperative_groups::this_grid().sync();
   }
 }
 
@@ -747,6 +905,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
                                 p.slices == nullptr);
   // (step T-1 does not read the slice)
   const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k);
+  constexpr int W = exchange_words<scalar_t>();
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
@@ -756,7 +915,13 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
     const StepRows sr = rows_of_step(p, s);
     const bool has_next = sr.next_rows > 0;
     // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
-    const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k};
+    const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k,
+                                   p.exchange ? exchange_slot<scalar_t>(p.exchange, s + 1, B * k)
+                                              : nullptr,
+                                   exchange_tag(s + 1)};
+    // This step's gradients for the next product, when exchanged tagged.
+    uint64_t* const publish =
+        p.exchange ? exchange_slot<scalar_t>(p.exchange, s, B * k) : nullptr;
     // The rows of step s, and those of step s+1 past them: sequences that
     // start at step s+1 (every row at s = -1; some at other steps in reverse
     // over packed input), whose dh_rec is the gradient of the initial state.
@@ -823,6 +988,13 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
         scalar_t* dg = p.dgates + row * 4 * H + j;
 #pragma unroll
         for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
+        if (publish) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            exchange_put(publish + (b * k + q * H + j) * W, static_cast<scalar_t>(d[q]),
+                         exchange_tag(s));
+          }
+        }
         p.carry[unit] = dc_prev;
         if (starts) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
       } else if constexpr (kCell == PersistentCell::kGru) {
@@ -834,13 +1006,21 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
         dx[H] = dhg[H] = static_cast<scalar_t>(dxz);
         dx[2 * H] = static_cast<scalar_t>(dxn);
         dhg[2 * H] = static_cast<scalar_t>(dhn);
+        if (publish) {
+          uint64_t* at = publish + (b * k + j) * W;
+          exchange_put(at, static_cast<scalar_t>(dxr), exchange_tag(s));
+          exchange_put(at + H * W, static_cast<scalar_t>(dxz), exchange_tag(s));
+          exchange_put(at + 2 * H * W, static_cast<scalar_t>(dhn), exchange_tag(s));
+        }
         p.carry[unit] = dh_direct;
       } else {
-        p.dgates[row * H + j] = static_cast<scalar_t>(
+        const scalar_t d = static_cast<scalar_t>(
             rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(saved, dh));
+        p.dgates[row * H + j] = d;
+        if (publish) exchange_put(publish + unit * W, d, exchange_tag(s));
       }
     }
-    if (s >= 0 && p.run.cooperative) cooperative_groups::this_grid().sync();
+    if (s >= 0 && p.run.cooperative && !p.exchange) cooperative_groups::this_grid().sync();
   }
 }
 

@@ -21,6 +21,7 @@ namespace persistent {
 
 struct Plan {
   bool stepwise = false;  // one launch per step (else one cooperative launch)
+  bool tagged = false;    // a cooperative launch exchanges rows tagged (no grid barrier)
   int blocks = 0;         // grid size, ceil(H / units)
   int units = 0;          // J, hidden units per block
   int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile
@@ -101,7 +102,9 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 
 // Runs `kernel` over the steps (batch_sizes: the rows of each time step of
 // packed input, empty for dense input): one cooperative launch for all of
-// them, packed input's rows read from a step table on the device (false,
+// them (plan.tagged: the blocks pass each step's rows through a zeroed
+// tagged ring, else meet at a grid barrier), packed input's rows read from
+// a step table on the device (false,
 // nothing launched, when the grid cannot be co-resident now, or for packed
 // input while the stream is being captured), or, when plan.stepwise, the
 // weight slices of w_hh packed and one launch per step with the rows of its
@@ -112,13 +115,20 @@ bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Ten
   if (!plan.stepwise) {
     p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
     p.slices = nullptr;
-    // Lives until the launch is enqueued: the caching allocator orders its
-    // reuse after the kernel on the stream.
-    at::Tensor table;
+    // These live until the launch is enqueued: the caching allocator orders
+    // their reuse after the kernel on the stream.
+    at::Tensor table, ring;
     if (!batch_sizes.empty()) {
       table = step_table_on_device(batch_sizes, w_hh.device());
       if (!table.defined()) return false;
       p.step_table = data<int64_t>(table);
+    }
+    if (plan.tagged) {
+      // two slots of the rows the next product reads, zeroed (exchange_put)
+      const int64_t width = kBackward ? G * w_hh.size(1) : w_hh.size(1);
+      ring = at::zeros({2 * p.batch * width * exchange_words<scalar_t>()},
+                       w_hh.options().dtype(at::kLong));
+      p.exchange = reinterpret_cast<uint64_t*>(data<int64_t>(ring));
     }
     return launch_cooperative(kernel, plan, &p);
   }

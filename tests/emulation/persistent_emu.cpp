@@ -68,13 +68,16 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
 }
 
 // Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does:
-// one cooperative launch (packed input: its rows from the step table), or (stepwise) the weight slices packed and one
+// one cooperative launch (packed input: its rows from the step table;
+// tagged: the blocks exchange rows through the tagged ring, no grid
+// barrier), or (stepwise) the weight slices packed and one
 // launch per step with the rows of its step (batch_sizes: packed input;
 // empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`: the
 // launch's tiling (its bytes of dynamic shared memory), `units` per block.
 template <int G, bool kBackward, int BT, typename scalar_t, typename Params, typename Kernel>
 void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, bool stepwise,
-               int64_t order, const std::vector<int64_t>& batch_sizes, Kernel kernel) {
+               bool tagged, int64_t order, const std::vector<int64_t>& batch_sizes,
+               Kernel kernel) {
   const int blocks = (prm.hidden + units - 1) / units;
   if (!stepwise) {
     prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
@@ -82,6 +85,10 @@ void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, 
     // packed input: the step table the launcher copies to the device
     const std::vector<int64_t> table = p::packed_step_table(batch_sizes);
     prm.step_table = batch_sizes.empty() ? nullptr : table.data();
+    // tagged: the zeroed two-slot ring the blocks pass each step's rows through
+    const int64_t width = kBackward ? G * prm.hidden : prm.hidden;
+    std::vector<uint64_t> ring(tagged ? 2 * prm.batch * width * p::exchange_words<scalar_t>() : 0);
+    prm.exchange = tagged ? ring.data() : nullptr;
     fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
                           [&] { kernel(prm); });
     return;
@@ -112,7 +119,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
-                            int64_t batch_tile, int64_t order, bool stepwise,
+                            int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
                             const optional<Tensor>& batch_sizes) {
   const int64_t H = w_hh.size(1), G = gates(cell), N = xw_in.size(0);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
@@ -152,7 +159,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise);
         run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-            prm, w_hh, layout, static_cast<int>(units), stepwise, order, sizes,
+            prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::forward_kernel<c.value, bt.value, scalar_t>);
       });
     });
@@ -168,7 +175,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cx, const optional<Tensor>& gates_in,
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
-                             int64_t batch_tile, int64_t order, bool stepwise,
+                             int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
                              const optional<Tensor>& batch_sizes) {
   const int64_t H = w_hh.size(1), G = gates(cell), N = grad_out.size(0);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
@@ -209,7 +216,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
                                            /*weights_shared=*/!stepwise);
         run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-            prm, w_hh, layout, static_cast<int>(units), stepwise, order, sizes,
+            prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::backward_kernel<c.value, bt.value, scalar_t>);
       });
     });
@@ -223,12 +230,13 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
-      "int batch_tile, int order, bool stepwise=False, Tensor? batch_sizes=None) -> Tensor[]",
+      "int batch_tile, int order, bool stepwise=False, bool tagged=False, "
+      "Tensor? batch_sizes=None) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
-      "bool stepwise=False, Tensor? batch_sizes=None) -> Tensor[]",
+      "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None) -> Tensor[]",
       &backward);
 }
