@@ -241,7 +241,7 @@ def environment(device: str) -> dict:
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
         # how the persistent kernels' blocks meet between steps (paths.py)
-        info["grid_sync"] = os.environ.get("FUSED_RNN_GRID_SYNC") or "tags"
+        info["grid_sync"] = os.environ.get("FUSED_RNN_GRID_SYNC") or "auto"
     return info
 
 

@@ -3,12 +3,13 @@
 On CUDA every op runs one of three paths:
 
 - ``persistent``: one cooperative launch for the whole sequence, the
-  recurrent weights held on chip (shared memory) for every step; the blocks
-  pass each step's rows to one another through a tagged ring in global
-  memory (each value carries the step that wrote it, so a reader waits on
-  the data itself: no grid barrier; ``FUSED_RNN_GRID_SYNC=barrier``, read
-  once per process, meets at a grid barrier per step instead, to compare
-  the two). Dense or packed input (each step's rows from a table
+  recurrent weights held on chip (shared memory) for every step. The
+  blocks pass each step's rows to one another through a tagged ring in
+  global memory (each value carries the step that wrote it, so a reader
+  waits on the data itself, no grid barrier) where its wider words cost L2
+  less time than a barrier (small batches), else meet at a grid barrier per
+  step; ``FUSED_RNN_GRID_SYNC`` (auto, tags or barrier; read once per
+  process) overrides that, to compare the two. Dense or packed input (each step's rows from a table
   copied to the device with the launch; packed input runs stepwise while a
   CUDA graph is being captured), no ``proj_size``, weights that fit the
   device's shared memory.

@@ -53,7 +53,9 @@ def emu():
     return torch.ops.fused_rnn_emu
 
 
-# (H, B, T, units per block, batch tile): blocks = ceil(H / units)
+# (H, B, T, units per block, batch tile[, staged columns]): blocks =
+# ceil(H / units); the staged columns as a plan widens them (default: the
+# emulation build's CHUNK divided among the tiles side by side)
 CONFIGS = {
     "3_blocks_ragged_tile1": (7, 1, 3, 3, 1),
     "ragged_tiles_and_blocks": (31, 10, 3, 11, 8),  # backward k = G*H: several chunks
@@ -64,6 +66,10 @@ CONFIGS = {
     "tiles_side_by_side": (6, 37, 2, 2, 8),
     # 4 tiles side by side, three passes, the last one partly past the batch
     "several_passes": (8, 70, 2, 4, 8),
+    # all columns staged at once (forward k = 31, backward up to 124)
+    "whole_rows_staged": (31, 10, 3, 11, 8, 4096),
+    # 48 columns at a time: backward k = 124 in 48 + 48 + 28, several passes
+    "chunks_of_48": (31, 21, 2, 11, 8, 48),
 }
 
 
@@ -101,10 +107,10 @@ def test_emulated_kernels_match_cpu_ops(emu, mode, cell, config, reverse, bias, 
     Barrier: the grid barrier per step instead. Stepwise: the same kernels
     one launch per step, the weight slices packed into global memory first
     (a fresh shared memory, filled with garbage, at every launch)."""
-    H, B, T, units, tile = CONFIGS[config]
+    H, B, T, units, tile, *chunk = CONFIGS[config]
     a = make_op_args(cell.split("_")[0], T=T, B=B, I=5, H=H, bias=bias, reverse=reverse,
                      dtype=dtype, relu=cell == "rnn_relu")
-    check_kernels(emu, cell, a, units, tile, order, mode, dtype)
+    check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=(chunk or [0])[0])
 
 
 # (lengths, units per block, batch tile); reverse walks the steps of growing
@@ -135,12 +141,13 @@ def test_emulated_packed(emu, mode, cell, packed, reverse, order, dtype=torch.fl
     check_kernels(emu, cell, a, units, tile, order, mode, dtype)
 
 
-def launch_kw(mode, batch_sizes=None):
+def launch_kw(mode, batch_sizes=None, chunk=0):
     """The emulated ops' launch arguments for a mode of MODES."""
-    return dict(stepwise=mode == "stepwise", tagged=mode == "tags", batch_sizes=batch_sizes)
+    return dict(stepwise=mode == "stepwise", tagged=mode == "tags", batch_sizes=batch_sizes,
+                chunk=chunk)
 
 
-def check_kernels(emu, cell, a, units, tile, order, mode, dtype):
+def check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=0):
     """The emulated forward and backward kernels on the op arguments `a`
     (dense or packed) against the CPU ops."""
     op_cell = cell.split("_")[0]
@@ -162,7 +169,7 @@ def check_kernels(emu, cell, a, units, tile, order, mode, dtype):
         bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
-        cell in ("lstm", "gru"), units, tile, order, **launch_kw(mode, bs))
+        cell in ("lstm", "gru"), units, tile, order, **launch_kw(mode, bs, chunk))
     close(out, ref[0].reshape(N, H), "output", dtype)
     close(hy, ref[1], "hy", dtype)
     if cell == "lstm":
@@ -186,14 +193,14 @@ def check_kernels(emu, cell, a, units, tile, order, mode, dtype):
                                      reverse, bias, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
                                        ref[4], None, T, B, reverse, units, tile, order,
-                                       **launch_kw(mode, bs))
+                                       **launch_kw(mode, bs, chunk))
         close(gcx, expected[2], "grad_cx", dtype)
     elif cell == "gru":
         expected = ops.gru_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
                                     output, ref[2], ref[3], bs, reverse, bias, True)
         dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(N, H),
                                        a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
-                                       tile, order, **launch_kw(mode, bs))
+                                       tile, order, **launch_kw(mode, bs, chunk))
         if bias:
             close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
     else:
@@ -201,7 +208,7 @@ def check_kernels(emu, cell, a, units, tile, order, mode, dtype):
                                     output, bs, reverse, a["relu"], bias, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
                                      output.reshape(N, H), None, None, None, None, None, T,
-                                     B, reverse, units, tile, order, **launch_kw(mode, bs))
+                                     B, reverse, units, tile, order, **launch_kw(mode, bs, chunk))
     close(ghx, expected[1], "grad_hx", dtype)
     close((dg @ a["w_ih"]).view(a["input"].shape), expected[0], "grad_input", dtype)
     grad_w_ih = expected[3] if cell == "lstm" else expected[2]
@@ -220,11 +227,13 @@ def rel_error(actual, expected):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("wide", [True, False], ids=["wide_tile", "one_sequence"])
-def test_emulated_low_precision(emu, wide, mode, cell, dtype, reverse):
+@pytest.mark.parametrize("wide,chunk", [(True, 0), (True, 4096), (False, 0)],
+                         ids=["wide_tile", "wide_tile_all_columns", "one_sequence"])
+def test_emulated_low_precision(emu, wide, chunk, mode, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
     16x16x16, rows and columns padded to 16, two batch tiles side by side
-    and a second pass with one, past the batch), forward and backward,
+    and a second pass with one, past the batch; the columns staged in
+    chunks or all at once), forward and backward,
     against the CPU ops in float64 on the same (rounded) inputs: within a
     few roundings of the storage type. One sequence: batch tile 1, FMA in
     every dtype (the half types staged as float32)."""
@@ -243,7 +252,7 @@ def test_emulated_low_precision(emu, wide, mode, cell, dtype, reverse):
                         else (a["b_ih"] + a["b_hh"], None))
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse, True,
-        units, tile, 0, **launch_kw(mode))
+        units, tile, 0, **launch_kw(mode, chunk=chunk))
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     assert rel_error(out, ref[0].reshape(T * B, H)) < tol
     assert rel_error(hy, ref[1]) < tol
@@ -263,19 +272,19 @@ def test_emulated_low_precision(emu, wide, mode, cell, dtype, reverse):
                                      ref[4], None, reverse, True, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go.to(dtype), ghy.to(dtype), gcy.to(dtype),
                                        None, None, a["cx"], gates, cells, None, T, B, reverse,
-                                       units, tile, 0, **launch_kw(mode))
+                                       units, tile, 0, **launch_kw(mode, chunk=chunk))
         assert rel_error(gcx, expected[2]) < tol
     elif cell == "gru":
         expected = ops.gru_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], ref[2], ref[3], None, reverse, True, True)
         dg, _, ghx, _ = emu.backward(1, a["w_hh"], go.to(dtype), ghy.to(dtype), None, out,
                                      a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0,
-                                     **launch_kw(mode))
+                                     **launch_kw(mode, chunk=chunk))
     else:
         expected = ops.rnn_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
                                     a64["w_hh"], ref[0], None, reverse, a["relu"], True, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go.to(dtype), ghy.to(dtype), None,
                                      out, None, None, None, None, None, T, B, reverse, units,
-                                     tile, 0, **launch_kw(mode))
+                                     tile, 0, **launch_kw(mode, chunk=chunk))
     assert rel_error(ghx, expected[1]) < 2 * tol
     assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(T * B, -1)) < 2 * tol

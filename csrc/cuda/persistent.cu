@@ -48,20 +48,39 @@ constexpr int64_t kAutoMaxWork = int64_t{1} << 18;
 constexpr int64_t kAutoMaxWorkMma = int64_t{1} << 19;
 
 // How the blocks of one cooperative launch pass a step's rows on: the
-// tagged exchange (persistent.cuh, exchange_put: one trip through L2 per
-// step) or a grid barrier per step followed by loads of the rows
-// (FUSED_RNN_GRID_SYNC=barrier, kept to measure one against the other).
-// Read once.
-bool tagged_exchange() {
-  static const bool tagged = [] {
+// tagged exchange (persistent.cuh, exchange_put: the rows' own words carry
+// the step, one trip through L2 per step) or a grid barrier per step
+// followed by plain loads of the rows. The tagged words are 8 bytes per
+// value (16 for float64), so every block reads 2x (float32) to 4x (half
+// types) the bytes of plain loads: worth it while those extra bytes, over
+// the grid and per step, take L2 less time than a barrier (~1.1 us empty on
+// the H100, DESIGN.md). kTaggedExtraBytes, a prediction for H100/H200
+// (~4 MiB at ~6 TB/s of L2: ~0.7 us) until a GPU run compares the two
+// (device_check.sh stepwise: <card>-barrier.json): at most 4 MiB per step
+// takes the tags, e.g. float32 forward up to B=8 at H=1024, every shape at
+// B=1. FUSED_RNN_GRID_SYNC (read once): auto (this rule, the default),
+// tags or barrier everywhere.
+enum class GridSync { kAuto, kTags, kBarrier };
+constexpr int64_t kTaggedExtraBytes = int64_t{4} << 20;
+
+GridSync grid_sync() {
+  static const GridSync sync = [] {
     const char* value = std::getenv("FUSED_RNN_GRID_SYNC");
     const std::string mode = value ? value : "";
-    if (mode.empty() || mode == "tags") return true;
-    TORCH_CHECK(mode == "barrier", "FUSED_RNN_GRID_SYNC must be 'tags' or 'barrier', got '",
-                mode, "'");
-    return false;
+    if (mode.empty() || mode == "auto") return GridSync::kAuto;
+    if (mode == "tags") return GridSync::kTags;
+    TORCH_CHECK(mode == "barrier",
+                "FUSED_RNN_GRID_SYNC must be 'auto', 'tags' or 'barrier', got '", mode, "'");
+    return GridSync::kBarrier;
   }();
-  return tagged;
+  return sync;
+}
+
+// The L2 bytes per step that the tagged words add over plain loads: every
+// block reads every row of the step, `width` values each.
+int64_t tagged_extra_bytes(int64_t blocks, int64_t batch, int64_t width, at::ScalarType dtype) {
+  const int64_t word_bytes = dtype == at::kDouble ? 16 : 8;
+  return blocks * batch * width * (word_bytes - static_cast<int64_t>(c10::elementSize(dtype)));
 }
 
 struct DeviceLimits {
@@ -140,12 +159,25 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   plan.units = static_cast<int>(std::min(units, max_units));
   plan.blocks = static_cast<int>((hidden + plan.units - 1) / plan.units);
   const int64_t rows = rows_per_unit * plan.units;
-  auto tiling = [&](bool weights_shared) {
+  auto tiling = [&](bool weights_shared, int chunk) {
     return make_tiling(static_cast<int>(rows), static_cast<int>(k), plan.batch_tile, batch,
-                       plan.units, c10::elementSize(dtype), math_size(dtype), weights_shared);
+                       plan.units, c10::elementSize(dtype), math_size(dtype), weights_shared,
+                       chunk);
   };
-  const Tiling step_tiling = tiling(false);
-  const Tiling shared_tiling = too_many_rows ? Tiling{} : tiling(true);
+  // The widest staging of a pass that the block's shared memory holds: all
+  // k columns (one staging, two __syncthreads per pass), else the widest
+  // halving of it still wider than the default chunk; 0: the default.
+  auto widest_chunk = [&](bool weights_shared) {
+    const Tiling base = tiling(weights_shared, 0);
+    for (int c = base.ldw; c > base.chunk; c = round_up((c + 1) / 2, 16)) {
+      if (tiling(weights_shared, c).bytes <= static_cast<size_t>(limits.shared_optin)) return c;
+    }
+    return 0;
+  };
+  plan.step_chunk = widest_chunk(false);
+  plan.chunk = too_many_rows ? 0 : widest_chunk(true);
+  const Tiling step_tiling = tiling(false, plan.step_chunk);
+  const Tiling shared_tiling = too_many_rows ? Tiling{} : tiling(true, plan.chunk);
   plan.shared_bytes = shared_tiling.bytes;
   plan.step_shared_bytes = step_tiling.bytes;
 
@@ -161,7 +193,8 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
           << " x " << k << ", batch tile " << plan.batch_tile
           << (plan.batch_tile == kMmaTile ? " on tensor cores" : " on FMA units") << ", "
           << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
-          << " side by side; " << because;
+          << " side by side, the input staged " << step_tiling.chunk << " of " << k
+          << " columns at a time; " << because;
       d.choice.reason = why.str();
     }
     return d;
@@ -204,7 +237,9 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return take_stepwise("this device takes no cooperative launches, so no persistent kernel");
   }
   d.choice.path = KernelPath::kPersistent;
-  plan.tagged = tagged_exchange();
+  const int64_t extra = tagged_extra_bytes(plan.blocks, batch, k, dtype);
+  const GridSync sync = grid_sync();
+  plan.tagged = sync == GridSync::kTags || (sync == GridSync::kAuto && extra <= kTaggedExtraBytes);
   if (!explain) return d;
   const Tiling& tl = shared_tiling;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
@@ -219,10 +254,14 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
-      << " per step" << (packed ? " at most" : "") << "), "
+      << " per step" << (packed ? " at most" : "") << ", the input staged " << tl.chunk
+      << " of " << k << " columns at a time), "
       << (plan.tagged ? "each step's rows passed on through a tagged ring in global memory "
-                        "(no grid barrier)"
-                      : "one grid barrier per step (FUSED_RNN_GRID_SYNC=barrier)")
+                        "(no grid barrier; "
+                      : "one grid barrier per step (")
+      << "the tagged ring's words would add " << (extra + 1023) / 1024
+      << " KiB of L2 reads per step"
+      << (sync == GridSync::kAuto ? "" : ", as FUSED_RNN_GRID_SYNC says") << ")"
       << (packed ? "; packed sequences: each step's rows from a table copied to the device "
                    "with the launch"
                  : "")

@@ -57,10 +57,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;
 // At most this many weight rows per block (kWarps row groups of kRowsPerWarp).
 constexpr int kMaxRows = kWarps * kRowsPerWarp;
-// Columns of the staged input tile for one batch tile (smaller in the CPU
-// emulation's build, tests/emulation/, so that small shapes cover several
-// chunks); a pass of bsplits tiles stages kChunk / bsplits columns at a time
-// (at least 16).
+// Columns of the staged input tile for one batch tile by default (smaller
+// in the CPU emulation's build, tests/emulation/, so that small shapes
+// cover several chunks); a pass of bsplits tiles stages kChunk / bsplits
+// columns at a time (at least 16). The plan widens the chunk, up to all k
+// columns, where the block's shared memory holds it (widest_chunk in
+// persistent.cu): one staging and two __syncthreads per pass instead of
+// one per chunk.
 #if defined(FUSED_RNN_EMULATION_CHUNK)
 constexpr int kChunk = FUSED_RNN_EMULATION_CHUNK;
 #else
@@ -98,9 +101,11 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // pass of the math type). Tensor-core tiles pad rows and columns to 16.
 // Warp w takes row group w % groups, batch tile (w / groups) % bsplits and
 // column split w / (groups * bsplits). Host (plan) and device compute it
-// alike from the launch's shape. The stepwise launches read the weight slice
-// from global memory (pack_slices_kernel lays it out the same way) and hold
-// only the staged input and the partial sums (weights_shared false).
+// alike from the launch's shape and `chunk` (the plan's staged columns, a
+// multiple of 16 or all of them; 0: the default, kChunk / bsplits). The
+// stepwise launches read the weight slice from global memory
+// (pack_slices_kernel lays it out the same way) and hold only the staged
+// input and the partial sums (weights_shared false).
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
   int ldw;             // weight row stride, >= k
@@ -113,7 +118,7 @@ struct Tiling {
 };
 __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, int64_t batch,
                                               int units, size_t element, size_t math_element,
-                                              bool weights_shared = true) {
+                                              bool weights_shared = true, int chunk = 0) {
   const bool mma = batch_tile == kMmaTile;
   Tiling t{};
   t.rows = rows;
@@ -122,8 +127,10 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   t.groups = mma ? t.rows_pad / 16 : (rows + kRowsPerWarp - 1) / kRowsPerWarp;
   t.bsplits = batch_splits(t.groups, batch, batch_tile, units);
   t.pass = t.bsplits * batch_tile;
-  int chunk = kChunk / t.bsplits / 16 * 16;
-  if (chunk < 16) chunk = 16;
+  if (chunk <= 0) {
+    chunk = kChunk / t.bsplits / 16 * 16;
+    if (chunk < 16) chunk = 16;
+  }
   t.chunk = t.ldw < chunk ? t.ldw : chunk;
   const int used = t.groups * t.bsplits;
   t.splits = used >= kWarps ? 1 : kWarps / used;
@@ -250,6 +257,7 @@ struct ForwardParams {
   using T = at::opmath_type<scalar_t>;
   int64_t steps, batch;  // T, B (the rows of the states)
   int hidden, units;  // H, J
+  int chunk;          // staged columns (make_tiling; 0: the default)
   bool reverse, keep_gates;
   LaunchSteps run;
   StepRows step;               // stepwise: the rows of step run.begin
@@ -277,6 +285,7 @@ struct BackwardParams {
   using T = at::opmath_type<scalar_t>;
   int64_t steps, batch;
   int hidden, units;
+  int chunk;  // as ForwardParams'
   bool reverse;
   LaunchSteps run;             // processed steps begin down to end (-1: grad_hx)
   StepRows step;               // stepwise: the rows of step run.begin
@@ -790,7 +799,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr);
+                                p.slices == nullptr, p.chunk);
   const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H);
   constexpr int W = exchange_words<scalar_t>();
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
@@ -902,7 +911,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
   const int j0 = blockIdx.x * J;
   const int64_t B = p.batch;
   const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr);
+                                p.slices == nullptr, p.chunk);
   // (step T-1 does not read the slice)
   const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k);
   constexpr int W = exchange_words<scalar_t>();

@@ -25,6 +25,8 @@ struct Plan {
   int blocks = 0;         // grid size, ceil(H / units)
   int units = 0;          // J, hidden units per block
   int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile
+  int chunk = 0;          // staged columns (make_tiling), the persistent kernel
+  int step_chunk = 0;     // and a stepwise launch
   size_t shared_bytes = 0;       // per block, the persistent kernel (weights on chip)
   size_t step_shared_bytes = 0;  // per block, a stepwise launch (staged input, sums)
 };
@@ -112,6 +114,7 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 template <int G, bool kBackward, typename scalar_t, typename Params>
 bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Tensor& w_hh,
                   const std::vector<int64_t>& batch_sizes) {
+  p.chunk = plan.stepwise ? plan.step_chunk : plan.chunk;
   if (!plan.stepwise) {
     p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
     p.slices = nullptr;

@@ -120,7 +120,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
                             int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                            const optional<Tensor>& batch_sizes) {
+                            const optional<Tensor>& batch_sizes, int64_t chunk) {
   const int64_t H = w_hh.size(1), G = gates(cell), N = xw_in.size(0);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
@@ -137,6 +137,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
     prm.batch = batch;
     prm.hidden = static_cast<int>(H);
     prm.units = static_cast<int>(units);
+    prm.chunk = static_cast<int>(chunk);
     prm.reverse = reverse;
     prm.keep_gates = keep_gates;
     prm.xw = xw.data_ptr<scalar_t>();
@@ -157,7 +158,8 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
         const auto layout =
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
-                           sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise);
+                           sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise,
+                           static_cast<int>(chunk));
         run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
             prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::forward_kernel<c.value, bt.value, scalar_t>);
@@ -176,7 +178,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
                              int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                             const optional<Tensor>& batch_sizes) {
+                             const optional<Tensor>& batch_sizes, int64_t chunk) {
   const int64_t H = w_hh.size(1), G = gates(cell), N = grad_out.size(0);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
@@ -192,6 +194,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
     prm.batch = batch;
     prm.hidden = static_cast<int>(H);
     prm.units = static_cast<int>(units);
+    prm.chunk = static_cast<int>(chunk);
     prm.reverse = reverse;
     prm.w_hh = w_hh.data_ptr<scalar_t>();
     prm.grad_out = grad_out.data_ptr<scalar_t>();
@@ -214,7 +217,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
-                                           /*weights_shared=*/!stepwise);
+                                           /*weights_shared=*/!stepwise, static_cast<int>(chunk));
         run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
             prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::backward_kernel<c.value, bt.value, scalar_t>);
@@ -231,12 +234,13 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
       "int batch_tile, int order, bool stepwise=False, bool tagged=False, "
-      "Tensor? batch_sizes=None) -> Tensor[]",
+      "Tensor? batch_sizes=None, int chunk=0) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
-      "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None) -> Tensor[]",
+      "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None, int chunk=0) "
+      "-> Tensor[]",
       &backward);
 }
