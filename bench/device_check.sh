@@ -270,12 +270,30 @@ goals() {
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
 
+# The persistent kernels' tagged exchange (FUSED_RNN_GRID_SYNC=auto) has not
+# run on a GPU before the session after 2026-11-27: one quick `fused-rnn
+# check` on the persistent path first (every cell, dense and packed, forward
+# and backward). Should it fail or hang, the rest of the session runs with
+# the grid barrier (FUSED_RNN_GRID_SYNC=barrier) so that it still measures
+# and tests everything else, and the summary says so.
+grid_sync_preflight() {
+  if timeout 90 python -m fused_rnn check --device cuda --kernel persistent \
+      >"$LOGS/preflight-tags.txt" 2>&1; then
+    summary+=("preflight: tagged exchange ok ($(grep -c '^ok' "$LOGS/preflight-tags.txt") cases)")
+  else
+    export FUSED_RNN_GRID_SYNC=barrier
+    summary+=("preflight: tagged exchange FAILED (logs/preflight-tags.txt): the session runs with FUSED_RNN_GRID_SYNC=barrier")
+    tail -15 "$LOGS/preflight-tags.txt"
+  fi
+}
+
 # session: the correctness checks side by side (pytest-xdist workers and the
 # two sanitizers share the GPU; none of them is timed), then the timed grids
 # alone on the GPU.
 session() {
   local pids=() tool i=0 checks
   card=$(card_name)
+  grid_sync_preflight
   # registers, shared memory and stack (spills) of every kernel
   (command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage fused_rnn/_C.abi3.so \
     >"$LOGS/resources.txt" 2>&1) || true

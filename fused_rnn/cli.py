@@ -110,6 +110,9 @@ def build_parser():
 
     check = sub.add_parser("check", help="parity self-test of this build against torch.nn")
     check.add_argument("--device", default=None)
+    check.add_argument("--kernel", choices=paths.PATHS, default=None,
+                       help="CUDA kernels to check (default: persistent, stepwise and general "
+                            "in turn); the CPU has one path")
     return parser
 
 

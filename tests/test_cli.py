@@ -160,6 +160,15 @@ def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     assert "ok   LSTM" in out
 
 
+def test_check_takes_one_kernel_path(capsys):
+    """`check --kernel` narrows a CUDA check to one path (the device check
+    script's preflight uses it); on the CPU, whose one path it does not
+    change, it is accepted and the check runs as before."""
+    assert cli.main(["check", "--device", "cpu", "--kernel", "persistent"]) == 0
+    out = capsys.readouterr().out
+    assert "all cells match torch.nn" in out and "kernels:" not in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--cell", "TRANSFORMER"], "--cell: invalid choice: 'TRANSFORMER' (choose from"),
     (["bench", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
@@ -167,6 +176,7 @@ def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     (["bench", "--device", "tpu"], "--device tpu: allowed values are cpu, cuda, cuda:N"),
     (["bench", "--preset", "huge"], "--preset: invalid choice: 'huge' (choose from"),
     (["profile", "--iterations", "0"], "--iterations must be positive, got 0"),
+    (["check", "--kernel", "fast"], "--kernel: invalid choice: 'fast' (choose from"),
 ])
 def test_bad_flags_name_the_flag(argv, message, capsys):
     if not torch.cuda.is_available() and "--device" not in argv:

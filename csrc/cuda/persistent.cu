@@ -169,7 +169,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   // halving of it still wider than the default chunk; 0: the default.
   auto widest_chunk = [&](bool weights_shared) {
     const Tiling base = tiling(weights_shared, 0);
-    for (int c = base.ldw; c > base.chunk; c = round_up((c + 1) / 2, 16)) {
+    for (int c = base.kpad; c > base.chunk; c = round_up((c + 1) / 2, 16)) {
       if (tiling(weights_shared, c).bytes <= static_cast<size_t>(limits.shared_optin)) return c;
     }
     return 0;

@@ -75,6 +75,12 @@ constexpr int kChunk = 1024;
 // thread at most one (tile row, unit) pair: tile * units <= kThreads.
 constexpr int kMaxBatchTile = 8;
 constexpr int kMmaTile = 16;
+// Tensor cores: the shared-memory rows that wmma loads (weights, staged
+// input) are this many elements (16 bytes) longer than the columns they
+// hold, so that the 8 rows of an 8x8 piece fall in different banks; rows a
+// multiple of 128 bytes long (k = 256, 512, 1024 in half types) would put
+// them all in the same 4 banks, an 8-way conflict on every fragment load.
+constexpr int kMmaSkew = 8;
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
@@ -96,7 +102,7 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 
 // How a block holds and splits its product, and its dynamic shared memory:
 // the weight slice (rows_pad x ldw of the storage type, zeros past rows and
-// past k), the staged input (pass x chunk: the math type for FMA, the
+// past k), the staged input (pass x tile_ld: the math type for FMA, the
 // storage type for tensor cores) and the partial sums (splits x rows_pad x
 // pass of the math type). Tensor-core tiles pad rows and columns to 16.
 // Warp w takes row group w % groups, batch tile (w / groups) % bsplits and
@@ -108,11 +114,13 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // input and the partial sums (weights_shared false).
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
-  int ldw;             // weight row stride, >= k
+  int kpad;            // columns held: k, rounded up to 16 on tensor cores
+  int ldw;             // weight row stride: kpad (+ kMmaSkew on tensor cores)
   int groups;          // row groups (kRowsPerWarp rows, or 16 on tensor cores)
   int bsplits;         // batch tiles side by side in a pass
   int pass;            // batch rows per pass: bsplits * BT
-  int chunk;           // columns staged at once (the stride of staged rows)
+  int chunk;           // columns staged at once
+  int tile_ld;         // stride of staged rows: chunk (+ kMmaSkew on tensor cores)
   int splits;          // warps splitting the columns of one row group and batch tile
   size_t tile_offset, partial_offset, bytes;
 };
@@ -123,7 +131,8 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   Tiling t{};
   t.rows = rows;
   t.rows_pad = mma ? round_up(rows, 16) : rows;
-  t.ldw = mma ? round_up(k, 16) : k;
+  t.kpad = mma ? round_up(k, 16) : k;
+  t.ldw = mma ? t.kpad + kMmaSkew : k;
   t.groups = mma ? t.rows_pad / 16 : (rows + kRowsPerWarp - 1) / kRowsPerWarp;
   t.bsplits = batch_splits(t.groups, batch, batch_tile, units);
   t.pass = t.bsplits * batch_tile;
@@ -131,13 +140,14 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
     chunk = kChunk / t.bsplits / 16 * 16;
     if (chunk < 16) chunk = 16;
   }
-  t.chunk = t.ldw < chunk ? t.ldw : chunk;
+  t.chunk = t.kpad < chunk ? t.kpad : chunk;
+  t.tile_ld = mma ? t.chunk + kMmaSkew : t.chunk;
   const int used = t.groups * t.bsplits;
   t.splits = used >= kWarps ? 1 : kWarps / used;
   t.tile_offset =
       weights_shared ? align128(static_cast<size_t>(t.rows_pad) * t.ldw * element) : 0;
   t.partial_offset =
-      t.tile_offset + align128(static_cast<size_t>(t.pass) * t.chunk *
+      t.tile_offset + align128(static_cast<size_t>(t.pass) * t.tile_ld *
                                (mma ? element : math_element));
   t.bytes = t.partial_offset +
             align128(static_cast<size_t>(t.splits) * t.rows_pad * t.pass * math_element);
@@ -402,7 +412,9 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
 // overwritten while a block still needs it. The ring is zeroed before the
 // launch and tags start at 1: nothing left from earlier use matches. The
 // grid is co-resident (a cooperative launch), so every wait ends; a wait
-// past kExchangeTimeoutNs traps (an error, not a hang) should that ever fail.
+// past kExchangeTimeoutNs (20 s; a step takes microseconds, milliseconds
+// under compute-sanitizer) traps, an error instead of a hang, should that
+// ever fail.
 template <typename scalar_t>
 __host__ __device__ constexpr int exchange_words() {
   return sizeof(scalar_t) > 4 ? 2 : 1;
@@ -413,7 +425,7 @@ template <typename scalar_t>
 __device__ __forceinline__ uint64_t* exchange_slot(uint64_t* ring, int64_t s, int64_t elements) {
   return ring + (s & 1) * elements * exchange_words<scalar_t>();
 }
-constexpr uint64_t kExchangeTimeoutNs = 100ull * 1000 * 1000 * 1000;
+constexpr uint64_t kExchangeTimeoutNs = 20ull * 1000 * 1000 * 1000;
 
 __device__ __forceinline__ uint64_t load_relaxed(const uint64_t* p) {
 #if defined(FUSED_RNN_EMULATION)
@@ -469,7 +481,7 @@ __device__ __forceinline__ uint64_t exchange_wait(const uint64_t* at, uint64_t w
 }
 
 // Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
-// tile (pass, chunk) as type S: zeros for rows past nb, rows without a
+// tile (pass rows, `ld` apart) as type S: zeros for rows past nb, rows without a
 // source and columns past k. Each thread first issues up to 8 loads (2 for
 // double, whose batch-tile-8 kernels are at the register limit), then
 // stores them: the loads (from L2, written by other blocks during the
@@ -479,7 +491,7 @@ __device__ __forceinline__ uint64_t exchange_wait(const uint64_t* at, uint64_t w
 // with the wide batch tile, whose sums fill the registers) halves the
 // loads issued at once from the ring.
 template <bool kTight, typename S, typename scalar_t>
-__device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
+__device__ __forceinline__ void stage_rows(S* __restrict__ tile, int ld,
                                            const InputRows<scalar_t>& in, int64_t b0, int nb,
                                            int c0, int width, int k, int pass) {
   constexpr int kStageLoads = sizeof(S) > 4 ? 2 : 8;
@@ -498,7 +510,7 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
       for (int u = 0; u < kStageLoads; ++u) {
         const int i = base + u * kThreads;
         const int pb = i / width, col = i - pb * width;
-        if (i < total) tile[pb * chunk + col] = v[u];
+        if (i < total) tile[pb * ld + col] = v[u];
       }
     }
     return;
@@ -547,7 +559,7 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
         for (int w = 0; w < W; ++w) pieces[w] = static_cast<uint32_t>(raw[u][w]);
         scalar_t x;
         memcpy(&x, pieces, sizeof(scalar_t));
-        tile[pb * chunk + col] = static_cast<S>(x);
+        tile[pb * ld + col] = static_cast<S>(x);
       }
     }
   }
@@ -560,7 +572,7 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int chunk,
 // block before it stages the input and before it returns.
 //   w       (rows_pad, ldw) in shared or global memory (Tiling)
 //   in      rows of k columns in global memory, written by other blocks
-//   tile    (pass, chunk), partial (splits, rows_pad, pass): shared (Tiling)
+//   tile    (pass, tile_ld), partial (splits, rows_pad, pass): shared (Tiling)
 //
 // FMA version (float, double, and half types at BT = 1): warps take groups
 // of kRowsPerWarp rows, a batch tile and interleaved columns; each lane
@@ -589,13 +601,13 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    stage_rows<(BT > 1)>(tile, chunk, in, b0, nb, c0, width, k, pass);
+    stage_rows<(BT > 1)>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
         T x[BT];
 #pragma unroll
-        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[(tile0 + bb) * chunk + col];
+        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[(tile0 + bb) * tl.tile_ld + col];
 #pragma unroll
         for (int i = 0; i < kRowsPerWarp; ++i) {
           const int r = r0 + i;
@@ -644,10 +656,10 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.0f);
-  for (int c0 = 0; c0 < tl.ldw; c0 += chunk) {
-    const int width = tl.ldw - c0 < chunk ? tl.ldw - c0 : chunk;  // a multiple of 16
+  for (int c0 = 0; c0 < tl.kpad; c0 += chunk) {
+    const int width = tl.kpad - c0 < chunk ? tl.kpad - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    stage_rows<false>(tile, chunk, in, b0, nb, c0, width, k, pass);
+    stage_rows<false>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
@@ -655,8 +667,8 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
         wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
         wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(w) + m0 * tl.ldw + c0 + kt * 16,
                                tl.ldw);
-        wmma::load_matrix_sync(b, reinterpret_cast<const mma_t*>(tile) + tile0 * chunk + kt * 16,
-                               chunk);
+        wmma::load_matrix_sync(
+            b, reinterpret_cast<const mma_t*>(tile) + tile0 * tl.tile_ld + kt * 16, tl.tile_ld);
         wmma::mma_sync(acc, a, b, acc);
       }
     }
