@@ -266,6 +266,7 @@ goals() {
   is_fresh "bench/results/$card-bidir.json" && args+=(--bidir "bench/results/$card-bidir.json")
   is_fresh "bench/results/$card-general.json" && args+=(--general "bench/results/$card-general.json")
   is_fresh "bench/results/$card-stepwise.json" && args+=(--stepwise "bench/results/$card-stepwise.json")
+  is_fresh "bench/results/$card-barrier.json" && args+=(--barrier "bench/results/$card-barrier.json")
   python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }

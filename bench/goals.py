@@ -4,12 +4,14 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
 <card>-stepwise.json).
 
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
-                          [--stepwise FILE]
+                          [--stepwise FILE] [--barrier FILE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
 reported as NO DATA, never as a pass; a row whose speed-up, latency or
 parity error is not a finite number (a failed run) misses.
+--barrier adds a comparison (not a goal): the grid as the automatic choice
+ran it against the same shapes with the grid barrier forced.
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -110,6 +112,33 @@ def check(rows_by_source) -> List[str]:
     return lines
 
 
+def compare_sync(grid_rows, barrier_rows) -> str:
+    """One line, not a goal: the grid as the automatic choice ran it against
+    the same shapes with a grid barrier forced (FUSED_RNN_GRID_SYNC=barrier),
+    over the shapes where that choice took the tagged exchange (grid_sync
+    "tags", or "tags" in one direction of a training row): the median and
+    range of barrier time / default time (above 1: the exchange is faster)."""
+    def key(r):
+        return (r["cell"], r["batch"], r["hidden_size"], r["dtype"], r["training"],
+                r["num_layers"], r["bidirectional"])
+
+    barrier = {key(r): r for r in barrier_rows
+               if r.get("kernel") == "persistent" and math.isfinite(r.get("fused_ms", math.nan))}
+    pairs = [(r, barrier[key(r)]) for r in grid_rows
+             if "tags" in (r.get("grid_sync") or "") and key(r) in barrier
+             and math.isfinite(r.get("fused_ms", math.nan))]
+    if not pairs:
+        return "NO DATA  tagged exchange vs grid barrier (no shape in both files took the tags)"
+    ratios = sorted(((b["fused_ms"] / r["fused_ms"], r) for r, b in pairs),
+                    key=lambda pair: pair[0])
+    median = ratios[len(ratios) // 2][0]
+    low, high = ratios[0], ratios[-1]
+    return (f"COMPARE  tagged exchange vs grid barrier: barrier/default time median "
+            f"{median:.2f}x over {len(ratios)} shapes ({sum(x > 1 for x, _ in ratios)} faster "
+            f"with tags); lowest {low[0]:.2f}x ({_describe(low[1])}), highest {high[0]:.2f}x "
+            f"({_describe(high[1])})")
+
+
 def _load(path):
     """(rows, note): note names a file that a cut-short bench left partial."""
     if not path:
@@ -129,11 +158,16 @@ def main(argv=None):
     parser.add_argument("--bidir", help="JSON of the 2-layer bidirectional LSTM rows")
     parser.add_argument("--general", help="JSON of the grid with --kernel general")
     parser.add_argument("--stepwise", help="JSON of the grid with --kernel stepwise")
+    parser.add_argument("--barrier", help="JSON of the grid with FUSED_RNN_GRID_SYNC=barrier "
+                                          "(compared, not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
     lines = check({source: rows for source, (rows, _) in loaded.items()})
     notes = [note for _, note in loaded.values() if note]
+    if args.barrier:
+        barrier_rows, note = _load(args.barrier)
+        notes += [compare_sync(loaded["grid"][0], barrier_rows)] + ([note] if note else [])
     print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 

@@ -173,6 +173,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     return {
         **dataclasses.asdict(config),
         "kernel": kernel_name(config),
+        "grid_sync": grid_sync_name(config),
         "torch_ms": torch_ms,
         "fused_ms": fused_ms,
         "speedup": torch_ms / fused_ms,
@@ -209,6 +210,25 @@ def kernel_name(config: Config) -> str:
                                      getattr(torch, config.dtype), config.device,
                                      packed=config.packed)
     return text.split()[0].lower()
+
+
+def grid_sync_name(config: Config):
+    """How the persistent kernels' blocks meet between steps for config:
+    "tags" (the tagged exchange) or "barrier", forward/backward when
+    training and they differ; None off the persistent kernels."""
+    def sync(backward):
+        text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
+                                         getattr(torch, config.dtype), config.device,
+                                         packed=config.packed, backward=backward)
+        if not text.startswith("persistent kernel"):
+            return None
+        return "tags" if "no grid barrier" in text else "barrier"
+
+    forward = sync(False)
+    backward = sync(True) if config.training else forward
+    if forward is None and backward is None:
+        return None
+    return forward if forward == backward else f"{forward}/{backward}"
 
 
 def _parity(reference, fused, x, grad, training):

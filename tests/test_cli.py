@@ -52,6 +52,7 @@ def test_bench_writes_consistent_json_csv_and_plot(tmp_path, capsys):
         assert r["torch_ms"] > 0 and r["fused_ms"] > 0
         assert r["max_abs_error"] < 1e-5  # float32 parity of every row
         assert r["torch_weights_flat"] is True  # no cuDNN weight compaction on the CPU
+        assert r["grid_sync"] is None  # no persistent kernel on the CPU
     with open(out_csv) as f:
         csv_rows = list(csv.DictReader(f))
     assert [(r["cell"], int(r["batch"]), float(r["fused_ms"])) for r in csv_rows] == [

@@ -126,3 +126,33 @@ def test_a_cut_short_file_is_named_partial(tmp_path, capsys):
     grid.write_text(json.dumps({"environment": {}, "complete": True, "rows": full_grid()}))
     goals.main([str(grid)])
     assert "PARTIAL" not in capsys.readouterr().out
+
+
+def test_barrier_comparison_pairs_the_shapes_that_took_the_tags(tmp_path, capsys):
+    """--barrier compares, shape by shape, the grid as the automatic choice
+    ran it with the same grid forced to a barrier; only where that choice
+    took the tagged exchange; never a goal (the exit status is the goals')."""
+    grid = full_grid()
+    for r in grid:
+        r["fused_ms"] = 1.0
+        r["grid_sync"] = "tags" if r["batch"] <= 8 else "barrier"
+    slow = next(r for r in grid if r["batch"] == 8 and r["training"])
+    slow["grid_sync"], slow["fused_ms"] = "tags/barrier", 4.0
+    barrier = [dict(r, fused_ms=2.0, grid_sync="barrier") for r in grid]
+    line = goals.compare_sync(grid, barrier)
+    paired = sum(1 for r in grid if "tags" in r["grid_sync"])
+    assert line.startswith("COMPARE") and f"over {paired} shapes" in line
+    assert f"({paired - 1} faster with tags)" in line and "median 2.00x" in line
+    assert "lowest 0.50x (LSTM float32 B=8" in line and "highest 2.00x" in line
+    assert goals.compare_sync(grid, []).startswith("NO DATA")
+    assert goals.compare_sync([dict(r, grid_sync="barrier") for r in grid],
+                              barrier).startswith("NO DATA")
+
+    paths = {}
+    for name, rows in (("grid", grid), ("barrier", barrier)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps({"rows": rows}))
+    status = goals.main([str(paths["grid"]), "--barrier", str(paths["barrier"])])
+    out = capsys.readouterr().out
+    assert "COMPARE  tagged exchange vs grid barrier" in out
+    assert status == goals.main([str(paths["grid"])])
