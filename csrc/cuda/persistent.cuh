@@ -200,8 +200,8 @@ __host__ __device__ inline StepRows dense_step_rows(int64_t s, int64_t steps, in
 // StepRows of step s from the rows of every time step (sizes, batch_sizes
 // of packed input) and their first rows (first): on the host for the
 // stepwise launches, on the device from the step table of a cooperative one.
-__host__ __device__ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first, int64_t steps,
-                                 int64_t s, bool reverse) {
+__host__ __device__ inline StepRows packed_step_rows(const int64_t* sizes, const int64_t* first,
+                                                     int64_t steps, int64_t s, bool reverse) {
   auto t = [&](int64_t i) { return reverse ? steps - 1 - i : i; };
   const bool in_sequence = s >= 0 && s < steps;
   StepRows r{};
@@ -419,7 +419,9 @@ template <typename scalar_t>
 __host__ __device__ constexpr int exchange_words() {
   return sizeof(scalar_t) > 4 ? 2 : 1;
 }
-__host__ __device__ inline uint32_t exchange_tag(int64_t s) { return static_cast<uint32_t>(s + 1); }
+__host__ __device__ inline uint32_t exchange_tag(int64_t s) {
+  return static_cast<uint32_t>(s + 1);
+}
 // The slot of step s in a ring of `elements` elements per slot.
 template <typename scalar_t>
 __device__ __forceinline__ uint64_t* exchange_slot(uint64_t* ring, int64_t s, int64_t elements) {
