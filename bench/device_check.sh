@@ -177,6 +177,12 @@ explain_and_profile() {
   timeout 60 python -m fused_rnn profile --device cuda --cell LSTM --hidden-size 512 --batch 8 \
     --seq-len 256 --training --trace "$LOGS/trace-$card.json" >"$LOGS/profile.txt" 2>&1 \
     || summary+=("profile: failed (logs/profile.txt)")
+  # the general path's steps (issue 3: host-bound at 0.7-0.8x cuDNN in run 2;
+  # which of cuBLAS, the pointwise kernel and the gaps between them costs
+  # the 17-25 us of a step has not been seen)
+  timeout 45 python -m fused_rnn profile --device cuda --kernel general --cell LSTM \
+    --hidden-size 512 --batch 8 --seq-len 64 --trace "$LOGS/trace-general-$card.json" \
+    >"$LOGS/profile-general.txt" 2>&1 || summary+=("profile general: failed (logs/profile-general.txt)")
 }
 
 # The grids. The full grid with the persistent kernels forced (issue 4's
