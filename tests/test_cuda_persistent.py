@@ -198,6 +198,25 @@ def test_packed(mode, cell_key, lengths, reverse):
                          what=f"{mode} packed {name} lengths={lengths} reverse={reverse}")
 
 
+def test_packed_no_host_sync():
+    """Packed input in one cooperative launch: its step table goes to the
+    device from pinned memory without a host synchronisation (torch's sync
+    debug mode raises on one), forward and backward."""
+    require_persistent("LSTM", 64, 4, torch.float32)
+    assert explain("LSTM", 64, 4, torch.float32, packed=True).startswith("persistent kernel")
+    lstm = fused_rnn.LSTM(5, 64, device=DEVICE)
+    x = torch.randn(6, 4, 5, device=DEVICE, requires_grad=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [6, 4, 4, 1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, (h, c) = lstm(packed)
+        (out.data.sum() + h.sum() + c.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all() and x.grad[:, 0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("cell_key", ["lstm", "gru"])
 def test_packed_capture_runs_stepwise(cell_key):
     """While a CUDA graph is being captured, packed input cannot copy its
