@@ -14,6 +14,8 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
 import fused_rnn  # noqa: F401  (the CPU ops)
@@ -288,3 +290,40 @@ def test_emulated_low_precision(emu, wide, chunk, mode, cell, dtype, reverse):
                                      tile, 0, **launch_kw(mode, chunk=chunk))
     assert rel_error(ghx, expected[1]) < 2 * tol
     assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(T * B, -1)) < 2 * tol
+
+
+@st.composite
+def launches(draw):
+    """A random emulated launch: cell, hidden size, units per block (at most
+    5 blocks, rows within a block's limits), batch tile, dense (T, B) or
+    packed (random sorted lengths), staged columns, direction, bias, the
+    way blocks meet between steps and the thread order."""
+    cell = draw(st.sampled_from(list(CELLS)))
+    H = draw(st.integers(1, 40))
+    tile = draw(st.sampled_from([1, 8]))
+    most = min(H, 64 // GATES[cell])
+    units = draw(st.integers(min(most, -(-H // 5)), most))
+    lengths = None
+    if draw(st.booleans()):
+        lengths = tuple(sorted(draw(st.lists(st.integers(1, 5), min_size=1, max_size=20)),
+                               reverse=True))
+    return dict(cell=cell, H=H, units=units, tile=tile, lengths=lengths,
+                B=len(lengths) if lengths else draw(st.integers(1, 20)),
+                T=draw(st.integers(1, 4)), chunk=draw(st.sampled_from([0, 16, 48, 4096])),
+                reverse=draw(st.booleans()), bias=draw(st.booleans()),
+                mode=draw(st.sampled_from(MODES)), order=draw(st.sampled_from([0, 1])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(launch=launches())
+def test_emulated_random_launches(emu, launch):
+    """Random combinations of what the fixed cases cover one at a time:
+    packed rows over several passes and ragged tiles, chunked or whole
+    staging, the tagged ring, reverse time; float64 against the CPU ops."""
+    cell, lengths = launch["cell"], launch["lengths"]
+    kw = dict(lengths=lengths) if lengths else dict(T=launch["T"])
+    a = make_op_args(cell.split("_")[0], B=launch["B"], I=4, H=launch["H"],
+                     bias=launch["bias"], reverse=launch["reverse"], dtype=torch.float64,
+                     relu=cell == "rnn_relu", **kw)
+    check_kernels(emu, cell, a, launch["units"], launch["tile"], launch["order"],
+                  launch["mode"], torch.float64, chunk=launch["chunk"])
