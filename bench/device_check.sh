@@ -34,7 +34,7 @@
 # trace and logs, to $OUT. A short summary is printed last, with each speed
 # goal of issues 3 and 4 as PASS / MISS / NO DATA (bench/goals.py).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export MAX_JOBS="${MAX_JOBS:-16}" FUSED_RNN_CUDA=1 FUSED_RNN_NVCC_THREADS=4 PYTHONUNBUFFERED=1
 # Only the card's own architecture: a third of the default build's nvcc work
 # (sm_80, sm_90 and PTX), which matters on a 15-minute device budget.
@@ -82,7 +82,7 @@ use_prebuilt() {
       >"$LOGS/prebuilt.log" 2>&1; then
     summary+=("build: prebuilt for torch $have ($(cat .prebuilt/source 2>/dev/null))"); return 0
   fi
-  tail -5 "$LOGS/prebuilt.log"; summary+=("prebuilt: does not load here: building")
+  tail -n 5 "$LOGS/prebuilt.log"; summary+=("prebuilt: does not load here: building")
   rm -f fused_rnn/_C.abi3.so; return 1
 }
 
@@ -98,7 +98,7 @@ build() {
   fi
   SECONDS=0
   if ! python -m pip install --no-build-isolation --no-deps -e . >"$LOGS/build.log" 2>&1; then
-    tail -40 "$LOGS/build.log"; echo "build: FAILED"; exit 1
+    tail -n 40 "$LOGS/build.log"; echo "build: FAILED"; exit 1
   fi
   mkdir -p build && echo "$hash" > build/.source-hash
   summary+=("build: ${SECONDS}s")
@@ -133,7 +133,7 @@ sanitizer_summary() {
   summary+=("sanitize $1: exit $2, $(grep -c 'Error\|Hazard' "$LOGS/sanitize-$1.log") reports, $(grep '^sanitize:' "$LOGS/sanitize-$1.log" | tr '\n' ' ')")
 }
 
-tests() { run_tests 330 0; tail -30 "$LOGS/tests.log"; }
+tests() { run_tests 330 0; tail -n 30 "$LOGS/tests.log"; }
 
 sanitize() {
   local tool
@@ -243,14 +243,14 @@ grid_stage() {
 }
 bench_body() {
   explain_and_profile "$card"
-  tail -8 "$LOGS/profile.txt"
+  tail -n 8 "$LOGS/profile.txt"
   bench_bidir 600
   bench_persistent 600
-  tail -40 "$LOGS/bench.txt"
+  tail -n 40 "$LOGS/bench.txt"
 }
 general_body() {
   bench_general 600
-  tail -40 "$LOGS/bench-general.txt"
+  tail -n 40 "$LOGS/bench-general.txt"
 }
 stepwise_body() {
   bench_barrier "$(cap 100 220)"
@@ -258,9 +258,9 @@ stepwise_body() {
   bench_packed "$(cap 45 150)"
   pack
   bench_stepwise "$(cap 200 0)"
-  tail -30 "$LOGS/bench-stepwise.txt"
-  tail -12 "$LOGS"/bench-packed-*.txt
-  tail -12 "$LOGS/bench-barrier.txt"
+  tail -n 30 "$LOGS/bench-stepwise.txt"
+  tail -n 12 "$LOGS"/bench-packed-*.txt
+  tail -n 12 "$LOGS/bench-barrier.txt"
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -290,7 +290,7 @@ grid_sync_preflight() {
   else
     export FUSED_RNN_GRID_SYNC=barrier
     summary+=("preflight: tagged exchange FAILED (logs/preflight-tags.txt): the session runs with FUSED_RNN_GRID_SYNC=barrier")
-    tail -15 "$LOGS/preflight-tags.txt"
+    tail -n 15 "$LOGS/preflight-tags.txt"
   fi
 }
 
