@@ -3,16 +3,16 @@
 On CUDA every op runs one of three paths:
 
 - ``persistent``: one cooperative launch for the whole sequence, the
-  recurrent weights held on chip (shared memory) for every step. The
-  blocks pass each step's rows to one another through a tagged ring in
-  global memory (each value carries the step that wrote it, so a reader
-  waits on the data itself, no grid barrier) where its wider words cost L2
-  less time than a barrier (small batches), else meet at a grid barrier per
-  step; ``FUSED_RNN_GRID_SYNC`` (auto, tags or barrier; read once per
-  process) overrides that, to compare the two. Dense or packed input (each step's rows from a table
-  copied to the device with the launch; packed input runs stepwise while a
-  CUDA graph is being captured), no ``proj_size``, weights that fit the
-  device's shared memory.
+  recurrent weights held on chip (shared memory) for every step. The blocks
+  pass each step's rows to one another through a tagged ring in global
+  memory (each value carries the step that wrote it, so a reader waits on
+  the data itself, no grid barrier) where its wider words cost L2 less time
+  than a barrier (small batches), else meet at a grid barrier per step;
+  ``FUSED_RNN_GRID_SYNC`` (auto, tags or barrier; read once per process)
+  overrides that, to compare the two. Dense or packed input (each step's
+  rows from a table copied to the device with the launch; packed input runs
+  stepwise while a CUDA graph is being captured), no ``proj_size``, weights
+  that fit the device's shared memory.
 - ``stepwise``: the persistent kernels' code, one ordinary launch per step
   (the launch boundary is the barrier), each block's slice of the weights
   packed once per call into global memory and read from there (L2). Dense
@@ -27,11 +27,10 @@ The default, ``auto``, takes the persistent kernels where they fit and are
 expected to win (up to 16 sequences always, beyond while a block's work per
 step stays small), the stepwise launches where the device takes no
 cooperative launch, and the general path elsewhere; packed input as dense
-input of its largest batch. ``persistent`` takes
-the persistent kernels wherever they fit, ``stepwise`` the stepwise ones
-wherever they apply, ``general`` neither. The choice is process-wide; set
-it here, or with the environment variable ``FUSED_RNN_KERNEL_PATH`` before
-the first call::
+input of its largest batch. ``persistent`` takes the persistent kernels
+wherever they fit, ``stepwise`` the stepwise ones wherever they apply,
+``general`` neither. The choice is process-wide; set it here, or with the
+environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
 
     fused_rnn.set_kernel_path("general")
     with fused_rnn.kernel_path("persistent"):
