@@ -225,38 +225,55 @@ def rel_error(actual, expected):
             expected.double().abs().max().clamp_min(1e-30)).item()
 
 
+# (batch tile wide, staged columns, packed lengths) of the low-precision cases
+LOW_PRECISION = {
+    "wide_tile": (True, 0, None),
+    "wide_tile_all_columns": (True, 4096, None),
+    # 40 sequences of lengths 3, 2 and 1: the tensor-core tiles over ragged steps
+    "wide_tile_packed": (True, 0, (3,) * 17 + (2,) * 13 + (1,) * 10),
+    "one_sequence": (False, 0, None),
+}
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("wide,chunk", [(True, 0), (True, 4096), (False, 0)],
-                         ids=["wide_tile", "wide_tile_all_columns", "one_sequence"])
-def test_emulated_low_precision(emu, wide, chunk, mode, cell, dtype, reverse):
+@pytest.mark.parametrize("case", list(LOW_PRECISION))
+def test_emulated_low_precision(emu, case, mode, cell, dtype, reverse):
     """float32 (FMA tile) and float16 / bfloat16 (tensor-core tile: wmma
     16x16x16, rows and columns padded to 16, two batch tiles side by side
     and a second pass with one, past the batch; the columns staged in
-    chunks or all at once), forward and backward,
+    chunks or all at once; dense or packed input), forward and backward,
     against the CPU ops in float64 on the same (rounded) inputs: within a
     few roundings of the storage type. One sequence: batch tile 1, FMA in
     every dtype (the half types staged as float32)."""
+    wide, chunk, lengths = LOW_PRECISION[case]
     H, T, units = 31, 3, 11
     B = 40 if wide else 1
     tile = (8 if dtype == torch.float32 else 16) if wide else 1
     op_cell = cell.split("_")[0]
     a = make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=reverse,
-                     relu=cell == "rnn_relu")
+                     relu=cell == "rnn_relu", lengths=lengths)
     a64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
            for k, v in a.items()}
+    bs = a["batch_sizes"]
     ref = cpu_reference(op_cell, a64)
-    x = a["input"].reshape(T * B, -1)
+    x = a["input"].reshape(-1, a["input"].shape[-1])
+    N = x.shape[0]
+
+    def seq(t):  # (N, H) as the ops take it
+        return t if bs is not None else t.view(T, B, H)
+
     xw = (x.double() @ a64["w_ih"].t()).to(dtype)
     bias_in, bias_hh = ((a["b_ih"], a["b_hh"]) if cell == "gru"
                         else (a["b_ih"] + a["b_hh"], None))
+    kw = launch_kw(mode, bs, chunk)
     out, hy, cy, gates, cells, hn = emu.forward(
         CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse, True,
-        units, tile, 0, **launch_kw(mode, chunk=chunk))
+        units, tile, 0, **kw)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    assert rel_error(out, ref[0].reshape(T * B, H)) < tol
+    assert rel_error(out, ref[0].reshape(N, H)) < tol
     assert rel_error(hy, ref[1]) < tol
     if cell == "lstm":
         assert rel_error(cy, ref[2]) < tol
@@ -264,32 +281,32 @@ def test_emulated_low_precision(emu, wide, chunk, mode, cell, dtype, reverse):
         return  # relu's gradient is discontinuous: a half-precision sign flip changes it by O(1)
 
     gen = torch.Generator().manual_seed(5)
-    go = torch.randn(T * B, H, generator=gen, dtype=torch.float64)
+    go = torch.randn(N, H, generator=gen, dtype=torch.float64)
     ghy = torch.randn(B, H, generator=gen, dtype=torch.float64)
     gcy = torch.randn(B, H, generator=gen, dtype=torch.float64)
     ops = torch.ops.fused_rnn
     if cell == "lstm":
-        expected = ops.lstm_backward(go.view(T, B, H), ghy, gcy, a64["input"], a64["hx"],
+        expected = ops.lstm_backward(seq(go), ghy, gcy, a64["input"], a64["hx"],
                                      a64["cx"], a64["w_ih"], a64["w_hh"], None, ref[0], ref[3],
-                                     ref[4], None, reverse, True, True)
+                                     ref[4], bs, reverse, True, True)
         dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go.to(dtype), ghy.to(dtype), gcy.to(dtype),
                                        None, None, a["cx"], gates, cells, None, T, B, reverse,
-                                       units, tile, 0, **launch_kw(mode, chunk=chunk))
+                                       units, tile, 0, **kw)
         assert rel_error(gcx, expected[2]) < tol
     elif cell == "gru":
-        expected = ops.gru_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
-                                    a64["w_hh"], ref[0], ref[2], ref[3], None, reverse, True, True)
+        expected = ops.gru_backward(seq(go), ghy, a64["input"], a64["hx"], a64["w_ih"],
+                                    a64["w_hh"], ref[0], ref[2], ref[3], bs, reverse, True, True)
         dg, _, ghx, _ = emu.backward(1, a["w_hh"], go.to(dtype), ghy.to(dtype), None, out,
                                      a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0,
-                                     **launch_kw(mode, chunk=chunk))
+                                     **kw)
     else:
-        expected = ops.rnn_backward(go.view(T, B, H), ghy, a64["input"], a64["hx"], a64["w_ih"],
-                                    a64["w_hh"], ref[0], None, reverse, a["relu"], True, True)
+        expected = ops.rnn_backward(seq(go), ghy, a64["input"], a64["hx"], a64["w_ih"],
+                                    a64["w_hh"], ref[0], bs, reverse, a["relu"], True, True)
         dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go.to(dtype), ghy.to(dtype), None,
                                      out, None, None, None, None, None, T, B, reverse, units,
-                                     tile, 0, **launch_kw(mode, chunk=chunk))
+                                     tile, 0, **kw)
     assert rel_error(ghx, expected[1]) < 2 * tol
-    assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(T * B, -1)) < 2 * tol
+    assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(N, -1)) < 2 * tol
 
 
 @st.composite
