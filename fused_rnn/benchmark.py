@@ -203,13 +203,16 @@ def failed_row(config: Config, error: BaseException) -> dict:
     }
 
 
+def _explain(config: Config, backward: bool = False) -> str:
+    return paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
+                                     getattr(torch, config.dtype), config.device,
+                                     packed=config.packed, backward=backward)
+
+
 def kernel_name(config: Config) -> str:
     """The kernels fused_rnn runs for config's forward: persistent, stepwise,
     general (CUDA) or cpu."""
-    text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
-                                     getattr(torch, config.dtype), config.device,
-                                     packed=config.packed)
-    return text.split()[0].lower()
+    return _explain(config).split()[0].lower()
 
 
 def grid_sync_name(config: Config):
@@ -217,9 +220,7 @@ def grid_sync_name(config: Config):
     "tags" (the tagged exchange) or "barrier", forward/backward when
     training and they differ; None off the persistent kernels."""
     def sync(backward):
-        text = paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
-                                         getattr(torch, config.dtype), config.device,
-                                         packed=config.packed, backward=backward)
+        text = _explain(config, backward)
         if not text.startswith("persistent kernel"):
             return None
         return "tags" if "no grid barrier" in text else "barrier"

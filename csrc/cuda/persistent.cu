@@ -79,8 +79,8 @@ GridSync grid_sync() {
 // The L2 bytes per step that the tagged words add over plain loads: every
 // block reads every row of the step, `width` values each.
 int64_t tagged_extra_bytes(int64_t blocks, int64_t batch, int64_t width, at::ScalarType dtype) {
-  const int64_t word_bytes = dtype == at::kDouble ? 16 : 8;
-  return blocks * batch * width * (word_bytes - static_cast<int64_t>(c10::elementSize(dtype)));
+  const int64_t element = static_cast<int64_t>(c10::elementSize(dtype));
+  return blocks * batch * width * (8 * exchange_words_for(element) - element);
 }
 
 struct DeviceLimits {

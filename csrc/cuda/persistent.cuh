@@ -405,7 +405,7 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
 // that sees the tag it waits for sees the piece written with it: the data
 // is its own flag, as in NCCL's LL protocol, and a step costs one trip
 // through L2 instead of a barrier (an atomic per block, a poll) followed by
-// that trip. Two slots, by the parity of the step: a block writes rows of
+// that trip (ExchangeSlot). Two slots, by the parity of the step: a block writes rows of
 // step s+1 into step s-1's slot only after every block wrote those rows of
 // step s, which each did after reading them from step s-1 (the product
 // that a row's output depends on reads the whole row), so no row is
@@ -415,17 +415,17 @@ __device__ __forceinline__ void warp_sums(T (&v)[N], int lane) {
 // past kExchangeTimeoutNs (20 s; a step takes microseconds, milliseconds
 // under compute-sanitizer) traps, an error instead of a hang, should that
 // ever fail.
+__host__ __device__ constexpr int exchange_words_for(size_t element_bytes) {
+  return element_bytes > 4 ? 2 : 1;
+}
 template <typename scalar_t>
 __host__ __device__ constexpr int exchange_words() {
-  return sizeof(scalar_t) > 4 ? 2 : 1;
+  return exchange_words_for(sizeof(scalar_t));
 }
-__host__ __device__ inline uint32_t exchange_tag(int64_t s) {
-  return static_cast<uint32_t>(s + 1);
-}
-// The slot of step s in a ring of `elements` elements per slot.
+// The 64-bit words of a ring: two slots of `batch` rows of `width` values.
 template <typename scalar_t>
-__device__ __forceinline__ uint64_t* exchange_slot(uint64_t* ring, int64_t s, int64_t elements) {
-  return ring + (s & 1) * elements * exchange_words<scalar_t>();
+__host__ __device__ inline int64_t exchange_ring_words(int64_t batch, int64_t width) {
+  return 2 * batch * width * exchange_words<scalar_t>();
 }
 constexpr uint64_t kExchangeTimeoutNs = 20ull * 1000 * 1000 * 1000;
 
@@ -480,6 +480,25 @@ __device__ __forceinline__ uint64_t exchange_wait(const uint64_t* at, uint64_t w
     word = load_relaxed(at);
   }
   return word;
+}
+
+// Step s's slot of a ring (null: no tagged exchange): rows of `width`
+// values, written and awaited with step s's tag.
+template <typename scalar_t>
+struct ExchangeSlot {
+  uint64_t* words;
+  uint32_t tag;
+  // Value `index` (row b, column col: b * width + col) := v, tagged
+  // (nothing without a ring).
+  __device__ __forceinline__ void put(int64_t index, scalar_t v) const {
+    if (words) exchange_put(words + index * exchange_words<scalar_t>(), v, tag);
+  }
+};
+template <typename scalar_t>
+__device__ __forceinline__ ExchangeSlot<scalar_t> exchange_slot(uint64_t* ring, int64_t s,
+                                                                int64_t batch, int64_t width) {
+  return {ring ? ring + (s & 1) * batch * width * exchange_words<scalar_t>() : nullptr,
+          static_cast<uint32_t>(s + 1)};
 }
 
 // Stages columns c0 .. c0+width-1 of input rows b0 .. b0+pass-1 into
@@ -815,19 +834,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
                                 p.slices == nullptr, p.chunk);
   const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H);
-  constexpr int W = exchange_words<scalar_t>();
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
     const StepRows sr = rows_of_step(p, s);
     // h_{t-1}: the previous step's output rows, the initial state past them
+    const auto prev_slot = exchange_slot<scalar_t>(p.exchange, s - 1, B, H);
     const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H,
-                                     p.exchange ? exchange_slot<scalar_t>(p.exchange, s - 1, B * H)
-                                                : nullptr,
-                                     exchange_tag(s - 1)};
+                                     prev_slot.words, prev_slot.tag};
     // This step's rows for the next, when the blocks exchange them tagged.
-    uint64_t* const publish =
-        p.exchange ? exchange_slot<scalar_t>(p.exchange, s, B * H) : nullptr;
+    const auto slot = exchange_slot<scalar_t>(p.exchange, s, B, H);
     for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
       const int nb = static_cast<int>(sr.rows - b0 < tl.pass ? sr.rows - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -865,6 +881,11 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
       block_product<BT>(w, tl, H, h_prev, b0, nb, shared);
       if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
+      // h_t of this row and unit: the output and the ring.
+      auto emit_h = [&](T h) {
+        p.out[row * H + j] = static_cast<scalar_t>(h);
+        slot.put(unit, static_cast<scalar_t>(h));
+      };
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
 #pragma unroll
@@ -872,8 +893,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         T c, h;
         lstm_forward_point<T>(g[0], g[1], g[2], g[3], prev, c, h);
         p.state[unit] = c;
-        p.out[row * H + j] = static_cast<scalar_t>(h);
-        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
+        emit_h(h);
         if (p.keep_gates) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) x[q * H] = static_cast<scalar_t>(g[q]);
@@ -890,8 +910,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
         const T hn = in_h[2] + product(partial, tl, 2 * J + jj, bb);
         T h;
         gru_forward_point<T>(r, z, n, hr, hz, hn, prev, h);
-        p.out[row * H + j] = static_cast<scalar_t>(h);
-        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
+        emit_h(h);
         if (p.keep_gates) {
           x[0] = static_cast<scalar_t>(r);
           x[H] = static_cast<scalar_t>(z);
@@ -902,8 +921,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
       } else {
         const T h = rnn_forward_point<kCell == PersistentCell::kRnnRelu, T>(
             in[0] + product(partial, tl, jj, bb));
-        p.out[row * H + j] = static_cast<scalar_t>(h);
-        if (publish) exchange_put(publish + unit * W, static_cast<scalar_t>(h), exchange_tag(s));
+        emit_h(h);
         if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
@@ -928,7 +946,6 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
                                 p.slices == nullptr, p.chunk);
   // (step T-1 does not read the slice)
   const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k);
-  constexpr int W = exchange_words<scalar_t>();
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
@@ -938,13 +955,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
     const StepRows sr = rows_of_step(p, s);
     const bool has_next = sr.next_rows > 0;
     // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
+    const auto next_slot = exchange_slot<scalar_t>(p.exchange, s + 1, B, k);
     const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k,
-                                   p.exchange ? exchange_slot<scalar_t>(p.exchange, s + 1, B * k)
-                                              : nullptr,
-                                   exchange_tag(s + 1)};
+                                   next_slot.words, next_slot.tag};
     // This step's gradients for the next product, when exchanged tagged.
-    uint64_t* const publish =
-        p.exchange ? exchange_slot<scalar_t>(p.exchange, s, B * k) : nullptr;
+    const auto slot = exchange_slot<scalar_t>(p.exchange, s, B, k);
     // The rows of step s, and those of step s+1 past them: sequences that
     // start at step s+1 (every row at s = -1; some at other steps in reverse
     // over packed input), whose dh_rec is the gradient of the initial state.
@@ -1010,13 +1025,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
                                d[3], dc_prev);
         scalar_t* dg = p.dgates + row * 4 * H + j;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) dg[q * H] = static_cast<scalar_t>(d[q]);
-        if (publish) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            exchange_put(publish + (b * k + q * H + j) * W, static_cast<scalar_t>(d[q]),
-                         exchange_tag(s));
-          }
+        for (int q = 0; q < 4; ++q) {
+          const scalar_t v = static_cast<scalar_t>(d[q]);
+          dg[q * H] = v;
+          slot.put(b * k + q * H + j, v);
         }
         p.carry[unit] = dc_prev;
         if (starts) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
@@ -1025,22 +1037,23 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<sc
         gru_backward_point<T>(g[0], g[1], g[2], saved, prev, dh, dxr, dxz, dxn, dhn, dh_direct);
         scalar_t* dx = p.dgates + row * 3 * H + j;
         scalar_t* dhg = p.dgates_h + row * 3 * H + j;
-        dx[0] = dhg[0] = static_cast<scalar_t>(dxr);
-        dx[H] = dhg[H] = static_cast<scalar_t>(dxz);
-        dx[2 * H] = static_cast<scalar_t>(dxn);
-        dhg[2 * H] = static_cast<scalar_t>(dhn);
-        if (publish) {
-          uint64_t* at = publish + (b * k + j) * W;
-          exchange_put(at, static_cast<scalar_t>(dxr), exchange_tag(s));
-          exchange_put(at + H * W, static_cast<scalar_t>(dxz), exchange_tag(s));
-          exchange_put(at + 2 * H * W, static_cast<scalar_t>(dhn), exchange_tag(s));
+        // the gradients of W_hh h + b_hh, which the next product reads
+        const scalar_t dh_gates[3] = {static_cast<scalar_t>(dxr), static_cast<scalar_t>(dxz),
+                                      static_cast<scalar_t>(dhn)};
+#pragma unroll
+        for (int q = 0; q < 3; ++q) {
+          dhg[q * H] = dh_gates[q];
+          slot.put(b * k + q * H + j, dh_gates[q]);
         }
+        dx[0] = dh_gates[0];
+        dx[H] = dh_gates[1];
+        dx[2 * H] = static_cast<scalar_t>(dxn);
         p.carry[unit] = dh_direct;
       } else {
         const scalar_t d = static_cast<scalar_t>(
             rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(saved, dh));
         p.dgates[row * H + j] = d;
-        if (publish) exchange_put(publish + unit * W, d, exchange_tag(s));
+        slot.put(unit, d);
       }
     }
     if (s >= 0 && p.run.cooperative && !p.exchange) cooperative_groups::this_grid().sync();

@@ -129,7 +129,7 @@ bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Ten
     if (plan.tagged) {
       // two slots of the rows the next product reads, zeroed (exchange_put)
       const int64_t width = kBackward ? G * w_hh.size(1) : w_hh.size(1);
-      ring = at::zeros({2 * p.batch * width * exchange_words<scalar_t>()},
+      ring = at::zeros({exchange_ring_words<scalar_t>(p.batch, width)},
                        w_hh.options().dtype(at::kLong));
       p.exchange = reinterpret_cast<uint64_t*>(data<int64_t>(ring));
     }

@@ -87,7 +87,7 @@ void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, 
     prm.step_table = batch_sizes.empty() ? nullptr : table.data();
     // tagged: the zeroed two-slot ring the blocks pass each step's rows through
     const int64_t width = kBackward ? G * prm.hidden : prm.hidden;
-    std::vector<uint64_t> ring(tagged ? 2 * prm.batch * width * p::exchange_words<scalar_t>() : 0);
+    std::vector<uint64_t> ring(tagged ? p::exchange_ring_words<scalar_t>(prm.batch, width) : 0);
     prm.exchange = tagged ? ring.data() : nullptr;
     fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
                           [&] { kernel(prm); });
