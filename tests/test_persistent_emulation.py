@@ -143,81 +143,162 @@ def test_emulated_packed(emu, mode, cell, packed, reverse, order, dtype=torch.fl
     check_kernels(emu, cell, a, units, tile, order, mode, dtype)
 
 
-def launch_kw(mode, batch_sizes=None, chunk=0):
+# Both directions of a bidirectional layer side by side in one launch (the
+# _pair ops on CUDA): (H, B, T, units, tile) dense, or (lengths, units, tile)
+# packed, where the two directions' steps have different rows.
+PAIRED = {
+    "dense_ragged_tiles_and_blocks": CONFIGS["ragged_tiles_and_blocks"],
+    "dense_3_blocks_tile1": CONFIGS["3_blocks_ragged_tile1"],
+    "packed_ragged_tile1": PACKED["ragged_tile1"],
+    "packed_tiles_side_by_side": PACKED["several_tiles_side_by_side"],
+}
+
+
+def paired_args(cell, case, reverse, **kw):
+    """The op arguments of two directions of a layer over the same rows (the
+    second walks the other way, with other weights and states)."""
+    config = PAIRED[case]
+    if isinstance(config[0], tuple):
+        lengths, units, tile = config
+        shape = dict(B=len(lengths), I=5, H=7, lengths=lengths)
+    else:
+        H, B, T, units, tile = config
+        shape = dict(T=T, B=B, I=5, H=H)
+    cases = [make_op_args(cell.split("_")[0], reverse=r, seed=seed, relu=cell == "rnn_relu",
+                          **shape, **kw)
+             for seed, r in ((0, reverse), (1, not reverse))]
+    return cases, units, tile
+
+
+@pytest.mark.parametrize("order", [0, 1], ids=["ascending", "descending"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward_first", "reverse_first"])
+@pytest.mark.parametrize("case", list(PAIRED))
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_both_directions(emu, mode, cell, case, reverse, order):
+    """Both directions of a layer in one launch: the blocks of the second
+    direction after the first's, each direction with its own tensors, ring
+    and time order, the grid barrier shared; each direction against the CPU
+    ops, forward and backward."""
+    (a, b), units, tile = paired_args(cell, case, reverse, dtype=torch.float64)
+    check_kernels(emu, cell, a, units, tile, order, mode, torch.float64, paired_with=b)
+
+
+def launch_kw(mode, batch_sizes=None, chunk=0, paired=False):
     """The emulated ops' launch arguments for a mode of MODES."""
     return dict(stepwise=mode == "stepwise", tagged=mode == "tags", batch_sizes=batch_sizes,
-                chunk=chunk)
+                chunk=chunk, paired=paired)
 
 
-def check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=0):
+def stacked(values):
+    """One argument of the emulated ops for the directions of a launch: the
+    tensor of one direction, both stacked along a new first dimension when
+    paired (None where absent)."""
+    if values[0] is None:
+        return None
+    return values[0] if len(values) == 1 else torch.stack(values)
+
+
+def per_direction(outputs, count):
+    """The emulated ops' outputs of each direction."""
+    return [list(outputs)] if count == 1 else [[t[d] for t in outputs] for d in range(count)]
+
+
+def check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=0, paired_with=None):
     """The emulated forward and backward kernels on the op arguments `a`
-    (dense or packed) against the CPU ops."""
+    (dense or packed) against the CPU ops; paired_with: the arguments of a
+    second direction (the other way in time, the same shapes and rows) run
+    side by side with `a` in the same launches."""
+    cases = [a] if paired_with is None else [a, paired_with]
+    count = len(cases)
     op_cell = cell.split("_")[0]
     bias = a["b_ih"] is not None
     reverse, bs = a["reverse"], a["batch_sizes"]
     B, H = a["hx"].shape
     T = len(bs) if bs is not None else a["input"].shape[0]
-    x = a["input"].reshape(-1, a["input"].shape[-1])
-    N = x.shape[0]
+    N = a["input"].reshape(-1, a["input"].shape[-1]).shape[0]
+    kw = launch_kw(mode, bs, chunk, paired=count == 2)
 
     def seq(t):  # (N, H) as the ops' output shape
         return t if bs is not None else t.view(T, B, H)
 
-    ref = cpu_reference(op_cell, a)
-    xw = x @ a["w_ih"].t()
+    def arg(fn):
+        return stacked([fn(c) for c in cases])
+
+    refs = [cpu_reference(op_cell, c) for c in cases]
+    xs = [c["input"].reshape(N, -1) for c in cases]
     if cell == "gru":
-        bias_in, bias_hh = a["b_ih"], a["b_hh"]
+        biases = [(c["b_ih"], c["b_hh"]) for c in cases]
     else:
-        bias_in, bias_hh = (a["b_ih"] + a["b_hh"]) if bias else None, None
-    out, hy, cy, gates, cells, hn = emu.forward(
-        CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse,
-        cell in ("lstm", "gru"), units, tile, order, **launch_kw(mode, bs, chunk))
-    close(out, ref[0].reshape(N, H), "output", dtype)
-    close(hy, ref[1], "hy", dtype)
-    if cell == "lstm":
-        close(cy, ref[2], "cy", dtype)
-        close(gates, ref[3], "activated gates", dtype)
-        close(cells, ref[4], "cells", dtype)
-    if cell == "gru":
-        close(gates, ref[2], "activated gates", dtype)
-        close(hn, ref[3], "hidden_n", dtype)
+        biases = [((c["b_ih"] + c["b_hh"]) if bias else None, None) for c in cases]
+    outs = per_direction(emu.forward(
+        CELLS[cell], stacked([x @ c["w_ih"].t() for x, c in zip(xs, cases)]),
+        stacked([b[0] for b in biases]), stacked([b[1] for b in biases]), arg(lambda c: c["w_hh"]),
+        arg(lambda c: c["hx"]), arg(lambda c: c.get("cx")), T, B, reverse,
+        cell in ("lstm", "gru"), units, tile, order, **kw), count)
+    for d, (ref, (out, hy, cy, gates, cells, hn)) in enumerate(zip(refs, outs)):
+        what = f" (direction {d} of {count})"
+        close(out, ref[0].reshape(N, H), "output" + what, dtype)
+        close(hy, ref[1], "hy" + what, dtype)
+        if cell == "lstm":
+            close(cy, ref[2], "cy" + what, dtype)
+            close(gates, ref[3], "activated gates" + what, dtype)
+            close(cells, ref[4], "cells" + what, dtype)
+        if cell == "gru":
+            close(gates, ref[2], "activated gates" + what, dtype)
+            close(hn, ref[3], "hidden_n" + what, dtype)
 
     # backward from the same saved tensors, against the CPU backward op
     gen = torch.Generator().manual_seed(5)
-    go = torch.randn(N, H, generator=gen, dtype=dtype)
-    ghy = torch.randn(B, H, generator=gen, dtype=dtype)
-    gcy = torch.randn(B, H, generator=gen, dtype=dtype)
+    grads = [(torch.randn(N, H, generator=gen, dtype=dtype),
+              torch.randn(B, H, generator=gen, dtype=dtype),
+              torch.randn(B, H, generator=gen, dtype=dtype)) for _ in cases]
     ops = torch.ops.fused_rnn
-    output = ref[0]
+    go, ghy, gcy = (stacked([g[i] for g in grads]) for i in range(3))
+    expected = []
+    for c, ref, (go_d, ghy_d, gcy_d) in zip(cases, refs, grads):
+        r = c["reverse"]
+        if cell == "lstm":
+            expected.append(ops.lstm_backward(seq(go_d), ghy_d, gcy_d, c["input"], c["hx"],
+                                              c["cx"], c["w_ih"], c["w_hh"], None, ref[0],
+                                              ref[3], ref[4], bs, r, bias, True))
+        elif cell == "gru":
+            expected.append(ops.gru_backward(seq(go_d), ghy_d, c["input"], c["hx"], c["w_ih"],
+                                             c["w_hh"], ref[0], ref[2], ref[3], bs, r, bias,
+                                             True))
+        else:
+            expected.append(ops.rnn_backward(seq(go_d), ghy_d, c["input"], c["hx"], c["w_ih"],
+                                             c["w_hh"], ref[0], bs, r, c["relu"], bias, True))
+    w_hh = arg(lambda c: c["w_hh"])
     if cell == "lstm":
-        expected = ops.lstm_backward(seq(go), ghy, gcy, a["input"], a["hx"], a["cx"],
-                                     a["w_ih"], a["w_hh"], None, output, ref[3], ref[4], bs,
-                                     reverse, bias, True)
-        dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go, ghy, gcy, None, None, a["cx"], ref[3],
-                                       ref[4], None, T, B, reverse, units, tile, order,
-                                       **launch_kw(mode, bs, chunk))
-        close(gcx, expected[2], "grad_cx", dtype)
+        results = emu.backward(0, w_hh, go, ghy, gcy, None, None, arg(lambda c: c["cx"]),
+                               stacked([ref[3] for ref in refs]),
+                               stacked([ref[4] for ref in refs]), None, T, B, reverse, units,
+                               tile, order, **kw)
     elif cell == "gru":
-        expected = ops.gru_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
-                                    output, ref[2], ref[3], bs, reverse, bias, True)
-        dg, dgh, ghx, _ = emu.backward(1, a["w_hh"], go, ghy, None, output.reshape(N, H),
-                                       a["hx"], None, ref[2], None, ref[3], T, B, reverse, units,
-                                       tile, order, **launch_kw(mode, bs, chunk))
-        if bias:
-            close(dgh.sum(0), expected[5], "grad_b_hh", dtype)
+        results = emu.backward(1, w_hh, go, ghy, None,
+                               stacked([ref[0].reshape(N, H) for ref in refs]),
+                               arg(lambda c: c["hx"]), None, stacked([ref[2] for ref in refs]),
+                               None, stacked([ref[3] for ref in refs]), T, B, reverse, units,
+                               tile, order, **kw)
     else:
-        expected = ops.rnn_backward(seq(go), ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"],
-                                    output, bs, reverse, a["relu"], bias, True)
-        dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go, ghy, None,
-                                     output.reshape(N, H), None, None, None, None, None, T,
-                                     B, reverse, units, tile, order, **launch_kw(mode, bs, chunk))
-    close(ghx, expected[1], "grad_hx", dtype)
-    close((dg @ a["w_ih"]).view(a["input"].shape), expected[0], "grad_input", dtype)
-    grad_w_ih = expected[3] if cell == "lstm" else expected[2]
-    close(dg.t() @ x, grad_w_ih, "grad_w_ih", dtype)
-    if bias:
-        grad_bias = expected[5] if cell == "lstm" else expected[4]
-        close(dg.sum(0), grad_bias, "grad_bias", dtype)
+        results = emu.backward(CELLS[cell], w_hh, go, ghy, None,
+                               stacked([ref[0].reshape(N, H) for ref in refs]), None, None,
+                               None, None, None, T, B, reverse, units, tile, order, **kw)
+    for d, (c, x, exp, (dg, dgh, ghx, gcx)) in enumerate(
+            zip(cases, xs, expected, per_direction(results, count))):
+        what = f" (direction {d} of {count})"
+        if cell == "lstm":
+            close(gcx, exp[2], "grad_cx" + what, dtype)
+        if cell == "gru" and bias:
+            close(dgh.sum(0), exp[5], "grad_b_hh" + what, dtype)
+        close(ghx, exp[1], "grad_hx" + what, dtype)
+        close((dg @ c["w_ih"]).view(c["input"].shape), exp[0], "grad_input" + what, dtype)
+        grad_w_ih = exp[3] if cell == "lstm" else exp[2]
+        close(dg.t() @ x, grad_w_ih, "grad_w_ih" + what, dtype)
+        if bias:
+            grad_bias = exp[5] if cell == "lstm" else exp[4]
+            close(dg.sum(0), grad_bias, "grad_bias" + what, dtype)
 
 
 def rel_error(actual, expected):
@@ -328,7 +409,8 @@ def launches(draw):
                 B=len(lengths) if lengths else draw(st.integers(1, 20)),
                 T=draw(st.integers(1, 4)), chunk=draw(st.sampled_from([0, 16, 48, 4096])),
                 reverse=draw(st.booleans()), bias=draw(st.booleans()),
-                mode=draw(st.sampled_from(MODES)), order=draw(st.sampled_from([0, 1])))
+                mode=draw(st.sampled_from(MODES)), order=draw(st.sampled_from([0, 1])),
+                paired=draw(st.booleans()))
 
 
 @settings(max_examples=60, deadline=None)
@@ -336,11 +418,14 @@ def launches(draw):
 def test_emulated_random_launches(emu, launch):
     """Random combinations of what the fixed cases cover one at a time:
     packed rows over several passes and ragged tiles, chunked or whole
-    staging, the tagged ring, reverse time; float64 against the CPU ops."""
+    staging, the tagged ring, reverse time, both directions in one launch;
+    float64 against the CPU ops."""
     cell, lengths = launch["cell"], launch["lengths"]
     kw = dict(lengths=lengths) if lengths else dict(T=launch["T"])
-    a = make_op_args(cell.split("_")[0], B=launch["B"], I=4, H=launch["H"],
-                     bias=launch["bias"], reverse=launch["reverse"], dtype=torch.float64,
-                     relu=cell == "rnn_relu", **kw)
+    a, b = (make_op_args(cell.split("_")[0], B=launch["B"], I=4, H=launch["H"],
+                         bias=launch["bias"], reverse=launch["reverse"] != (seed == 1),
+                         dtype=torch.float64, relu=cell == "rnn_relu", seed=seed, **kw)
+            for seed in (0, 1))
     check_kernels(emu, cell, a, launch["units"], launch["tile"], launch["order"],
-                  launch["mode"], torch.float64, chunk=launch["chunk"])
+                  launch["mode"], torch.float64, chunk=launch["chunk"],
+                  paired_with=b if launch["paired"] else None)

@@ -18,15 +18,29 @@ namespace fused_rnn {
 namespace cuda {
 namespace persistent {
 
-extern template bool run_forward<PersistentCell::kLstm>(const PersistentForward&, const Plan&);
-extern template bool run_backward<PersistentCell::kLstm>(const PersistentBackward&, const Plan&);
-extern template bool run_forward<PersistentCell::kGru>(const PersistentForward&, const Plan&);
-extern template bool run_backward<PersistentCell::kGru>(const PersistentBackward&, const Plan&);
-extern template bool run_forward<PersistentCell::kRnnTanh>(const PersistentForward&, const Plan&);
-extern template bool run_backward<PersistentCell::kRnnTanh>(const PersistentBackward&,
+extern template bool run_forward<PersistentCell::kLstm>(const PersistentForward&,
+                                                            const PersistentForward*,
                                                             const Plan&);
-extern template bool run_forward<PersistentCell::kRnnRelu>(const PersistentForward&, const Plan&);
+extern template bool run_backward<PersistentCell::kLstm>(const PersistentBackward&,
+                                                             const PersistentBackward*,
+                                                             const Plan&);
+extern template bool run_forward<PersistentCell::kGru>(const PersistentForward&,
+                                                            const PersistentForward*,
+                                                            const Plan&);
+extern template bool run_backward<PersistentCell::kGru>(const PersistentBackward&,
+                                                             const PersistentBackward*,
+                                                             const Plan&);
+extern template bool run_forward<PersistentCell::kRnnTanh>(const PersistentForward&,
+                                                            const PersistentForward*,
+                                                            const Plan&);
+extern template bool run_backward<PersistentCell::kRnnTanh>(const PersistentBackward&,
+                                                            const PersistentBackward*,
+                                                            const Plan&);
+extern template bool run_forward<PersistentCell::kRnnRelu>(const PersistentForward&,
+                                                            const PersistentForward*,
+                                                            const Plan&);
 extern template bool run_backward<PersistentCell::kRnnRelu>(const PersistentBackward&,
+                                                            const PersistentBackward*,
                                                             const Plan&);
 
 namespace {
@@ -123,10 +137,12 @@ struct Decision {
   Plan plan;
 };
 
-// The choice for a shape on the current device. The reason (for explain)
-// is written only when `explain`: an op call needs just the plan.
+// The choice for a shape on the current device, for one direction of a
+// layer or (directions = 2) both directions of a bidirectional layer in one
+// launch, each on half of the SMs. The reason (for explain) is written only
+// when `explain`: an op call needs just the plan.
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                bool packed, bool proj, bool backward, bool explain) {
+                bool packed, bool proj, bool backward, int directions, bool explain) {
   Decision d;
   const KernelPath want = requested_kernel_path();
   const char* general = "general path (a cuBLAS GEMM and a fused pointwise kernel per step): ";
@@ -144,6 +160,8 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   if (hidden <= 0 || batch <= 0) return take_general("an empty hidden state");
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
+  // the SMs of one direction
+  const int64_t sms = std::max(1, limits.sms / directions);
   const int64_t G = gates_of(cell);
   const int64_t k = backward ? G * hidden : hidden;
   const int64_t rows_per_unit = backward ? 1 : G;
@@ -152,7 +170,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   // One unit per SM or more, as few as cover H on every SM: the persistent
   // grid; a stepwise grid takes more blocks than SMs where a block cannot
   // hold that many units' rows.
-  const int64_t units = (hidden + limits.sms - 1) / limits.sms;
+  const int64_t units = (hidden + sms - 1) / sms;
   const int64_t max_units = std::min<int64_t>(kMaxRows / rows_per_unit,
                                               kThreads / plan.batch_tile);
   const bool too_many_rows = units > max_units;
@@ -194,7 +212,10 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
           << (plan.batch_tile == kMmaTile ? " on tensor cores" : " on FMA units") << ", "
           << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
           << " side by side, the input staged " << step_tiling.chunk << " of " << k
-          << " columns at a time; " << because;
+          << " columns at a time"
+          << (directions > 1 ? "; both directions side by side in each launch (twice the blocks)"
+                             : "")
+          << "; " << because;
       d.choice.reason = why.str();
     }
     return d;
@@ -210,24 +231,30 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   if (too_many_rows) {
     if (explain)
       why << "H=" << hidden << " needs " << units << " hidden units (" << rows_per_unit * units
-          << " weight rows) per block on " << limits.sms
-          << " SMs; a persistent block holds at most " << kMaxRows << " rows and "
+          << " weight rows) per block on " << sms << " SMs"
+          << (directions > 1 ? " per direction" : "")
+          << "; a persistent block holds at most " << kMaxRows << " rows and "
           << kThreads / plan.batch_tile << " units";
     return take_general(why.str());
   }
   if (plan.shared_bytes > static_cast<size_t>(limits.shared_optin)) {
     if (explain)
       why << "the weights need " << plan.shared_bytes / 1024
-          << " KiB of shared memory per block on " << limits.sms << " SMs; a block may have "
+          << " KiB of shared memory per block on " << sms << " SMs"
+          << (directions > 1 ? " per direction" : "") << "; a block may have "
           << limits.shared_optin / 1024 << " KiB";
     return take_general(why.str());
   }
-  const int64_t work = rows * k * batch;
+  // The rule compares one direction's persistent kernel with the per-step
+  // GEMMs; both directions side by side are the same work over half the
+  // SMs each, no slower than one direction after the other, so a pair is
+  // held to the rule at the work of one direction's plan.
+  const int64_t work = rows * k * batch / directions;
   const int64_t max_work =
       plan.batch_tile == kMmaTile && !backward ? kAutoMaxWorkMma : kAutoMaxWork;
   if (want == KernelPath::kAuto && batch > kAutoLatencyBatch && work > max_work) {
     if (explain)
-      why << rows << " x " << k << " weights x " << batch
+      why << rows / directions << " x " << k << " weights x " << batch
           << " sequences of work per block and step (more than " << max_work
           << "), where the per-step GEMMs are faster (the persistent kernel would fit: "
              "FUSED_RNN_KERNEL_PATH=persistent forces it)";
@@ -237,13 +264,15 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
     return take_stepwise("this device takes no cooperative launches, so no persistent kernel");
   }
   d.choice.path = KernelPath::kPersistent;
-  const int64_t extra = tagged_extra_bytes(plan.blocks, batch, k, dtype);
+  const int64_t extra = directions * tagged_extra_bytes(plan.blocks, batch, k, dtype);
   const GridSync sync = grid_sync();
   plan.tagged = sync == GridSync::kTags || (sync == GridSync::kAuto && extra <= kTaggedExtraBytes);
   if (!explain) return d;
   const Tiling& tl = shared_tiling;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
-      << ", one cooperative launch for the whole sequence): " << plan.blocks << " blocks x "
+      << (directions > 1 ? ", both directions of the layer side by side" : "")
+      << ", one cooperative launch for the whole sequence): "
+      << (directions > 1 ? "2 x " : "") << plan.blocks << " blocks x "
       << kThreads << " threads, " << plan.units << " hidden unit"
       << (plan.units == 1 ? "" : "s") << " per block, W_hh" << (backward ? "^T" : "")
       << " slice of " << rows << " x " << k << " in " << plan.shared_bytes / 1024
@@ -313,17 +342,18 @@ void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
+bool launch_cooperative(const void* kernel, const Plan& plan, int directions, void* params) {
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
   raise_shared_limit(kernel, device, limits);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                plan.shared_bytes));
-  if (static_cast<int64_t>(per_sm) * limits.sms < plan.blocks) return false;
+  const int blocks = directions * plan.blocks;
+  if (static_cast<int64_t>(per_sm) * limits.sms < blocks) return false;
   void* args[] = {params};
   const cudaError_t err =
-      cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+      cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), args,
                                   plan.shared_bytes, c10::cuda::getCurrentCUDAStream());
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     // Not co-resident now (MPS limits, say): nothing ran; the caller runs
@@ -339,40 +369,56 @@ bool launch_cooperative(const void* kernel, const Plan& plan, void* params) {
 }  // namespace persistent
 
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                       bool packed, bool proj, bool backward) {
-  return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, true).choice;
+                       bool packed, bool proj, bool backward, bool bidirectional) {
+  if (!bidirectional) {
+    return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true)
+        .choice;
+  }
+  PathChoice pair =
+      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 2, true).choice;
+  if (pair.path != KernelPath::kGeneral) return pair;
+  // each direction on its own, one after the other
+  PathChoice single =
+      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true).choice;
+  if (single.path == KernelPath::kGeneral) return single;
+  single.reason += "; each direction on its own, one after the other (side by side, on half "
+                   "the SMs each, they would take the " +
+                   pair.reason + ")";
+  return single;
 }
 
 namespace {
 
 using persistent::Plan;
 
-bool run_forward_cell(const PersistentForward& a, const Plan& plan) {
+bool run_forward_cell(const PersistentForward& a, const PersistentForward* second,
+                      const Plan& plan) {
   using persistent::run_forward;
   switch (a.cell) {
     case PersistentCell::kLstm:
-      return run_forward<PersistentCell::kLstm>(a, plan);
+      return run_forward<PersistentCell::kLstm>(a, second, plan);
     case PersistentCell::kGru:
-      return run_forward<PersistentCell::kGru>(a, plan);
+      return run_forward<PersistentCell::kGru>(a, second, plan);
     case PersistentCell::kRnnTanh:
-      return run_forward<PersistentCell::kRnnTanh>(a, plan);
+      return run_forward<PersistentCell::kRnnTanh>(a, second, plan);
     case PersistentCell::kRnnRelu:
-      return run_forward<PersistentCell::kRnnRelu>(a, plan);
+      return run_forward<PersistentCell::kRnnRelu>(a, second, plan);
   }
   return false;
 }
 
-bool run_backward_cell(const PersistentBackward& a, const Plan& plan) {
+bool run_backward_cell(const PersistentBackward& a, const PersistentBackward* second,
+                       const Plan& plan) {
   using persistent::run_backward;
   switch (a.cell) {
     case PersistentCell::kLstm:
-      return run_backward<PersistentCell::kLstm>(a, plan);
+      return run_backward<PersistentCell::kLstm>(a, second, plan);
     case PersistentCell::kGru:
-      return run_backward<PersistentCell::kGru>(a, plan);
+      return run_backward<PersistentCell::kGru>(a, second, plan);
     case PersistentCell::kRnnTanh:
-      return run_backward<PersistentCell::kRnnTanh>(a, plan);
+      return run_backward<PersistentCell::kRnnTanh>(a, second, plan);
     case PersistentCell::kRnnRelu:
-      return run_backward<PersistentCell::kRnnRelu>(a, plan);
+      return run_backward<PersistentCell::kRnnRelu>(a, second, plan);
   }
   return false;
 }
@@ -389,17 +435,34 @@ Plan stepwise(Plan plan) {
 bool persistent_forward(const PersistentForward& a) {
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
                                     /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/false, /*explain=*/false);
+                                    /*backward=*/false, /*directions=*/1, /*explain=*/false);
   if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_forward_cell(a, d.plan) || run_forward_cell(a, stepwise(d.plan));
+  return run_forward_cell(a, nullptr, d.plan) || run_forward_cell(a, nullptr, stepwise(d.plan));
 }
 
 bool persistent_backward(const PersistentBackward& a) {
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
                                     /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/true, /*explain=*/false);
+                                    /*backward=*/true, /*directions=*/1, /*explain=*/false);
   if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_backward_cell(a, d.plan) || run_backward_cell(a, stepwise(d.plan));
+  return run_backward_cell(a, nullptr, d.plan) ||
+         run_backward_cell(a, nullptr, stepwise(d.plan));
+}
+
+bool persistent_forward_pair(const PersistentForward& a, const PersistentForward& b) {
+  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
+                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
+                                    /*backward=*/false, /*directions=*/2, /*explain=*/false);
+  if (d.choice.path == KernelPath::kGeneral) return false;
+  return run_forward_cell(a, &b, d.plan) || run_forward_cell(a, &b, stepwise(d.plan));
+}
+
+bool persistent_backward_pair(const PersistentBackward& a, const PersistentBackward& b) {
+  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
+                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
+                                    /*backward=*/true, /*directions=*/2, /*explain=*/false);
+  if (d.choice.path == KernelPath::kGeneral) return false;
+  return run_backward_cell(a, &b, d.plan) || run_backward_cell(a, &b, stepwise(d.plan));
 }
 
 }  // namespace cuda

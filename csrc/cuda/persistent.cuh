@@ -47,6 +47,12 @@
 #else
 #define FR_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
+// A kernel parameter read in place, by reference (not copied to local memory).
+#if defined(FUSED_RNN_EMULATION)
+#define FR_GRID_CONSTANT
+#else
+#define FR_GRID_CONSTANT __grid_constant__
+#endif
 
 namespace fused_rnn {
 namespace cuda {
@@ -227,19 +233,23 @@ inline std::vector<int64_t> packed_step_table(const std::vector<int64_t>& batch_
   return table;
 }
 
-// The launches of a stepwise run, in order: launch(s, rows of step s) for
-// forward steps 0 .. T-1, backward T-1 down to -1 (grad_hx); batch_sizes:
-// the rows of each time step of packed input, empty for dense input. The
-// CUDA launcher (persistent_launch.cuh) and the CPU emulation both use it.
+// The launches of a stepwise run, in order: launch(s, rows) for forward
+// steps 0 .. T-1, backward T-1 down to -1 (grad_hx), where rows(reverse)
+// gives the StepRows of processed step s in that direction (a launch may
+// run both directions of a layer); batch_sizes: the rows of each time step
+// of packed input, empty for dense input. The CUDA launcher
+// (persistent_launch.cuh) and the CPU emulation both use it.
 template <bool kBackward, typename Launch>
-void for_each_step(int64_t steps, int64_t batch, bool reverse,
-                   const std::vector<int64_t>& batch_sizes, Launch launch) {
+void for_each_step(int64_t steps, int64_t batch, const std::vector<int64_t>& batch_sizes,
+                   Launch launch) {
   const std::vector<int64_t> table = packed_step_table(batch_sizes);
   for (int64_t s = kBackward ? steps - 1 : 0; kBackward ? s >= -1 : s < steps;
        s += kBackward ? -1 : 1) {
-    launch(s, batch_sizes.empty()
-                  ? dense_step_rows(s, steps, batch, reverse)
-                  : packed_step_rows(table.data(), table.data() + steps, steps, s, reverse));
+    launch(s, [&](bool reverse) {
+      return batch_sizes.empty()
+                 ? dense_step_rows(s, steps, batch, reverse)
+                 : packed_step_rows(table.data(), table.data() + steps, steps, s, reverse);
+    });
   }
 }
 
@@ -318,6 +328,27 @@ struct BackwardParams {
   scalar_t* grad_hx;         // (B, H)
   scalar_t* grad_cx;         // (B, H) LSTM
   T* carry;                  // (B, H) LSTM: dc; GRU: z * dh, the direct part of dh_{t-1}
+};
+
+// What one launch runs: one layer in one direction, or both directions of a
+// bidirectional layer side by side (blocks [0, blocks) run dir[0], blocks
+// [blocks, 2 * blocks) dir[1]; same shapes, each its own tensors, ring and
+// `reverse`). Both walk the same number of steps, so that in a cooperative
+// launch without the tagged exchange every block meets the other
+// direction's blocks at each step's grid barrier. Passed as a
+// __grid_constant__ kernel parameter: a block reads its direction's
+// parameters in place (constant memory), with no copy to local memory.
+template <typename Params>
+struct Directions {
+  Params dir[2];
+  int count;   // 1 or 2
+  int blocks;  // per direction
+  __device__ __forceinline__ int direction_of_block() const {
+    return count > 1 && static_cast<int>(blockIdx.x) >= blocks ? 1 : 0;
+  }
+  __device__ __forceinline__ int block_in_direction(int direction) const {
+    return static_cast<int>(blockIdx.x) - direction * blocks;
+  }
 };
 
 template <PersistentCell kCell>
@@ -799,13 +830,13 @@ template <bool kBackward, typename scalar_t>
 __device__ __forceinline__ const scalar_t* block_slice(const scalar_t* slices, const Tiling& tl,
                                                        unsigned char* shared,
                                                        const scalar_t* w_hh, int H, int J,
-                                                       int k) {
-  if (slices) return slices + blockIdx.x * slice_elements(tl);
+                                                       int k, int block) {
+  if (slices) return slices + block * slice_elements(tl);
   scalar_t* w = reinterpret_cast<scalar_t*>(shared);
   if constexpr (kBackward) {
-    load_backward_slice(w, tl, w_hh, H, J, k, blockIdx.x);
+    load_backward_slice(w, tl, w_hh, H, J, k, block);
   } else {
-    load_forward_slice(w, tl, w_hh, H, J, blockIdx.x);
+    load_forward_slice(w, tl, w_hh, H, J, block);
   }
   return w;
 }
@@ -824,16 +855,20 @@ __device__ __forceinline__ StepRows rows_of_step(const Params& p, int64_t s) {
 
 // ------------------------------------------------------------ forward
 template <PersistentCell kCell, int BT, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_kernel(const FR_GRID_CONSTANT Directions<ForwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
   FR_DYNAMIC_SHARED(shared);
+  const int direction = launch.direction_of_block();
+  const ForwardParams<scalar_t>& p = launch.dir[direction];
+  const int block = launch.block_in_direction(direction);
   const int H = p.hidden, J = p.units, rows = G * J;
-  const int j0 = blockIdx.x * J;
+  const int j0 = block * J;
   const int64_t B = p.batch;
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
                                 p.slices == nullptr, p.chunk);
-  const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H);
+  const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
@@ -935,17 +970,21 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(ForwardParams<scal
 // dh_rec = (gate gradients of step s+1) @ W_hh, which block_matvec forms
 // from the slice of W_hh^T.
 template <PersistentCell kCell, int BT, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1) backward_kernel(BackwardParams<scalar_t> p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_kernel(const FR_GRID_CONSTANT Directions<BackwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
   FR_DYNAMIC_SHARED(shared);
+  const int direction = launch.direction_of_block();
+  const BackwardParams<scalar_t>& p = launch.dir[direction];
+  const int block = launch.block_in_direction(direction);
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
-  const int j0 = blockIdx.x * J;
+  const int j0 = block * J;
   const int64_t B = p.batch;
   const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
                                 p.slices == nullptr, p.chunk);
   // (step T-1 does not read the slice)
-  const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k);
+  const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.

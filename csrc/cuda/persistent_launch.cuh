@@ -22,7 +22,7 @@ namespace persistent {
 struct Plan {
   bool stepwise = false;  // one launch per step (else one cooperative launch)
   bool tagged = false;    // a cooperative launch exchanges rows tagged (no grid barrier)
-  int blocks = 0;         // grid size, ceil(H / units)
+  int blocks = 0;         // grid size per direction, ceil(H / units)
   int units = 0;          // J, hidden units per block
   int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile
   int chunk = 0;          // staged columns (make_tiling), the persistent kernel
@@ -32,9 +32,10 @@ struct Plan {
 };
 
 // Cooperative launch of `kernel` (one argument, *params) on the current
-// stream. Returns false, having launched nothing, when the grid cannot be
-// co-resident on the current device now (other work or MPS limits).
-bool launch_cooperative(const void* kernel, const Plan& plan, void* params);
+// stream, `directions` x plan.blocks blocks. Returns false, having launched
+// nothing, when the grid cannot be co-resident on the current device now
+// (other work or MPS limits).
+bool launch_cooperative(const void* kernel, const Plan& plan, int directions, void* params);
 // Lets `kernel` have the current device's dynamic shared memory (once per
 // kernel and device); before launch_blocks.
 void allow_shared_memory(const void* kernel);
@@ -102,127 +103,174 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
   return slices;
 }
 
-// Runs `kernel` over the steps (batch_sizes: the rows of each time step of
-// packed input, empty for dense input): one cooperative launch for all of
-// them (plan.tagged: the blocks pass each step's rows through a zeroed
-// tagged ring, else meet at a grid barrier), packed input's rows read from
-// a step table on the device (false,
-// nothing launched, when the grid cannot be co-resident now, or for packed
-// input while the stream is being captured), or, when plan.stepwise, the
-// weight slices of w_hh packed and one launch per step with the rows of its
-// step. Forward steps run 0 .. T-1, backward T-1 down to -1 (grad_hx).
+// Runs `kernel` over the steps of launch.count directions (each with its
+// W_hh in w_hh[d]; batch_sizes: the rows of each time step of packed input,
+// empty for dense input, the same for both directions): one cooperative
+// launch for all of them (plan.tagged: each direction's blocks pass each
+// step's rows through their own zeroed tagged ring, else the whole grid
+// meets at a barrier per step), packed input's rows read from a step table
+// on the device (false, nothing launched, when the grid cannot be
+// co-resident now, or for packed input while the stream is being captured),
+// or, when plan.stepwise, the weight slices of each w_hh packed and one
+// launch per step with the rows of its step in each direction. Forward
+// steps run 0 .. T-1, backward T-1 down to -1 (grad_hx). plan.blocks is per
+// direction; the grid has launch.count times as many.
 template <int G, bool kBackward, typename scalar_t, typename Params>
-bool launch_steps(const void* kernel, const Plan& plan, Params& p, const at::Tensor& w_hh,
-                  const std::vector<int64_t>& batch_sizes) {
-  p.chunk = plan.stepwise ? plan.step_chunk : plan.chunk;
+bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& launch,
+                  const at::Tensor (&w_hh)[2], const std::vector<int64_t>& batch_sizes) {
+  launch.blocks = plan.blocks;
+  const int count = launch.count;
+  for (int d = 0; d < count; ++d) launch.dir[d].chunk = plan.stepwise ? plan.step_chunk : plan.chunk;
   if (!plan.stepwise) {
-    p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
-    p.slices = nullptr;
     // These live until the launch is enqueued: the caching allocator orders
     // their reuse after the kernel on the stream.
     at::Tensor table, ring;
     if (!batch_sizes.empty()) {
-      table = step_table_on_device(batch_sizes, w_hh.device());
+      table = step_table_on_device(batch_sizes, w_hh[0].device());
       if (!table.defined()) return false;
-      p.step_table = data<int64_t>(table);
     }
-    if (plan.tagged) {
-      // two slots of the rows the next product reads, zeroed (exchange_put)
-      const int64_t width = kBackward ? G * w_hh.size(1) : w_hh.size(1);
-      ring = at::zeros({exchange_ring_words<scalar_t>(p.batch, width)},
-                       w_hh.options().dtype(at::kLong));
-      p.exchange = reinterpret_cast<uint64_t*>(data<int64_t>(ring));
+    const Params& first = launch.dir[0];
+    // per direction, two slots of the rows the next product reads, zeroed (exchange_put)
+    const int64_t width = kBackward ? G * w_hh[0].size(1) : w_hh[0].size(1);
+    const int64_t words = exchange_ring_words<scalar_t>(first.batch, width);
+    if (plan.tagged) ring = at::zeros({count * words}, w_hh[0].options().dtype(at::kLong));
+    for (int d = 0; d < count; ++d) {
+      Params& p = launch.dir[d];
+      p.run = {kBackward ? p.steps - 1 : 0, kBackward ? -1 : p.steps, true};
+      p.slices = nullptr;
+      p.step_table = table.defined() ? data<int64_t>(table) : nullptr;
+      p.exchange = plan.tagged ? reinterpret_cast<uint64_t*>(data<int64_t>(ring)) + d * words
+                               : nullptr;
     }
-    return launch_cooperative(kernel, plan, &p);
+    return launch_cooperative(kernel, plan, count, &launch);
   }
-  const at::Tensor slices = pack_slices<G, kBackward, scalar_t>(w_hh, plan, p.batch);
-  p.slices = data<scalar_t>(slices);
+  at::Tensor slices[2];
+  for (int d = 0; d < count; ++d) {
+    slices[d] = pack_slices<G, kBackward, scalar_t>(w_hh[d], plan, launch.dir[d].batch);
+    launch.dir[d].slices = data<scalar_t>(slices[d]);
+  }
   allow_shared_memory(kernel);
-  void* args[] = {&p};  // read at each launch: the next step may change p
-  for_each_step<kBackward>(p.steps, p.batch, p.reverse, batch_sizes,
-                           [&](int64_t s, const StepRows& rows) {
-                             p.run = {s, kBackward ? s : s + 1, false};
-                             p.step = rows;
-                             launch_blocks(kernel, plan.blocks, plan.step_shared_bytes, args);
+  void* args[] = {&launch};  // read at each launch: the next step changes it
+  for_each_step<kBackward>(launch.dir[0].steps, launch.dir[0].batch, batch_sizes,
+                           [&](int64_t s, const auto& rows) {
+                             for (int d = 0; d < count; ++d) {
+                               Params& p = launch.dir[d];
+                               p.run = {s, kBackward ? s : s + 1, false};
+                               p.step = rows(p.reverse);
+                             }
+                             launch_blocks(kernel, count * plan.blocks, plan.step_shared_bytes,
+                                           args);
                            });
   return true;
 }
 
+template <typename scalar_t>
+ForwardParams<scalar_t> forward_params(const PersistentForward& a, const Plan& plan,
+                                       const at::Tensor& state) {
+  using T = at::opmath_type<scalar_t>;
+  ForwardParams<scalar_t> p{};
+  p.steps = a.steps;
+  p.batch = a.batch;
+  p.hidden = static_cast<int>(a.w_hh.size(1));
+  p.units = plan.units;
+  p.reverse = a.reverse;
+  p.keep_gates = a.keep_gates;
+  p.xw = data<scalar_t>(a.xw);
+  p.bias = data<scalar_t>(a.bias);
+  p.bias_hh = data<scalar_t>(a.bias_hh);
+  p.w_hh = data<scalar_t>(a.w_hh);
+  p.hx = data<scalar_t>(a.hx);
+  p.cx = data<scalar_t>(a.cx);
+  p.out = data<scalar_t>(a.out);
+  p.hy = data<scalar_t>(a.hy);
+  p.cy = data<scalar_t>(a.cy);
+  p.cells = data<scalar_t>(a.cells);
+  p.hn = data<scalar_t>(a.hn);
+  p.state = data<T>(state);
+  return p;
+}
+
+template <typename scalar_t>
+BackwardParams<scalar_t> backward_params(const PersistentBackward& a, const Plan& plan,
+                                         const at::Tensor& carry) {
+  using T = at::opmath_type<scalar_t>;
+  BackwardParams<scalar_t> p{};
+  p.steps = a.steps;
+  p.batch = a.batch;
+  p.hidden = static_cast<int>(a.w_hh.size(1));
+  p.units = plan.units;
+  p.reverse = a.reverse;
+  p.w_hh = data<scalar_t>(a.w_hh);
+  p.grad_out = data<scalar_t>(a.grad_out);
+  p.grad_hy = data<scalar_t>(a.grad_hy);
+  p.grad_cy = data<scalar_t>(a.grad_cy);
+  p.out = data<scalar_t>(a.out);
+  p.hx = data<scalar_t>(a.hx);
+  p.cx = data<scalar_t>(a.cx);
+  p.gates = data<scalar_t>(a.gates);
+  p.cells = data<scalar_t>(a.cells);
+  p.hn = data<scalar_t>(a.hn);
+  p.dgates = data<scalar_t>(a.dgates);
+  p.dgates_h = data<scalar_t>(a.dgates_h);
+  p.grad_hx = data<scalar_t>(a.grad_hx);
+  p.grad_cx = data<scalar_t>(a.grad_cx);
+  p.carry = data<T>(carry);
+  return p;
+}
+
+// Runs one direction (second null) or both directions of a layer
+// (`second`: the same shapes, dtype and batch_sizes as `a`) in one launch
+// of the plan; false as launch_steps.
 template <PersistentCell kCell>
-bool run_forward(const PersistentForward& a, const Plan& plan) {
+bool run_forward(const PersistentForward& a, const PersistentForward* second, const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.xw.scalar_type(), "fused_rnn_persistent_forward", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const int64_t B = a.batch, H = a.w_hh.size(1);
-    // LSTM's cell state runs in the math type between steps.
-    const at::Tensor state =
-        kCell == PersistentCell::kLstm
-            ? at::empty({B, H}, a.xw.options().dtype(at::toOpMathType(a.xw.scalar_type())))
-            : at::Tensor();
-    ForwardParams<scalar_t> p{};
-    p.steps = a.steps;
-    p.batch = B;
-    p.hidden = static_cast<int>(H);
-    p.units = plan.units;
-    p.reverse = a.reverse;
-    p.keep_gates = a.keep_gates;
-    p.xw = data<scalar_t>(a.xw);
-    p.bias = data<scalar_t>(a.bias);
-    p.bias_hh = data<scalar_t>(a.bias_hh);
-    p.w_hh = data<scalar_t>(a.w_hh);
-    p.hx = data<scalar_t>(a.hx);
-    p.cx = data<scalar_t>(a.cx);
-    p.out = data<scalar_t>(a.out);
-    p.hy = data<scalar_t>(a.hy);
-    p.cy = data<scalar_t>(a.cy);
-    p.cells = data<scalar_t>(a.cells);
-    p.hn = data<scalar_t>(a.hn);
-    p.state = data<T>(state);
+    const PersistentForward* dirs[2] = {&a, second};
+    Directions<ForwardParams<scalar_t>> launch{};
+    launch.count = second ? 2 : 1;
+    at::Tensor state[2], w_hh[2];
+    for (int d = 0; d < launch.count; ++d) {
+      const PersistentForward& x = *dirs[d];
+      // LSTM's cell state runs in the math type between steps.
+      if (kCell == PersistentCell::kLstm) {
+        state[d] = at::empty({x.batch, x.w_hh.size(1)},
+                             x.xw.options().dtype(at::toOpMathType(x.xw.scalar_type())));
+      }
+      w_hh[d] = x.w_hh;
+      launch.dir[d] = forward_params<scalar_t>(x, plan, state[d]);
+    }
     launched = launch_steps<gate_count<kCell>(), false, scalar_t>(
         tiled(plan, forward_kernel<kCell, 1, scalar_t>,
               forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, p, a.w_hh, a.batch_sizes);
+        plan, launch, w_hh, a.batch_sizes);
   });
   return launched;
 }
 
 template <PersistentCell kCell>
-bool run_backward(const PersistentBackward& a, const Plan& plan) {
+bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
+                  const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.grad_out.scalar_type(), "fused_rnn_persistent_backward", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const int64_t B = a.batch, H = a.w_hh.size(1);
-    // LSTM's dc and GRU's z * dh run in the math type between steps.
-    const at::Tensor carry =
-        kCell == PersistentCell::kLstm || kCell == PersistentCell::kGru
-            ? at::empty({B, H},
-                        a.grad_out.options().dtype(at::toOpMathType(a.grad_out.scalar_type())))
-            : at::Tensor();
-    BackwardParams<scalar_t> p{};
-    p.steps = a.steps;
-    p.batch = B;
-    p.hidden = static_cast<int>(H);
-    p.units = plan.units;
-    p.reverse = a.reverse;
-    p.w_hh = data<scalar_t>(a.w_hh);
-    p.grad_out = data<scalar_t>(a.grad_out);
-    p.grad_hy = data<scalar_t>(a.grad_hy);
-    p.grad_cy = data<scalar_t>(a.grad_cy);
-    p.out = data<scalar_t>(a.out);
-    p.hx = data<scalar_t>(a.hx);
-    p.cx = data<scalar_t>(a.cx);
-    p.gates = data<scalar_t>(a.gates);
-    p.cells = data<scalar_t>(a.cells);
-    p.hn = data<scalar_t>(a.hn);
-    p.dgates = data<scalar_t>(a.dgates);
-    p.dgates_h = data<scalar_t>(a.dgates_h);
-    p.grad_hx = data<scalar_t>(a.grad_hx);
-    p.grad_cx = data<scalar_t>(a.grad_cx);
-    p.carry = data<T>(carry);
+    const PersistentBackward* dirs[2] = {&a, second};
+    Directions<BackwardParams<scalar_t>> launch{};
+    launch.count = second ? 2 : 1;
+    at::Tensor carry[2], w_hh[2];
+    for (int d = 0; d < launch.count; ++d) {
+      const PersistentBackward& x = *dirs[d];
+      // LSTM's dc and GRU's z * dh run in the math type between steps.
+      if (kCell == PersistentCell::kLstm || kCell == PersistentCell::kGru) {
+        carry[d] = at::empty({x.batch, x.w_hh.size(1)},
+                             x.grad_out.options().dtype(
+                                 at::toOpMathType(x.grad_out.scalar_type())));
+      }
+      w_hh[d] = x.w_hh;
+      launch.dir[d] = backward_params<scalar_t>(x, plan, carry[d]);
+    }
     launched = launch_steps<gate_count<kCell>(), true, scalar_t>(
         tiled(plan, backward_kernel<kCell, 1, scalar_t>,
               backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, p, a.w_hh, a.batch_sizes);
+        plan, launch, w_hh, a.batch_sizes);
   });
   return launched;
 }

@@ -2,7 +2,8 @@
 // cuda_emu.h (order: 0 runs the threads of each phase in ascending order, 1
 // in descending), as two ops of the namespace fused_rnn_emu, for
 // tests/test_persistent_emulation.py: one cooperative launch, or
-// (stepwise) the packed weight slices and one launch per step. They fill
+// (stepwise) the packed weight slices and one launch per step; one
+// direction of a layer, or both side by side (paired). They fill
 // the kernels' parameters as csrc/cuda/persistent_launch.cuh does, with the
 // units per block given rather than derived from a GPU's SM count.
 #include "cuda_emu.h"
@@ -67,42 +68,59 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
   return slices;
 }
 
-// Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does:
-// one cooperative launch (packed input: its rows from the step table;
-// tagged: the blocks exchange rows through the tagged ring, no grid
-// barrier), or (stepwise) the weight slices packed and one
-// launch per step with the rows of its step (batch_sizes: packed input;
-// empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`: the
-// launch's tiling (its bytes of dynamic shared memory), `units` per block.
+// Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does,
+// for launch.count directions (w_hh[d] each; both directions of a layer
+// side by side, blocks of direction 1 after those of direction 0): one
+// cooperative launch (packed input: its rows from the step table; tagged:
+// each direction's blocks exchange rows through their own tagged ring, no
+// grid barrier), or (stepwise) the weight slices packed and one launch per
+// step with the rows of its step in each direction (batch_sizes: packed
+// input; empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`:
+// the launch's tiling (its bytes of dynamic shared memory), `units` per
+// block.
 template <int G, bool kBackward, int BT, typename scalar_t, typename Params, typename Kernel>
-void run_steps(Params& prm, const Tensor& w_hh, const p::Tiling& tl, int units, bool stepwise,
-               bool tagged, int64_t order, const std::vector<int64_t>& batch_sizes,
-               Kernel kernel) {
-  const int blocks = (prm.hidden + units - 1) / units;
+void run_steps(p::Directions<Params>& launch, const std::vector<Tensor>& w_hh,
+               const p::Tiling& tl, int units, bool stepwise, bool tagged, int64_t order,
+               const std::vector<int64_t>& batch_sizes, Kernel kernel) {
+  const int count = launch.count;
+  const Params& first = launch.dir[0];
+  const int blocks = (first.hidden + units - 1) / units;
+  launch.blocks = blocks;
   if (!stepwise) {
-    prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
-    prm.slices = nullptr;
     // packed input: the step table the launcher copies to the device
     const std::vector<int64_t> table = p::packed_step_table(batch_sizes);
-    prm.step_table = batch_sizes.empty() ? nullptr : table.data();
-    // tagged: the zeroed two-slot ring the blocks pass each step's rows through
-    const int64_t width = kBackward ? G * prm.hidden : prm.hidden;
-    std::vector<uint64_t> ring(tagged ? p::exchange_ring_words<scalar_t>(prm.batch, width) : 0);
-    prm.exchange = tagged ? ring.data() : nullptr;
-    fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes, static_cast<int>(order),
-                          [&] { kernel(prm); });
+    // tagged: per direction, the zeroed two-slot ring the blocks pass each
+    // step's rows through
+    const int64_t width = kBackward ? G * first.hidden : first.hidden;
+    const int64_t words = p::exchange_ring_words<scalar_t>(first.batch, width);
+    std::vector<uint64_t> ring(tagged ? count * words : 0);
+    for (int d = 0; d < count; ++d) {
+      Params& prm = launch.dir[d];
+      prm.run = {kBackward ? prm.steps - 1 : 0, kBackward ? -1 : prm.steps, true};
+      prm.slices = nullptr;
+      prm.step_table = batch_sizes.empty() ? nullptr : table.data();
+      prm.exchange = tagged ? ring.data() + d * words : nullptr;
+    }
+    fused_rnn_emu::launch(count * blocks, p::kThreads, tl.bytes, static_cast<int>(order),
+                          [&] { kernel(launch); });
     return;
   }
-  const Tensor slices =
-      pack_slices<G, kBackward, BT, scalar_t>(w_hh, tl, blocks, units, prm.batch, order);
-  prm.slices = slices.data_ptr<scalar_t>();
-  p::for_each_step<kBackward>(prm.steps, prm.batch, prm.reverse, batch_sizes,
-                              [&](int64_t s, const p::StepRows& rows) {
-                                prm.run = {s, kBackward ? s : s + 1, false};
-                                prm.step = rows;
-                                fused_rnn_emu::launch(blocks, p::kThreads, tl.bytes,
+  std::vector<Tensor> slices;
+  for (int d = 0; d < count; ++d) {
+    slices.push_back(pack_slices<G, kBackward, BT, scalar_t>(w_hh[d], tl, blocks, units,
+                                                             first.batch, order));
+    launch.dir[d].slices = slices.back().data_ptr<scalar_t>();
+  }
+  p::for_each_step<kBackward>(first.steps, first.batch, batch_sizes,
+                              [&](int64_t s, const auto& rows) {
+                                for (int d = 0; d < count; ++d) {
+                                  Params& prm = launch.dir[d];
+                                  prm.run = {s, kBackward ? s : s + 1, false};
+                                  prm.step = rows(prm.reverse);
+                                }
+                                fused_rnn_emu::launch(count * blocks, p::kThreads, tl.bytes,
                                                       static_cast<int>(order),
-                                                      [&] { kernel(prm); });
+                                                      [&] { kernel(launch); });
                               });
 }
 
@@ -114,44 +132,84 @@ std::vector<int64_t> sizes_of(const optional<Tensor>& batch_sizes) {
   return std::vector<int64_t>(b.data_ptr<int64_t>(), b.data_ptr<int64_t>() + b.numel());
 }
 
+// Direction d's part of an argument: the tensor itself for one direction,
+// its d-th slice when `paired` (every tensor argument then stacks both
+// directions along a leading dimension of 2).
+optional<Tensor> part(const optional<Tensor>& t, int d, bool paired) {
+  if (!t.has_value() || !paired) return t;
+  return t->select(0, d).contiguous();
+}
+Tensor part(const Tensor& t, int d, bool paired) { return paired ? t.select(0, d).contiguous() : t; }
+
+// The outputs of every direction, stacked along a leading dimension when paired.
+std::vector<Tensor> stack_directions(const std::vector<std::vector<Tensor>>& per_direction) {
+  if (per_direction.size() == 1) return per_direction[0];
+  std::vector<Tensor> out;
+  for (size_t i = 0; i < per_direction[0].size(); ++i) {
+    out.push_back(at::stack({per_direction[0][i], per_direction[1][i]}));
+  }
+  return out;
+}
+
 // Returns out, hy, cy, xw (activated gates when keep_gates), cells, hn.
+// paired: both directions of a layer in one launch, every tensor argument
+// (d, ...) with direction 0 walking as `reverse` says and direction 1 the
+// other way; every output then (2, ...).
 std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Tensor>& bias,
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
                             int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                            const optional<Tensor>& batch_sizes, int64_t chunk) {
-  const int64_t H = w_hh.size(1), G = gates(cell), N = xw_in.size(0);
+                            const optional<Tensor>& batch_sizes, int64_t chunk, bool paired) {
+  const int count = paired ? 2 : 1;
+  const int64_t H = w_hh.size(-1), G = gates(cell), N = xw_in.size(-2);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = xw_in.options();
-  Tensor xw = xw_in.clone(), out = at::empty({N, H}, o), hy = at::empty({batch, H}, o);
-  Tensor cy = at::empty({batch, H}, o);
-  Tensor cells = cell == 0 && keep_gates ? at::empty({N, H}, o) : Tensor();
-  Tensor hn = cell == 1 && keep_gates ? at::empty({N, H}, o) : Tensor();
-  Tensor state = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "emu_forward", [&] {
+  std::vector<std::vector<Tensor>> outputs(count);
+  std::vector<Tensor> weights, keep;  // keep: the inputs' parts, alive through the launch
+  for (int d = 0; d < count; ++d) {
+    Tensor cells = cell == 0 && keep_gates ? at::empty({N, H}, o) : at::empty({0}, o);
+    Tensor hn = cell == 1 && keep_gates ? at::empty({N, H}, o) : at::empty({0}, o);
+    outputs[d] = {at::empty({N, H}, o), at::empty({batch, H}, o), at::empty({batch, H}, o),
+                  part(xw_in, d, paired).clone(), cells, hn,
+                  at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())))};
+    weights.push_back(part(w_hh, d, paired));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw_in.scalar_type(), "emu_forward", [&] {
     using T = at::opmath_type<scalar_t>;
-    p::ForwardParams<scalar_t> prm{};
-    prm.steps = steps;
-    prm.batch = batch;
-    prm.hidden = static_cast<int>(H);
-    prm.units = static_cast<int>(units);
-    prm.chunk = static_cast<int>(chunk);
-    prm.reverse = reverse;
-    prm.keep_gates = keep_gates;
-    prm.xw = xw.data_ptr<scalar_t>();
-    prm.bias = data<scalar_t>(bias);
-    prm.bias_hh = data<scalar_t>(bias_hh);
-    prm.w_hh = w_hh.data_ptr<scalar_t>();
-    prm.hx = hx.data_ptr<scalar_t>();
-    prm.cx = data<scalar_t>(cx);
-    prm.out = out.data_ptr<scalar_t>();
-    prm.hy = hy.data_ptr<scalar_t>();
-    prm.cy = cy.data_ptr<scalar_t>();
-    prm.cells = data<scalar_t>(cells);
-    prm.hn = data<scalar_t>(hn);
-    prm.state = state.data_ptr<T>();
+    p::Directions<p::ForwardParams<scalar_t>> launch{};
+    launch.count = count;
+    for (int d = 0; d < count; ++d) {
+      const std::vector<Tensor>& t = outputs[d];
+      p::ForwardParams<scalar_t>& prm = launch.dir[d];
+      const optional<Tensor> bias_d = part(bias, d, paired), bias_hh_d = part(bias_hh, d, paired);
+      const optional<Tensor> cx_d = part(cx, d, paired);
+      const Tensor hx_d = part(hx, d, paired);
+      for (const auto& k : {bias_d, bias_hh_d, cx_d}) {
+        if (k.has_value()) keep.push_back(*k);
+      }
+      keep.push_back(hx_d);
+      prm.steps = steps;
+      prm.batch = batch;
+      prm.hidden = static_cast<int>(H);
+      prm.units = static_cast<int>(units);
+      prm.chunk = static_cast<int>(chunk);
+      prm.reverse = d == 0 ? reverse : !reverse;
+      prm.keep_gates = keep_gates;
+      prm.xw = t[3].data_ptr<scalar_t>();
+      prm.bias = data<scalar_t>(bias_d);
+      prm.bias_hh = data<scalar_t>(bias_hh_d);
+      prm.w_hh = weights[d].data_ptr<scalar_t>();
+      prm.hx = hx_d.data_ptr<scalar_t>();
+      prm.cx = data<scalar_t>(cx_d);
+      prm.out = t[0].data_ptr<scalar_t>();
+      prm.hy = t[1].data_ptr<scalar_t>();
+      prm.cy = t[2].data_ptr<scalar_t>();
+      prm.cells = t[4].numel() ? t[4].data_ptr<scalar_t>() : nullptr;
+      prm.hn = t[5].numel() ? t[5].data_ptr<scalar_t>() : nullptr;
+      prm.state = t[6].data_ptr<T>();
+    }
     const int rows = static_cast<int>(G * units);
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
@@ -161,16 +219,16 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise,
                            static_cast<int>(chunk));
         run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-            prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
+            launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::forward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
-  return {out, hy, cy, xw, cells.defined() ? cells : at::empty({0}, o),
-          hn.defined() ? hn : at::empty({0}, o)};
+  for (auto& t : outputs) t.pop_back();  // the running cell state
+  return stack_directions(outputs);
 }
 
-// Returns dgates, dgates_h, grad_hx, grad_cx.
+// Returns dgates, dgates_h, grad_hx, grad_cx; paired as forward's.
 std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& grad_out,
                              const Tensor& grad_hy, const optional<Tensor>& grad_cy,
                              const optional<Tensor>& out, const optional<Tensor>& hx,
@@ -178,39 +236,55 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
                              int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                             const optional<Tensor>& batch_sizes, int64_t chunk) {
-  const int64_t H = w_hh.size(1), G = gates(cell), N = grad_out.size(0);
+                             const optional<Tensor>& batch_sizes, int64_t chunk, bool paired) {
+  const int count = paired ? 2 : 1;
+  const int64_t H = w_hh.size(-1), G = gates(cell), N = grad_out.size(-2);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = grad_out.options();
-  Tensor dgates = at::empty({N, G * H}, o);
-  Tensor dgates_h = cell == 1 ? at::empty({N, G * H}, o) : at::empty({0}, o);
-  Tensor grad_hx = at::empty({batch, H}, o), grad_cx = at::empty({batch, H}, o);
-  Tensor carry = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
+  std::vector<std::vector<Tensor>> outputs(count);
+  std::vector<Tensor> weights, keep;
+  for (int d = 0; d < count; ++d) {
+    outputs[d] = {at::empty({N, G * H}, o),
+                  cell == 1 ? at::empty({N, G * H}, o) : at::empty({0}, o),
+                  at::empty({batch, H}, o), at::empty({batch, H}, o),
+                  at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())))};
+    weights.push_back(part(w_hh, d, paired));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "emu_backward", [&] {
     using T = at::opmath_type<scalar_t>;
-    p::BackwardParams<scalar_t> prm{};
-    prm.steps = steps;
-    prm.batch = batch;
-    prm.hidden = static_cast<int>(H);
-    prm.units = static_cast<int>(units);
-    prm.chunk = static_cast<int>(chunk);
-    prm.reverse = reverse;
-    prm.w_hh = w_hh.data_ptr<scalar_t>();
-    prm.grad_out = grad_out.data_ptr<scalar_t>();
-    prm.grad_hy = grad_hy.data_ptr<scalar_t>();
-    prm.grad_cy = data<scalar_t>(grad_cy);
-    prm.out = data<scalar_t>(out);
-    prm.hx = data<scalar_t>(hx);
-    prm.cx = data<scalar_t>(cx);
-    prm.gates = data<scalar_t>(gates_in);
-    prm.cells = data<scalar_t>(cells);
-    prm.hn = data<scalar_t>(hn);
-    prm.dgates = dgates.data_ptr<scalar_t>();
-    prm.dgates_h = cell == 1 ? dgates_h.data_ptr<scalar_t>() : nullptr;
-    prm.grad_hx = grad_hx.data_ptr<scalar_t>();
-    prm.grad_cx = grad_cx.data_ptr<scalar_t>();
-    prm.carry = carry.data_ptr<T>();
+    p::Directions<p::BackwardParams<scalar_t>> launch{};
+    launch.count = count;
+    for (int d = 0; d < count; ++d) {
+      const std::vector<Tensor>& t = outputs[d];
+      p::BackwardParams<scalar_t>& prm = launch.dir[d];
+      auto in = [&](const optional<Tensor>& x) {
+        const optional<Tensor> x_d = part(x, d, paired);
+        if (x_d.has_value()) keep.push_back(*x_d);
+        return data<scalar_t>(x_d);
+      };
+      prm.steps = steps;
+      prm.batch = batch;
+      prm.hidden = static_cast<int>(H);
+      prm.units = static_cast<int>(units);
+      prm.chunk = static_cast<int>(chunk);
+      prm.reverse = d == 0 ? reverse : !reverse;
+      prm.w_hh = weights[d].data_ptr<scalar_t>();
+      prm.grad_out = in(grad_out);
+      prm.grad_hy = in(grad_hy);
+      prm.grad_cy = in(grad_cy);
+      prm.out = in(out);
+      prm.hx = in(hx);
+      prm.cx = in(cx);
+      prm.gates = in(gates_in);
+      prm.cells = in(cells);
+      prm.hn = in(hn);
+      prm.dgates = t[0].data_ptr<scalar_t>();
+      prm.dgates_h = cell == 1 ? t[1].data_ptr<scalar_t>() : nullptr;
+      prm.grad_hx = t[2].data_ptr<scalar_t>();
+      prm.grad_cx = t[3].data_ptr<scalar_t>();
+      prm.carry = t[4].data_ptr<T>();
+    }
     const int rows = static_cast<int>(units);
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
@@ -219,12 +293,13 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
                                            /*weights_shared=*/!stepwise, static_cast<int>(chunk));
         run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-            prm, w_hh, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
+            launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
             p::backward_kernel<c.value, bt.value, scalar_t>);
       });
     });
   });
-  return {dgates, dgates_h, grad_hx, grad_cx};
+  for (auto& t : outputs) t.pop_back();  // the carry
+  return stack_directions(outputs);
 }
 
 }  // namespace
@@ -234,13 +309,13 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
       "int batch_tile, int order, bool stepwise=False, bool tagged=False, "
-      "Tensor? batch_sizes=None, int chunk=0) -> Tensor[]",
+      "Tensor? batch_sizes=None, int chunk=0, bool paired=False) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
-      "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None, int chunk=0) "
-      "-> Tensor[]",
+      "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None, int chunk=0, "
+      "bool paired=False) -> Tensor[]",
       &backward);
 }

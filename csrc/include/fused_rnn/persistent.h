@@ -11,8 +11,9 @@
 // barrier. The stepwise mode runs the same code one step per launch, the
 // blocks' weight slices packed once into global memory. Packed sequences
 // run in both: the rows of each step come from a table copied to the device
-// with the cooperative launch, or with each stepwise launch. No projection:
-// proj_size runs the general path.
+// with the cooperative launch, or with each stepwise launch. Both directions
+// of a bidirectional layer may share one launch (the _pair entry points),
+// each on half of the SMs. No projection: proj_size runs the general path.
 //
 // Shape legend (every tensor contiguous, time-major, rows of step t at
 // t*B .. t*B+B-1):
@@ -103,7 +104,8 @@ struct PathChoice {
   std::string reason;
 };
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
-                       at::ScalarType dtype, bool packed, bool proj, bool backward);
+                       at::ScalarType dtype, bool packed, bool proj, bool backward,
+                       bool bidirectional = false);
 
 // Run the persistent kernel when choose_path takes the shape and the grid
 // can be co-resident now, else the stepwise launches where they apply;
@@ -111,6 +113,13 @@ PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
 // general path, which the caller then runs.
 bool persistent_forward(const PersistentForward& args);
 bool persistent_backward(const PersistentBackward& args);
+// Both directions of a bidirectional layer (the same cell, shapes, dtype
+// and batch_sizes; a.reverse false, b.reverse true) in one launch, each on
+// half of the SMs, where the plan for the pair takes the persistent or the
+// stepwise kernels; false, nothing launched, otherwise: the caller then
+// runs each direction on its own (persistent_forward, or the general path).
+bool persistent_forward_pair(const PersistentForward& a, const PersistentForward& b);
+bool persistent_backward_pair(const PersistentBackward& a, const PersistentBackward& b);
 
 }  // namespace cuda
 #endif
