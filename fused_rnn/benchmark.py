@@ -206,7 +206,8 @@ def failed_row(config: Config, error: BaseException) -> dict:
 def _explain(config: Config, backward: bool = False) -> str:
     return paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
                                      getattr(torch, config.dtype), config.device,
-                                     packed=config.packed, backward=backward)
+                                     packed=config.packed, backward=backward,
+                                     bidirectional=config.bidirectional)
 
 
 def kernel_name(config: Config) -> str:

@@ -413,7 +413,8 @@ def run_explain(args, parser):
               f"FUSED_RNN_KERNEL_PATH: auto | persistent | stepwise | general)")
         for what, backward in (("forward", False), ("backward", True)):
             text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
-                                             packed=args.packed, backward=backward)
+                                             packed=args.packed, backward=backward,
+                                             bidirectional=args.bidirectional)
             print(f"  {what}: {text}")
         print("  every path: the input projection of every step as one GEMM first; in "
               "backward the weight gradients as large GEMMs after the recurrence")

@@ -38,7 +38,8 @@ def _match_cpu_autocast(module, input, tensors, packed=False):
 
 class _FusedRNNBase(nn.RNNBase):
     """Forward shared by LSTM, GRU and RNN; subclasses say how one layer runs
-    in one direction (`_layer`) and how many state tensors they carry."""
+    in one direction (`_layer`) and in both directions (`_pair`), and how
+    many state tensors they carry."""
 
     _name = "RNN"
     _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
@@ -49,6 +50,11 @@ class _FusedRNNBase(nn.RNNBase):
         return (False,) * 3
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
+        raise NotImplementedError
+
+    def _pair(self, input, states, weights, states_r, weights_r, batch_sizes):
+        """Both directions of a bidirectional layer: (output, output_r,
+        states, states_r)."""
         raise NotImplementedError
 
     def _state_sizes(self):
@@ -136,20 +142,26 @@ class _FusedRNNBase(nn.RNNBase):
         finals = [[] for _ in states]
         layer_input = input
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(num_directions):
-                index = layer * num_directions + direction
-                output, new_states = self._layer(
-                    layer_input,
-                    [s[index] for s in states],
-                    weights[index * per_layer : (index + 1) * per_layer],
-                    batch_sizes,
-                    direction == 1,
+            first = layer * num_directions
+            args = [
+                ([s[index] for s in states], weights[index * per_layer : (index + 1) * per_layer])
+                for index in range(first, first + num_directions)
+            ]
+            if num_directions == 1:
+                output, new_states = self._layer(layer_input, *args[0], batch_sizes, False)
+                results = [new_states]
+            else:
+                # both directions in one op (on CUDA one launch where the
+                # persistent kernels take the pair)
+                output, output_r, new_states, new_states_r = self._pair(
+                    layer_input, *args[0], *args[1], batch_sizes
                 )
-                outputs.append(output)
+                output = torch.cat((output, output_r), -1)
+                results = [new_states, new_states_r]
+            for new_states in results:
                 for final, state in zip(finals, new_states):
                     final.append(state)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            layer_input = output
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
         return layer_input, tuple(torch.stack(final, 0) for final in finals)
@@ -205,6 +217,13 @@ class LSTM(_FusedRNNBase):
         )
         return output, (hy, cy)
 
+    def _pair(self, input, states, weights, states_r, weights_r, batch_sizes):
+        output, hy, cy, output_r, hy_r, cy_r = ops.lstm_pair(
+            input, *states, *self._split_weights(weights), *states_r,
+            *self._split_weights(weights_r), batch_sizes,
+        )
+        return output, output_r, (hy, cy), (hy_r, cy_r)
+
 
 class GRU(_FusedRNNBase):
     """Fused twin of torch.nn.GRU (same arguments, parameters and outputs)."""
@@ -225,6 +244,13 @@ class GRU(_FusedRNNBase):
         w_ih, w_hh, b_ih, b_hh, _ = self._split_weights(weights)
         output, hy = ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
         return output, (hy,)
+
+    def _pair(self, input, states, weights, states_r, weights_r, batch_sizes):
+        output, hy, output_r, hy_r = ops.gru_pair(
+            input, states[0], *self._split_weights(weights)[:4], states_r[0],
+            *self._split_weights(weights_r)[:4], batch_sizes,
+        )
+        return output, output_r, (hy,), (hy_r,)
 
 
 class RNN(_FusedRNNBase):
@@ -260,6 +286,13 @@ class RNN(_FusedRNNBase):
             self.mode == "RNN_RELU",
         )
         return output, (hy,)
+
+    def _pair(self, input, states, weights, states_r, weights_r, batch_sizes):
+        output, hy, output_r, hy_r = ops.rnn_pair(
+            input, states[0], *self._split_weights(weights)[:4], states_r[0],
+            *self._split_weights(weights_r)[:4], batch_sizes, self.mode == "RNN_RELU",
+        )
+        return output, output_r, (hy,), (hy_r,)
 
 
 # ------------------------------------------------------------------ cells

@@ -1,7 +1,9 @@
 """The C++ ops (torch.ops.fused_rnn.*): fake kernels, autograd, and the
 differentiable Python entry points `lstm`, `gru` and `rnn`.
 
-Each op runs one layer in one direction over a whole sequence. Shapes:
+Each op runs one layer in one direction over a whole sequence; the _pair
+ops run both directions of a bidirectional layer (on CUDA in one launch of
+the persistent kernels where they take the pair). Shapes:
 input (T, B, I) time-major, or packed (N, I) with `batch_sizes` (T,) an int64
 CPU tensor as in PackedSequence; hx (B, P); cx (B, H) for LSTM; weights as in
 torch.nn (gate order LSTM i,f,g,o; GRU r,z,n). `reverse` walks the sequence
@@ -19,7 +21,7 @@ load_extension()
 
 _ops = torch.ops.fused_rnn
 
-__all__ = ["lstm", "gru", "rnn"]
+__all__ = ["lstm", "gru", "rnn", "lstm_pair", "gru_pair", "rnn_pair"]
 
 
 def _autocast(*tensors):
@@ -146,9 +148,9 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.reverse, ctx.train, ctx.has_bias = reverse, train, b_ih is not None
 
 
-def _missing_train(name):
+def _missing_train(op):
     return RuntimeError(
-        f"fused_rnn::{name}_forward ran with train=False, so it kept nothing for "
+        f"fused_rnn::{op} ran with train=False, so it kept nothing for "
         "backward; call it with train=True (fused_rnn.ops does so when a grad is needed)"
     )
 
@@ -167,7 +169,7 @@ def _no_zero_fill(ctx):
 
 def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
     if not ctx.train:
-        raise _missing_train("lstm")
+        raise _missing_train("lstm_forward")
     input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
     g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr = _ops.lstm_backward.default(
@@ -245,7 +247,7 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
     if not ctx.train:
-        raise _missing_train("gru")
+        raise _missing_train("gru_forward")
     input, hx, w_ih, w_hh, out, gates, hidden_n, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
     g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = _ops.gru_backward.default(
@@ -337,3 +339,245 @@ def rnn(
         input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
     )
     return out, hy
+
+
+# ---------------------------------------------------- both directions
+# The _pair ops take the forward direction's arguments, then the reverse
+# direction's (suffix _r), over one input, and return each direction's
+# outputs; their backward ops return one grad_input (the sum of both
+# directions'). Fakes and autograd are those of the one-direction ops,
+# twice.
+def _bias_grads(has_bias, g_bias, b_ih, b_hh):
+    """Gradients of b_ih and b_hh when both get the same one (LSTM, RNN)."""
+    if not has_bias:
+        return None, None
+    return (g_bias if b_ih is not None else None,
+            g_bias.clone() if b_hh is not None else None)
+
+
+@torch.library.register_fake("fused_rnn::lstm_forward_pair")
+def _lstm_forward_pair_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r,
+                            w_hh_r, b_ih_r, b_hh_r, w_hr_r, batch_sizes, train):
+    return (
+        *_lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, False,
+                            train),
+        *_lstm_forward_fake(input, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r,
+                            batch_sizes, True, train),
+    )
+
+
+@torch.library.register_fake("fused_rnn::lstm_backward_pair")
+def _lstm_backward_pair_fake(
+    grad_output, grad_hy, grad_cy, grad_output_r, grad_hy_r, grad_cy_r, input, hx, cx, w_ih,
+    w_hh, w_hr, output, gates, cells, hx_r, cx_r, w_ih_r, w_hh_r, w_hr_r, output_r, gates_r,
+    cells_r, batch_sizes, has_bias, input_grad,
+):
+    forward = _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh,
+                                  w_hr, output, gates, cells, batch_sizes, False, has_bias,
+                                  input_grad)
+    reverse = _lstm_backward_fake(grad_output_r, grad_hy_r, grad_cy_r, input, hx_r, cx_r,
+                                  w_ih_r, w_hh_r, w_hr_r, output_r, gates_r, cells_r,
+                                  batch_sizes, True, has_bias, input_grad)
+    return (*forward, *reverse[1:])
+
+
+def _lstm_pair_setup_context(ctx, inputs, output):
+    (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+     w_hr_r, batch_sizes, train) = inputs
+    _no_zero_fill(ctx)
+    out, _, _, gates, cells, out_r, _, _, gates_r, cells_r = output
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, hx_r, cx_r,
+                          w_ih_r, w_hh_r, w_hr_r, out_r, gates_r, cells_r, batch_sizes)
+    ctx.train = train
+    ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
+
+
+def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_out_r,
+                        grad_hy_r, grad_cy_r, _gates_r, _cells_r):
+    if not ctx.train:
+        raise _missing_train("lstm_forward_pair")
+    (input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, hx_r, cx_r, w_ih_r, w_hh_r, w_hr_r,
+     out_r, gates_r, cells_r, batch_sizes) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
+    has_bias = any(b is not None for b in ctx.biases)
+    (g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr, g_hx_r, g_cx_r, g_wih_r, g_whh_r, g_b_r,
+     g_whr_r) = _ops.lstm_backward_pair.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx),
+        _zeros_if_none(grad_out_r, out_r), _zeros_if_none(grad_hy_r, hx_r),
+        _zeros_if_none(grad_cy_r, cx_r), input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells,
+        hx_r, cx_r, w_ih_r, w_hh_r, w_hr_r, out_r, gates_r, cells_r, batch_sizes, has_bias,
+        need[0],
+    )
+    return (
+        g_in if need[0] else None, g_hx, g_cx, g_wih, g_whh,
+        *_bias_grads(has_bias, g_b, b_ih, b_hh), g_whr if w_hr is not None else None,
+        g_hx_r, g_cx_r, g_wih_r, g_whh_r,
+        *_bias_grads(has_bias, g_b_r, b_ih_r, b_hh_r), g_whr_r if w_hr_r is not None else None,
+        None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::lstm_forward_pair", _lstm_pair_backward, setup_context=_lstm_pair_setup_context
+)
+
+
+def lstm_pair(
+    input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, w_hr: Tensor | None, hx_r: Tensor, cx_r: Tensor, w_ih_r: Tensor,
+    w_hh_r: Tensor, b_ih_r: Tensor | None, b_hh_r: Tensor | None, w_hr_r: Tensor | None,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of a bidirectional LSTM layer: lstm(...) forward and
+    lstm(..., reverse=True) with the _r arguments, in one op. Returns
+    (output, hy, cy, output_r, hy_r, cy_r)."""
+    args = _autocast(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r,
+                     b_ih_r, b_hh_r, w_hr_r)
+    train = _needs_grad(*args)
+    out, hy, cy, _, _, out_r, hy_r, cy_r, _, _ = _ops.lstm_forward_pair.default(
+        *args, batch_sizes, train
+    )
+    return out, hy, cy, out_r, hy_r, cy_r
+
+
+@torch.library.register_fake("fused_rnn::gru_forward_pair")
+def _gru_forward_pair_fake(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r,
+                           b_hh_r, batch_sizes, train):
+    return (
+        *_gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, False, train),
+        *_gru_forward_fake(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes, True,
+                           train),
+    )
+
+
+@torch.library.register_fake("fused_rnn::gru_backward_pair")
+def _gru_backward_pair_fake(
+    grad_output, grad_hy, grad_output_r, grad_hy_r, input, hx, w_ih, w_hh, output, gates,
+    hidden_n, hx_r, w_ih_r, w_hh_r, output_r, gates_r, hidden_n_r, batch_sizes, has_bias,
+    input_grad,
+):
+    forward = _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, gates,
+                                 hidden_n, batch_sizes, False, has_bias, input_grad)
+    reverse = _gru_backward_fake(grad_output_r, grad_hy_r, input, hx_r, w_ih_r, w_hh_r,
+                                 output_r, gates_r, hidden_n_r, batch_sizes, True, has_bias,
+                                 input_grad)
+    return (*forward, *reverse[1:])
+
+
+def _gru_pair_setup_context(ctx, inputs, output):
+    (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes,
+     train) = inputs
+    _no_zero_fill(ctx)
+    out, _, gates, hidden_n, out_r, _, gates_r, hidden_n_r = output
+    ctx.save_for_backward(input, hx, w_ih, w_hh, out, gates, hidden_n, hx_r, w_ih_r, w_hh_r,
+                          out_r, gates_r, hidden_n_r, batch_sizes)
+    ctx.train = train
+    ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
+
+
+def _gru_pair_backward(ctx, grad_out, grad_hy, _gates, _hidden_n, grad_out_r, grad_hy_r,
+                       _gates_r, _hidden_n_r):
+    if not ctx.train:
+        raise _missing_train("gru_forward_pair")
+    (input, hx, w_ih, w_hh, out, gates, hidden_n, hx_r, w_ih_r, w_hh_r, out_r, gates_r,
+     hidden_n_r, batch_sizes) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    has_bias = any(b is not None for b in ctx.biases)
+    (g_in, g_hx, g_wih, g_whh, g_bih, g_bhh, g_hx_r, g_wih_r, g_whh_r, g_bih_r,
+     g_bhh_r) = _ops.gru_backward_pair.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx),
+        _zeros_if_none(grad_out_r, out_r), _zeros_if_none(grad_hy_r, hx_r), input, hx, w_ih,
+        w_hh, out, gates, hidden_n, hx_r, w_ih_r, w_hh_r, out_r, gates_r, hidden_n_r,
+        batch_sizes, has_bias, need[0],
+    )
+    grads = (g_bih, g_bhh, g_bih_r, g_bhh_r)
+    b_ih, b_hh, b_ih_r, b_hh_r = (g if b is not None else None for g, b in zip(grads, ctx.biases))
+    return (
+        g_in if need[0] else None, g_hx, g_wih, g_whh, b_ih, b_hh,
+        g_hx_r, g_wih_r, g_whh_r, b_ih_r, b_hh_r, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::gru_forward_pair", _gru_pair_backward, setup_context=_gru_pair_setup_context
+)
+
+
+def gru_pair(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, hx_r: Tensor, w_ih_r: Tensor, w_hh_r: Tensor, b_ih_r: Tensor | None,
+    b_hh_r: Tensor | None, batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of a bidirectional GRU layer: gru(...) forward and
+    gru(..., reverse=True) with the _r arguments, in one op. Returns
+    (output, hy, output_r, hy_r)."""
+    args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
+    train = _needs_grad(*args)
+    out, hy, _, _, out_r, hy_r, _, _ = _ops.gru_forward_pair.default(*args, batch_sizes, train)
+    return out, hy, out_r, hy_r
+
+
+@torch.library.register_fake("fused_rnn::rnn_forward_pair")
+def _rnn_forward_pair_fake(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r,
+                           b_hh_r, batch_sizes, relu):
+    return (
+        *_rnn_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, False, relu),
+        *_rnn_forward_fake(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes, True, relu),
+    )
+
+
+@torch.library.register_fake("fused_rnn::rnn_backward_pair")
+def _rnn_backward_pair_fake(
+    grad_output, grad_hy, grad_output_r, grad_hy_r, input, hx, w_ih, w_hh, output, hx_r,
+    w_ih_r, w_hh_r, output_r, batch_sizes, relu, has_bias, input_grad,
+):
+    forward = _rnn_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output,
+                                 batch_sizes, False, relu, has_bias, input_grad)
+    reverse = _rnn_backward_fake(grad_output_r, grad_hy_r, input, hx_r, w_ih_r, w_hh_r,
+                                 output_r, batch_sizes, True, relu, has_bias, input_grad)
+    return (*forward, *reverse[1:])
+
+
+def _rnn_pair_setup_context(ctx, inputs, output):
+    (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes,
+     relu) = inputs
+    _no_zero_fill(ctx)
+    ctx.save_for_backward(input, hx, w_ih, w_hh, output[0], hx_r, w_ih_r, w_hh_r, output[2],
+                          batch_sizes)
+    ctx.relu = relu
+    ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
+
+
+def _rnn_pair_backward(ctx, grad_out, grad_hy, grad_out_r, grad_hy_r):
+    input, hx, w_ih, w_hh, out, hx_r, w_ih_r, w_hh_r, out_r, batch_sizes = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
+    has_bias = any(b is not None for b in ctx.biases)
+    (g_in, g_hx, g_wih, g_whh, g_b, g_hx_r, g_wih_r, g_whh_r,
+     g_b_r) = _ops.rnn_backward_pair.default(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx),
+        _zeros_if_none(grad_out_r, out_r), _zeros_if_none(grad_hy_r, hx_r), input, hx, w_ih,
+        w_hh, out, hx_r, w_ih_r, w_hh_r, out_r, batch_sizes, ctx.relu, has_bias, need[0],
+    )
+    return (
+        g_in if need[0] else None, g_hx, g_wih, g_whh, *_bias_grads(has_bias, g_b, b_ih, b_hh),
+        g_hx_r, g_wih_r, g_whh_r, *_bias_grads(has_bias, g_b_r, b_ih_r, b_hh_r), None, None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_rnn::rnn_forward_pair", _rnn_pair_backward, setup_context=_rnn_pair_setup_context
+)
+
+
+def rnn_pair(
+    input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, hx_r: Tensor, w_ih_r: Tensor, w_hh_r: Tensor, b_ih_r: Tensor | None,
+    b_hh_r: Tensor | None, batch_sizes: Tensor | None = None, relu: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of a bidirectional Elman RNN layer (tanh, or relu):
+    rnn(...) forward and rnn(..., reverse=True) with the _r arguments, in
+    one op. Returns (output, hy, output_r, hy_r)."""
+    args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
+    return tuple(_ops.rnn_forward_pair.default(*args, batch_sizes, relu))

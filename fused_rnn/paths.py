@@ -88,16 +88,18 @@ def kernel_path(path: str):
 
 
 def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.float32,
-                        device="cuda", *, packed=False, proj=False, backward=False) -> str:
-    """Which kernels one layer and direction of `cell` runs for this shape
-    on `device` under the current choice, and why: a sentence starting with
-    "persistent kernel", "stepwise kernels", "general path" or "CPU sequence
-    kernel"."""
+                        device="cuda", *, packed=False, proj=False, backward=False,
+                        bidirectional=False) -> str:
+    """Which kernels one layer of `cell` runs for this shape on `device`
+    under the current choice, and why: a sentence starting with "persistent
+    kernel", "stepwise kernels", "general path" or "CPU sequence kernel".
+    One direction, or (bidirectional) both directions of the layer, which
+    share each launch where the kernels' plan for the pair takes them."""
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
     like = torch.empty(0, dtype=dtype, device=device)
     return torch.ops.fused_rnn.kernel_path(like, cell, int(hidden_size), int(batch), bool(packed),
-                                           bool(proj), bool(backward))
+                                           bool(proj), bool(backward), bool(bidirectional))
 
 
 def set_cpu_gemm(choice: str) -> None:

@@ -629,6 +629,25 @@ def call_reference(cell, args):
                         a["b_hh"], None, a["batch_sizes"], a["reverse"], a.get("relu", False))
 
 
+# the per-direction arguments of each cell's _pair op, in schema order
+PAIR_PER_DIRECTION = {
+    "lstm": ("hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"),
+    "gru": ("hx", "w_ih", "w_hh", "b_ih", "b_hh"),
+    "rnn": ("hx", "w_ih", "w_hh", "b_ih", "b_hh"),
+}
+
+
+def call_pair(cell, a, b):
+    """fused_rnn.ops.<cell>_pair on the op arguments of the forward (a) and
+    reverse (b) direction over a's input: (output, *states, output_r,
+    *states_r)."""
+    args = [a["input"], *(a[k] for k in PAIR_PER_DIRECTION[cell]),
+            *(b[k] for k in PAIR_PER_DIRECTION[cell]), a["batch_sizes"]]
+    if cell == "rnn":
+        return fused_rnn.ops.rnn_pair(*args, relu=a["relu"])
+    return getattr(fused_rnn.ops, f"{cell}_pair")(*args)
+
+
 def gradcheck_op(cell, args):
     """torch.autograd.gradcheck of fused_rnn.ops.<cell> with respect to every
     tensor of `args` that requires grad (float64)."""

@@ -148,13 +148,18 @@ def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     # one CPU path; packed input among the cases
     assert "kernels:" not in out and "ok   LSTM packed" in out and "ok   RNN packed" in out
 
-    original = fused_rnn.ops.gru
+    original, original_pair = fused_rnn.ops.gru, fused_rnn.ops.gru_pair
 
     def perturbed(*args, **kwargs):
         output, hy = original(*args, **kwargs)
         return output + 1e-7, hy
 
+    def perturbed_pair(*args, **kwargs):  # a bidirectional layer's op
+        output, hy, output_r, hy_r = original_pair(*args, **kwargs)
+        return output + 1e-7, hy, output_r, hy_r
+
     monkeypatch.setattr(fused_rnn.ops, "gru", perturbed)
+    monkeypatch.setattr(fused_rnn.ops, "gru_pair", perturbed_pair)
     assert cli.main(["check", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "FAIL GRU " in out and "FAIL GRUCell" not in out.replace("FAIL GRU ", "")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fused_rnn
-from helpers import (assert_results_close, call_reference, call_wrapper, gradcheck_op,
-                     make_op_args, upstream_like)
+from helpers import (PAIR_PER_DIRECTION, assert_results_close, call_pair, call_reference,
+                     call_wrapper, gradcheck_op, make_op_args, upstream_like)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -393,3 +393,100 @@ def test_two_layer_bidirectional_lstm(path):
     torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-10)
     for a, b in zip(g_f, g_r):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+# ------------------------------------------------- both directions, one launch
+
+def require_pair(name, H, B, dtype, mode="persistent", packed=False):
+    """Skip, saying why, where this GPU cannot hold both directions' weights
+    side by side (each direction then runs on its own: the tests above)."""
+    for backward in (False, True):
+        text = explain(name, H, B, dtype, backward=backward, bidirectional=True, packed=packed)
+        if "both directions" not in text:
+            pytest.skip(f"{name} H={H} {dtype} {mode}: no paired launch here: {text}")
+        assert text.startswith("persistent kernel" if mode == "persistent" else
+                               "stepwise kernels"), text
+
+
+def pair_results(cell, a, b, seed=3):
+    """The pair op's outputs and the gradients of every tensor of both
+    directions' arguments, as a dict (reference: each direction on its own,
+    torch's kernels)."""
+    fused = call_pair(cell, a, b)
+    n = len(fused) // 2
+    ref = [o for o in (*call_reference(cell, a), *call_reference(cell, b)) if o is not None]
+    leaves = [v for d in (a, b) for v in d.values()
+              if isinstance(v, torch.Tensor) and v.requires_grad]
+    leaves = list({id(v): v for v in leaves}.values())
+    out = {}
+    for name, outs in (("fused", list(fused)), ("ref", ref)):
+        grads = torch.autograd.grad(outs, leaves, upstream_like(outs, seed))
+        out[name] = {f"out{i}": o.detach() for i, o in enumerate(outs)}
+        out[name].update({f"grad{i}": g for i, g in enumerate(grads)})
+    assert len(ref) == 2 * n
+    return out["fused"], out["ref"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("shape", [(7, 3, 5), (97, 9, 3), (257, 17, 3)],
+                         ids=lambda s: "H{}_B{}_T{}".format(*s))
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_both_directions_in_one_launch(mode, cell_key, shape, packed):
+    """Both directions of a layer side by side in one launch (the _pair ops)
+    against torch's kernels run per direction: outputs, states and the
+    gradients of the input, the states and every parameter of both, float64."""
+    cell, name, extra = CELLS[cell_key]
+    H, B, T = shape
+    require_pair(name, H, B, torch.float64, mode, packed)
+    lengths = tuple(sorted(((i * 7) % T) + 1 for i in range(B))[::-1]) if packed else None
+    a, b = (make_op_args(cell, T=T, B=B, I=6, H=H, device=DEVICE, requires_grad=True,
+                         lengths=lengths, seed=seed, reverse=seed == 1, **extra)
+            for seed in (0, 1))
+    b["input"] = a["input"]
+    actual, expected = pair_results(cell, a, b)
+    assert_results_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN_TANH"])
+def test_pair_choice(name):
+    """Both directions share a launch where their weights fit side by side
+    on half the SMs each; where only one direction fits, each runs on its
+    own, persistent, one after the other."""
+    f32 = torch.float32
+    for backward in (False, True):
+        text = explain(name, 256, 8, f32, backward=backward, bidirectional=True)
+        assert text.startswith("persistent kernel") and "both directions" in text, text
+    with fused_rnn.kernel_path("stepwise"):
+        text = explain(name, 256, 8, f32, bidirectional=True)
+        assert text.startswith("stepwise kernels") and "both directions" in text, text
+    with fused_rnn.kernel_path("general"):
+        assert explain(name, 256, 8, f32, bidirectional=True).startswith("general path")
+    if name == "LSTM" and torch.cuda.get_device_properties(0).multi_processor_count <= 132:
+        # float32 LSTM forward at H=1024: 8 units (128 KiB of W_hh) per block
+        # on 132 SMs fit, 16 on 66 SMs (256 KiB) do not
+        text = explain(name, 1024, 1, f32, bidirectional=True)
+        assert text.startswith("persistent kernel") and "each direction on its own" in text
+
+
+@pytest.mark.parametrize("cell_key", ["lstm", "gru"])
+def test_pair_opcheck_and_gradcheck(cell_key):
+    cell, name, extra = CELLS[cell_key]
+    require_pair(name, 9, 3, torch.float64)
+    a, b = (make_op_args(cell, T=3, B=3, I=4, H=9, device=DEVICE, requires_grad=True,
+                         seed=seed, reverse=seed == 1, **extra) for seed in (0, 1))
+    b["input"] = a["input"]
+    keys = [k for k in a if isinstance(a[k], torch.Tensor) and a[k].requires_grad]
+    op = getattr(torch.ops.fused_rnn, f"{cell}_forward_pair").default
+    per_direction = [k for k in keys if k != "input"]
+    torch.library.opcheck(op, (a["input"], *(a[k] for k in PAIR_PER_DIRECTION[cell]),
+                               *(b[k] for k in PAIR_PER_DIRECTION[cell]), None, True))
+
+    def fn(*tensors):
+        x, rest = tensors[0], tensors[1:]
+        a2 = dict(a, input=x, **dict(zip(per_direction, rest[:len(per_direction)])))
+        b2 = dict(b, input=x, **dict(zip(per_direction, rest[len(per_direction):])))
+        return call_pair(cell, a2, b2)
+
+    assert torch.autograd.gradcheck(
+        fn, [a["input"], *(a[k] for k in per_direction), *(b[k] for k in per_direction)],
+        eps=1e-6, atol=1e-7, rtol=1e-5)

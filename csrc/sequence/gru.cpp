@@ -18,11 +18,13 @@ constexpr CellShape kGru{"GRU", 3};
 // w_hh (3H, H); b_ih, b_hh (3H). Returns output (T, B, H) or (N, H), hy
 // (B, H) and, when training, the activated gates r, z, n (N, 3H) and the
 // recurrent n projections (N, H).
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
-    const Tensor& input, const Tensor& hx, const Tensor& w_ih,
-    const Tensor& w_hh, const optional<Tensor>& b_ih,
-    const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
-    bool reverse, bool train) {
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Backward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                         const Tensor& w_hh, const optional<Tensor>& b_ih,
+                         const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
+                         bool reverse, bool train, RunWhole<PersistentForward> run_whole) {
   check_forward_args(kGru, input, batch_sizes, {hx}, w_ih, w_hh, b_ih, b_hh,
                      c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -56,7 +58,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
     whole.hy = h;
     whole.hn = hn;
   }
-  if (!(whole.out.defined() && run_persistent(whole))) {
+  if (!run_whole(whole)) {
     const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
     const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
     h.copy_(hx);
@@ -76,12 +78,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(
           train ? hn : absent(input)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
-    const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
-    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& output, const Tensor& gates, const Tensor& hidden_n,
-    const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
-    bool input_grad) {
+Backward gru_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
+                           const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                           const Tensor& w_hh, const Tensor& output, const Tensor& gates,
+                           const Tensor& hidden_n, const optional<Tensor>& batch_sizes,
+                           bool reverse, bool has_bias, bool input_grad,
+                           RunWhole<PersistentBackward> run_whole) {
   check_forward_args(kGru, input, batch_sizes, {hx}, w_ih, w_hh, c10::nullopt,
                      c10::nullopt, c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -122,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
       whole.dgates_h = dgates_h;
       whole.grad_hx = dh;
     }
-    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+    if (!run_whole(whole)) {
       const Tensor product = at::empty_like(dh);
       const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
       dh.copy_(grad_hy);
@@ -154,17 +156,85 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
           has_bias ? dgates_h.sum(0) : absent(input)};
 }
 
+Forward gru_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                    const Tensor& w_hh, const optional<Tensor>& b_ih,
+                    const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
+                    bool reverse, bool train) {
+  return gru_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train,
+                          [](const PersistentForward& w) { return run_alone(w); });
+}
+
+Backward gru_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
+                      const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                      const Tensor& output, const Tensor& gates, const Tensor& hidden_n,
+                      const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
+                      bool input_grad) {
+  return gru_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, gates,
+                           hidden_n, batch_sizes, reverse, has_bias, input_grad,
+                           [](const PersistentBackward& w) { return run_alone(w); });
+}
+
+// Both directions of a bidirectional layer (the second walks the sequence
+// from its end): gru_forward's outputs for each, the recurrences in one
+// launch where the persistent kernels take the pair.
+decltype(std::tuple_cat(Forward(), Forward())) gru_forward_pair(
+    const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const Tensor& hx_r,
+    const Tensor& w_ih_r, const Tensor& w_hh_r, const optional<Tensor>& b_ih_r,
+    const optional<Tensor>& b_hh_r, const optional<Tensor>& batch_sizes, bool train) {
+  Forward f, r;
+  run_both_directions<PersistentForward>(
+      [&](RunWhole<PersistentForward> run) {
+        f = gru_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, false, train, run);
+      },
+      [&](RunWhole<PersistentForward> run) {
+        r = gru_forward_impl(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes, true,
+                             train, run);
+      });
+  return std::tuple_cat(f, r);
+}
+
+// gru_backward of both directions, the recurrences in one launch where the
+// persistent kernels take the pair; one grad_input, the sum of both.
+decltype(std::tuple_cat(Backward(), std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>()))
+gru_backward_pair(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_output_r,
+                  const Tensor& grad_hy_r, const Tensor& input, const Tensor& hx,
+                  const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
+                  const Tensor& gates, const Tensor& hidden_n, const Tensor& hx_r,
+                  const Tensor& w_ih_r, const Tensor& w_hh_r, const Tensor& output_r,
+                  const Tensor& gates_r, const Tensor& hidden_n_r,
+                  const optional<Tensor>& batch_sizes, bool has_bias, bool input_grad) {
+  Backward f, r;
+  run_both_directions<PersistentBackward>(
+      [&](RunWhole<PersistentBackward> run) {
+        f = gru_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, gates,
+                              hidden_n, batch_sizes, false, has_bias, input_grad, run);
+      },
+      [&](RunWhole<PersistentBackward> run) {
+        r = gru_backward_impl(grad_output_r, grad_hy_r, input, hx_r, w_ih_r, w_hh_r, output_r,
+                              gates_r, hidden_n_r, batch_sizes, true, has_bias, input_grad, run);
+      });
+  auto [g_in, g_hx, g_wih, g_whh, g_bih, g_bhh] = f;
+  auto [g_in_r, g_hx_r, g_wih_r, g_whh_r, g_bih_r, g_bhh_r] = r;
+  if (input_grad) g_in.add_(g_in_r);
+  return {g_in, g_hx, g_wih, g_whh, g_bih, g_bhh, g_hx_r, g_wih_r, g_whh_r, g_bih_r, g_bhh_r};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("gru_forward", &gru_forward);
   m.impl("gru_backward", &gru_backward);
+  m.impl("gru_forward_pair", &gru_forward_pair);
+  m.impl("gru_backward_pair", &gru_backward_pair);
 }
 
 #if defined(FUSED_RNN_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
   m.impl("gru_forward", &gru_forward);
   m.impl("gru_backward", &gru_backward);
+  m.impl("gru_forward_pair", &gru_forward_pair);
+  m.impl("gru_backward_pair", &gru_backward_pair);
 }
 #endif
 

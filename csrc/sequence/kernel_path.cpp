@@ -58,7 +58,7 @@ PersistentCell parse_cell(c10::string_view cell) {
 
 std::string kernel_path_cpu(const at::Tensor& /*like*/, c10::string_view cell,
                             int64_t /*hidden*/, int64_t /*batch*/, bool /*packed*/,
-                            bool /*proj*/, bool backward) {
+                            bool /*proj*/, bool backward, bool /*bidirectional*/) {
   parse_cell(cell);
   return backward ? "CPU sequence kernel: per step the fused pointwise pass and one BLAS GEMM "
                     "with W_hh, then the weight gradients as large GEMMs"
@@ -68,11 +68,12 @@ std::string kernel_path_cpu(const at::Tensor& /*like*/, c10::string_view cell,
 
 #if defined(FUSED_RNN_WITH_CUDA)
 std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int64_t hidden,
-                             int64_t batch, bool packed, bool proj, bool backward) {
+                             int64_t batch, bool packed, bool proj, bool backward,
+                             bool bidirectional) {
   TORCH_CHECK_VALUE(hidden > 0 && batch > 0, "fused_rnn: hidden and batch must be positive");
   const c10::OptionalDeviceGuard guard(at::device_of(like));
   return cuda::choose_path(parse_cell(cell), hidden, batch, like.scalar_type(), packed, proj,
-                           backward)
+                           backward, bidirectional)
       .reason;
 }
 #endif
@@ -88,7 +89,7 @@ TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
   m.def("get_kernel_path() -> str", &get_kernel_path_op);
   m.def(
       "kernel_path(Tensor like, str cell, int hidden, int batch, bool packed, bool proj, "
-      "bool backward) -> str");
+      "bool backward, bool bidirectional=False) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { m.impl("kernel_path", &kernel_path_cpu); }

@@ -18,11 +18,14 @@ constexpr CellShape kLstm{"LSTM", 4};
 // hx (B, P); cx (B, H); w_ih (4H, I); w_hh (4H, P); b_ih, b_hh (4H);
 // w_hr (P, H). Returns output (T, B, P) or (N, P), hy (B, P), cy (B, H) and,
 // when training, the activated gates (N, 4H) and cell states (N, H).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
-    const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
-    const Tensor& w_hh, const optional<Tensor>& b_ih,
-    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-    const optional<Tensor>& batch_sizes, bool reverse, bool train) {
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Backward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                          const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                          const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                          const optional<Tensor>& batch_sizes, bool reverse, bool train,
+                          RunWhole<PersistentForward> run_whole) {
   check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh, b_ih,
                      b_hh, w_hr);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -59,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     whole.cy = c;
     whole.cells = cells;
   }
-  if (!(whole.out.defined() && run_persistent(whole))) {
+  if (!run_whole(whole)) {
     const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
     const GemmWeight w_proj = proj ? GemmWeight(*w_hr, sc.rows, true) : GemmWeight();
     const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
@@ -92,14 +95,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 // training forward returned. grad_input is absent unless input_grad,
 // grad_bias (that of b_ih and of b_hh alike) unless has_bias, grad_w_hr
 // without projection.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
-lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
-              const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
-              const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
-              const optional<Tensor>& w_hr, const Tensor& output,
-              const Tensor& gates, const Tensor& cells,
-              const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
-              bool input_grad) {
+Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
+                            const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
+                            const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+                            const optional<Tensor>& w_hr, const Tensor& output,
+                            const Tensor& gates, const Tensor& cells,
+                            const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
+                            bool input_grad, RunWhole<PersistentBackward> run_whole) {
   check_forward_args(kLstm, input, batch_sizes, {hx, cx}, w_ih, w_hh,
                      c10::nullopt, c10::nullopt, w_hr);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -142,7 +144,7 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_hx = dh;
       whole.grad_cx = dc;
     }
-    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+    if (!run_whole(whole)) {
       const PreviousStates c_prev(cells_c, cx.contiguous(), sc);
       const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
       // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
@@ -186,17 +188,94 @@ lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
           grad_w_hr};
 }
 
+Forward lstm_forward(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                     const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                     const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                     const optional<Tensor>& batch_sizes, bool reverse, bool train) {
+  return lstm_forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                           train, [](const PersistentForward& w) { return run_alone(w); });
+}
+
+Backward lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
+                       const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
+                       const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+                       const optional<Tensor>& w_hr, const Tensor& output,
+                       const Tensor& gates, const Tensor& cells,
+                       const optional<Tensor>& batch_sizes, bool reverse, bool has_bias,
+                       bool input_grad) {
+  return lstm_backward_impl(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr,
+                            output, gates, cells, batch_sizes, reverse, has_bias, input_grad,
+                            [](const PersistentBackward& w) { return run_alone(w); });
+}
+
+// Both directions of a bidirectional layer (the second walks the sequence
+// from its end): lstm_forward's outputs for each, the recurrences in one
+// launch where the persistent kernels take the pair.
+decltype(std::tuple_cat(Forward(), Forward())) lstm_forward_pair(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+    const optional<Tensor>& w_hr, const Tensor& hx_r, const Tensor& cx_r, const Tensor& w_ih_r,
+    const Tensor& w_hh_r, const optional<Tensor>& b_ih_r, const optional<Tensor>& b_hh_r,
+    const optional<Tensor>& w_hr_r, const optional<Tensor>& batch_sizes, bool train) {
+  Forward f, r;
+  run_both_directions<PersistentForward>(
+      [&](RunWhole<PersistentForward> run) {
+        f = lstm_forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, false,
+                              train, run);
+      },
+      [&](RunWhole<PersistentForward> run) {
+        r = lstm_forward_impl(input, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r,
+                              batch_sizes, true, train, run);
+      });
+  return std::tuple_cat(f, r);
+}
+
+// lstm_backward of both directions, the recurrences in one launch where the
+// persistent kernels take the pair; one grad_input, the sum of both.
+decltype(std::tuple_cat(Backward(), std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>()))
+lstm_backward_pair(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy,
+                   const Tensor& grad_output_r, const Tensor& grad_hy_r,
+                   const Tensor& grad_cy_r, const Tensor& input, const Tensor& hx,
+                   const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+                   const optional<Tensor>& w_hr, const Tensor& output, const Tensor& gates,
+                   const Tensor& cells, const Tensor& hx_r, const Tensor& cx_r,
+                   const Tensor& w_ih_r, const Tensor& w_hh_r, const optional<Tensor>& w_hr_r,
+                   const Tensor& output_r, const Tensor& gates_r, const Tensor& cells_r,
+                   const optional<Tensor>& batch_sizes, bool has_bias, bool input_grad) {
+  Backward f, r;
+  run_both_directions<PersistentBackward>(
+      [&](RunWhole<PersistentBackward> run) {
+        f = lstm_backward_impl(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr,
+                               output, gates, cells, batch_sizes, false, has_bias, input_grad,
+                               run);
+      },
+      [&](RunWhole<PersistentBackward> run) {
+        r = lstm_backward_impl(grad_output_r, grad_hy_r, grad_cy_r, input, hx_r, cx_r, w_ih_r,
+                               w_hh_r, w_hr_r, output_r, gates_r, cells_r, batch_sizes, true,
+                               has_bias, input_grad, run);
+      });
+  auto [g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr] = f;
+  auto [g_in_r, g_hx_r, g_cx_r, g_wih_r, g_whh_r, g_b_r, g_whr_r] = r;
+  if (input_grad) g_in.add_(g_in_r);
+  return {g_in,   g_hx,   g_cx,    g_wih,   g_whh, g_b,   g_whr,
+          g_hx_r, g_cx_r, g_wih_r, g_whh_r, g_b_r, g_whr_r};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
+  m.impl("lstm_forward_pair", &lstm_forward_pair);
+  m.impl("lstm_backward_pair", &lstm_backward_pair);
 }
 
 #if defined(FUSED_RNN_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
+  m.impl("lstm_forward_pair", &lstm_forward_pair);
+  m.impl("lstm_backward_pair", &lstm_backward_pair);
 }
 #endif
 

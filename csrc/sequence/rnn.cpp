@@ -14,12 +14,13 @@ constexpr CellShape kRnn{"RNN", 1};
 
 // Shapes: input (T, B, I) or packed (N, I); hx (B, H); w_ih (H, I);
 // w_hh (H, H); b_ih, b_hh (H). Returns output (T, B, H) or (N, H), hy (B, H).
-std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
-                                       const Tensor& w_ih, const Tensor& w_hh,
-                                       const optional<Tensor>& b_ih,
-                                       const optional<Tensor>& b_hh,
-                                       const optional<Tensor>& batch_sizes,
-                                       bool reverse, bool relu) {
+using Forward = std::tuple<Tensor, Tensor>;
+using Backward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                         const Tensor& w_hh, const optional<Tensor>& b_ih,
+                         const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
+                         bool reverse, bool relu, RunWhole<PersistentForward> run_whole) {
   check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, b_ih, b_hh,
                      c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -48,7 +49,7 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
     whole.out = out;
     whole.hy = h;
   }
-  if (!(whole.out.defined() && run_persistent(whole))) {
+  if (!run_whole(whole)) {
     const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
     h.copy_(hx);
     RunningState state(h, sc);
@@ -64,11 +65,12 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
-    const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
-    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& output, const optional<Tensor>& batch_sizes, bool reverse,
-    bool relu, bool has_bias, bool input_grad) {
+Backward rnn_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
+                           const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                           const Tensor& w_hh, const Tensor& output,
+                           const optional<Tensor>& batch_sizes, bool reverse, bool relu,
+                           bool has_bias, bool input_grad,
+                           RunWhole<PersistentBackward> run_whole) {
   check_forward_args(kRnn, input, batch_sizes, {hx}, w_ih, w_hh, c10::nullopt,
                      c10::nullopt, c10::nullopt);
   const c10::OptionalDeviceGuard guard(at::device_of(input));
@@ -99,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
       whole.dgates = dpre;
       whole.grad_hx = dh;
     }
-    if (!(whole.grad_out.defined() && run_persistent(whole))) {
+    if (!run_whole(whole)) {
       dh.copy_(grad_hy);
       const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
@@ -121,17 +123,83 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
           has_bias ? dpre.sum(0) : absent(input)};
 }
 
+Forward rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                    const Tensor& w_hh, const optional<Tensor>& b_ih,
+                    const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
+                    bool reverse, bool relu) {
+  return rnn_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu,
+                          [](const PersistentForward& w) { return run_alone(w); });
+}
+
+Backward rnn_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
+                      const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                      const Tensor& output, const optional<Tensor>& batch_sizes, bool reverse,
+                      bool relu, bool has_bias, bool input_grad) {
+  return rnn_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, batch_sizes,
+                           reverse, relu, has_bias, input_grad,
+                           [](const PersistentBackward& w) { return run_alone(w); });
+}
+
+// Both directions of a bidirectional layer (the second walks the sequence
+// from its end): rnn_forward's outputs for each, the recurrences in one
+// launch where the persistent kernels take the pair.
+decltype(std::tuple_cat(Forward(), Forward())) rnn_forward_pair(
+    const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const Tensor& hx_r,
+    const Tensor& w_ih_r, const Tensor& w_hh_r, const optional<Tensor>& b_ih_r,
+    const optional<Tensor>& b_hh_r, const optional<Tensor>& batch_sizes, bool relu) {
+  Forward f, r;
+  run_both_directions<PersistentForward>(
+      [&](RunWhole<PersistentForward> run) {
+        f = rnn_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, false, relu, run);
+      },
+      [&](RunWhole<PersistentForward> run) {
+        r = rnn_forward_impl(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, batch_sizes, true,
+                             relu, run);
+      });
+  return std::tuple_cat(f, r);
+}
+
+// rnn_backward of both directions, the recurrences in one launch where the
+// persistent kernels take the pair; one grad_input, the sum of both.
+decltype(std::tuple_cat(Backward(), std::tuple<Tensor, Tensor, Tensor, Tensor>()))
+rnn_backward_pair(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_output_r,
+                  const Tensor& grad_hy_r, const Tensor& input, const Tensor& hx,
+                  const Tensor& w_ih, const Tensor& w_hh, const Tensor& output,
+                  const Tensor& hx_r, const Tensor& w_ih_r, const Tensor& w_hh_r,
+                  const Tensor& output_r, const optional<Tensor>& batch_sizes, bool relu,
+                  bool has_bias, bool input_grad) {
+  Backward f, r;
+  run_both_directions<PersistentBackward>(
+      [&](RunWhole<PersistentBackward> run) {
+        f = rnn_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, batch_sizes,
+                              false, relu, has_bias, input_grad, run);
+      },
+      [&](RunWhole<PersistentBackward> run) {
+        r = rnn_backward_impl(grad_output_r, grad_hy_r, input, hx_r, w_ih_r, w_hh_r, output_r,
+                              batch_sizes, true, relu, has_bias, input_grad, run);
+      });
+  auto [g_in, g_hx, g_wih, g_whh, g_b] = f;
+  auto [g_in_r, g_hx_r, g_wih_r, g_whh_r, g_b_r] = r;
+  if (input_grad) g_in.add_(g_in_r);
+  return {g_in, g_hx, g_wih, g_whh, g_b, g_hx_r, g_wih_r, g_whh_r, g_b_r};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("rnn_forward", &rnn_forward);
   m.impl("rnn_backward", &rnn_backward);
+  m.impl("rnn_forward_pair", &rnn_forward_pair);
+  m.impl("rnn_backward_pair", &rnn_backward_pair);
 }
 
 #if defined(FUSED_RNN_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
   m.impl("rnn_forward", &rnn_forward);
   m.impl("rnn_backward", &rnn_backward);
+  m.impl("rnn_forward_pair", &rnn_forward_pair);
+  m.impl("rnn_backward_pair", &rnn_backward_pair);
 }
 #endif
 

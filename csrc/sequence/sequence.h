@@ -13,6 +13,7 @@
 #include <ATen/DeviceGuard.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/FunctionRef.h>
 
 #include <algorithm>
 #include <initializer_list>
@@ -50,6 +51,74 @@ inline bool run_persistent(const PersistentBackward& args) {
   (void)args;
   return false;
 #endif
+}
+
+// Both directions of a bidirectional layer in one launch of the persistent
+// kernels (persistent.h), where the two requests have the same cell, shapes,
+// dtype, device and rows and the chosen path takes the pair; false, with
+// nothing launched, otherwise.
+template <typename Request>
+bool same_launch_shape(const Request& a, const Request& b, const at::Tensor& a_rows,
+                       const at::Tensor& b_rows) {
+  return a.cell == b.cell && a.steps == b.steps && a.batch == b.batch &&
+         a.batch_sizes == b.batch_sizes && a.w_hh.sizes() == b.w_hh.sizes() &&
+         a_rows.sizes() == b_rows.sizes() && a_rows.scalar_type() == b_rows.scalar_type() &&
+         a_rows.device() == b_rows.device();
+}
+inline bool run_persistent_pair(const PersistentForward& a, const PersistentForward& b) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  return a.out.defined() && b.out.defined() && a.out.is_cuda() &&
+         a.keep_gates == b.keep_gates && same_launch_shape(a, b, a.xw, b.xw) &&
+         a.bias.defined() == b.bias.defined() && cuda::persistent_forward_pair(a, b);
+#else
+  (void)a;
+  (void)b;
+  return false;
+#endif
+}
+inline bool run_persistent_pair(const PersistentBackward& a, const PersistentBackward& b) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  return a.grad_out.defined() && b.grad_out.defined() && a.grad_out.is_cuda() &&
+         same_launch_shape(a, b, a.grad_out, b.grad_out) &&
+         cuda::persistent_backward_pair(a, b);
+#else
+  (void)a;
+  (void)b;
+  return false;
+#endif
+}
+
+// How a driver runs its recurrence's persistent request (its tensors
+// undefined where the driver runs no persistent kernel: CPU tensors, a
+// projection): true when that ran the recurrence, false when the driver must
+// run its per-step loop. Every driver calls it exactly once, before that
+// loop. An op of one direction runs the request alone (run_alone).
+template <typename Request>
+using RunWhole = c10::function_ref<bool(const Request&)>;
+inline bool run_alone(const PersistentForward& w) {
+  return w.out.defined() && run_persistent(w);
+}
+inline bool run_alone(const PersistentBackward& w) {
+  return w.grad_out.defined() && run_persistent(w);
+}
+
+// Runs the drivers of both directions of a bidirectional layer, first(run)
+// and second(run) (each a driver given its RunWhole), so that their
+// persistent requests launch together: the second driver runs inside the
+// first's RunWhole, where both requests exist; the pair launches when
+// run_persistent_pair takes it, else each request alone (or each driver's
+// per-step loop). Work reaches the stream in the order: first's and
+// second's input projections, the recurrences, second's and first's rest.
+template <typename Request, typename First, typename Second>
+void run_both_directions(First first, Second second) {
+  first([&](const Request& a) {
+    bool paired = false;
+    second([&](const Request& b) {
+      paired = run_persistent_pair(a, b);
+      return paired || run_alone(b);
+    });
+    return paired || run_alone(a);
+  });
 }
 
 // Inside a kernel the ATen calls run in the caller's dtype: autocast (which
