@@ -387,11 +387,14 @@ def run_explain(args, parser):
     weight_bytes = gates * hidden * hidden * element
     info = build_info.summary()
     print(f"{cell}, B={batch}, I={input_size}, H={hidden}, T={seq_len}, {dtype}, on {device}"
-          + (", packed sequences" if args.packed else ""))
+          + (", packed sequences" if args.packed else "")
+          + (", bidirectional" if args.bidirectional else ""))
     print()
     print("Kernel path:")
     if device == "cpu":
-        print("  CPU sequence kernel (csrc/sequence + csrc/cpu), one op per layer and direction:")
+        print("  CPU sequence kernel (csrc/sequence + csrc/cpu), one op per layer and direction"
+              + (" (a layer's two directions in one op, one after the other)"
+                 if args.bidirectional else "") + ":")
         print("  1. input projection x @ W_ih^T as GEMMs over many steps (blocks of ~2 MB "
               "in inference, all steps at once when training)")
         print(f"  2. per step: h @ W_hh^T as one GEMM ({batch} x {gates * hidden} x {hidden}), "

@@ -141,6 +141,13 @@ def test_explain_names_the_path_and_the_build(capsys):
     assert f"running torch: {torch.__version__}" in out
 
 
+def test_explain_bidirectional(capsys):
+    assert cli.main(["explain", "--device", "cpu", "--bidirectional"]) == 0
+    out = capsys.readouterr().out
+    assert ", bidirectional" in out
+    assert "a layer's two directions in one op, one after the other" in out
+
+
 def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     assert cli.main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
