@@ -629,6 +629,15 @@ def call_reference(cell, args):
                         a["b_hh"], None, a["batch_sizes"], a["reverse"], a.get("relu", False))
 
 
+# (cell, extra make_op_args kwargs) of the op tests; the cell names of fused_rnn.ops
+OP_CELLS = {
+    "lstm": ("lstm", {}),
+    "lstm_proj": ("lstm", {"P": 3}),
+    "gru": ("gru", {}),
+    "rnn_tanh": ("rnn", {"relu": False}),
+    "rnn_relu": ("rnn", {"relu": True}),
+}
+
 # the per-direction arguments of each cell's _pair op, in schema order
 PAIR_PER_DIRECTION = {
     "lstm": ("hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"),

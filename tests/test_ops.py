@@ -9,6 +9,7 @@ import torch
 
 import fused_rnn
 from helpers import (
+    OP_CELLS,
     gradcheck_op,
     assert_results_close,
     assert_twice_torch_error,
@@ -22,14 +23,7 @@ from helpers import (
 
 OPS = torch.ops.fused_rnn
 
-# (cell, extra make_op_args kwargs); the cell names of fused_rnn.ops
-CELLS = {
-    "lstm": ("lstm", {}),
-    "lstm_proj": ("lstm", {"P": 3}),
-    "gru": ("gru", {}),
-    "rnn_tanh": ("rnn", {"relu": False}),
-    "rnn_relu": ("rnn", {"relu": True}),
-}
+CELLS = OP_CELLS
 
 VARIANTS = {
     "dense": {},

@@ -12,17 +12,11 @@ import torch
 
 import fused_rnn
 from fused_rnn import ops
-from helpers import PAIR_PER_DIRECTION, call_pair, make_op_args, upstream_like
+from helpers import OP_CELLS, PAIR_PER_DIRECTION, call_pair, make_op_args, upstream_like
 
 OPS = torch.ops.fused_rnn
 
-CELLS = {
-    "lstm": ("lstm", {}),
-    "lstm_proj": ("lstm", {"P": 3}),
-    "gru": ("gru", {}),
-    "rnn_tanh": ("rnn", {"relu": False}),
-    "rnn_relu": ("rnn", {"relu": True}),
-}
+CELLS = OP_CELLS
 
 VARIANTS = {
     "dense": {},

@@ -337,7 +337,8 @@ struct BackwardParams {
 // launch without the tagged exchange every block meets the other
 // direction's blocks at each step's grid barrier. Passed as a
 // __grid_constant__ kernel parameter: a block reads its direction's
-// parameters in place (constant memory), with no copy to local memory.
+// parameters in place (constant memory), with no copy to local memory. The
+// kernels take it with kPaired false (count 1) or true (count 2).
 template <typename Params>
 struct Directions {
   Params dir[2];
@@ -854,13 +855,17 @@ __device__ __forceinline__ StepRows rows_of_step(const Params& p, int64_t s) {
 }
 
 // ------------------------------------------------------------ forward
-template <PersistentCell kCell, int BT, typename scalar_t>
+template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const FR_GRID_CONSTANT Directions<ForwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
   FR_DYNAMIC_SHARED(shared);
-  const int direction = launch.direction_of_block();
+  // One direction: its parameters at a constant place (constant-bank
+  // operands, as a by-value parameter); paired: indexed by the block's
+  // direction (loads into registers: a separate instantiation, so that
+  // one-direction launches do not pay for it in registers).
+  const int direction = kPaired ? launch.direction_of_block() : 0;
   const ForwardParams<scalar_t>& p = launch.dir[direction];
   const int block = launch.block_in_direction(direction);
   const int H = p.hidden, J = p.units, rows = G * J;
@@ -969,13 +974,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 // then s = -1 for grad_hx. Step s needs the recurrent gradient
 // dh_rec = (gate gradients of step s+1) @ W_hh, which block_matvec forms
 // from the slice of W_hh^T.
-template <PersistentCell kCell, int BT, typename scalar_t>
+template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const FR_GRID_CONSTANT Directions<BackwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
   constexpr int G = gate_count<kCell>();
   FR_DYNAMIC_SHARED(shared);
-  const int direction = launch.direction_of_block();
+  // One direction: its parameters at a constant place (constant-bank
+  // operands, as a by-value parameter); paired: indexed by the block's
+  // direction (loads into registers: a separate instantiation, so that
+  // one-direction launches do not pay for it in registers).
+  const int direction = kPaired ? launch.direction_of_block() : 0;
   const BackwardParams<scalar_t>& p = launch.dir[direction];
   const int block = launch.block_in_direction(direction);
   const int H = p.hidden, J = p.units, rows = J, k = G * H;

@@ -239,10 +239,13 @@ bool run_forward(const PersistentForward& a, const PersistentForward* second, co
       w_hh[d] = x.w_hh;
       launch.dir[d] = forward_params<scalar_t>(x, plan, state[d]);
     }
-    launched = launch_steps<gate_count<kCell>(), false, scalar_t>(
-        tiled(plan, forward_kernel<kCell, 1, scalar_t>,
-              forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, launch, w_hh, a.batch_sizes);
+    const void* kernel =
+        second ? tiled(plan, forward_kernel<kCell, 1, scalar_t, true>,
+                       forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, true>)
+               : tiled(plan, forward_kernel<kCell, 1, scalar_t, false>,
+                       forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, false>);
+    launched = launch_steps<gate_count<kCell>(), false, scalar_t>(kernel, plan, launch, w_hh,
+                                                                  a.batch_sizes);
   });
   return launched;
 }
@@ -267,10 +270,13 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
       w_hh[d] = x.w_hh;
       launch.dir[d] = backward_params<scalar_t>(x, plan, carry[d]);
     }
-    launched = launch_steps<gate_count<kCell>(), true, scalar_t>(
-        tiled(plan, backward_kernel<kCell, 1, scalar_t>,
-              backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t>),
-        plan, launch, w_hh, a.batch_sizes);
+    const void* kernel =
+        second ? tiled(plan, backward_kernel<kCell, 1, scalar_t, true>,
+                       backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, true>)
+               : tiled(plan, backward_kernel<kCell, 1, scalar_t, false>,
+                       backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, false>);
+    launched = launch_steps<gate_count<kCell>(), true, scalar_t>(kernel, plan, launch, w_hh,
+                                                                 a.batch_sizes);
   });
   return launched;
 }

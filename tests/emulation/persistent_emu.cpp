@@ -218,9 +218,16 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise,
                            static_cast<int>(chunk));
-        run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-            launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
-            p::forward_kernel<c.value, bt.value, scalar_t>);
+        auto run = [&](auto kernel) {
+          run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
+              launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
+              kernel);
+        };
+        if (paired) {
+          run(p::forward_kernel<c.value, bt.value, scalar_t, true>);
+        } else {
+          run(p::forward_kernel<c.value, bt.value, scalar_t, false>);
+        }
       });
     });
   });
@@ -292,9 +299,16 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
                                            /*weights_shared=*/!stepwise, static_cast<int>(chunk));
-        run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-            launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
-            p::backward_kernel<c.value, bt.value, scalar_t>);
+        auto run = [&](auto kernel) {
+          run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
+              launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
+              kernel);
+        };
+        if (paired) {
+          run(p::backward_kernel<c.value, bt.value, scalar_t, true>);
+        } else {
+          run(p::backward_kernel<c.value, bt.value, scalar_t, false>);
+        }
       });
     });
   });
