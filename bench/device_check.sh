@@ -13,8 +13,10 @@
 #                                         general): the per-step path against cuDNN
 #   bash bench/device_check.sh stepwise   the persistent grid at B 1/8 with a grid barrier per step
 #                                         (FUSED_RNN_GRID_SYNC=barrier) against the tagged exchange,
-#                                         packed sequences on persistent, stepwise and general, and
-#                                         the grid at B 1/8/64 with the stepwise launches forced
+#                                         the bidirectional LSTM with both directions in one launch
+#                                         and one after the other, packed sequences on persistent,
+#                                         stepwise and general, and the grid at B 1/8/64 with the
+#                                         stepwise launches forced
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
 #   bash bench/device_check.sh session    one call for a whole device budget: the tests and
 #                                         both sanitizers side by side, then the bench and
@@ -232,6 +234,20 @@ bench_barrier() {
     --batch ${BARRIER_BATCHES:-1 8}
 }
 
+# The 2-layer bidirectional LSTM with the persistent kernels forced, both
+# directions of each layer in one launch (the default) and one after the
+# other (FUSED_RNN_BIDIRECTIONAL=separate): what the paired launch gains
+# (goals.py --pairs).
+bench_pairs() {
+  local mode
+  for mode in paired separate; do
+    FUSED_RNN_BIDIRECTIONAL=$([ "$mode" = paired ] && echo auto || echo separate) \
+      run_bench "$1" "bench/results/$card-bidir-$mode.json" "$LOGS/bench-bidir-$mode.txt" \
+      --device cuda --kernel persistent --cell LSTM --batch 64 --hidden-size 512 \
+      --seq-len 256 --layers 2 --bidirectional --dtype float32 bfloat16 --no-progress
+  done
+}
+
 # A stand-alone grid stage: its body ($2, a function) timed, its line in the
 # summary ($1, what it wrote), then the goals.
 grid_stage() {
@@ -255,12 +271,15 @@ general_body() {
 stepwise_body() {
   bench_barrier "$(cap 100 220)"
   pack
+  bench_pairs "$(cap 40 180)"
+  pack
   bench_packed "$(cap 45 150)"
   pack
   bench_stepwise "$(cap 200 0)"
   tail -n 30 "$LOGS/bench-stepwise.txt"
   tail -n 12 "$LOGS"/bench-packed-*.txt
   tail -n 12 "$LOGS/bench-barrier.txt"
+  tail -n 8 "$LOGS"/bench-bidir-*.txt
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -273,6 +292,8 @@ goals() {
   is_fresh "bench/results/$card-general.json" && args+=(--general "bench/results/$card-general.json")
   is_fresh "bench/results/$card-stepwise.json" && args+=(--stepwise "bench/results/$card-stepwise.json")
   is_fresh "bench/results/$card-barrier.json" && args+=(--barrier "bench/results/$card-barrier.json")
+  is_fresh "bench/results/$card-bidir-paired.json" && is_fresh "bench/results/$card-bidir-separate.json" \
+    && args+=(--pairs "bench/results/$card-bidir-paired.json" "bench/results/$card-bidir-separate.json")
   python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }

@@ -4,14 +4,16 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
 <card>-stepwise.json).
 
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
-                          [--stepwise FILE] [--barrier FILE]
+                          [--stepwise FILE] [--barrier FILE] [--pairs PAIRED SEPARATE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
 reported as NO DATA, never as a pass; a row whose speed-up, latency or
 parity error is not a finite number (a failed run) misses.
 --barrier adds a comparison (not a goal): the grid as the automatic choice
-ran it against the same shapes with the grid barrier forced.
+ran it against the same shapes with the grid barrier forced; --pairs one of
+bidirectional rows whose directions shared each launch against the same
+shapes with FUSED_RNN_BIDIRECTIONAL=separate.
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -112,31 +114,50 @@ def check(rows_by_source) -> List[str]:
     return lines
 
 
+def _compare(default_rows, other_rows, took, what, other_name, faster):
+    """One COMPARE line: over the shapes of default_rows where took(row),
+    the median and range of other time / default time (above 1: the
+    default is faster), other_rows being the same shapes run otherwise."""
+    def key(r):
+        return (r["cell"], r["batch"], r["hidden_size"], r["dtype"], r["training"],
+                r["num_layers"], r["bidirectional"])
+
+    other = {key(r): r for r in other_rows
+             if r.get("kernel") == "persistent" and math.isfinite(r.get("fused_ms", math.nan))}
+    pairs = [(r, other[key(r)]) for r in default_rows
+             if took(r) and key(r) in other and math.isfinite(r.get("fused_ms", math.nan))]
+    if not pairs:
+        return f"NO DATA  {what} (no shape in both files)"
+    ratios = sorted(((b["fused_ms"] / r["fused_ms"], r) for r, b in pairs),
+                    key=lambda pair: pair[0])
+    median = ratios[len(ratios) // 2][0]
+    low, high = ratios[0], ratios[-1]
+    return (f"COMPARE  {what}: {other_name}/default time median "
+            f"{median:.2f}x over {len(ratios)} shapes ({sum(x > 1 for x, _ in ratios)} faster "
+            f"{faster}); lowest {low[0]:.2f}x ({_describe(low[1])}), highest {high[0]:.2f}x "
+            f"({_describe(high[1])})")
+
+
 def compare_sync(grid_rows, barrier_rows) -> str:
     """One line, not a goal: the grid as the automatic choice ran it against
     the same shapes with a grid barrier forced (FUSED_RNN_GRID_SYNC=barrier),
     over the shapes where that choice took the tagged exchange (grid_sync
     "tags", or "tags" in one direction of a training row): the median and
     range of barrier time / default time (above 1: the exchange is faster)."""
-    def key(r):
-        return (r["cell"], r["batch"], r["hidden_size"], r["dtype"], r["training"],
-                r["num_layers"], r["bidirectional"])
+    line = _compare(grid_rows, barrier_rows, lambda r: "tags" in (r.get("grid_sync") or ""),
+                    "tagged exchange vs grid barrier", "barrier", "with tags")
+    return line.replace("(no shape in both files)", "(no shape in both files took the tags)")
 
-    barrier = {key(r): r for r in barrier_rows
-               if r.get("kernel") == "persistent" and math.isfinite(r.get("fused_ms", math.nan))}
-    pairs = [(r, barrier[key(r)]) for r in grid_rows
-             if "tags" in (r.get("grid_sync") or "") and key(r) in barrier
-             and math.isfinite(r.get("fused_ms", math.nan))]
-    if not pairs:
-        return "NO DATA  tagged exchange vs grid barrier (no shape in both files took the tags)"
-    ratios = sorted(((b["fused_ms"] / r["fused_ms"], r) for r, b in pairs),
-                    key=lambda pair: pair[0])
-    median = ratios[len(ratios) // 2][0]
-    low, high = ratios[0], ratios[-1]
-    return (f"COMPARE  tagged exchange vs grid barrier: barrier/default time median "
-            f"{median:.2f}x over {len(ratios)} shapes ({sum(x > 1 for x, _ in ratios)} faster "
-            f"with tags); lowest {low[0]:.2f}x ({_describe(low[1])}), highest {high[0]:.2f}x "
-            f"({_describe(high[1])})")
+
+def compare_directions(paired_rows, separate_rows) -> str:
+    """One line, not a goal: bidirectional rows whose two directions shared
+    each launch (directions "paired", in either pass) against the same shapes
+    with FUSED_RNN_BIDIRECTIONAL=separate (one direction after the other):
+    separate time / paired time (above 1: the paired launch is faster)."""
+    return _compare(paired_rows, separate_rows,
+                    lambda r: "paired" in (r.get("directions") or ""),
+                    "both directions in one launch vs one after the other", "separate",
+                    "paired")
 
 
 def _load(path):
@@ -160,6 +181,9 @@ def main(argv=None):
     parser.add_argument("--stepwise", help="JSON of the grid with --kernel stepwise")
     parser.add_argument("--barrier", help="JSON of the grid with FUSED_RNN_GRID_SYNC=barrier "
                                           "(compared, not a goal)")
+    parser.add_argument("--pairs", nargs=2, metavar=("PAIRED", "SEPARATE"),
+                        help="JSON of bidirectional rows run by default and with "
+                             "FUSED_RNN_BIDIRECTIONAL=separate (compared, not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
@@ -168,6 +192,9 @@ def main(argv=None):
     if args.barrier:
         barrier_rows, note = _load(args.barrier)
         notes += [compare_sync(loaded["grid"][0], barrier_rows)] + ([note] if note else [])
+    if args.pairs:
+        (paired, note_p), (separate, note_s) = _load(args.pairs[0]), _load(args.pairs[1])
+        notes += [compare_directions(paired, separate)] + [n for n in (note_p, note_s) if n]
     print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 

@@ -174,6 +174,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         **dataclasses.asdict(config),
         "kernel": kernel_name(config),
         "grid_sync": grid_sync_name(config),
+        "directions": directions_name(config),
         "torch_ms": torch_ms,
         "fused_ms": fused_ms,
         "speedup": torch_ms / fused_ms,
@@ -233,6 +234,22 @@ def grid_sync_name(config: Config):
     return forward if forward == backward else f"{forward}/{backward}"
 
 
+def directions_name(config: Config):
+    """How a bidirectional layer's two directions run for config: "paired"
+    (one launch for both) or "separate" (one after the other),
+    forward/backward when training and they differ; None when
+    unidirectional."""
+    if not config.bidirectional:
+        return None
+
+    def pairing(backward):
+        return "paired" if "both directions" in _explain(config, backward) else "separate"
+
+    forward = pairing(False)
+    backward = pairing(True) if config.training else forward
+    return forward if forward == backward else f"{forward}/{backward}"
+
+
 def _parity(reference, fused, x, grad, training):
     """Largest |fused - torch.nn| over the output, and over the input
     gradient when training."""
@@ -264,6 +281,7 @@ def environment(device: str) -> dict:
         info["cudnn"] = torch.backends.cudnn.version()
         # how the persistent kernels' blocks meet between steps (paths.py)
         info["grid_sync"] = os.environ.get("FUSED_RNN_GRID_SYNC") or "auto"
+        info["bidirectional"] = os.environ.get("FUSED_RNN_BIDIRECTIONAL") or "auto"
     return info
 
 

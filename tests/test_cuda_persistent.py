@@ -490,3 +490,39 @@ def test_pair_opcheck_and_gradcheck(cell_key):
     assert torch.autograd.gradcheck(
         fn, [a["input"], *(a[k] for k in per_direction), *(b[k] for k in per_direction)],
         eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_separate_directions_in_a_fresh_process():
+    """FUSED_RNN_BIDIRECTIONAL=separate (read once per process) runs each
+    direction on its own: explain says so, and a bidirectional LSTM's
+    outputs and gradients equal those of the paired launch (float64, same
+    weights); an unknown value is a clear error."""
+    code = (
+        "import torch, fused_rnn\n"
+        "print(fused_rnn.explain_kernel_path('LSTM', 64, 4, torch.float64, 'cuda', "
+        "bidirectional=True))\n"
+        "torch.manual_seed(0)\n"
+        "m = fused_rnn.LSTM(8, 64, num_layers=2, bidirectional=True, device='cuda', "
+        "dtype=torch.float64)\n"
+        "x = torch.randn(6, 4, 8, device='cuda', dtype=torch.float64, requires_grad=True)\n"
+        "out, (h, c) = m(x)\n"
+        "g = torch.autograd.grad(out.sum() + h.sum() + c.sum(), [x, *m.parameters()])\n"
+        "print(repr([out.sum().item(), h.sum().item(), *[t.sum().item() for t in g]]))\n"
+    )
+
+    def python(value):
+        env = dict(os.environ, FUSED_RNN_BIDIRECTIONAL=value, FUSED_RNN_KERNEL_PATH="persistent")
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    paired, separate = python("auto"), python("separate")
+    for proc in (paired, separate):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "both directions" in paired.stdout.splitlines()[0]
+    assert "FUSED_RNN_BIDIRECTIONAL=separate" in separate.stdout.splitlines()[0]
+    got = eval(separate.stdout.splitlines()[1])
+    expected = eval(paired.stdout.splitlines()[1])
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    proc = python("together")
+    assert proc.returncode != 0
+    assert "FUSED_RNN_BIDIRECTIONAL must be 'auto' or 'separate', got 'together'" in proc.stderr

@@ -156,3 +156,27 @@ def test_barrier_comparison_pairs_the_shapes_that_took_the_tags(tmp_path, capsys
     out = capsys.readouterr().out
     assert "COMPARE  tagged exchange vs grid barrier" in out
     assert status == goals.main([str(paths["grid"])])
+
+
+def test_pairs_comparison_covers_the_paired_rows(tmp_path, capsys):
+    """--pairs compares bidirectional rows whose directions shared each
+    launch with the same shapes run one direction after the other; rows that
+    ran separate by default are left out; never a goal."""
+    rows = [dict(cell="LSTM", batch=64, hidden_size=512, dtype=dtype, training=training,
+                 num_layers=2, bidirectional=True, seq_len=256, kernel="persistent",
+                 fused_ms=1.0, torch_ms=3.0, speedup=3.0, max_abs_error=0.0,
+                 fused_us_per_step=1e3 / 256, torch_us_per_step=3e3 / 256,
+                 directions="paired" if dtype != "float32" else "separate")
+            for dtype in ("float32", "bfloat16", "float16") for training in (False, True)]
+    separate = [dict(r, fused_ms=1.8, directions="separate") for r in rows]
+    line = goals.compare_directions(rows, separate)
+    assert line.startswith("COMPARE") and "over 4 shapes (4 faster paired)" in line
+    assert "median 1.80x" in line
+    assert goals.compare_directions(separate, separate).startswith("NO DATA")
+    paths = []
+    for name, data in (("paired", rows), ("separate", separate)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"rows": data}))
+    goals.main([str(paths[0]), "--pairs", str(paths[0]), str(paths[1])])
+    assert "COMPARE  both directions in one launch vs one after the other" in (
+        capsys.readouterr().out)

@@ -90,6 +90,21 @@ GridSync grid_sync() {
   return sync;
 }
 
+// Whether both directions of a bidirectional layer may share a launch:
+// FUSED_RNN_BIDIRECTIONAL (read once) auto (the default: where the plan for
+// the pair takes the persistent or stepwise kernels) or separate (each
+// direction on its own, one after the other: for comparison).
+bool pairs_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("FUSED_RNN_BIDIRECTIONAL");
+    const std::string mode = value ? value : "";
+    TORCH_CHECK(mode.empty() || mode == "auto" || mode == "separate",
+                "FUSED_RNN_BIDIRECTIONAL must be 'auto' or 'separate', got '", mode, "'");
+    return mode != "separate";
+  }();
+  return allowed;
+}
+
 // The L2 bytes per step that the tagged words add over plain loads: every
 // block reads every row of the step, `width` values each.
 int64_t tagged_extra_bytes(int64_t blocks, int64_t batch, int64_t width, at::ScalarType dtype) {
@@ -374,12 +389,17 @@ PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::S
     return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true)
         .choice;
   }
+  PathChoice single =
+      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true).choice;
+  if (!persistent::pairs_allowed()) {
+    single.reason += "; each direction on its own, one after the other "
+                     "(FUSED_RNN_BIDIRECTIONAL=separate)";
+    return single;
+  }
   PathChoice pair =
       persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 2, true).choice;
   if (pair.path != KernelPath::kGeneral) return pair;
   // each direction on its own, one after the other
-  PathChoice single =
-      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true).choice;
   if (single.path == KernelPath::kGeneral) return single;
   single.reason += "; each direction on its own, one after the other (side by side, on half "
                    "the SMs each, they would take the " +
@@ -450,6 +470,7 @@ bool persistent_backward(const PersistentBackward& a) {
 }
 
 bool persistent_forward_pair(const PersistentForward& a, const PersistentForward& b) {
+  if (!persistent::pairs_allowed()) return false;
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
                                     /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
                                     /*backward=*/false, /*directions=*/2, /*explain=*/false);
@@ -458,6 +479,7 @@ bool persistent_forward_pair(const PersistentForward& a, const PersistentForward
 }
 
 bool persistent_backward_pair(const PersistentBackward& a, const PersistentBackward& b) {
+  if (!persistent::pairs_allowed()) return false;
   const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
                                     /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
                                     /*backward=*/true, /*directions=*/2, /*explain=*/false);

@@ -118,6 +118,8 @@ bool persistent_backward(const PersistentBackward& args);
 // half of the SMs, where the plan for the pair takes the persistent or the
 // stepwise kernels; false, nothing launched, otherwise: the caller then
 // runs each direction on its own (persistent_forward, or the general path).
+// FUSED_RNN_BIDIRECTIONAL=separate (read once; default auto) declines every
+// pair, for comparison.
 bool persistent_forward_pair(const PersistentForward& a, const PersistentForward& b);
 bool persistent_backward_pair(const PersistentBackward& a, const PersistentBackward& b);
 
