@@ -329,65 +329,102 @@ def test_emulated_low_precision(emu, case, mode, cell, dtype, reverse):
     against the CPU ops in float64 on the same (rounded) inputs: within a
     few roundings of the storage type. One sequence: batch tile 1, FMA in
     every dtype (the half types staged as float32)."""
+    check_low_precision(emu, case, mode, cell, dtype, [reverse])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_packed", "one_sequence"])
+def test_emulated_low_precision_both_directions(emu, case, mode, cell, dtype):
+    """The paired kernels (both directions of a layer in one launch, their
+    own instantiations) in the low-precision dtypes and both batch tiles,
+    each direction against the CPU ops in float64."""
+    check_low_precision(emu, case, mode, cell, dtype, [False, True])
+
+
+def check_low_precision(emu, case, mode, cell, dtype, directions):
+    """The emulated kernels on LOW_PRECISION[case] in `dtype`, one direction
+    (directions [reverse]) or two side by side ([False, True], other
+    weights and states each), against the CPU ops in float64."""
     wide, chunk, lengths = LOW_PRECISION[case]
     H, T, units = 31, 3, 11
     B = 40 if wide else 1
     tile = (8 if dtype == torch.float32 else 16) if wide else 1
     op_cell = cell.split("_")[0]
-    a = make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=reverse,
-                     relu=cell == "rnn_relu", lengths=lengths)
-    a64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-           for k, v in a.items()}
+    cases = [make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=r, seed=seed,
+                          relu=cell == "rnn_relu", lengths=lengths)
+             for seed, r in enumerate(directions)]
+    count = len(cases)
+    a = cases[0]
+    cases64 = [{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in c.items()} for c in cases]
     bs = a["batch_sizes"]
-    ref = cpu_reference(op_cell, a64)
-    x = a["input"].reshape(-1, a["input"].shape[-1])
-    N = x.shape[0]
+    refs = [cpu_reference(op_cell, c64) for c64 in cases64]
+    xs = [c["input"].reshape(-1, c["input"].shape[-1]) for c in cases]
+    N = xs[0].shape[0]
 
     def seq(t):  # (N, H) as the ops take it
         return t if bs is not None else t.view(T, B, H)
 
-    xw = (x.double() @ a64["w_ih"].t()).to(dtype)
-    bias_in, bias_hh = ((a["b_ih"], a["b_hh"]) if cell == "gru"
-                        else (a["b_ih"] + a["b_hh"], None))
-    kw = launch_kw(mode, bs, chunk)
-    out, hy, cy, gates, cells, hn = emu.forward(
-        CELLS[cell], xw, bias_in, bias_hh, a["w_hh"], a["hx"], a.get("cx"), T, B, reverse, True,
-        units, tile, 0, **kw)
+    def arg(fn):
+        return stacked([fn(c) for c in cases])
+
+    xw = stacked([(x.double() @ c64["w_ih"].t()).to(dtype) for x, c64 in zip(xs, cases64)])
+    if cell == "gru":
+        bias_in, bias_hh = arg(lambda c: c["b_ih"]), arg(lambda c: c["b_hh"])
+    else:
+        bias_in, bias_hh = arg(lambda c: c["b_ih"] + c["b_hh"]), None
+    kw = launch_kw(mode, bs, chunk, paired=count == 2)
+    forward = emu.forward(CELLS[cell], xw, bias_in, bias_hh, arg(lambda c: c["w_hh"]),
+                          arg(lambda c: c["hx"]), arg(lambda c: c.get("cx")), T, B,
+                          directions[0], True, units, tile, 0, **kw)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    assert rel_error(out, ref[0].reshape(N, H)) < tol
-    assert rel_error(hy, ref[1]) < tol
-    if cell == "lstm":
-        assert rel_error(cy, ref[2]) < tol
+    for ref, (out, hy, cy, *_) in zip(refs, per_direction(forward, count)):
+        assert rel_error(out, ref[0].reshape(N, H)) < tol
+        assert rel_error(hy, ref[1]) < tol
+        if cell == "lstm":
+            assert rel_error(cy, ref[2]) < tol
     if cell == "rnn_relu" and dtype != torch.float32:
         return  # relu's gradient is discontinuous: a half-precision sign flip changes it by O(1)
 
     gen = torch.Generator().manual_seed(5)
-    go = torch.randn(N, H, generator=gen, dtype=torch.float64)
-    ghy = torch.randn(B, H, generator=gen, dtype=torch.float64)
-    gcy = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    grads = [(torch.randn(N, H, generator=gen, dtype=torch.float64),
+              torch.randn(B, H, generator=gen, dtype=torch.float64),
+              torch.randn(B, H, generator=gen, dtype=torch.float64)) for _ in cases]
+    go, ghy, gcy = (stacked([g[i].to(dtype) for g in grads]) for i in range(3))
     ops = torch.ops.fused_rnn
+    expected = []
+    for c64, ref, (go_d, ghy_d, gcy_d) in zip(cases64, refs, grads):
+        r = c64["reverse"]
+        if cell == "lstm":
+            expected.append(ops.lstm_backward(seq(go_d), ghy_d, gcy_d, c64["input"], c64["hx"],
+                                              c64["cx"], c64["w_ih"], c64["w_hh"], None, ref[0],
+                                              ref[3], ref[4], bs, r, True, True))
+        elif cell == "gru":
+            expected.append(ops.gru_backward(seq(go_d), ghy_d, c64["input"], c64["hx"],
+                                             c64["w_ih"], c64["w_hh"], ref[0], ref[2], ref[3],
+                                             bs, r, True, True))
+        else:
+            expected.append(ops.rnn_backward(seq(go_d), ghy_d, c64["input"], c64["hx"],
+                                             c64["w_ih"], c64["w_hh"], ref[0], bs, r,
+                                             c64["relu"], True, True))
+    out, hy, cy, gates, cells, hn = forward
+    w_hh = arg(lambda c: c["w_hh"])
     if cell == "lstm":
-        expected = ops.lstm_backward(seq(go), ghy, gcy, a64["input"], a64["hx"],
-                                     a64["cx"], a64["w_ih"], a64["w_hh"], None, ref[0], ref[3],
-                                     ref[4], bs, reverse, True, True)
-        dg, _, ghx, gcx = emu.backward(0, a["w_hh"], go.to(dtype), ghy.to(dtype), gcy.to(dtype),
-                                       None, None, a["cx"], gates, cells, None, T, B, reverse,
-                                       units, tile, 0, **kw)
-        assert rel_error(gcx, expected[2]) < tol
+        results = emu.backward(0, w_hh, go, ghy, gcy, None, None, arg(lambda c: c["cx"]), gates,
+                               cells, None, T, B, directions[0], units, tile, 0, **kw)
     elif cell == "gru":
-        expected = ops.gru_backward(seq(go), ghy, a64["input"], a64["hx"], a64["w_ih"],
-                                    a64["w_hh"], ref[0], ref[2], ref[3], bs, reverse, True, True)
-        dg, _, ghx, _ = emu.backward(1, a["w_hh"], go.to(dtype), ghy.to(dtype), None, out,
-                                     a["hx"], None, gates, None, hn, T, B, reverse, units, tile, 0,
-                                     **kw)
+        results = emu.backward(1, w_hh, go, ghy, None, out, arg(lambda c: c["hx"]), None, gates,
+                               None, hn, T, B, directions[0], units, tile, 0, **kw)
     else:
-        expected = ops.rnn_backward(seq(go), ghy, a64["input"], a64["hx"], a64["w_ih"],
-                                    a64["w_hh"], ref[0], bs, reverse, a["relu"], True, True)
-        dg, _, ghx, _ = emu.backward(CELLS[cell], a["w_hh"], go.to(dtype), ghy.to(dtype), None,
-                                     out, None, None, None, None, None, T, B, reverse, units,
-                                     tile, 0, **kw)
-    assert rel_error(ghx, expected[1]) < 2 * tol
-    assert rel_error(dg.double() @ a64["w_ih"], expected[0].reshape(N, -1)) < 2 * tol
+        results = emu.backward(CELLS[cell], w_hh, go, ghy, None, out, None, None, None, None,
+                               None, T, B, directions[0], units, tile, 0, **kw)
+    for c64, exp, (dg, _, ghx, gcx) in zip(cases64, expected, per_direction(results, count)):
+        if cell == "lstm":
+            assert rel_error(gcx, exp[2]) < tol
+        assert rel_error(ghx, exp[1]) < 2 * tol
+        assert rel_error(dg.double() @ c64["w_ih"], exp[0].reshape(N, -1)) < 2 * tol
 
 
 @st.composite
