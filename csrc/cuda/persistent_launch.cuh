@@ -120,7 +120,9 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
                   const at::Tensor (&w_hh)[2], const std::vector<int64_t>& batch_sizes) {
   launch.blocks = plan.blocks;
   const int count = launch.count;
-  for (int d = 0; d < count; ++d) launch.dir[d].chunk = plan.stepwise ? plan.step_chunk : plan.chunk;
+  for (int d = 0; d < count; ++d) {
+    launch.dir[d].chunk = plan.stepwise ? plan.step_chunk : plan.chunk;
+  }
   if (!plan.stepwise) {
     // These live until the launch is enqueued: the caching allocator orders
     // their reuse after the kernel on the stream.

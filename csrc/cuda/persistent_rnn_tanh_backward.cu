@@ -6,8 +6,8 @@ namespace fused_rnn {
 namespace cuda {
 namespace persistent {
 
-template bool run_backward<PersistentCell::kRnnTanh>(const PersistentBackward&, const PersistentBackward*,
-                                                    const Plan&);
+template bool run_backward<PersistentCell::kRnnTanh>(const PersistentBackward&,
+                                                     const PersistentBackward*, const Plan&);
 
 }  // namespace persistent
 }  // namespace cuda

@@ -6,8 +6,8 @@ namespace fused_rnn {
 namespace cuda {
 namespace persistent {
 
-template bool run_forward<PersistentCell::kRnnTanh>(const PersistentForward&, const PersistentForward*,
-                                                   const Plan&);
+template bool run_forward<PersistentCell::kRnnTanh>(const PersistentForward&,
+                                                    const PersistentForward*, const Plan&);
 
 }  // namespace persistent
 }  // namespace cuda

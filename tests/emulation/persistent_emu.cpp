@@ -139,7 +139,9 @@ optional<Tensor> part(const optional<Tensor>& t, int d, bool paired) {
   if (!t.has_value() || !paired) return t;
   return t->select(0, d).contiguous();
 }
-Tensor part(const Tensor& t, int d, bool paired) { return paired ? t.select(0, d).contiguous() : t; }
+Tensor part(const Tensor& t, int d, bool paired) {
+  return paired ? t.select(0, d).contiguous() : t;
+}
 
 // The outputs of every direction, stacked along a leading dimension when paired.
 std::vector<Tensor> stack_directions(const std::vector<std::vector<Tensor>>& per_direction) {
