@@ -97,8 +97,10 @@ def test_op_schema(name):
 def test_python_api():
     for name in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "ops"):
         assert hasattr(fused_rnn, name), name
-    for name in ("lstm", "gru", "rnn"):
+    for name in ("lstm", "gru", "rnn", "lstm_pair", "gru_pair", "rnn_pair"):
         assert callable(getattr(fused_rnn.ops, name)), name
+    assert set(fused_rnn.ops.__all__) == {"lstm", "gru", "rnn", "lstm_pair", "gru_pair",
+                                          "rnn_pair"}
 
 
 def test_reference_reverse_is_time_flip():
