@@ -88,6 +88,25 @@ def cpu_reference(cell, a, train=True):
                            a["reverse"], a["relu"])
 
 
+def cpu_backward(cell, a, ref, grads, has_bias):
+    """The CPU backward op of `cell` (lstm, gru, rnn) on the op arguments `a`
+    and their training forward `ref` (cpu_reference), for the gradients
+    grads = (output (N, H), hy, cy) of its outputs."""
+    ops = torch.ops.fused_rnn
+    go, ghy, gcy = grads
+    go = go.view(ref[0].shape)
+    bs, reverse = a["batch_sizes"], a["reverse"]
+    if cell == "lstm":
+        return ops.lstm_backward(go, ghy, gcy, a["input"], a["hx"], a["cx"], a["w_ih"],
+                                 a["w_hh"], None, ref[0], ref[3], ref[4], bs, reverse, has_bias,
+                                 True)
+    if cell == "gru":
+        return ops.gru_backward(go, ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"], ref[0],
+                                ref[2], ref[3], bs, reverse, has_bias, True)
+    return ops.rnn_backward(go, ghy, a["input"], a["hx"], a["w_ih"], a["w_hh"], ref[0], bs,
+                            reverse, a["relu"], has_bias, True)
+
+
 def close(actual, expected, what, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=what)
@@ -219,9 +238,6 @@ def check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=0, paired
     N = a["input"].reshape(-1, a["input"].shape[-1]).shape[0]
     kw = launch_kw(mode, bs, chunk, paired=count == 2)
 
-    def seq(t):  # (N, H) as the ops' output shape
-        return t if bs is not None else t.view(T, B, H)
-
     def arg(fn):
         return stacked([fn(c) for c in cases])
 
@@ -253,22 +269,8 @@ def check_kernels(emu, cell, a, units, tile, order, mode, dtype, chunk=0, paired
     grads = [(torch.randn(N, H, generator=gen, dtype=dtype),
               torch.randn(B, H, generator=gen, dtype=dtype),
               torch.randn(B, H, generator=gen, dtype=dtype)) for _ in cases]
-    ops = torch.ops.fused_rnn
     go, ghy, gcy = (stacked([g[i] for g in grads]) for i in range(3))
-    expected = []
-    for c, ref, (go_d, ghy_d, gcy_d) in zip(cases, refs, grads):
-        r = c["reverse"]
-        if cell == "lstm":
-            expected.append(ops.lstm_backward(seq(go_d), ghy_d, gcy_d, c["input"], c["hx"],
-                                              c["cx"], c["w_ih"], c["w_hh"], None, ref[0],
-                                              ref[3], ref[4], bs, r, bias, True))
-        elif cell == "gru":
-            expected.append(ops.gru_backward(seq(go_d), ghy_d, c["input"], c["hx"], c["w_ih"],
-                                             c["w_hh"], ref[0], ref[2], ref[3], bs, r, bias,
-                                             True))
-        else:
-            expected.append(ops.rnn_backward(seq(go_d), ghy_d, c["input"], c["hx"], c["w_ih"],
-                                             c["w_hh"], ref[0], bs, r, c["relu"], bias, True))
+    expected = [cpu_backward(op_cell, c, ref, g, bias) for c, ref, g in zip(cases, refs, grads)]
     w_hh = arg(lambda c: c["w_hh"])
     if cell == "lstm":
         results = emu.backward(0, w_hh, go, ghy, gcy, None, None, arg(lambda c: c["cx"]),
@@ -364,9 +366,6 @@ def check_low_precision(emu, case, mode, cell, dtype, directions):
     xs = [c["input"].reshape(-1, c["input"].shape[-1]) for c in cases]
     N = xs[0].shape[0]
 
-    def seq(t):  # (N, H) as the ops take it
-        return t if bs is not None else t.view(T, B, H)
-
     def arg(fn):
         return stacked([fn(c) for c in cases])
 
@@ -393,22 +392,8 @@ def check_low_precision(emu, case, mode, cell, dtype, directions):
               torch.randn(B, H, generator=gen, dtype=torch.float64),
               torch.randn(B, H, generator=gen, dtype=torch.float64)) for _ in cases]
     go, ghy, gcy = (stacked([g[i].to(dtype) for g in grads]) for i in range(3))
-    ops = torch.ops.fused_rnn
-    expected = []
-    for c64, ref, (go_d, ghy_d, gcy_d) in zip(cases64, refs, grads):
-        r = c64["reverse"]
-        if cell == "lstm":
-            expected.append(ops.lstm_backward(seq(go_d), ghy_d, gcy_d, c64["input"], c64["hx"],
-                                              c64["cx"], c64["w_ih"], c64["w_hh"], None, ref[0],
-                                              ref[3], ref[4], bs, r, True, True))
-        elif cell == "gru":
-            expected.append(ops.gru_backward(seq(go_d), ghy_d, c64["input"], c64["hx"],
-                                             c64["w_ih"], c64["w_hh"], ref[0], ref[2], ref[3],
-                                             bs, r, True, True))
-        else:
-            expected.append(ops.rnn_backward(seq(go_d), ghy_d, c64["input"], c64["hx"],
-                                             c64["w_ih"], c64["w_hh"], ref[0], bs, r,
-                                             c64["relu"], True, True))
+    expected = [cpu_backward(op_cell, c64, ref, g, True)
+                for c64, ref, g in zip(cases64, refs, grads)]
     out, hy, cy, gates, cells, hn = forward
     w_hh = arg(lambda c: c["w_hh"])
     if cell == "lstm":
