@@ -305,13 +305,25 @@ goals() {
 # the grid barrier (FUSED_RNN_GRID_SYNC=barrier) so that it still measures
 # and tests everything else, and the summary says so.
 grid_sync_preflight() {
-  if timeout 90 python -m fused_rnn check --device cuda --kernel persistent \
-      >"$LOGS/preflight-tags.txt" 2>&1; then
-    summary+=("preflight: tagged exchange ok ($(grep -c '^ok' "$LOGS/preflight-tags.txt") cases)")
-  else
+  preflight() {  # $1: the log; the environment of the call says what runs
+    timeout "${2:-90}" python -m fused_rnn check --device cuda --kernel persistent >"$1" 2>&1
+  }
+  if preflight "$LOGS/preflight-tags.txt"; then
+    summary+=("preflight: tagged exchange and paired launches ok ($(grep -c '^ok' "$LOGS/preflight-tags.txt") cases)")
+    return
+  fi
+  tail -n 15 "$LOGS/preflight-tags.txt"
+  # Which of the two failed: the bidirectional cases pair their directions
+  # in one launch, and every case exchanges rows tagged at these batches.
+  if FUSED_RNN_BIDIRECTIONAL=separate preflight "$LOGS/preflight-separate.txt" 60; then
+    export FUSED_RNN_BIDIRECTIONAL=separate
+    summary+=("preflight: the paired bidirectional launch FAILED (logs/preflight-tags.txt), one direction at a time passes: the session runs with FUSED_RNN_BIDIRECTIONAL=separate (its paired tests skip)")
+  elif FUSED_RNN_GRID_SYNC=barrier preflight "$LOGS/preflight-barrier.txt" 60; then
     export FUSED_RNN_GRID_SYNC=barrier
     summary+=("preflight: tagged exchange FAILED (logs/preflight-tags.txt): the session runs with FUSED_RNN_GRID_SYNC=barrier")
-    tail -n 15 "$LOGS/preflight-tags.txt"
+  else
+    export FUSED_RNN_GRID_SYNC=barrier FUSED_RNN_BIDIRECTIONAL=separate
+    summary+=("preflight: the persistent check FAILED with the tags, the pairs, and the barrier (logs/preflight-*.txt): the session runs with the barrier and one direction at a time")
   fi
 }
 
