@@ -311,5 +311,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['batch']:>5}{r['hidden_size']:>6}{r['seq_len']:>5}"
             f"{r['torch_ms']:>11.3f}{r['fused_ms']:>11.3f}{r['speedup']:>8.2f}x"
             f"{r['max_abs_error']:>12.2e}  {r.get('kernel', '')}"
+            # a bidirectional layer's directions: one launch or one after the other
+            + (f", {r['directions']}" if r.get("directions") else "")
         )
     return "\n".join(lines)

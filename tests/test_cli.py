@@ -141,6 +141,20 @@ def test_explain_names_the_path_and_the_build(capsys):
     assert f"running torch: {torch.__version__}" in out
 
 
+def test_bench_says_how_bidirectional_directions_ran(tmp_path, capsys):
+    """A bidirectional row records how its directions ran (the CPU: one after
+    the other), in the JSON and the table; a unidirectional row has none."""
+    out_json = tmp_path / "r.json"
+    assert cli.main(["bench", "--cell", "GRU", *TINY, "--bidirectional", "--json",
+                     str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows and all(r["bidirectional"] and r["directions"] == "separate" for r in rows)
+    assert out.count("  cpu, separate") == len(rows)
+    assert cli.main(["bench", "--cell", "GRU", *TINY, "--json", str(out_json)]) == 0
+    assert all(r["directions"] is None for r in json.loads(out_json.read_text())["rows"])
+
+
 def test_explain_bidirectional(capsys):
     assert cli.main(["explain", "--device", "cpu", "--bidirectional"]) == 0
     out = capsys.readouterr().out
