@@ -159,6 +159,12 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _bias_grads(g_bias, has_ih, has_hh):
+    """Gradients of b_ih and b_hh where both get the same one (LSTM, RNN):
+    separate tensors, None for an absent bias."""
+    return (g_bias if has_ih else None, g_bias.clone() if has_hh else None)
+
+
 def _no_zero_fill(ctx):
     """Outputs without a gradient reach backward as None rather than as a
     zero-filled tensor: the workspace outputs (the gates, (N, G*H)) never
@@ -177,11 +183,9 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
         _zeros_if_none(grad_cy, cx), input, hx, cx, w_ih, w_hh, w_hr, out, gates,
         cells, batch_sizes, ctx.reverse, ctx.has_bias, need[0],
     )
-    g_bias = g_b if ctx.has_bias else None
     return (
-        g_in if need[0] else None, g_hx, g_cx, g_wih, g_whh, g_bias,
-        # b_ih and b_hh get equal gradients, as separate tensors.
-        g_bias.clone() if g_bias is not None else None,
+        g_in if need[0] else None, g_hx, g_cx, g_wih, g_whh,
+        *_bias_grads(g_b, ctx.has_bias, ctx.has_bias),
         g_whr if w_hr is not None else None, None, None, None,
     )
 
@@ -316,10 +320,10 @@ def _rnn_backward(ctx, grad_out, grad_hy):
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
         w_hh, out, batch_sizes, ctx.reverse, ctx.relu, ctx.has_bias, need[0],
     )
-    g_bias = g_b if ctx.has_bias else None
     return (
-        g_in if need[0] else None, g_hx, g_wih, g_whh, g_bias,
-        g_bias.clone() if g_bias is not None else None, None, None, None,
+        g_in if need[0] else None, g_hx, g_wih, g_whh,
+        *_bias_grads(g_b, ctx.has_bias, ctx.has_bias),
+        None, None, None,
     )
 
 
@@ -347,14 +351,6 @@ def rnn(
 # outputs; their backward ops return one grad_input (the sum of both
 # directions'). Fakes and autograd are those of the one-direction ops,
 # twice.
-def _bias_grads(has_bias, g_bias, b_ih, b_hh):
-    """Gradients of b_ih and b_hh when both get the same one (LSTM, RNN)."""
-    if not has_bias:
-        return None, None
-    return (g_bias if b_ih is not None else None,
-            g_bias.clone() if b_hh is not None else None)
-
-
 @torch.library.register_fake("fused_rnn::lstm_forward_pair")
 def _lstm_forward_pair_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r,
                             w_hh_r, b_ih_r, b_hh_r, w_hr_r, batch_sizes, train):
@@ -411,9 +407,11 @@ def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_ou
     )
     return (
         g_in if need[0] else None, g_hx, g_cx, g_wih, g_whh,
-        *_bias_grads(has_bias, g_b, b_ih, b_hh), g_whr if w_hr is not None else None,
+        *_bias_grads(g_b, b_ih is not None, b_hh is not None),
+        g_whr if w_hr is not None else None,
         g_hx_r, g_cx_r, g_wih_r, g_whh_r,
-        *_bias_grads(has_bias, g_b_r, b_ih_r, b_hh_r), g_whr_r if w_hr_r is not None else None,
+        *_bias_grads(g_b_r, b_ih_r is not None, b_hh_r is not None),
+        g_whr_r if w_hr_r is not None else None,
         None, None,
     )
 
@@ -561,8 +559,10 @@ def _rnn_pair_backward(ctx, grad_out, grad_hy, grad_out_r, grad_hy_r):
         w_hh, out, hx_r, w_ih_r, w_hh_r, out_r, batch_sizes, ctx.relu, has_bias, need[0],
     )
     return (
-        g_in if need[0] else None, g_hx, g_wih, g_whh, *_bias_grads(has_bias, g_b, b_ih, b_hh),
-        g_hx_r, g_wih_r, g_whh_r, *_bias_grads(has_bias, g_b_r, b_ih_r, b_hh_r), None, None,
+        g_in if need[0] else None, g_hx, g_wih, g_whh,
+        *_bias_grads(g_b, b_ih is not None, b_hh is not None),
+        g_hx_r, g_wih_r, g_whh_r,
+        *_bias_grads(g_b_r, b_ih_r is not None, b_hh_r is not None), None, None,
     )
 
 

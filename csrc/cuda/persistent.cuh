@@ -342,10 +342,11 @@ struct BackwardParams {
 template <typename Params>
 struct Directions {
   Params dir[2];
-  int count;   // 1 or 2
+  int count;   // 1 or 2 (the launcher's; a kernel knows it from kPaired)
   int blocks;  // per direction
+  // (kPaired kernels only)
   __device__ __forceinline__ int direction_of_block() const {
-    return count > 1 && static_cast<int>(blockIdx.x) >= blocks ? 1 : 0;
+    return static_cast<int>(blockIdx.x) >= blocks ? 1 : 0;
   }
   __device__ __forceinline__ int block_in_direction(int direction) const {
     return static_cast<int>(blockIdx.x) - direction * blocks;

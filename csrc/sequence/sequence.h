@@ -53,10 +53,8 @@ inline bool run_persistent(const PersistentBackward& args) {
 #endif
 }
 
-// Both directions of a bidirectional layer in one launch of the persistent
-// kernels (persistent.h), where the two requests have the same cell, shapes,
-// dtype, device and rows and the chosen path takes the pair; false, with
-// nothing launched, otherwise.
+// Whether two requests can share a launch: the same cell, steps, rows,
+// shapes, dtype and device (each keeps its own tensors and time order).
 template <typename Request>
 bool same_launch_shape(const Request& a, const Request& b, const at::Tensor& a_rows,
                        const at::Tensor& b_rows) {
@@ -65,11 +63,13 @@ bool same_launch_shape(const Request& a, const Request& b, const at::Tensor& a_r
          a_rows.sizes() == b_rows.sizes() && a_rows.scalar_type() == b_rows.scalar_type() &&
          a_rows.device() == b_rows.device();
 }
+// Both directions of a bidirectional layer in one launch of the persistent
+// kernels (persistent.h), where the two requests can share it and the
+// chosen path takes the pair; false, with nothing launched, otherwise.
 inline bool run_persistent_pair(const PersistentForward& a, const PersistentForward& b) {
 #if defined(FUSED_RNN_WITH_CUDA)
   return a.out.defined() && b.out.defined() && a.out.is_cuda() &&
-         a.keep_gates == b.keep_gates && same_launch_shape(a, b, a.xw, b.xw) &&
-         a.bias.defined() == b.bias.defined() && cuda::persistent_forward_pair(a, b);
+         same_launch_shape(a, b, a.xw, b.xw) && cuda::persistent_forward_pair(a, b);
 #else
   (void)a;
   (void)b;
