@@ -14,7 +14,9 @@
 #   bash bench/device_check.sh stepwise   the persistent grid at B 1/8 with a grid barrier per step
 #                                         (FUSED_RNN_GRID_SYNC=barrier) against the tagged exchange,
 #                                         the bidirectional LSTM with both directions in one launch
-#                                         and one after the other, packed sequences on persistent,
+#                                         and one after the other, float32 with torch's default
+#                                         TF32 flags on both sides (<card>-tf32.json),
+#                                         packed sequences on persistent,
 #                                         stepwise and general, and the grid at B 1/8/64 with the
 #                                         stepwise launches forced
 #   bash bench/device_check.sh all        build, test, sanitize, bench (about 10 minutes)
@@ -248,6 +250,16 @@ bench_pairs() {
   done
 }
 
+# float32 with torch's default TF32 flags on both sides (--tf32: cuDNN's
+# RNNs and the persistent kernels may multiply in TF32, which the latter do
+# past 8 sequences), persistent kernels forced, at the batches where the
+# products are large enough for the tensor cores to matter.
+bench_tf32() {
+  run_bench "$1" "bench/results/$card-tf32.json" "$LOGS/bench-tf32.txt" --device cuda \
+    --kernel persistent --tf32 --cell LSTM GRU --batch 64 256 --hidden-size 512 1024 \
+    --seq-len 256 --dtype float32 --no-progress
+}
+
 # A stand-alone grid stage: its body ($2, a function) timed, its line in the
 # summary ($1, what it wrote), then the goals.
 grid_stage() {
@@ -273,6 +285,8 @@ stepwise_body() {
   pack
   bench_pairs "$(cap 40 180)"
   pack
+  bench_tf32 "$(cap 45 160)"
+  pack
   bench_packed "$(cap 45 150)"
   pack
   bench_stepwise "$(cap 200 0)"
@@ -280,6 +294,7 @@ stepwise_body() {
   tail -n 12 "$LOGS"/bench-packed-*.txt
   tail -n 12 "$LOGS/bench-barrier.txt"
   tail -n 8 "$LOGS"/bench-bidir-*.txt
+  tail -n 18 "$LOGS/bench-tf32.txt"
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -377,7 +392,7 @@ case "$stage" in
   sanitize) build; sanitize ;;
   bench) build; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   general) build; grid_stage "bench general (<card>-general.json)" general_body ;;
-  stepwise) build; grid_stage "bench barrier, packed, stepwise (<card>-barrier.json, -packed-*.json, -stepwise.json)" stepwise_body ;;
+  stepwise) build; grid_stage "bench barrier, pairs, tf32, packed, stepwise (<card>-barrier.json, -bidir-*.json, -tf32.json, -packed-*.json, -stepwise.json)" stepwise_body ;;
   all) build; tests; sanitize; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;

@@ -5,8 +5,11 @@ scripts in bench/.
 Timing: random inputs, warm-up, then torch.nn and fused alternate call by
 call (so drift of clocks or load hits both), the median of each is reported;
 on CUDA every call is bracketed by synchronisation, torch.nn modules are
-flatten_parameters()'d and TF32 is off for float32 on both sides.
+flatten_parameters()'d and TF32 is off for float32 on both sides (unless a
+configuration asks for torch's default TF32 flags: `tf32`).
 """
+
+import contextlib
 
 import dataclasses
 import os
@@ -42,6 +45,10 @@ class Config:
     training: bool = False  # forward + backward when True, else forward under no_grad
     # variable-length sequences as a PackedSequence (lengths: packed_lengths)
     packed: bool = False
+    # float32 with torch's default TF32 flags on both sides: cuDNN's RNNs
+    # (torch.nn) and fused_rnn's float32 RNNs may use TF32, cuBLAS's
+    # products stay exact; else (the default) TF32 is off everywhere
+    tf32: bool = False
 
     def __post_init__(self):
         if self.input_size is None:
@@ -146,9 +153,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
     reference, fused = make_pair(config, seed)
     x, grad = make_inputs(config, seed)
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_flags(config):
         error = _parity(reference, fused, x, grad, config.training)
         times = {"torch": [], "fused": []}
         with warnings.catch_warnings(record=True) as caught:
@@ -166,15 +171,14 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         for w in caught:
             if "contiguous chunk of memory" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        # what ran, under the flags it ran with
+        names = {"kernel": kernel_name(config), "grid_sync": grid_sync_name(config),
+                 "directions": directions_name(config), "math": math_name(config)}
     torch_ms = statistics.median(times["torch"]) * 1e3
     fused_ms = statistics.median(times["fused"]) * 1e3
     return {
         **dataclasses.asdict(config),
-        "kernel": kernel_name(config),
-        "grid_sync": grid_sync_name(config),
-        "directions": directions_name(config),
+        **names,
         "torch_ms": torch_ms,
         "fused_ms": fused_ms,
         "speedup": torch_ms / fused_ms,
@@ -202,6 +206,28 @@ def failed_row(config: Config, error: BaseException) -> dict:
         "repeats": 0,
         "error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
     }
+
+
+@contextlib.contextmanager
+def tf32_flags(config: Config):
+    """torch's TF32 flags for a configuration: off on both sides, or (tf32)
+    torch's defaults (cuDNN's RNNs may use TF32, cuBLAS's products not);
+    restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = config.tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def math_name(config: Config):
+    """"tf32" where fused_rnn's forward (or, training, its backward)
+    multiplies in TF32 for config, under the current flags; else None."""
+    passes = (False, True) if config.training else (False,)
+    return "tf32" if any("TF32" in _explain(config, b).split("; exact float32")[0]
+                         for b in passes) else None
 
 
 def _explain(config: Config, backward: bool = False) -> str:
@@ -313,5 +339,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['max_abs_error']:>12.2e}  {r.get('kernel', '')}"
             # a bidirectional layer's directions: one launch or one after the other
             + (f", {r['directions']}" if r.get("directions") else "")
+            # float32 multiplied in TF32 (torch's default flags, both sides)
+            + (", tf32" if r.get("math") == "tf32" else "")
         )
     return "\n".join(lines)

@@ -89,6 +89,9 @@ def build_parser():
     _shape_flags(bench, many=True)
     bench.add_argument("--mode", choices=list(MODES), default=None,
                        help="forward (no_grad), train (forward+backward) or both")
+    bench.add_argument("--tf32", action="store_true",
+                       help="float32 with torch's default TF32 flags on both sides (cuDNN's RNNs "
+                            "and fused_rnn's may use TF32; default: TF32 off on both sides)")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per side (median)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--json", metavar="FILE", help="write rows and environment as JSON")
@@ -164,7 +167,7 @@ def bench_configs(args, device):
                                         configs.append(benchmark.Config(
                                             cell, batch, hidden, seq_len, input_size,
                                             layers, bidirectional, dtype, device, training,
-                                            args.packed))
+                                            args.packed, args.tf32 and dtype == "float32"))
     return configs
 
 

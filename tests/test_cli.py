@@ -155,6 +155,39 @@ def test_bench_says_how_bidirectional_directions_ran(tmp_path, capsys):
     assert all(r["directions"] is None for r in json.loads(out_json.read_text())["rows"])
 
 
+def test_bench_tf32_flags(tmp_path, capsys, monkeypatch):
+    """--tf32 asks for torch's default TF32 flags on both sides in float32
+    rows only; each row says whether fused_rnn multiplied in TF32 (from
+    explain, under the flags the row ran with), the table too; the flags
+    are restored afterwards."""
+    out_json = tmp_path / "r.json"
+    seen = []
+    real = benchmark._explain
+
+    def explain(config, backward=False):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        text = real(config, backward)
+        # as a GPU's float32 plan reads where TF32 is allowed
+        return text + " on tensor cores in TF32" if torch.backends.cudnn.allow_tf32 else text
+
+    monkeypatch.setattr(benchmark, "_explain", explain)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    assert cli.main(["bench", "--cell", "GRU", *TINY, "--dtype", "float32", "float64",
+                     "--tf32", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {r["dtype"]: (r["tf32"], r["math"]) for r in rows} == {
+        "float32": (True, "tf32"), "float64": (False, None)}
+    assert out.count(", tf32") == sum(r["dtype"] == "float32" for r in rows)
+    assert (True, False) in seen and (False, False) in seen
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    seen.clear()
+    assert cli.main(["bench", "--cell", "GRU", *TINY, "--json", str(out_json)]) == 0
+    assert all(not r["tf32"] and r["math"] is None
+               for r in json.loads(out_json.read_text())["rows"])
+    assert seen and all(flags == (False, False) for flags in seen)
+
+
 def test_explain_bidirectional(capsys):
     assert cli.main(["explain", "--device", "cpu", "--bidirectional"]) == 0
     out = capsys.readouterr().out

@@ -4,10 +4,13 @@ direction, weights on chip) and the same kernels one launch per step
 fused_rnn.kernel_path: the choice of path, float64 parity with the plain
 PyTorch reference at odd sizes across every batch tile and block split,
 float32 and half types within twice the general path's error, hidden sizes
-past on-chip memory (stepwise), long sequences, a GPU busy with other work.
-The module-level parity, gradcheck, opcheck and CUDA-graph tests of
-test_cuda.py run on every path too. Every test is skipped without a GPU."""
+past on-chip memory (stepwise), long sequences, a GPU busy with other work,
+float32 in TF32 where torch allows it for cuDNN's RNNs (every other test
+runs with TF32 off: exact float32). The module-level parity, gradcheck,
+opcheck and CUDA-graph tests of test_cuda.py run on every path too. Every
+test is skipped without a GPU."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,9 +34,23 @@ SHAPES = [(1, 1, 1), (7, 3, 5), (33, 1, 4), (97, 9, 3), (130, 8, 2), (257, 17, 3
           (600, 2, 2)]
 
 
+@contextlib.contextmanager
+def tf32(cudnn, matmul=False):
+    """torch's TF32 flags for cuDNN (which fused_rnn's float32 RNNs follow,
+    as torch.nn's do) and for cuBLAS's products, restored afterwards."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture(autouse=True)
 def _persistent():
-    with fused_rnn.kernel_path("persistent"):
+    """The persistent path forced, in exact float32 (torch's default allows
+    TF32 for cuDNN's RNNs; the TF32 tests below turn it on)."""
+    with fused_rnn.kernel_path("persistent"), tf32(cudnn=False):
         yield
 
 
@@ -297,6 +314,72 @@ def assert_within_twice_general(cell, kw, dtype, path):
     eps = torch.finfo(dtype).eps
     for k, err in low[path].items():
         assert err <= 2 * low["general"][k] + 4 * eps, (k, err, low["general"][k])
+
+
+def test_tf32_choice():
+    """float32 takes the tensor-core tile in TF32 where torch allows TF32 for
+    cuDNN's RNNs and the batch is wider than the FMA tile; exact FMA where it
+    does not, at up to 8 sequences, and where the TF32 tiles (rows padded to
+    16) would not fit but the FMA tile does."""
+    f32 = torch.float32
+    for name in ("LSTM", "GRU", "RNN_TANH"):
+        for backward in (False, True):
+            with tf32(cudnn=True):
+                assert "tensor cores in TF32" in explain(name, 256, 64, f32, backward=backward)
+                assert "FMA" in explain(name, 256, 8, f32, backward=backward)
+                assert "FMA" in explain(name, 256, 1, f32, backward=backward)
+                with fused_rnn.kernel_path("stepwise"):
+                    text = explain(name, 256, 64, f32, backward=backward)
+                    assert text.startswith("stepwise") and "TF32" in text, text
+            assert "FMA" in explain(name, 256, 64, f32, backward=backward)
+            assert "TF32" not in explain(name, 256, 64, f32, backward=backward)
+    with tf32(cudnn=False, matmul=True):  # cuBLAS's flag is not the RNNs'
+        assert "TF32" not in explain("LSTM", 256, 64, f32)
+    props = torch.cuda.get_device_properties(0)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if 100 <= props.multi_processor_count <= 132 and 160 * 1024 <= optin < 256 * 1024:
+        # the LSTM backward at H=1024 (A100, H100, H200): 8 rows of 4096
+        # W_hh^T columns per block, 128 KiB in float32; padded to 16 rows for
+        # the tensor cores, 256 KiB: exact FMA
+        with tf32(cudnn=True):
+            text = explain("LSTM", 1024, 64, f32, backward=True)
+        assert text.startswith("persistent kernel") and "FMA" in text, text
+        assert "TF32 is allowed, but" in text, text
+
+
+@pytest.mark.parametrize("shape", [(256, 64, 5), (97, 40, 3)],
+                         ids=lambda s: "H{}_B{}_T{}".format(*s))
+@pytest.mark.parametrize("cell_key", list(CELLS))
+def test_tf32_when_torch_allows_it(mode, cell_key, shape):
+    """With TF32 allowed, float32 outputs and every gradient are within twice
+    the error of torch's own TF32 products (cuDNN's RNN and the general
+    path's cuBLAS GEMMs with TF32 allowed, the larger) against float64, and
+    they differ from the exact float32 kernels (TF32 ran)."""
+    cell, name, extra = CELLS[cell_key]
+    H, B, T = shape
+    kw = dict(T=T, B=B, I=16, H=H, **extra)
+    with tf32(cudnn=True):
+        for backward in (False, True):
+            assert "TF32" in explain(name, H, B, torch.float32, backward=backward)
+    ref = run(cell, False, **kw)  # float64
+
+    def errors(fused, cudnn, matmul=False, path=None):
+        with tf32(cudnn, matmul), fused_rnn.kernel_path(path or mode):
+            args = make_op_args(cell, dtype=torch.float32, device=DEVICE, requires_grad=True,
+                                **kw)
+            args["_fused"] = fused
+            res = results(cell, args)
+        return res, max_errors(res, ref)
+
+    ours, err = errors(True, cudnn=True)
+    exact, _ = errors(True, cudnn=False)
+    _, err_torch = errors(False, cudnn=True, matmul=True)
+    _, err_general = errors(True, cudnn=True, matmul=True, path="general")
+    eps = torch.finfo(torch.float32).eps
+    for k, e in err.items():
+        bound = 2 * max(err_torch[k], err_general[k]) + 4 * eps
+        assert e <= bound, (k, e, err_torch[k], err_general[k])
+    assert max_errors(ours, exact)["out0"] > 1e-5, "the TF32 kernels did not run"
 
 
 @pytest.mark.parametrize("cell_key", ["lstm", "gru"])

@@ -345,14 +345,29 @@ def test_emulated_low_precision_both_directions(emu, case, mode, cell, dtype):
     check_low_precision(emu, case, mode, cell, dtype, [False, True])
 
 
-def check_low_precision(emu, case, mode, cell, dtype, directions):
+@pytest.mark.parametrize("directions", [[False], [True], [False, True]],
+                         ids=["forward", "reverse", "paired"])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_all_columns", "wide_tile_packed"])
+def test_emulated_tf32(emu, case, mode, cell, directions):
+    """float32 on the tensor-core tile (where torch allows TF32 for cuDNN's
+    RNNs): wmma 16x16x8 in TF32, both operands rounded to TF32 (10 mantissa
+    bits, as cvt.rna.tf32.f32), fp32 accumulation, one direction or both
+    side by side: within TF32's rounding of the CPU ops in float64, and
+    measurably rounded (further from them than the exact FMA tile)."""
+    check_low_precision(emu, case, mode, cell, torch.float32, directions, tf32=True)
+
+
+def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     """The emulated kernels on LOW_PRECISION[case] in `dtype`, one direction
     (directions [reverse]) or two side by side ([False, True], other
-    weights and states each), against the CPU ops in float64."""
+    weights and states each), against the CPU ops in float64. tf32: float32
+    on the tensor-core tile."""
     wide, chunk, lengths = LOW_PRECISION[case]
     H, T, units = 31, 3, 11
     B = 40 if wide else 1
-    tile = (8 if dtype == torch.float32 else 16) if wide else 1
+    tile = (16 if tf32 or dtype != torch.float32 else 8) if wide else 1
     op_cell = cell.split("_")[0]
     cases = [make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=r, seed=seed,
                           relu=cell == "rnn_relu", lengths=lengths)
@@ -378,13 +393,16 @@ def check_low_precision(emu, case, mode, cell, dtype, directions):
     forward = emu.forward(CELLS[cell], xw, bias_in, bias_hh, arg(lambda c: c["w_hh"]),
                           arg(lambda c: c["hx"]), arg(lambda c: c.get("cx")), T, B,
                           directions[0], True, units, tile, 0, **kw)
-    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    # TF32 keeps float16's 10 mantissa bits (its results stay float32)
+    tol = 4e-3 if tf32 else {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     for ref, (out, hy, cy, *_) in zip(refs, per_direction(forward, count)):
         assert rel_error(out, ref[0].reshape(N, H)) < tol
+        if tf32:  # the exact FMA tile is within 1e-5 (test_emulated_low_precision)
+            assert rel_error(out, ref[0].reshape(N, H)) > 2e-5, "no TF32 rounding"
         assert rel_error(hy, ref[1]) < tol
         if cell == "lstm":
             assert rel_error(cy, ref[2]) < tol
-    if cell == "rnn_relu" and dtype != torch.float32:
+    if cell == "rnn_relu" and (dtype != torch.float32 or tf32):
         return  # relu's gradient is discontinuous: a half-precision sign flip changes it by O(1)
 
     gen = torch.Generator().manual_seed(5)
@@ -410,6 +428,8 @@ def check_low_precision(emu, case, mode, cell, dtype, directions):
             assert rel_error(gcx, exp[2]) < tol
         assert rel_error(ghx, exp[1]) < 2 * tol
         assert rel_error(dg.double() @ c64["w_ih"], exp[0].reshape(N, -1)) < 2 * tol
+        if tf32:
+            assert rel_error(ghx, exp[1]) > 2e-5, "no TF32 rounding in the backward product"
 
 
 @st.composite

@@ -147,17 +147,33 @@ int gates_of(PersistentCell cell) {
 
 size_t math_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
 
+// How a batch tile multiplies, for explain.
+const char* tile_words(int batch_tile, at::ScalarType dtype) {
+  if (batch_tile != kMmaTile) return " on FMA units";
+  return dtype == at::kFloat
+             ? " on tensor cores in TF32 (wmma, fp32 accumulation; torch allows TF32 for "
+               "cuDNN's RNNs: torch.backends.cudnn.allow_tf32)"
+             : " on tensor cores (wmma, fp32 accumulation)";
+}
+
 struct Decision {
   PathChoice choice;
   Plan plan;
 };
 
+// Whether float32 RNNs may multiply in TF32: torch's flag for cuDNN's RNNs
+// (torch.backends.cudnn.allow_tf32, or the RNN entry of its fp32_precision
+// settings), read at every call as torch.nn's cuDNN RNNs read it.
+bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN); }
+
 // The choice for a shape on the current device, for one direction of a
 // layer or (directions = 2) both directions of a bidirectional layer in one
-// launch, each on half of the SMs. The reason (for explain) is written only
+// launch, each on half of the SMs, with the batch tile for `tf32` (float32
+// on tensor cores allowed or not). The reason (for explain) is written only
 // when `explain`: an op call needs just the plan.
-Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                bool packed, bool proj, bool backward, int directions, bool explain) {
+Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                      bool packed, bool proj, bool backward, int directions, bool explain,
+                      bool tf32) {
   Decision d;
   const KernelPath want = requested_kernel_path();
   const char* general = "general path (a cuBLAS GEMM and a fused pointwise kernel per step): ";
@@ -181,7 +197,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
   const int64_t k = backward ? G * hidden : hidden;
   const int64_t rows_per_unit = backward ? 1 : G;
   Plan& plan = d.plan;
-  plan.batch_tile = batch_tile(batch, dtype);
+  plan.batch_tile = batch_tile(batch, dtype, tf32);
   // One unit per SM or more, as few as cover H on every SM: the persistent
   // grid; a stepwise grid takes more blocks than SMs where a block cannot
   // hold that many units' rows.
@@ -224,7 +240,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
           << plan.blocks << " blocks x " << kThreads << " threads, " << plan.units
           << " hidden unit" << (plan.units == 1 ? "" : "s") << " per block, slice of " << rows
           << " x " << k << ", batch tile " << plan.batch_tile
-          << (plan.batch_tile == kMmaTile ? " on tensor cores" : " on FMA units") << ", "
+          << tile_words(plan.batch_tile, dtype) << ", "
           << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
           << " side by side, the input staged " << step_tiling.chunk << " of " << k
           << " columns at a time"
@@ -293,8 +309,7 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << " slice of " << rows << " x " << k << " in " << plan.shared_bytes / 1024
       << " KiB of shared memory (of " << limits.shared_optin / 1024 << " KiB), batch tile "
       << plan.batch_tile
-      << (plan.batch_tile == kMmaTile ? " on tensor cores (wmma, fp32 accumulation)"
-                                      : " on FMA units")
+      << tile_words(plan.batch_tile, dtype)
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
@@ -313,6 +328,31 @@ Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarTy
       << (packed ? " or the stream is being captured into a CUDA graph" : "");
   d.choice.reason = why.str();
   return d;
+}
+
+// decide_tiled with float32's batch tile chosen: TF32 tensor cores where
+// torch allows TF32 for RNNs and the batch takes the wide tile, unless their
+// tiles (rows and columns padded to 16) leave the shape to the general path
+// where the exact FMA tile does not.
+Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                bool packed, bool proj, bool backward, int directions, bool explain) {
+  const bool tf32 = dtype == at::kFloat && batch_tile(batch, dtype, true) == kMmaTile &&
+                    tf32_allowed();
+  if (tf32) {
+    Decision d = decide_tiled(cell, hidden, batch, dtype, packed, proj, backward, directions,
+                              explain, true);
+    if (d.choice.path != KernelPath::kGeneral) return d;
+    Decision fma = decide_tiled(cell, hidden, batch, dtype, packed, proj, backward, directions,
+                                explain, false);
+    if (fma.choice.path == KernelPath::kGeneral) return d;
+    if (explain) {
+      fma.choice.reason += "; exact float32 (TF32 is allowed, but with its tensor-core tiles "
+                           "this shape would take the " + d.choice.reason + ")";
+    }
+    return fma;
+  }
+  return decide_tiled(cell, hidden, batch, dtype, packed, proj, backward, directions, explain,
+                      false);
 }
 
 }  // namespace

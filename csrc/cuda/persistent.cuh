@@ -77,16 +77,22 @@ constexpr int kChunk = 1024;
 #endif
 // The batch tiles. Float and double: 1 and kMaxBatchTile, with FMA into
 // registers. Half and bfloat16: 1 (FMA) and kMmaTile, with tensor cores
-// (wmma 16x16x16, fp32 accumulation). The pointwise phase gives each
-// thread at most one (tile row, unit) pair: tile * units <= kThreads.
+// (wmma 16x16x16, fp32 accumulation). Float also kMmaTile, on tensor cores
+// in TF32 (wmma 16x16x8, operands rounded to TF32, fp32 accumulation),
+// where torch's cuDNN RNN flag allows TF32 (the plan's choice). The
+// pointwise phase gives each thread at most one (tile row, unit) pair:
+// tile * units <= kThreads.
 constexpr int kMaxBatchTile = 8;
 constexpr int kMmaTile = 16;
 // Tensor cores: the shared-memory rows that wmma loads (weights, staged
-// input) are this many elements (16 bytes) longer than the columns they
-// hold, so that the 8 rows of an 8x8 piece fall in different banks; rows a
-// multiple of 128 bytes long (k = 256, 512, 1024 in half types) would put
-// them all in the same 4 banks, an 8-way conflict on every fragment load.
-constexpr int kMmaSkew = 8;
+// input) are 16 bytes longer than the columns they hold (8 half or 4 float
+// elements), so that the 8 rows of an 8x8 piece (8x4 in TF32) fall in
+// different banks; rows a multiple of 128 bytes long (k = 256, 512, 1024)
+// would put them all in the same 4 banks, an 8-way conflict on every
+// fragment load.
+__host__ __device__ constexpr int mma_skew(size_t element) {
+  return static_cast<int>(16 / element);
+}
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
@@ -121,12 +127,12 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
   int kpad;            // columns held: k, rounded up to 16 on tensor cores
-  int ldw;             // weight row stride: kpad (+ kMmaSkew on tensor cores)
+  int ldw;             // weight row stride: kpad (+ mma_skew on tensor cores)
   int groups;          // row groups (kRowsPerWarp rows, or 16 on tensor cores)
   int bsplits;         // batch tiles side by side in a pass
   int pass;            // batch rows per pass: bsplits * BT
   int chunk;           // columns staged at once
-  int tile_ld;         // stride of staged rows: chunk (+ kMmaSkew on tensor cores)
+  int tile_ld;         // stride of staged rows: chunk (+ mma_skew on tensor cores)
   int splits;          // warps splitting the columns of one row group and batch tile
   size_t tile_offset, partial_offset, bytes;
 };
@@ -138,7 +144,7 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   t.rows = rows;
   t.rows_pad = mma ? round_up(rows, 16) : rows;
   t.kpad = mma ? round_up(k, 16) : k;
-  t.ldw = mma ? t.kpad + kMmaSkew : k;
+  t.ldw = mma ? t.kpad + mma_skew(element) : k;
   t.groups = mma ? t.rows_pad / 16 : (rows + kRowsPerWarp - 1) / kRowsPerWarp;
   t.bsplits = batch_splits(t.groups, batch, batch_tile, units);
   t.pass = t.bsplits * batch_tile;
@@ -147,7 +153,7 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
     if (chunk < 16) chunk = 16;
   }
   t.chunk = t.kpad < chunk ? t.kpad : chunk;
-  t.tile_ld = mma ? t.chunk + kMmaSkew : t.chunk;
+  t.tile_ld = mma ? t.chunk + mma_skew(element) : t.chunk;
   const int used = t.groups * t.bsplits;
   t.splits = used >= kWarps ? 1 : kWarps / used;
   t.tile_offset =
@@ -382,21 +388,40 @@ __device__ __forceinline__ c10::BFloat16 load_l2(const c10::BFloat16* p) {
 __device__ __forceinline__ float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double mul_add(double a, double b, double c) { return fma(a, b, c); }
 
-// The wmma element type of a storage type (the same bits).
+// The wmma operands of a storage type: the element type that wmma loads
+// from memory (the same bits), the fragments' element type and the depth
+// of one product (16 in half types; float as TF32: 8, the operands rounded
+// to TF32 once loaded).
 template <typename scalar_t>
 struct MmaType {
   using type = scalar_t;
+  using fragment = scalar_t;
+  static constexpr int k = 16;
+  static constexpr bool tf32 = false;
 };
 #if !defined(FUSED_RNN_EMULATION)
 template <>
 struct MmaType<c10::Half> {
   using type = __half;
+  using fragment = __half;
+  static constexpr int k = 16;
+  static constexpr bool tf32 = false;
 };
 template <>
 struct MmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
+  using fragment = __nv_bfloat16;
+  static constexpr int k = 16;
+  static constexpr bool tf32 = false;
 };
 #endif
+template <>
+struct MmaType<float> {
+  using type = float;
+  using fragment = nvcuda::wmma::precision::tf32;
+  static constexpr int k = 8;
+  static constexpr bool tf32 = true;
+};
 
 // The warp-wide sums of N values per lane (N a power of two, at most 32)
 // in N - 1 + 5 - log2(N) shuffles (31 for N = 32, 6 for N = 4) instead of
@@ -542,8 +567,9 @@ __device__ __forceinline__ ExchangeSlot<scalar_t> exchange_slot(uint64_t* ring, 
 // previous step) are in flight together instead of one after another, which
 // at B=64, H=256 was 32 round trips to L2 per thread and step. Tagged
 // words take two registers each while in flight: kTight (the FMA kernels
-// with the wide batch tile, whose sums fill the registers) halves the
-// loads issued at once from the ring.
+// with the wide batch tile, whose sums fill the registers, and the TF32
+// tensor-core kernels, where ptxas spilled 8 bytes in the GRU forward
+// without it) halves the loads issued at once from the ring.
 template <bool kTight, typename S, typename scalar_t>
 __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int ld,
                                            const InputRows<scalar_t>& in, int64_t b0, int nb,
@@ -689,18 +715,30 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   __syncthreads();
 }
 
-// Tensor-core version (half types, BT = kMmaTile = 16): warps take 16-row
-// groups, a batch tile and interleaved 16-column steps; wmma 16x16x16 with
-// the weights as A (row major), the staged rows as B (column major: pass
-// row pb is column pb) and an fp32 accumulator stored to partial. Rows and
-// columns past rows and k are zeros in w and in the staged rows.
+// Tensor-core version (BT = kMmaTile = 16; half types, and float as TF32):
+// warps take 16-row groups, a batch tile and interleaved 16-column steps
+// (two wmma products of depth 8 each in TF32); wmma 16x16x16 (TF32:
+// 16x16x8) with the weights as A (row major), the staged rows as B (column
+// major: pass row pb is column pb) and an fp32 accumulator stored to
+// partial. Rows and columns past rows and k are zeros in w and in the
+// staged rows.
+template <typename Mma, typename Fragment>
+__device__ __forceinline__ void round_operand(Fragment& f) {
+  if constexpr (Mma::tf32) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
 template <typename scalar_t>
 __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                                  const InputRows<scalar_t>& in, int64_t b0, int nb,
                                  scalar_t* __restrict__ tile, float* __restrict__ partial) {
   namespace wmma = nvcuda::wmma;
-  using mma_t = typename MmaType<scalar_t>::type;
-  constexpr int BT = kMmaTile;
+  using Mma = MmaType<scalar_t>;
+  using mma_t = typename Mma::type;
+  using frag_t = typename Mma::fragment;
+  constexpr int BT = kMmaTile, K = Mma::k;
   const int chunk = tl.chunk, splits = tl.splits, groups = tl.groups, pass = tl.pass;
   const int warp = threadIdx.x / 32;
   const int m0 = (warp % groups) * 16;
@@ -708,22 +746,28 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   const int split = warp / (groups * tl.bsplits);
   const bool active = warp < groups * tl.bsplits * splits && tile0 < nb;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fragment<wmma::accumulator, 16, 16, K, float> acc;
   wmma::fill_fragment(acc, 0.0f);
   for (int c0 = 0; c0 < tl.kpad; c0 += chunk) {
     const int width = tl.kpad - c0 < chunk ? tl.kpad - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    stage_rows<false>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+    stage_rows<Mma::tf32>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const mma_t*>(w) + m0 * tl.ldw + c0 + kt * 16,
-                               tl.ldw);
-        wmma::load_matrix_sync(
-            b, reinterpret_cast<const mma_t*>(tile) + tile0 * tl.tile_ld + kt * 16, tl.tile_ld);
-        wmma::mma_sync(acc, a, b, acc);
+#pragma unroll
+        for (int kk = 0; kk < 16; kk += K) {
+          wmma::fragment<wmma::matrix_a, 16, 16, K, frag_t, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, K, frag_t, wmma::col_major> b;
+          wmma::load_matrix_sync(
+              a, reinterpret_cast<const mma_t*>(w) + m0 * tl.ldw + c0 + kt * 16 + kk, tl.ldw);
+          wmma::load_matrix_sync(
+              b, reinterpret_cast<const mma_t*>(tile) + tile0 * tl.tile_ld + kt * 16 + kk,
+              tl.tile_ld);
+          round_operand<Mma>(a);
+          round_operand<Mma>(b);
+          wmma::mma_sync(acc, a, b, acc);
+        }
       }
     }
   }

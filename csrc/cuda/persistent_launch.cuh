@@ -24,7 +24,7 @@ struct Plan {
   bool tagged = false;    // a cooperative launch exchanges rows tagged (no grid barrier)
   int blocks = 0;         // grid size per direction, ceil(H / units)
   int units = 0;          // J, hidden units per block
-  int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile
+  int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile (float: TF32)
   int chunk = 0;          // staged columns (make_tiling), the persistent kernel
   int step_chunk = 0;     // and a stepwise launch
   size_t shared_bytes = 0;       // per block, the persistent kernel (weights on chip)
@@ -57,26 +57,49 @@ scalar_t* data(const at::Tensor& t) {
   return t.data_ptr<scalar_t>();
 }
 
-// The batch tiles compiled: 1 (a single sequence) and the wide tile:
+// The batch tiles compiled: 1 (a single sequence) and the wide tiles:
 // kMaxBatchTile (FMA) for float and double, kMmaTile (tensor cores) for
-// half and bfloat16.
+// half, bfloat16 and (TF32) float.
 inline bool is_half(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;
 }
-inline int batch_tile(int64_t batch, at::ScalarType dtype) {
-  return batch == 1 ? 1 : is_half(dtype) ? kMmaTile : kMaxBatchTile;
+// The tile for a batch: 1 for one sequence; else tensor cores in half
+// types, and in float where TF32 is allowed (tf32) and the batch is wider
+// than the FMA tile (up to 8 sequences the exact FMA tile covers the batch
+// in one pass, as fast as a half-empty tensor-core tile); FMA otherwise.
+inline int batch_tile(int64_t batch, at::ScalarType dtype, bool tf32) {
+  if (batch == 1) return 1;
+  if (is_half(dtype)) return kMmaTile;
+  return dtype == at::kFloat && tf32 && batch > kMaxBatchTile ? kMmaTile : kMaxBatchTile;
 }
 template <typename scalar_t>
-constexpr int wide_tile() {
-  return std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>
-             ? kMmaTile
-             : kMaxBatchTile;
+constexpr bool has_tile(int tile) {
+  constexpr bool half =
+      std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+  return tile == 1 || (tile == kMaxBatchTile && !half) ||
+         (tile == kMmaTile && !std::is_same_v<scalar_t, double>);
 }
 
-template <typename Kernel1, typename KernelWide>
-const void* tiled(const Plan& plan, Kernel1 k1, KernelWide wide) {
-  return plan.batch_tile == 1 ? reinterpret_cast<const void*>(k1)
-                              : reinterpret_cast<const void*>(wide);
+// The kernel `pick` gives for the plan's batch tile: pick(tile), tile an
+// std::integral_constant<int, BT> of a tile compiled for scalar_t.
+template <typename scalar_t, typename Pick>
+const void* tiled(const Plan& plan, Pick pick) {
+  switch (plan.batch_tile) {
+    case 1:
+      return reinterpret_cast<const void*>(pick(std::integral_constant<int, 1>{}));
+    case kMaxBatchTile:
+      if constexpr (has_tile<scalar_t>(kMaxBatchTile)) {
+        return reinterpret_cast<const void*>(pick(std::integral_constant<int, kMaxBatchTile>{}));
+      }
+      break;
+    case kMmaTile:
+      if constexpr (has_tile<scalar_t>(kMmaTile)) {
+        return reinterpret_cast<const void*>(pick(std::integral_constant<int, kMmaTile>{}));
+      }
+      break;
+  }
+  TORCH_CHECK(false, "fused_rnn: no persistent kernel with batch tile ", plan.batch_tile,
+              " for ", c10::CppTypeToScalarType<scalar_t>::value);
 }
 
 #define FR_PERSISTENT_DISPATCH(type, name, ...) \
@@ -96,8 +119,9 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
   const scalar_t* w = data<scalar_t>(w_hh);
   scalar_t* out = data<scalar_t>(slices);
   void* args[] = {&w, &out, &H, &J, &batch};
-  const void* kernel = tiled(plan, pack_slices_kernel<G, kBackward, 1, scalar_t>,
-                             pack_slices_kernel<G, kBackward, wide_tile<scalar_t>(), scalar_t>);
+  const void* kernel = tiled<scalar_t>(plan, [](auto tile) {
+    return pack_slices_kernel<G, kBackward, decltype(tile)::value, scalar_t>;
+  });
   allow_shared_memory(kernel);
   launch_blocks(kernel, plan.blocks, 0, args);
   return slices;
@@ -242,10 +266,12 @@ bool run_forward(const PersistentForward& a, const PersistentForward* second, co
       launch.dir[d] = forward_params<scalar_t>(x, plan, state[d]);
     }
     const void* kernel =
-        second ? tiled(plan, forward_kernel<kCell, 1, scalar_t, true>,
-                       forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, true>)
-               : tiled(plan, forward_kernel<kCell, 1, scalar_t, false>,
-                       forward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, false>);
+        second ? tiled<scalar_t>(plan, [](auto tile) {
+          return forward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
+        })
+               : tiled<scalar_t>(plan, [](auto tile) {
+                   return forward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
+                 });
     launched = launch_steps<gate_count<kCell>(), false, scalar_t>(kernel, plan, launch, w_hh,
                                                                   a.batch_sizes);
   });
@@ -273,10 +299,12 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
       launch.dir[d] = backward_params<scalar_t>(x, plan, carry[d]);
     }
     const void* kernel =
-        second ? tiled(plan, backward_kernel<kCell, 1, scalar_t, true>,
-                       backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, true>)
-               : tiled(plan, backward_kernel<kCell, 1, scalar_t, false>,
-                       backward_kernel<kCell, wide_tile<scalar_t>(), scalar_t, false>);
+        second ? tiled<scalar_t>(plan, [](auto tile) {
+          return backward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
+        })
+               : tiled<scalar_t>(plan, [](auto tile) {
+                   return backward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
+                 });
     launched = launch_steps<gate_count<kCell>(), true, scalar_t>(kernel, plan, launch, w_hh,
                                                                  a.batch_sizes);
   });

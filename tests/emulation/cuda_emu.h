@@ -255,12 +255,39 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
+namespace precision {
+struct tf32 {};  // fragments of float, loaded from float, rounded by __float_to_tf32
+}  // namespace precision
+
+// The element type a fragment holds and loads from memory.
+template <typename T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  T x[rows * cols];  // row-major rows x cols
+  static constexpr int num_elements = rows * cols;
+  typename storage<T>::type x[rows * cols];  // row-major rows x cols
 };
+
+// cvt.rna.tf32.f32: to the nearest TF32 value (8 exponent bits, 10 of the
+// mantissa; the low 13 bits zero), ties away from zero; NaN and infinity
+// kept.
+inline float __float_to_tf32(float in) {
+  uint32_t bits;
+  std::memcpy(&bits, &in, sizeof bits);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & ~0x1fffu;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
 
 inline void check_access(const void* p, unsigned ldm, size_t element) {
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
@@ -270,9 +297,10 @@ inline void check_access(const void* p, unsigned ldm, size_t element) {
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
+                             const typename storage<T>::type* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
-  check_access(p, ldm, sizeof(T));
+  check_access(p, ldm, sizeof(*p));
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];

@@ -39,16 +39,22 @@ void with_cell(int64_t cell, F&& f) {
   TORCH_CHECK(false, "cell must be 0..3");
 }
 
-// Batch tile 1, or the wide tile of the dtype (FMA kMaxBatchTile for float
-// and double, tensor-core kMmaTile for half types), as the launcher picks.
+// Batch tile 1 or a wide tile of the dtype, as the launcher picks: FMA
+// kMaxBatchTile for float and double, tensor-core kMmaTile for half types
+// and (TF32) float.
 template <typename scalar_t, typename F>
 void with_tile(int64_t tile, F&& f) {
   constexpr bool half =
       std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
-  constexpr int wide = half ? p::kMmaTile : p::kMaxBatchTile;
+  constexpr bool is_double = std::is_same_v<scalar_t, double>;
   if (tile == 1) return f(std::integral_constant<int, 1>{});
-  TORCH_CHECK(tile == wide, "batch tile must be 1 or ", wide, " for this dtype");
-  f(std::integral_constant<int, wide>{});
+  if constexpr (!half) {
+    if (tile == p::kMaxBatchTile) return f(std::integral_constant<int, p::kMaxBatchTile>{});
+  }
+  if constexpr (!is_double) {
+    if (tile == p::kMmaTile) return f(std::integral_constant<int, p::kMmaTile>{});
+  }
+  TORCH_CHECK(false, "batch tile ", tile, " is not compiled for this dtype");
 }
 
 int gates(int64_t cell) { return cell == 0 ? 4 : cell == 1 ? 3 : 1; }
