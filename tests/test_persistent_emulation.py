@@ -308,13 +308,20 @@ def rel_error(actual, expected):
             expected.double().abs().max().clamp_min(1e-30)).item()
 
 
-# (batch tile wide, staged columns, packed lengths) of the low-precision cases
+# (batch tile wide, staged columns, packed lengths, H) of the low-precision
+# cases. H=31 stages element by element; H=32 (rows of whole 16-byte
+# pieces in float32 and the half types) 16 bytes per load, except from the
+# tagged ring.
 LOW_PRECISION = {
-    "wide_tile": (True, 0, None),
-    "wide_tile_all_columns": (True, 4096, None),
+    "wide_tile": (True, 0, None, 31),
+    "wide_tile_all_columns": (True, 4096, None, 31),
     # 40 sequences of lengths 3, 2 and 1: the tensor-core tiles over ragged steps
-    "wide_tile_packed": (True, 0, (3,) * 17 + (2,) * 13 + (1,) * 10),
-    "one_sequence": (False, 0, None),
+    "wide_tile_packed": (True, 0, (3,) * 17 + (2,) * 13 + (1,) * 10, 31),
+    "one_sequence": (False, 0, None, 31),
+    "wide_tile_16_bytes": (True, 0, None, 32),
+    "wide_tile_all_columns_16_bytes": (True, 4096, None, 32),
+    "wide_tile_packed_16_bytes": (True, 0, (3,) * 17 + (2,) * 13 + (1,) * 10, 32),
+    "one_sequence_16_bytes": (False, 0, None, 32),
 }
 
 
@@ -337,7 +344,8 @@ def test_emulated_low_precision(emu, case, mode, cell, dtype, reverse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_packed", "one_sequence"])
+@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_packed", "one_sequence",
+                                  "wide_tile_16_bytes", "one_sequence_16_bytes"])
 def test_emulated_low_precision_both_directions(emu, case, mode, cell, dtype):
     """The paired kernels (both directions of a layer in one launch, their
     own instantiations) in the low-precision dtypes and both batch tiles,
@@ -349,7 +357,8 @@ def test_emulated_low_precision_both_directions(emu, case, mode, cell, dtype):
                          ids=["forward", "reverse", "paired"])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_all_columns", "wide_tile_packed"])
+@pytest.mark.parametrize("case", ["wide_tile", "wide_tile_all_columns", "wide_tile_packed",
+                                  "wide_tile_16_bytes", "wide_tile_packed_16_bytes"])
 def test_emulated_tf32(emu, case, mode, cell, directions):
     """float32 on the tensor-core tile (where torch allows TF32 for cuDNN's
     RNNs): wmma 16x16x8 in TF32, both operands rounded to TF32 (10 mantissa
@@ -364,8 +373,8 @@ def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     (directions [reverse]) or two side by side ([False, True], other
     weights and states each), against the CPU ops in float64. tf32: float32
     on the tensor-core tile."""
-    wide, chunk, lengths = LOW_PRECISION[case]
-    H, T, units = 31, 3, 11
+    wide, chunk, lengths, H = LOW_PRECISION[case]
+    T, units = 3, 11
     B = 40 if wide else 1
     tile = (16 if tf32 or dtype != torch.float32 else 8) if wide else 1
     op_cell = cell.split("_")[0]
