@@ -480,3 +480,27 @@ def test_emulated_random_launches(emu, launch):
     check_kernels(emu, cell, a, launch["units"], launch["tile"], launch["order"],
                   launch["mode"], torch.float64, chunk=launch["chunk"],
                   paired_with=b if launch["paired"] else None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(launch=launches(), aligned=st.booleans())
+def test_emulated_random_launches_float32(emu, launch, aligned):
+    """The same random launches in float32 on the FMA tiles, against the
+    CPU ops in float32: half of them with H a multiple of 4, whose rows the
+    plain staging (grid barrier, stepwise) loads 16 bytes at a time."""
+    cell, lengths = launch["cell"], launch["lengths"]
+    H = launch["H"]
+    if aligned:
+        H = 4 * (-(-H // 4))
+    units = min(launch["units"], 64 // GATES[cell], H)
+    units = max(units, -(-H // 5))
+    if units * GATES[cell] > 64:
+        units = 64 // GATES[cell]
+    kw = dict(lengths=lengths) if lengths else dict(T=launch["T"])
+    a, b = (make_op_args(cell.split("_")[0], B=launch["B"], I=4, H=H, bias=launch["bias"],
+                         reverse=launch["reverse"] != (seed == 1), dtype=torch.float32,
+                         relu=cell == "rnn_relu", seed=seed, **kw)
+            for seed in (0, 1))
+    check_kernels(emu, cell, a, units, launch["tile"], launch["order"], launch["mode"],
+                  torch.float32, chunk=launch["chunk"],
+                  paired_with=b if launch["paired"] else None)
