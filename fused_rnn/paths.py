@@ -94,7 +94,10 @@ def explain_kernel_path(cell: str, hidden_size: int, batch: int, dtype=torch.flo
     under the current choice, and why: a sentence starting with "persistent
     kernel", "stepwise kernels", "general path" or "CPU sequence kernel".
     One direction, or (bidirectional) both directions of the layer, which
-    share each launch where the kernels' plan for the pair takes them."""
+    share each launch where the kernels' plan for the pair takes them. On
+    CUDA in float32 it also says whether the products run in TF32, which
+    follows torch.backends.cudnn.allow_tf32 at the time of the call (as
+    torch.nn's cuDNN RNNs do)."""
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
     like = torch.empty(0, dtype=dtype, device=device)
