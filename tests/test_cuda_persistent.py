@@ -318,9 +318,10 @@ def assert_within_twice_general(cell, kw, dtype, path):
 
 def test_tf32_choice():
     """float32 takes the tensor-core tile in TF32 where torch allows TF32 for
-    cuDNN's RNNs and the batch is wider than the FMA tile; exact FMA where it
-    does not, at up to 8 sequences, and where the TF32 tiles (rows padded to
-    16) would not fit but the FMA tile does."""
+    its RNNs (cuDNN's flag; cuBLAS's with cuDNN disabled) and the batch is
+    wider than the FMA tile; exact FMA where it does not, at up to 8
+    sequences, and where the TF32 tiles (rows padded to 16) would not fit
+    but the FMA tile does."""
     f32 = torch.float32
     for name in ("LSTM", "GRU", "RNN_TANH"):
         for backward in (False, True):
@@ -333,8 +334,17 @@ def test_tf32_choice():
                     assert text.startswith("stepwise") and "TF32" in text, text
             assert "FMA" in explain(name, 256, 64, f32, backward=backward)
             assert "TF32" not in explain(name, 256, 64, f32, backward=backward)
-    with tf32(cudnn=False, matmul=True):  # cuBLAS's flag is not the RNNs'
+    with tf32(cudnn=False, matmul=True):  # cuBLAS's flag is not cuDNN's RNNs'
         assert "TF32" not in explain("LSTM", 256, 64, f32)
+    # with cuDNN disabled torch.nn's RNNs multiply through cuBLAS: its flag
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        for matmul in (False, True):
+            with tf32(cudnn=not matmul, matmul=matmul):
+                assert ("TF32" in explain("LSTM", 256, 64, f32)) == matmul
+    finally:
+        torch.backends.cudnn.enabled = enabled
     props = torch.cuda.get_device_properties(0)
     optin = getattr(props, "shared_memory_per_block_optin", 0)
     if 100 <= props.multi_processor_count <= 132 and 160 * 1024 <= optin < 256 * 1024:

@@ -152,7 +152,8 @@ const char* tile_words(int batch_tile, at::ScalarType dtype) {
   if (batch_tile != kMmaTile) return " on FMA units";
   return dtype == at::kFloat
              ? " on tensor cores in TF32 (wmma, fp32 accumulation; torch allows TF32 for "
-               "cuDNN's RNNs: torch.backends.cudnn.allow_tf32)"
+               "its float32 RNNs: torch.backends.cudnn.allow_tf32, or with cuDNN disabled "
+               "torch.backends.cuda.matmul.allow_tf32)"
              : " on tensor cores (wmma, fp32 accumulation)";
 }
 
@@ -161,10 +162,18 @@ struct Decision {
   Plan plan;
 };
 
-// Whether float32 RNNs may multiply in TF32: torch's flag for cuDNN's RNNs
+// Whether float32 RNNs may multiply in TF32, as torch.nn's would, read at
+// every call: with cuDNN (torch's RNNs on CUDA unless
+// torch.backends.cudnn.enabled is off), its flag for RNNs
 // (torch.backends.cudnn.allow_tf32, or the RNN entry of its fp32_precision
-// settings), read at every call as torch.nn's cuDNN RNNs read it.
-bool tf32_allowed() { return at::globalContext().allowTF32CuDNN(at::Float32Op::RNN); }
+// settings); without it torch's RNNs multiply through cuBLAS, whose flag
+// is torch.backends.cuda.matmul.allow_tf32.
+bool tf32_allowed() {
+  const at::Context& ctx = at::globalContext();
+  return ctx.userEnabledCuDNN() && at::Context::hasCuDNN()
+             ? ctx.allowTF32CuDNN(at::Float32Op::RNN)
+             : ctx.allowTF32CuBLAS();
+}
 
 // The choice for a shape on the current device, for one direction of a
 // layer or (directions = 2) both directions of a bidirectional layer in one
