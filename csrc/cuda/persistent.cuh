@@ -582,10 +582,10 @@ __device__ __forceinline__ Vec16 load_l2_vec(const void* p) {
 // rows' columns are whole 16-byte pieces (k, width, c0 and the row stride
 // multiples of V = 16 / sizeof(scalar_t), the rows 16-byte aligned). A
 // thread keeps up to 4 loads in flight (2 where kTight, as many registers
-// as the element loads of stage_rows): 2x (float32) to 4x
-// (half types) the bytes in flight of element loads, and a step's staging
-// in fewer round trips to L2 (at B=64, H=1024 in bfloat16 a block stages
-// 128 KiB per step: 16 round trips of 8 KiB with element loads, 4 of 32 KiB).
+// as the element loads of stage_rows): 2x (float32) to 4x (half types)
+// the bytes in flight of element loads, and a step's staging in fewer
+// round trips to L2 (at B=64, H=1024 in bfloat16 a block stages 128 KiB
+// per step: 16 round trips of 8 KiB with element loads, 4 of 32 KiB).
 template <bool kTight, typename S, typename scalar_t>
 __device__ __forceinline__ void stage_rows_vec(S* __restrict__ tile, int ld,
                                                const InputRows<scalar_t>& in, int64_t b0,
@@ -631,11 +631,11 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // tile (pass rows, `ld` apart) as type S: zeros for rows past nb, rows
 // without a source and columns past k. Rows of whole 16-byte pieces (not
 // from the tagged ring, not float64) take stage_rows_vec. Else each thread
-// first issues up to 8 loads (2 for
-// double, whose batch-tile-8 kernels are at the register limit), then
-// stores them: the loads (from L2, written by other blocks during the
-// previous step) are in flight together instead of one after another, which
-// at B=64, H=256 was 32 round trips to L2 per thread and step. Tagged
+// first issues up to 8 loads (2 for double, whose batch-tile-8 kernels are
+// at the register limit), then stores them: the loads (from L2, written by
+// other blocks during the previous step) are in flight together instead of
+// one after another, which at B=64, H=256 was 32 round trips to L2 per
+// thread and step. Tagged
 // words take two registers each while in flight: kTight (the FMA kernels
 // with the wide batch tile, whose sums fill the registers, and the TF32
 // tensor-core kernels, where ptxas spilled 8 bytes in the GRU forward
