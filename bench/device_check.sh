@@ -309,6 +309,7 @@ goals() {
   is_fresh "bench/results/$card-barrier.json" && args+=(--barrier "bench/results/$card-barrier.json")
   is_fresh "bench/results/$card-bidir-paired.json" && is_fresh "bench/results/$card-bidir-separate.json" \
     && args+=(--pairs "bench/results/$card-bidir-paired.json" "bench/results/$card-bidir-separate.json")
+  is_fresh "bench/results/$card-tf32.json" && args+=(--tf32 "bench/results/$card-tf32.json")
   python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }

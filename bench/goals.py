@@ -5,6 +5,7 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
 
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
                           [--stepwise FILE] [--barrier FILE] [--pairs PAIRED SEPARATE]
+                          [--tf32 FILE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
@@ -13,7 +14,10 @@ parity error is not a finite number (a failed run) misses.
 --barrier adds a comparison (not a goal): the grid as the automatic choice
 ran it against the same shapes with the grid barrier forced; --pairs one of
 bidirectional rows whose directions shared each launch against the same
-shapes with FUSED_RNN_BIDIRECTIONAL=separate.
+shapes with FUSED_RNN_BIDIRECTIONAL=separate; --tf32 one of float32 rows
+run under torch's default TF32 flags (fused-rnn bench --tf32) whose
+products ran in TF32 against the same shapes of the grid in exact float32,
+and their speed-up over cuDNN in TF32.
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -149,6 +153,24 @@ def compare_sync(grid_rows, barrier_rows) -> str:
     return line.replace("(no shape in both files)", "(no shape in both files took the tags)")
 
 
+def compare_tf32(tf32_rows, grid_rows) -> List[str]:
+    """Two lines, not goals: float32 rows that multiplied in TF32 (math
+    "tf32", torch's default flags on both sides) against the same shapes of
+    the grid in exact float32 (exact time / TF32 time: above 1, TF32 is
+    faster), and their speed-up over cuDNN, itself in TF32."""
+    line = _compare(tf32_rows, grid_rows, lambda r: r.get("math") == "tf32",
+                    "float32 in TF32 vs exact", "exact", "in TF32")
+    rows = sorted((r for r in tf32_rows if r.get("math") == "tf32"
+                   and math.isfinite(r.get("speedup", math.nan))), key=lambda r: r["speedup"])
+    if not rows:
+        return [line.replace("(no shape in both files)", "(no row ran in TF32)")]
+    median = rows[len(rows) // 2]["speedup"]
+    return [line, f"COMPARE  float32 in TF32 vs cuDNN in TF32: speed-up median {median:.2f}x "
+                  f"over {len(rows)} rows; lowest {rows[0]['speedup']:.2f}x "
+                  f"({_describe(rows[0])}), highest {rows[-1]['speedup']:.2f}x "
+                  f"({_describe(rows[-1])})"]
+
+
 def compare_directions(paired_rows, separate_rows) -> str:
     """One line, not a goal: bidirectional rows whose two directions shared
     each launch (directions "paired", in either pass) against the same shapes
@@ -184,6 +206,8 @@ def main(argv=None):
     parser.add_argument("--pairs", nargs=2, metavar=("PAIRED", "SEPARATE"),
                         help="JSON of bidirectional rows run by default and with "
                              "FUSED_RNN_BIDIRECTIONAL=separate (compared, not a goal)")
+    parser.add_argument("--tf32", help="JSON of float32 rows under torch's default TF32 flags "
+                                       "(fused-rnn bench --tf32; compared, not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
@@ -195,6 +219,9 @@ def main(argv=None):
     if args.pairs:
         (paired, note_p), (separate, note_s) = _load(args.pairs[0]), _load(args.pairs[1])
         notes += [compare_directions(paired, separate)] + [n for n in (note_p, note_s) if n]
+    if args.tf32:
+        tf32_rows, note = _load(args.tf32)
+        notes += compare_tf32(tf32_rows, loaded["grid"][0]) + ([note] if note else [])
     print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 

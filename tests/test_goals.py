@@ -180,3 +180,29 @@ def test_pairs_comparison_covers_the_paired_rows(tmp_path, capsys):
     goals.main([str(paths[0]), "--pairs", str(paths[0]), str(paths[1])])
     assert "COMPARE  both directions in one launch vs one after the other" in (
         capsys.readouterr().out)
+
+
+def test_tf32_comparison_covers_the_rows_that_ran_in_tf32(tmp_path, capsys):
+    """--tf32 compares float32 rows that multiplied in TF32 (torch's default
+    flags on both sides) with the same shapes of the exact-float32 grid, and
+    reports their speed-up over cuDNN in TF32; rows that stayed exact (B <=
+    8, or a shape whose TF32 tiles do not fit) are left out; never a goal."""
+    grid = [dict(row(cell, "float32", batch, hidden, training), fused_ms=2.0)
+            for cell in ("LSTM", "GRU") for batch in (8, 64) for hidden in (512, 1024)
+            for training in (False, True)]
+    tf32 = [dict(r, fused_ms=1.0 if r["batch"] == 64 else 2.0, tf32=True,
+                 math="tf32" if r["batch"] == 64 else None,
+                 speedup=3.0 if r["hidden_size"] == 512 else 1.5) for r in grid]
+    line, speed = goals.compare_tf32(tf32, grid)
+    assert line.startswith("COMPARE  float32 in TF32 vs exact")
+    assert "median 2.00x over 8 shapes (8 faster in TF32)" in line
+    assert speed.startswith("COMPARE  float32 in TF32 vs cuDNN in TF32: speed-up median 3.00x "
+                            "over 8 rows; lowest 1.50x")
+    assert goals.compare_tf32([dict(r, math=None) for r in tf32], grid)[0].startswith(
+        "NO DATA  float32 in TF32 vs exact (no row ran in TF32)")
+    paths = [tmp_path / "grid.json", tmp_path / "tf32.json"]
+    paths[0].write_text(json.dumps({"rows": grid}))
+    paths[1].write_text(json.dumps({"rows": tf32}))
+    goals.main([str(paths[0]), "--tf32", str(paths[1])])
+    out = capsys.readouterr().out
+    assert "COMPARE  float32 in TF32 vs exact" in out and "vs cuDNN in TF32" in out
