@@ -1,0 +1,24 @@
+"""The GPU session's scripts, dry-run here: bench/sanitize.py (the cases
+compute-sanitizer runs) on the CPU, and bench/device_check.sh parsed by
+bash. A GPU session that finds either broken loses its device budget."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sanitize_cases_run_on_the_cpu():
+    proc = subprocess.run([sys.executable, os.path.join("bench", "sanitize.py"), "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sanitize:")]
+    assert [line.split()[1] for line in lines] == ["persistent", "stepwise", "general"]
+    assert all(line.endswith("finite: True") for line in lines), lines
+
+
+def test_device_check_parses():
+    proc = subprocess.run(["bash", "-n", os.path.join("bench", "device_check.sh")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
