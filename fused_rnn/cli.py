@@ -424,11 +424,29 @@ def run_explain(args, parser):
             print(f"  {what}: {text}")
         print("  every path: the input projection of every step as one GEMM first; in "
               "backward the weight gradients as large GEMMs after the recurrence")
+        if dtype == "float32":
+            print(f"  TF32: {tf32_flags_line()}")
     print()
     print("This build:")
     for key, value in info.items():
         print(f"  {key}: {value}")
     return 0
+
+
+def tf32_flags_line():
+    """torch's TF32 flags as they bear on fused_rnn's float32 products on
+    CUDA, in words."""
+    cudnn = torch.backends.cudnn
+    if cudnn.enabled and cudnn.is_available():
+        rnn = (f"torch.backends.cudnn.allow_tf32 = {cudnn.allow_tf32} (as torch.nn's cuDNN "
+               "RNNs, past 8 sequences)")
+    else:
+        rnn = (f"cuDNN disabled: torch.backends.cuda.matmul.allow_tf32 = "
+               f"{torch.backends.cuda.matmul.allow_tf32} (as torch.nn's RNNs without cuDNN, "
+               "past 8 sequences)")
+    return (f"the persistent and stepwise kernels follow {rnn}; the cuBLAS GEMMs (the general "
+            f"path's per-step products, the input projection, the weight gradients) "
+            f"torch.backends.cuda.matmul.allow_tf32 = {torch.backends.cuda.matmul.allow_tf32}")
 
 
 def _shared_memory_per_sm(props):

@@ -308,3 +308,25 @@ def test_bench_records_a_failing_configuration_and_goes_on(tmp_path, capsys, mon
     assert not os.path.exists(str(out_json) + ".tmp")
     with open(out_csv) as f:  # the failed row and the timed ones, one header
         assert [r["error"] for r in csv.DictReader(f)] == ["", "", "RuntimeError: boom", ""]
+
+
+def test_tf32_flags_line_follows_torch_flags():
+    """What `fused-rnn explain` says of TF32 in float32 on CUDA: cuDNN's RNN
+    flag for the persistent and stepwise kernels (cuBLAS's with cuDNN
+    disabled), cuBLAS's for the GEMMs; the flags as they are now."""
+    saved = (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.enabled = True
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        line = cli.tf32_flags_line()
+        if torch.backends.cudnn.is_available():
+            assert "follow torch.backends.cudnn.allow_tf32 = True" in line
+        assert line.endswith("torch.backends.cuda.matmul.allow_tf32 = False")
+        torch.backends.cudnn.enabled = False
+        torch.backends.cuda.matmul.allow_tf32 = True
+        line = cli.tf32_flags_line()
+        assert "cuDNN disabled: torch.backends.cuda.matmul.allow_tf32 = True" in line
+    finally:
+        (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
