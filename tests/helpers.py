@@ -14,6 +14,7 @@ Shape legend: T steps, B batch, I input size, H hidden size, P proj_size (or
 H), L layers, D directions.
 """
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -679,3 +680,16 @@ def python_lines(code, var, value=None):
         env[var] = value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip().splitlines()
+
+
+@contextlib.contextmanager
+def tf32_flags(cudnn, matmul=False):
+    """torch's TF32 flags for cuDNN (which torch.nn's float32 RNNs and
+    fused_rnn's persistent kernels follow) and for cuBLAS's products, set
+    for the body of a ``with`` and restored afterwards."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

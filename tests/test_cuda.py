@@ -7,7 +7,6 @@ convert keeps the device; a CUDA graph capture / replay of a whole training
 step matched to eager; `fused-rnn check` on every path. Every test is
 skipped without a GPU."""
 
-import contextlib
 import copy
 
 import pytest
@@ -28,6 +27,7 @@ from helpers import (
     make_module_twins,
     make_op_args,
     run_module,
+    tf32_flags,
     upstream_like,
 )
 
@@ -37,18 +37,11 @@ pytestmark = requires_cuda
 DEVICE = "cuda"
 
 
-@contextlib.contextmanager
 def no_tf32():
     """cuDNN may use TF32 for float32 RNNs by default, and so may fused_rnn's
     persistent kernels past 8 sequences (they follow the same flag); parity
     in float32 is checked in true float32 on both sides."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    return tf32_flags(cudnn=False, matmul=False)
 
 
 @pytest.fixture(params=["persistent", "stepwise", "general"])

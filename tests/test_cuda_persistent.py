@@ -10,7 +10,6 @@ runs with TF32 off: exact float32). The module-level parity, gradcheck,
 opcheck and CUDA-graph tests of test_cuda.py run on every path too. Every
 test is skipped without a GPU."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 import fused_rnn
 from helpers import (PAIR_PER_DIRECTION, assert_results_close, call_pair, call_reference,
                      call_wrapper, gradcheck_op, make_op_args, upstream_like)
+from helpers import tf32_flags as tf32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -32,18 +32,6 @@ CELLS = {"lstm": ("lstm", "LSTM", {}), "gru": ("gru", "GRU", {}),
 # one tile, several tiles and a ragged last tile.
 SHAPES = [(1, 1, 1), (7, 3, 5), (33, 1, 4), (97, 9, 3), (130, 8, 2), (257, 17, 3),
           (600, 2, 2)]
-
-
-@contextlib.contextmanager
-def tf32(cudnn, matmul=False):
-    """torch's TF32 flags for cuDNN (which fused_rnn's float32 RNNs follow,
-    as torch.nn's do) and for cuBLAS's products, restored afterwards."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.fixture(autouse=True)

@@ -35,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "fused_rnn/cells.h"
@@ -392,36 +393,23 @@ __device__ __forceinline__ double mul_add(double a, double b, double c) { return
 // from memory (the same bits), the fragments' element type and the depth
 // of one product (16 in half types; float as TF32: 8, the operands rounded
 // to TF32 once loaded).
-template <typename scalar_t>
-struct MmaType {
-  using type = scalar_t;
-  using fragment = scalar_t;
-  static constexpr int k = 16;
-  static constexpr bool tf32 = false;
+template <typename Memory, typename Fragment = Memory, int K = 16>
+struct MmaOperands {
+  using type = Memory;
+  using fragment = Fragment;
+  static constexpr int k = K;
+  static constexpr bool tf32 = std::is_same_v<Fragment, nvcuda::wmma::precision::tf32>;
 };
+template <typename scalar_t>
+struct MmaType : MmaOperands<scalar_t> {};
 #if !defined(FUSED_RNN_EMULATION)
 template <>
-struct MmaType<c10::Half> {
-  using type = __half;
-  using fragment = __half;
-  static constexpr int k = 16;
-  static constexpr bool tf32 = false;
-};
+struct MmaType<c10::Half> : MmaOperands<__half> {};
 template <>
-struct MmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  using fragment = __nv_bfloat16;
-  static constexpr int k = 16;
-  static constexpr bool tf32 = false;
-};
+struct MmaType<c10::BFloat16> : MmaOperands<__nv_bfloat16> {};
 #endif
 template <>
-struct MmaType<float> {
-  using type = float;
-  using fragment = nvcuda::wmma::precision::tf32;
-  static constexpr int k = 8;
-  static constexpr bool tf32 = true;
-};
+struct MmaType<float> : MmaOperands<float, nvcuda::wmma::precision::tf32, 8> {};
 
 // The warp-wide sums of N values per lane (N a power of two, at most 32)
 // in N - 1 + 5 - log2(N) shuffles (31 for N = 32, 6 for N = 4) instead of
