@@ -10,7 +10,6 @@ configuration asks for torch's default TF32 flags: `tf32`).
 """
 
 import contextlib
-
 import dataclasses
 import os
 import platform
