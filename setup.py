@@ -4,7 +4,9 @@ The CUDA sources are compiled when nvcc and a CUDA build of torch are both
 present, otherwise the build is CPU-only. Environment knobs:
 
   FUSED_RNN_CUDA        "auto" (default), "1" (require CUDA) or "0" (CPU only)
-  FUSED_RNN_CUDA_ARCHS  CUDA architectures, default "8.0;9.0+PTX"
+  FUSED_RNN_CUDA_ARCHS  CUDA architectures (compute capability 7.0 or newer);
+                        default: those of the GPUs visible at build time, as
+                        torch's own extension builds do, else "8.0;9.0+PTX"
                         (TORCH_CUDA_ARCH_LIST, if set, wins)
   FUSED_RNN_NVCC_THREADS  nvcc --threads, default 2
   MAX_JOBS              parallel compile jobs (default: from cores and memory)
@@ -51,12 +53,22 @@ def _default_max_jobs():
 
 _guess_cuda_home()
 os.environ.setdefault("MAX_JOBS", _default_max_jobs())
-os.environ.setdefault(
-    "TORCH_CUDA_ARCH_LIST", os.environ.get("FUSED_RNN_CUDA_ARCHS", "8.0;9.0+PTX")
-)
 
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
+
+
+def _load_cuda_archs():
+    """fused_rnn/cuda_archs.py, by its path (the package is not built yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_fused_rnn_cuda_archs", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "fused_rnn", "cuda_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 here = os.path.dirname(os.path.abspath(__file__))
 debug = os.environ.get("FUSED_RNN_DEBUG", "0") == "1"
@@ -68,6 +80,13 @@ if want_cuda == "1" and not have_cuda:
         f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
     )
 use_cuda = have_cuda and want_cuda != "0"
+if use_cuda:
+    cuda_archs = _load_cuda_archs()
+    try:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs.build_archs(
+            os.environ, cuda_archs.visible_gpu_archs(torch))
+    except ValueError as e:
+        sys.exit(str(e))
 
 sources = sorted(
     glob.glob(os.path.join("csrc", "*.cpp"))

@@ -2,9 +2,9 @@
 
 import torch
 
-from . import _C_loader
+from . import _C_loader, cuda_archs
 
-__all__ = ["summary", "cpu_vector_path", "has_cuda_kernels"]
+__all__ = ["summary", "cpu_vector_path", "has_cuda_kernels", "gpu_support"]
 
 
 def _build_config():
@@ -31,6 +31,23 @@ def cpu_vector_path() -> str:
     return f"baseline build ({capability})"
 
 
+def gpu_support(device=None) -> str | None:
+    """Whether this build has code for the GPU `device` (default: the current
+    one), in words; None without a GPU or without CUDA kernels."""
+    if not torch.cuda.is_available() or not has_cuda_kernels():
+        return None
+    archs = _build_config().get("cuda_archs")
+    props = torch.cuda.get_device_properties(device)
+    name = f"{props.name} (compute capability {props.major}.{props.minor})"
+    if not archs:
+        return f"{name}: not known (built before fused_rnn recorded its architectures)"
+    if cuda_archs.runs_on(archs, (props.major, props.minor)):
+        return f"{name}: runs"
+    return (f"{name}: NO code for it in this build (built for {archs}); reinstall with "
+            f"FUSED_RNN_CUDA_ARCHS=\"{props.major}.{props.minor}\", or where this GPU is "
+            "visible")
+
+
 def summary() -> dict:
     from . import __version__
 
@@ -46,4 +63,5 @@ def summary() -> dict:
             f"yes, for {config.get('cuda_archs', 'unknown architectures')} "
             f"(CUDA {config.get('cuda', '?')})" if has_cuda_kernels() else "not in this build"
         ),
+        **({"this GPU": support} if (support := gpu_support()) else {}),
     }

@@ -425,7 +425,7 @@ def run_explain(args, parser):
         print("  every path: the input projection of every step as one GEMM first; in "
               "backward the weight gradients as large GEMMs after the recurrence")
         if dtype == "float32":
-            print(f"  TF32: {tf32_flags_line()}")
+            print(f"  TF32: {tf32_flags_line((props.major, props.minor))}")
     print()
     print("This build:")
     for key, value in info.items():
@@ -433,9 +433,13 @@ def run_explain(args, parser):
     return 0
 
 
-def tf32_flags_line():
+def tf32_flags_line(capability=None):
     """torch's TF32 flags as they bear on fused_rnn's float32 products on
-    CUDA, in words."""
+    CUDA, in words, on a GPU of compute capability `capability` (major,
+    minor) if given: before 8.0 there is no TF32."""
+    if capability is not None and tuple(capability) < (8, 0):
+        return (f"this GPU (compute capability {capability[0]}.{capability[1]}) has no TF32: "
+                "float32 multiplies exactly in every kernel, whatever torch's TF32 flags say")
     cudnn = torch.backends.cudnn
     if cudnn.enabled and cudnn.is_available():
         rnn = (f"torch.backends.cudnn.allow_tf32 = {cudnn.allow_tf32} (as torch.nn's cuDNN "

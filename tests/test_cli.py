@@ -327,6 +327,8 @@ def test_tf32_flags_line_follows_torch_flags():
         torch.backends.cuda.matmul.allow_tf32 = True
         line = cli.tf32_flags_line()
         assert "cuDNN disabled: torch.backends.cuda.matmul.allow_tf32 = True" in line
+        assert cli.tf32_flags_line((9, 0)) == line
+        assert "compute capability 7.5) has no TF32" in cli.tf32_flags_line((7, 5))
     finally:
         (torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32,
          torch.backends.cuda.matmul.allow_tf32) = saved

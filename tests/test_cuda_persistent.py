@@ -25,6 +25,9 @@ from helpers import tf32_flags as tf32
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 DEVICE = "cuda"
+# bfloat16 and TF32 tensor cores (compute capability 8.0); before it, float16
+# alone multiplies on tensor cores, bfloat16 and float32 on FMA units.
+AMPERE = torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 0)
 CELLS = {"lstm": ("lstm", "LSTM", {}), "gru": ("gru", "GRU", {}),
          "rnn_tanh": ("rnn", "RNN_TANH", {"relu": False}),
          "rnn_relu": ("rnn", "RNN_RELU", {"relu": True})}
@@ -132,7 +135,12 @@ def test_choice(name):
         assert "staged 4096 of 4096 columns" in explain(name, 1024, 1, f32, backward=True)
     if explain(name, 1024, 2048, f32).startswith("persistent kernel"):  # fits this GPU
         assert "FMA" in explain(name, 1024, 2048, f32)
-    assert "tensor cores" in explain(name, 256, 64, torch.bfloat16)
+    assert "tensor cores" in explain(name, 256, 64, torch.float16)
+    if AMPERE:
+        assert "tensor cores" in explain(name, 256, 64, torch.bfloat16)
+    else:
+        text = explain(name, 256, 64, torch.bfloat16)
+        assert "FMA units (wmma multiplies BFloat16 from compute capability 8.0" in text, text
     assert "FMA" in explain(name, 256, 1, torch.bfloat16)
     assert explain(name, 256, 256, f32).startswith("persistent kernel")
     # far too large for shared memory on any GPU
@@ -311,6 +319,12 @@ def test_tf32_choice():
     sequences, and where the TF32 tiles (rows padded to 16) would not fit
     but the FMA tile does."""
     f32 = torch.float32
+    if not AMPERE:  # no TF32 on this GPU: exact FMA whatever the flags
+        with tf32(cudnn=True, matmul=True):
+            for backward in (False, True):
+                text = explain("LSTM", 256, 64, f32, backward=backward)
+                assert "FMA" in text and "TF32" not in text, text
+        return
     for name in ("LSTM", "GRU", "RNN_TANH"):
         for backward in (False, True):
             with tf32(cudnn=True):
@@ -353,6 +367,9 @@ def test_tf32_when_torch_allows_it(mode, cell_key, shape):
     the error of torch's own TF32 products (cuDNN's RNN and the general
     path's cuBLAS GEMMs with TF32 allowed, the larger) against float64, and
     they differ from the exact float32 kernels (TF32 ran)."""
+    if not AMPERE:
+        pytest.skip("this GPU has no TF32 (compute capability 8.0): float32 stays exact, "
+                    "as test_tf32_choice checks")
     cell, name, extra = CELLS[cell_key]
     H, B, T = shape
     kw = dict(T=T, B=B, I=16, H=H, **extra)

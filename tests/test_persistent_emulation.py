@@ -308,10 +308,13 @@ def rel_error(actual, expected):
             expected.double().abs().max().clamp_min(1e-30)).item()
 
 
-# (batch tile wide, staged columns, packed lengths, H) of the low-precision
-# cases. H=31 stages element by element; H=32 (rows of whole 16-byte
-# pieces in float32 and the half types) 16 bytes per load, except from the
-# tagged ring.
+# (batch tile, staged columns, packed lengths, H) of the low-precision
+# cases; the batch tile: True the dtype's wide tile (40 sequences), False
+# one sequence (tile 1), "fma" 40 sequences on tile 1 (the half types on
+# GPUs without their tensor cores: bfloat16 before compute capability 8.0).
+# H=31 stages element by element; H=32 (rows of whole 16-byte pieces in
+# float32 and the half types) 16 bytes per load, except from the tagged
+# ring.
 LOW_PRECISION = {
     "wide_tile": (True, 0, None, 31),
     "wide_tile_all_columns": (True, 4096, None, 31),
@@ -322,6 +325,8 @@ LOW_PRECISION = {
     "wide_tile_all_columns_16_bytes": (True, 4096, None, 32),
     "wide_tile_packed_16_bytes": (True, 0, (3,) * 17 + (2,) * 13 + (1,) * 10, 32),
     "one_sequence_16_bytes": (False, 0, None, 32),
+    "batch_on_fma_tile": ("fma", 0, None, 31),
+    "batch_on_fma_tile_packed_16_bytes": ("fma", 0, (3,) * 17 + (2,) * 13 + (1,) * 10, 32),
 }
 
 
@@ -337,7 +342,8 @@ def test_emulated_low_precision(emu, case, mode, cell, dtype, reverse):
     chunks or all at once; dense or packed input), forward and backward,
     against the CPU ops in float64 on the same (rounded) inputs: within a
     few roundings of the storage type. One sequence: batch tile 1, FMA in
-    every dtype (the half types staged as float32)."""
+    every dtype (the half types staged as float32); batch_on_fma_tile*: 40
+    sequences on tile 1, as bfloat16 runs on GPUs without its tensor cores."""
     check_low_precision(emu, case, mode, cell, dtype, [reverse])
 
 
@@ -345,7 +351,8 @@ def test_emulated_low_precision(emu, case, mode, cell, dtype, reverse):
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["wide_tile", "wide_tile_packed", "one_sequence",
-                                  "wide_tile_16_bytes", "one_sequence_16_bytes"])
+                                  "wide_tile_16_bytes", "one_sequence_16_bytes",
+                                  "batch_on_fma_tile"])
 def test_emulated_low_precision_both_directions(emu, case, mode, cell, dtype):
     """The paired kernels (both directions of a layer in one launch, their
     own instantiations) in the low-precision dtypes and both batch tiles,
@@ -368,6 +375,29 @@ def test_emulated_tf32(emu, case, mode, cell, directions):
     check_low_precision(emu, case, mode, cell, torch.float32, directions, tf32=True)
 
 
+@pytest.mark.parametrize("batch, dtype, tf32, arch, tile", [
+    (1, torch.float16, False, 90, 1),
+    (1, torch.float32, True, 90, 1),
+    (2, torch.float16, False, 70, 16),    # Volta and Turing multiply half on tensor cores
+    (64, torch.float16, False, 75, 16),
+    (64, torch.bfloat16, False, 75, 1),   # but not bfloat16: FMA, a sequence per tile
+    (64, torch.bfloat16, False, 80, 16),
+    (64, torch.bfloat16, False, 90, 16),
+    (64, torch.float32, True, 75, 8),     # no TF32 before Ampere: exact FMA
+    (64, torch.float32, True, 80, 16),
+    (64, torch.float32, False, 90, 8),    # TF32 not allowed
+    (8, torch.float32, True, 90, 8),      # the FMA tile covers 8 sequences in one pass
+    (9, torch.float32, True, 86, 16),
+    (64, torch.float64, True, 90, 8),
+])
+def test_batch_tile_by_architecture(emu, batch, dtype, tf32, arch, tile):
+    """The launcher's batch tile on a GPU of compute capability arch / 10:
+    tensor cores only where the GPU has them for the dtype (float16 from
+    7.0, bfloat16 and TF32 from 8.0; sm_7x builds compile those tiles to a
+    trap), the FMA tiles elsewhere."""
+    assert emu.batch_tile(batch, dtype, tf32, arch) == tile
+
+
 def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     """The emulated kernels on LOW_PRECISION[case] in `dtype`, one direction
     (directions [reverse]) or two side by side ([False, True], other
@@ -376,7 +406,7 @@ def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     wide, chunk, lengths, H = LOW_PRECISION[case]
     T, units = 3, 11
     B = 40 if wide else 1
-    tile = (16 if tf32 or dtype != torch.float32 else 8) if wide else 1
+    tile = (16 if tf32 or dtype != torch.float32 else 8) if wide is True else 1
     op_cell = cell.split("_")[0]
     cases = [make_op_args(op_cell, T=T, B=B, I=5, H=H, dtype=dtype, reverse=r, seed=seed,
                           relu=cell == "rnn_relu", lengths=lengths)

@@ -116,6 +116,7 @@ struct DeviceLimits {
   int sms = 0;
   int shared_optin = 0;  // bytes of dynamic shared memory a block may have
   int cooperative = 0;   // whether the device takes cooperative launches
+  int arch = 0;          // compute capability, major * 10 + minor
 };
 
 DeviceLimits device_limits(int device) {
@@ -130,6 +131,10 @@ DeviceLimits device_limits(int device) {
                                           cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(
         cudaDeviceGetAttribute(&limits.cooperative, cudaDevAttrCooperativeLaunch, device));
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    limits.arch = major * 10 + minor;
   }
   return limits;
 }
@@ -148,8 +153,16 @@ int gates_of(PersistentCell cell) {
 size_t math_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
 
 // How a batch tile multiplies, for explain.
-const char* tile_words(int batch_tile, at::ScalarType dtype) {
-  if (batch_tile != kMmaTile) return " on FMA units";
+std::string tile_words(int batch_tile, at::ScalarType dtype, int64_t batch, int arch) {
+  if (batch_tile != kMmaTile) {
+    if (batch > 1 && is_half(dtype) && arch < mma_arch(dtype)) {
+      return " on FMA units (wmma multiplies " + std::string(c10::toString(dtype)) +
+             " from compute capability " + std::to_string(mma_arch(dtype) / 10) + "." +
+             std::to_string(mma_arch(dtype) % 10) + ", this GPU has " +
+             std::to_string(arch / 10) + "." + std::to_string(arch % 10) + ")";
+    }
+    return " on FMA units";
+  }
   return dtype == at::kFloat
              ? " on tensor cores in TF32 (wmma, fp32 accumulation; torch allows TF32 for "
                "its float32 RNNs: torch.backends.cudnn.allow_tf32, or with cuDNN disabled "
@@ -206,7 +219,7 @@ Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch, at::Sc
   const int64_t k = backward ? G * hidden : hidden;
   const int64_t rows_per_unit = backward ? 1 : G;
   Plan& plan = d.plan;
-  plan.batch_tile = batch_tile(batch, dtype, tf32);
+  plan.batch_tile = batch_tile(batch, dtype, tf32, limits.arch);
   // One unit per SM or more, as few as cover H on every SM: the persistent
   // grid; a stepwise grid takes more blocks than SMs where a block cannot
   // hold that many units' rows.
@@ -249,7 +262,7 @@ Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch, at::Sc
           << plan.blocks << " blocks x " << kThreads << " threads, " << plan.units
           << " hidden unit" << (plan.units == 1 ? "" : "s") << " per block, slice of " << rows
           << " x " << k << ", batch tile " << plan.batch_tile
-          << tile_words(plan.batch_tile, dtype) << ", "
+          << tile_words(plan.batch_tile, dtype, batch, limits.arch) << ", "
           << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
           << " side by side, the input staged " << step_tiling.chunk << " of " << k
           << " columns at a time"
@@ -318,7 +331,7 @@ Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch, at::Sc
       << " slice of " << rows << " x " << k << " in " << plan.shared_bytes / 1024
       << " KiB of shared memory (of " << limits.shared_optin / 1024 << " KiB), batch tile "
       << plan.batch_tile
-      << tile_words(plan.batch_tile, dtype)
+      << tile_words(plan.batch_tile, dtype, batch, limits.arch)
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
@@ -345,7 +358,8 @@ Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch, at::Sc
 // where the exact FMA tile does not.
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                 bool packed, bool proj, bool backward, int directions, bool explain) {
-  const bool tf32 = dtype == at::kFloat && batch_tile(batch, dtype, true) == kMmaTile &&
+  const int arch = device_limits(c10::cuda::current_device()).arch;
+  const bool tf32 = dtype == at::kFloat && batch_tile(batch, dtype, true, arch) == kMmaTile &&
                     tf32_allowed();
   if (tf32) {
     Decision d = decide_tiled(cell, hidden, batch, dtype, packed, proj, backward, directions,

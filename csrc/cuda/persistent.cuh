@@ -97,6 +97,26 @@ __host__ __device__ constexpr int mma_skew(size_t element) {
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
+// The compute capability (major * 10 + minor) from which wmma multiplies
+// a dtype: half from 7.0, bfloat16 and float (as TF32) from 8.0.
+inline int mma_arch(at::ScalarType dtype) { return dtype == at::kHalf ? 70 : 80; }
+inline bool is_half(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+// The tile for a batch on a device of compute capability `arch`: 1 for one
+// sequence; else tensor cores in half types where the device multiplies
+// them (else 1: FMA), and in float where TF32 is allowed (tf32), the
+// device has TF32 and the batch is wider than the FMA tile (up to 8
+// sequences the exact FMA tile covers the batch in one pass, as fast as a
+// half-empty tensor-core tile); FMA otherwise.
+inline int batch_tile(int64_t batch, at::ScalarType dtype, bool tf32, int arch) {
+  if (batch == 1) return 1;
+  const bool mma = arch >= mma_arch(dtype);
+  if (is_half(dtype)) return mma ? kMmaTile : 1;
+  return dtype == at::kFloat && tf32 && mma && batch > kMaxBatchTile ? kMmaTile
+                                                                     : kMaxBatchTile;
+}
+
 // Batch tiles side by side in a pass (bsplits): as many as the warps that
 // the `groups` row groups leave free, the batch's tiles and one (pass row,
 // unit) pair per thread in the pointwise phase allow.
@@ -393,12 +413,27 @@ __device__ __forceinline__ double mul_add(double a, double b, double c) { return
 // from memory (the same bits), the fragments' element type and the depth
 // of one product (16 in half types; float as TF32: 8, the operands rounded
 // to TF32 once loaded).
+//
+// wmma multiplies half from compute capability 7.0 (Volta, Turing),
+// bfloat16 and TF32 from 8.0 (Ampere: mma.h's __CUDA_AMPERE_MMA__, defined
+// in the host pass and in device passes for 8.0 and newer). In a device pass
+// for 7.x the bfloat16 and float tensor-core tiles compile to a trap
+// (mma_compiled): the plan never takes them on such a device (mma_arch).
+#if defined(FUSED_RNN_EMULATION) || defined(__CUDA_AMPERE_MMA__)
+#define FR_AMPERE_MMA 1
+#else
+#define FR_AMPERE_MMA 0
+#endif
 template <typename Memory, typename Fragment = Memory, int K = 16>
 struct MmaOperands {
   using type = Memory;
   using fragment = Fragment;
   static constexpr int k = K;
+#if FR_AMPERE_MMA
   static constexpr bool tf32 = std::is_same_v<Fragment, nvcuda::wmma::precision::tf32>;
+#else
+  static constexpr bool tf32 = false;
+#endif
 };
 template <typename scalar_t>
 struct MmaType : MmaOperands<scalar_t> {};
@@ -408,8 +443,15 @@ struct MmaType<c10::Half> : MmaOperands<__half> {};
 template <>
 struct MmaType<c10::BFloat16> : MmaOperands<__nv_bfloat16> {};
 #endif
+#if FR_AMPERE_MMA
 template <>
 struct MmaType<float> : MmaOperands<float, nvcuda::wmma::precision::tf32, 8> {};
+#endif
+// Whether this compilation pass has the tensor-core tile of scalar_t.
+template <typename scalar_t>
+__host__ __device__ constexpr bool mma_compiled() {
+  return std::is_same_v<scalar_t, c10::Half> || FR_AMPERE_MMA;
+}
 
 // The warp-wide sums of N values per lane (N a power of two, at most 32)
 // in N - 1 + 5 - log2(N) shuffles (31 for N = 32, 6 for N = 4) instead of
@@ -792,10 +834,12 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
 // staged rows.
 template <typename Mma, typename Fragment>
 __device__ __forceinline__ void round_operand(Fragment& f) {
+#if FR_AMPERE_MMA
   if constexpr (Mma::tf32) {
 #pragma unroll
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
   }
+#endif
 }
 
 template <typename scalar_t>
@@ -855,8 +899,12 @@ __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& t
   using T = at::opmath_type<scalar_t>;
   T* partial = reinterpret_cast<T*>(shared + tl.partial_offset);
   if constexpr (BT == kMmaTile) {
-    block_matvec_mma(w, tl, k, in, b0, nb,
-                     reinterpret_cast<scalar_t*>(shared + tl.tile_offset), partial);
+    if constexpr (mma_compiled<scalar_t>()) {
+      block_matvec_mma(w, tl, k, in, b0, nb,
+                       reinterpret_cast<scalar_t*>(shared + tl.tile_offset), partial);
+    } else {
+      __trap();  // never launched: see mma_arch
+    }
   } else {
     block_matvec<BT>(w, tl, k, in, b0, nb,
                      reinterpret_cast<T*>(shared + tl.tile_offset), partial);

@@ -59,19 +59,7 @@ scalar_t* data(const at::Tensor& t) {
 
 // The batch tiles compiled: 1 (a single sequence) and the wide tiles:
 // kMaxBatchTile (FMA) for float and double, kMmaTile (tensor cores) for
-// half, bfloat16 and (TF32) float.
-inline bool is_half(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
-// The tile for a batch: 1 for one sequence; else tensor cores in half
-// types, and in float where TF32 is allowed (tf32) and the batch is wider
-// than the FMA tile (up to 8 sequences the exact FMA tile covers the batch
-// in one pass, as fast as a half-empty tensor-core tile); FMA otherwise.
-inline int batch_tile(int64_t batch, at::ScalarType dtype, bool tf32) {
-  if (batch == 1) return 1;
-  if (is_half(dtype)) return kMmaTile;
-  return dtype == at::kFloat && tf32 && batch > kMaxBatchTile ? kMmaTile : kMaxBatchTile;
-}
+// half, bfloat16 and (TF32) float (batch_tile in persistent.cuh picks one).
 template <typename scalar_t>
 constexpr bool has_tile(int tile) {
   constexpr bool half =

@@ -8,9 +8,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
+#include <sstream>
 
 #include "fused_rnn/cells.h"
 #include "fused_rnn/steps.h"
@@ -229,6 +232,43 @@ void gru_backward_step(const GruBackwardStep& s) {
            ptr<scalar_t>(s.hn), ptr<scalar_t>(s.h_prev), ptr<scalar_t>(s.dh_extra),
            ptr<scalar_t>(s.dh), ptr<scalar_t>(s.dgates_x), ptr<scalar_t>(s.dgates_h));
   });
+}
+
+// The architectures this file was compiled for: nvcc's __CUDA_ARCH_LIST__
+// (major * 100 + minor * 10 each, e.g. 800, 900), the same gencode flags
+// that build every .cu file of the extension.
+constexpr int kCompiledArchs[] = {__CUDA_ARCH_LIST__};
+
+void check_device_supported(c10::DeviceIndex device) {
+  constexpr int kKnown = 64;  // devices whose check is remembered
+  static std::atomic<bool> supported[kKnown] = {};
+  const bool known = device >= 0 && device < kKnown;
+  if (known && supported[device].load(std::memory_order_acquire)) return;
+  const c10::cuda::CUDAGuard guard(device);
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(
+      &attributes, reinterpret_cast<const void*>(&lstm_backward_kernel<float>));
+  if (err == cudaErrorInvalidDeviceFunction || err == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError();  // not sticky; clear it
+    cudaDeviceProp props;
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&props, device));
+    const cudaDeviceProp* prop = &props;
+    std::ostringstream compiled;
+    for (size_t i = 0; i < std::size(kCompiledArchs); ++i) {
+      compiled << (i ? ", " : "") << kCompiledArchs[i] / 100 << "." << kCompiledArchs[i] / 10 % 10;
+    }
+    TORCH_CHECK(false, "fused_rnn has no CUDA kernels for ", prop->name, " (compute capability ",
+                prop->major, ".", prop->minor, "): this build was compiled for compute capability ",
+                compiled.str(),
+                " (FUSED_RNN_CUDA_ARCHS, or TORCH_CUDA_ARCH_LIST, when it was installed). "
+                "Reinstall it for this GPU, e.g. FUSED_RNN_CUDA_ARCHS=\"", prop->major, ".",
+                prop->minor,
+                "\" pip install --no-build-isolation --force-reinstall --no-deps <fused_rnn>, or "
+                "install it where this GPU is visible (the default then builds for the visible "
+                "GPUs)");
+  }
+  C10_CUDA_CHECK(err);
+  if (known) supported[device].store(true, std::memory_order_release);
 }
 
 void rnn_forward_step(const RnnForwardStep& s) {

@@ -119,6 +119,9 @@ void check_forward_args(const CellShape& cell, const at::Tensor& input,
   for (auto it = states.begin() + 1; it != states.end(); ++it) {
     check_shape("cx", *it, {hx.size(0), hidden});
   }
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (input.is_cuda()) cuda::check_device_supported(input.device().index());
+#endif
 }
 
 void check_like(const char* what, const at::Tensor& t, const at::Tensor& like,

@@ -229,6 +229,11 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T value, int offset) {
   return other;
 }
 
+// A kernel's trap: an error no test expects (a tile the plan never takes).
+[[noreturn]] inline void __trap() {
+  throw std::logic_error("fused_rnn emulation: a kernel trapped");
+}
+
 template <typename T>
 inline T __ldcg(const T* p) {
   return *p;

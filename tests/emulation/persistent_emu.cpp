@@ -324,9 +324,16 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
   return stack_directions(outputs);
 }
 
+// The launcher's batch tile (persistent.cuh) on a device of compute
+// capability `arch` (major * 10 + minor).
+int64_t batch_tile(int64_t batch, c10::ScalarType dtype, bool tf32, int64_t arch) {
+  return p::batch_tile(batch, dtype, tf32, static_cast<int>(arch));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_rnn_emu, m) {
+  m.def("batch_tile(int batch, ScalarType dtype, bool tf32, int arch) -> int", &batch_tile);
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "

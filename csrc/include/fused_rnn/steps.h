@@ -92,6 +92,10 @@ void rnn_backward_step(const RnnBackwardStep& s);
 
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
+// Raises a clear error (c10::Error) when this build has no kernels for CUDA
+// device `device` (its compute capability is not among the architectures
+// the extension was compiled for); checked once per device.
+void check_device_supported(c10::DeviceIndex device);
 void lstm_forward_step(const LstmForwardStep& s);
 void lstm_backward_step(const LstmBackwardStep& s);
 void gru_forward_step(const GruForwardStep& s);
