@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import reference
 from ._C_loader import load_extension
 
 load_extension()
@@ -146,6 +147,7 @@ def _lstm_setup_context(ctx, inputs, output):
     out, _, _, gates, cells = output
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes)
     ctx.reverse, ctx.train, ctx.has_bias = reverse, train, b_ih is not None
+    ctx.biases = (b_ih, b_hh)  # for a differentiable backward (_reference_grads)
 
 
 def _missing_train(op):
@@ -165,6 +167,38 @@ def _bias_grads(g_bias, has_ih, has_hh):
     return (g_bias if has_ih else None, g_bias.clone() if has_hh else None)
 
 
+def _create_graph():
+    """Whether the running backward must itself be differentiable: autograd
+    runs a backward with grad mode on only under create_graph=True (double
+    backward: gradient penalties, Hessian-vector products, meta-learning).
+    The C++ backward ops are first-order, so such a backward differentiates
+    through fused_rnn.reference instead (_reference_grads), as torch.nn's
+    own composite CPU RNNs are differentiable to any order. Not while
+    torch.compile traces (its backward graphs are first order)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _reference_grads(run, inputs, needs, grads):
+    """The gradients of an op's inputs, differentiable: run(*inputs)
+    re-runs the op's forward as torch ops (fused_rnn.reference) on the saved
+    inputs, whose graph is kept, and autograd differentiates it with
+    create_graph. inputs: the op's inputs in schema order (None where absent
+    or not a tensor); needs: ctx.needs_input_grad; grads: the gradient of
+    each of run's outputs (None for none). Returns one gradient per input."""
+    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        outputs = run(*inputs)
+    wrt = [i for i, x in enumerate(inputs)
+           if needs[i] and isinstance(x, Tensor) and x.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    result = [None] * len(inputs)
+    if wrt and pairs:
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wrt, found):
+            result[i] = g
+    return tuple(result)
+
+
 def _no_zero_fill(ctx):
     """Outputs without a gradient reach backward as None rather than as a
     zero-filled tensor: the workspace outputs (the gates, (N, G*H)) never
@@ -178,6 +212,11 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
         raise _missing_train("lstm_forward")
     input, hx, cx, w_ih, w_hh, w_hr, out, gates, cells, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if _create_graph():
+        return _reference_grads(
+            lambda *a: reference.lstm(*a[:8], ctx.reverse, batch_sizes),
+            (input, hx, cx, w_ih, w_hh, *ctx.biases, w_hr, None, None, None), need,
+            (grad_out, grad_hy, grad_cy))
     g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr = _ops.lstm_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx),
         _zeros_if_none(grad_cy, cx), input, hx, cx, w_ih, w_hh, w_hr, out, gates,
@@ -247,6 +286,7 @@ def _gru_setup_context(ctx, inputs, output):
     out, _, gates, hidden_n = output
     ctx.save_for_backward(input, hx, w_ih, w_hh, out, gates, hidden_n, batch_sizes)
     ctx.reverse, ctx.train, ctx.has_bias = reverse, train, b_ih is not None
+    ctx.biases = (b_ih, b_hh)  # for a differentiable backward (_reference_grads)
 
 
 def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
@@ -254,6 +294,10 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
         raise _missing_train("gru_forward")
     input, hx, w_ih, w_hh, out, gates, hidden_n, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if _create_graph():
+        return _reference_grads(
+            lambda *a: reference.gru(*a[:6], ctx.reverse, batch_sizes),
+            (input, hx, w_ih, w_hh, *ctx.biases, None, None, None), need, (grad_out, grad_hy))
     g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = _ops.gru_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
         w_hh, out, gates, hidden_n, batch_sizes, ctx.reverse, ctx.has_bias, need[0],
@@ -311,11 +355,16 @@ def _rnn_setup_context(ctx, inputs, output):
     _no_zero_fill(ctx)
     ctx.save_for_backward(input, hx, w_ih, w_hh, output[0], batch_sizes)
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
+    ctx.biases = (b_ih, b_hh)  # for a differentiable backward (_reference_grads)
 
 
 def _rnn_backward(ctx, grad_out, grad_hy):
     input, hx, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if _create_graph():
+        return _reference_grads(
+            lambda *a: reference.rnn(*a[:6], ctx.reverse, ctx.relu, batch_sizes),
+            (input, hx, w_ih, w_hh, *ctx.biases, None, None, None), need, (grad_out, grad_hy))
     g_in, g_hx, g_wih, g_whh, g_b = _ops.rnn_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
         w_hh, out, batch_sizes, ctx.reverse, ctx.relu, ctx.has_bias, need[0],
@@ -396,6 +445,13 @@ def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_ou
      out_r, gates_r, cells_r, batch_sizes) = ctx.saved_tensors
     need = ctx.needs_input_grad
     b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
+    if _create_graph():
+        return _reference_grads(
+            lambda *a: (*reference.lstm(a[0], *a[1:8], False, batch_sizes),
+                        *reference.lstm(a[0], *a[8:15], True, batch_sizes)),
+            (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r,
+             b_hh_r, w_hr_r, None, None), need,
+            (grad_out, grad_hy, grad_cy, grad_out_r, grad_hy_r, grad_cy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr, g_hx_r, g_cx_r, g_wih_r, g_whh_r, g_b_r,
      g_whr_r) = _ops.lstm_backward_pair.default(
@@ -481,6 +537,13 @@ def _gru_pair_backward(ctx, grad_out, grad_hy, _gates, _hidden_n, grad_out_r, gr
     (input, hx, w_ih, w_hh, out, gates, hidden_n, hx_r, w_ih_r, w_hh_r, out_r, gates_r,
      hidden_n_r, batch_sizes) = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if _create_graph():
+        b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
+        return _reference_grads(
+            lambda *a: (*reference.gru(a[0], *a[1:6], False, batch_sizes),
+                        *reference.gru(a[0], *a[6:11], True, batch_sizes)),
+            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, None,
+             None), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_wih, g_whh, g_bih, g_bhh, g_hx_r, g_wih_r, g_whh_r, g_bih_r,
      g_bhh_r) = _ops.gru_backward_pair.default(
@@ -551,6 +614,12 @@ def _rnn_pair_backward(ctx, grad_out, grad_hy, grad_out_r, grad_hy_r):
     input, hx, w_ih, w_hh, out, hx_r, w_ih_r, w_hh_r, out_r, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
     b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
+    if _create_graph():
+        return _reference_grads(
+            lambda *a: (*reference.rnn(a[0], *a[1:6], False, ctx.relu, batch_sizes),
+                        *reference.rnn(a[0], *a[6:11], True, ctx.relu, batch_sizes)),
+            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, None,
+             None), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_wih, g_whh, g_b, g_hx_r, g_wih_r, g_whh_r,
      g_b_r) = _ops.rnn_backward_pair.default(
