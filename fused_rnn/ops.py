@@ -41,6 +41,25 @@ def _autocast(*tensors):
     )
 
 
+def _transformed(*tensors):
+    """Whether a torch.func transform (grad, jvp, vmap, hessian, ...) is
+    active, or an input carries a forward-mode tangent
+    (torch.autograd.forward_ad). The fused ops have no batching or forward-
+    derivative rule and torch.func cannot differentiate their autograd
+    registration (before, jvp saw a zero tangent, silently); the entry
+    points then run fused_rnn.reference, plain torch ops that every
+    transform takes, as torch.nn's composite CPU RNNs do. Never while
+    torch.compile traces: it calls the ops."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
+        return False  # no dual level open: no tangents
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
@@ -243,6 +262,8 @@ def lstm(
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
     )
+    if _transformed(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return reference.lstm(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes)
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
     out, hy, cy, _, _ = _ops.lstm_forward.default(
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
@@ -321,6 +342,8 @@ def gru(
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
+    if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return reference.gru(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
     out, hy, _, _ = _ops.gru_forward.default(
         input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
@@ -388,6 +411,8 @@ def rnn(
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer (tanh, or relu) in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
+    if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return reference.rnn(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, relu, batch_sizes)
     out, hy = _ops.rnn_forward.default(
         input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
     )
@@ -488,6 +513,9 @@ def lstm_pair(
     (output, hy, cy, output_r, hy_r, cy_r)."""
     args = _autocast(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r,
                      b_ih_r, b_hh_r, w_hr_r)
+    if _transformed(*args):
+        return (*reference.lstm(args[0], *args[1:8], False, batch_sizes),
+                *reference.lstm(args[0], *args[8:15], True, batch_sizes))
     train = _needs_grad(*args)
     out, hy, cy, _, _, out_r, hy_r, cy_r, _, _ = _ops.lstm_forward_pair.default(
         *args, batch_sizes, train
@@ -574,6 +602,9 @@ def gru_pair(
     gru(..., reverse=True) with the _r arguments, in one op. Returns
     (output, hy, output_r, hy_r)."""
     args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
+    if _transformed(*args):
+        return (*reference.gru(args[0], *args[1:6], False, batch_sizes),
+                *reference.gru(args[0], *args[6:11], True, batch_sizes))
     train = _needs_grad(*args)
     out, hy, _, _, out_r, hy_r, _, _ = _ops.gru_forward_pair.default(*args, batch_sizes, train)
     return out, hy, out_r, hy_r
@@ -649,4 +680,7 @@ def rnn_pair(
     rnn(...) forward and rnn(..., reverse=True) with the _r arguments, in
     one op. Returns (output, hy, output_r, hy_r)."""
     args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
+    if _transformed(*args):
+        return (*reference.rnn(args[0], *args[1:6], False, relu, batch_sizes),
+                *reference.rnn(args[0], *args[6:11], True, relu, batch_sizes))
     return tuple(_ops.rnn_forward_pair.default(*args, batch_sizes, relu))

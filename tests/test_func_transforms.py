@@ -1,0 +1,146 @@
+"""torch.func transforms (grad, jvp, hessian, vmap) and forward-mode AD
+through the fused modules. The fused ops have no batching or forward-
+derivative rule, so under a transform (or with a forward-AD tangent) the
+entry points of fused_rnn.ops run fused_rnn.reference, plain torch ops: the
+results match torch.nn's composite CPU RNNs. Before, torch.func.jvp saw a
+zero tangent with no error, and grad / hessian raised."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call, grad, hessian, jvp, stack_module_state, vmap
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+from fused_rnn import reference
+
+MODULES = {
+    "LSTM": (fused_rnn.LSTM, torch.nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    "LSTM_proj": (fused_rnn.LSTM, torch.nn.LSTM, {"proj_size": 2}),
+    "GRU": (fused_rnn.GRU, torch.nn.GRU, {"num_layers": 2, "bidirectional": True}),
+    "RNN_tanh": (fused_rnn.RNN, torch.nn.RNN, {"bidirectional": True}),
+    "RNN_relu": (fused_rnn.RNN, torch.nn.RNN, {"nonlinearity": "relu", "num_layers": 2}),
+}
+
+
+def twins(name, **extra):
+    fused_cls, torch_cls, kw = MODULES[name]
+    torch.manual_seed(0)
+    ours = fused_cls(3, 4, dtype=torch.float64, **kw, **extra)
+    theirs = torch_cls(3, 4, dtype=torch.float64, **kw, **extra)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def output(module):
+    return lambda x: module(x)[0]
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_jvp_matches_torch(name):
+    ours, theirs = twins(name)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+    (out, tangent), (out_t, tangent_t) = (jvp(output(m), (x,), (v,)) for m in (ours, theirs))
+    assert tangent_t.abs().max() > 1e-3
+    close(out, out_t)
+    close(tangent, tangent_t)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_forward_ad_matches_torch(name, packed):
+    ours, theirs = twins(name)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+    if packed:  # (pack_padded_sequence itself has no forward derivative)
+        x, v = (pack_padded_sequence(t, [5, 2, 4], enforce_sorted=False) for t in (x, v))
+    tangents = []
+    for m in (ours, theirs):
+        with fwAD.dual_level():
+            inp = (x._replace(data=fwAD.make_dual(x.data, v.data)) if packed
+                   else fwAD.make_dual(x, v))
+            out = m(inp)[0]
+            tangents.append(fwAD.unpack_dual(out.data if packed else out).tangent)
+    close(*tangents)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_func_grad_of_parameters_matches_torch(name):
+    ours, theirs = twins(name)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def loss(module):
+        return lambda params: functional_call(module, params, (x,))[0].pow(2).sum()
+
+    grads = [grad(loss(m))({k: v.detach() for k, v in m.named_parameters()})
+             for m in (ours, theirs)]
+    for k in grads[1]:
+        close(grads[0][k], grads[1][k])
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN_tanh"])
+def test_hessian_matches_torch(name):
+    ours, theirs = twins(name)
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    close(*(hessian(lambda xx, m=m: m(xx)[0].pow(2).sum())(x) for m in (ours, theirs)))
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_vmap_over_inputs(name):
+    """vmap over a batch of inputs (torch.nn's RNNs have no batching rule):
+    the same as one call per input."""
+    ours, _ = twins(name)
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    mapped = vmap(output(ours))(xs)
+    for i in range(3):
+        close(mapped[i], ours(xs[i])[0])
+
+
+def test_vmap_ensemble_of_weights():
+    """Model ensembling: vmap over stacked parameters of several modules
+    (torch.func.stack_module_state), one input."""
+    torch.manual_seed(0)
+    models = [fused_rnn.GRU(3, 4, dtype=torch.float64) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    mapped = vmap(lambda p, b: functional_call(models[0], (p, b), (x,))[0])(params, buffers)
+    for i, m in enumerate(models):
+        close(mapped[i], m(x)[0])
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_jvp_matches_torch(name):
+    torch.manual_seed(0)
+    ours = getattr(fused_rnn, name)(3, 4, dtype=torch.float64)
+    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+
+    def first(m):
+        return lambda xx: (lambda out: out[0] if isinstance(out, tuple) else out)(m(xx))
+
+    close(*(jvp(first(m), (x,), (v,))[1] for m in (ours, theirs)))
+
+
+def test_plain_calls_stay_on_the_fused_ops(monkeypatch):
+    """Outside a transform (inference, training, torch.compile) the fused
+    ops run, not the reference."""
+    calls = []
+    real = reference.gru
+    monkeypatch.setattr(reference, "gru", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = fused_rnn.GRU(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        m(x)
+    m(x)[0].sum().backward()
+    with fwAD.dual_level():  # a dual level open, but no tangent on the inputs
+        m(x)
+    assert calls == []
+    jvp(output(m), (x.detach(),), (torch.ones_like(x),))
+    assert calls == [1]
