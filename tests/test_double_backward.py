@@ -11,7 +11,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import reference
-from helpers import OP_CELLS, PAIR_PER_DIRECTION, call_pair, call_wrapper, make_op_args
+from helpers import (OP_CELLS, PAIR_PER_DIRECTION, call_pair, call_wrapper, make_cell_twins,
+                     make_op_args)
 
 MODULES = {
     "LSTM": (fused_rnn.LSTM, torch.nn.LSTM, {}),
@@ -65,12 +66,9 @@ def test_gradient_penalty_matches_torch(name, config):
         torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cell_gradient_penalty_matches_torch(name):
-    torch.manual_seed(0)
-    ours = getattr(fused_rnn, name)(3, 4, dtype=torch.float64)
-    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64)
-    theirs.load_state_dict(ours.state_dict())
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "RNNCell_TANH"])
+def test_cell_gradient_penalty_matches_torch(mode):
+    theirs, ours = make_cell_twins(mode, 3, 4)
     x = torch.randn(2, 3, dtype=torch.float64)
     results = []
     for m in (theirs, ours):

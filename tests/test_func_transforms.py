@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import reference
+from helpers import make_cell_twins
 
 MODULES = {
     "LSTM": (fused_rnn.LSTM, torch.nn.LSTM, {"num_layers": 2, "bidirectional": True}),
@@ -113,12 +114,9 @@ def test_vmap_ensemble_of_weights():
         close(mapped[i], m(x)[0])
 
 
-@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cell_jvp_matches_torch(name):
-    torch.manual_seed(0)
-    ours = getattr(fused_rnn, name)(3, 4, dtype=torch.float64)
-    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64)
-    theirs.load_state_dict(ours.state_dict())
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "RNNCell_TANH"])
+def test_cell_jvp_matches_torch(mode):
+    theirs, ours = make_cell_twins(mode, 3, 4)
     x = torch.randn(2, 3, dtype=torch.float64)
     v = torch.randn_like(x)
 
