@@ -1,4 +1,4 @@
-"""fused_rnn where PyTorch users already work: torch.export, torch.compile
+"""fused_rnn where PyTorch users already work: torch.export, torch.jit.trace, torch.compile
 training steps (inductor on the CPU, reduce-overhead CUDA graphs on a GPU),
 DistributedDataParallel over gloo, and the packaging (sdist, __version__,
 a clear error when the compiled extension cannot load)."""
@@ -89,6 +89,26 @@ def test_torch_export_of_a_model_matches_eager():
     # another sequence length through the same exported program
     other = torch.randn(11, 2, 5)
     torch.testing.assert_close(exported.module()(other), fused(other), atol=0, rtol=0)
+
+
+def test_jit_trace_without_its_check_matches_eager(tmp_path):
+    """torch.jit.trace records the ops (with the train flag of the traced
+    call: its check run, under no_grad, would see the other one, hence
+    check_trace=False); the trace runs other lengths, trains and survives
+    save / load."""
+    _, fused = _twins()
+    traced = torch.jit.trace(fused, (torch.randn(7, 2, 5),), check_trace=False)
+    path = str(tmp_path / "tagger.pt")
+    traced.save(path)
+    loaded = torch.jit.load(path)
+    x = torch.randn(11, 3, 5, requires_grad=True)
+    expected = fused(x)
+    for module in (traced, loaded):
+        out = module(x)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0],
+                                   torch.autograd.grad(expected.sum(), x, retain_graph=True)[0],
+                                   atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------- compile
