@@ -120,6 +120,7 @@ run_tests() {
     $( ((workers)) && echo "-n $workers" ) \
     $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
     tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
+    tests/test_double_backward.py::test_gradient_penalty_on_cuda \
     >"$LOGS/tests.log" 2>&1
   rc=$?
   summary+=("tests: exit $rc, $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" | tail -1) (${SECONDS}s of ${limit}s; $(grep -c ' PASSED ' "$LOGS/tests.log") passed, $(grep -c ' FAILED ' "$LOGS/tests.log") failed so far)")
