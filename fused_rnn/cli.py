@@ -505,6 +505,41 @@ def parity_errors(device, dtype=torch.float64):
             errors.append([t.detach() for t in flat] + list(grads))
         error = max((a - b).abs().max().item() for a, b in zip(*errors))
         results.append((name, error))
+    return results + higher_order_errors(device, dtype)
+
+
+def higher_order_errors(device, dtype=torch.float64):
+    """(name, max abs difference from torch.nn) of a gradient penalty's
+    gradients (create_graph) through a packed bidirectional LSTM and of a
+    forward-mode derivative (torch.func.jvp) through a two-layer GRU;
+    torch.nn without cuDNN, which has neither."""
+    from torch import nn
+
+    from . import modules
+
+    results = []
+    for name, kind, kwargs in (("LSTM grad-grad", "LSTM", dict(bidirectional=True)),
+                               ("GRU jvp", "GRU", dict(num_layers=2))):
+        torch.manual_seed(0)
+        reference = getattr(nn, kind)(5, 7, **kwargs).to(device, dtype)
+        fused = getattr(modules, kind)(5, 7, **kwargs).to(device, dtype)
+        fused.load_state_dict(reference.state_dict())
+        x = torch.randn(4, 3, 5, device=device, dtype=dtype)
+        v = torch.randn_like(x)
+        values = []
+        for module in (reference, fused):
+            with torch.backends.cudnn.flags(enabled=False):
+                if name.endswith("jvp"):
+                    values.append(torch.func.jvp(lambda xx, m=module: m(xx)[0], (x,), (v,)))
+                    continue
+                xi = x.clone().requires_grad_(True)
+                packed = nn.utils.rnn.pack_padded_sequence(xi, CHECK_LENGTHS,
+                                                           enforce_sorted=False)
+                out = module(packed)[0].data
+                params = [xi, *module.parameters()]
+                first = torch.autograd.grad(out.pow(2).sum(), params, create_graph=True)
+                values.append(torch.autograd.grad(sum(g.pow(2).sum() for g in first), params))
+        results.append((name, max((a - b).abs().max().item() for a, b in zip(*values))))
     return results
 
 

@@ -199,8 +199,10 @@ def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     assert cli.main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "all cells match torch.nn" in out
-    # one CPU path; packed input among the cases
+    # one CPU path; packed input among the cases; gradients of gradients and
+    # a forward-mode derivative (through fused_rnn.reference)
     assert "kernels:" not in out and "ok   LSTM packed" in out and "ok   RNN packed" in out
+    assert "ok   LSTM grad-grad" in out and "ok   GRU jvp" in out
 
     original, original_pair = fused_rnn.ops.gru, fused_rnn.ops.gru_pair
 
@@ -218,6 +220,19 @@ def test_check_passes_and_fails_on_a_perturbed_kernel(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAIL GRU " in out and "FAIL GRUCell" not in out.replace("FAIL GRU ", "")
     assert "ok   LSTM" in out
+
+    # a wrong second-order path fails its own case only
+    monkeypatch.undo()
+    real = fused_rnn.reference.lstm
+
+    def scaled(*args, **kwargs):
+        output, hy, cy = real(*args, **kwargs)
+        return output * (1 + 1e-6), hy, cy
+
+    monkeypatch.setattr(fused_rnn.reference, "lstm", scaled)
+    assert cli.main(["check", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL LSTM grad-grad" in out and out.count("FAIL") == 1
 
 
 def test_check_takes_one_kernel_path(capsys):
