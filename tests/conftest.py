@@ -27,3 +27,39 @@ def _seed_and_warnings():
         # torch.nn warns on dropout > 0 with one layer; both twins do
         warnings.filterwarnings("ignore", message="dropout option adds dropout")
         yield
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The persistent CUDA kernels' source (and the plan of their launches)
+    compiled for the CPU emulation (tests/emulation/): torch.ops.fused_rnn_emu."""
+    import hashlib
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    from helpers import EMULATION_CHUNK
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    emulation = os.path.join(root, "tests", "emulation")
+    sources = [os.path.join(emulation, f) for f in ("persistent_emu.cpp", "cuda_emu.h",
+                                                    "cooperative_groups.h")] + [
+        os.path.join(root, "csrc", "cuda", "persistent.cuh"),
+        os.path.join(root, "csrc", "cuda", "persistent_plan.h"),
+        os.path.join(root, "csrc", "include", "fused_rnn", "cells.h"),
+        os.path.join(root, "csrc", "include", "fused_rnn", "activations.h"),
+        os.path.join(root, "csrc", "include", "fused_rnn", "persistent.h"),
+    ]
+    digest = hashlib.sha1()
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    build = os.path.join(tempfile.gettempdir(), f"fused_rnn_emu_{digest.hexdigest()[:12]}")
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="fused_rnn_emu", sources=[sources[0]], build_directory=build,
+        extra_include_paths=[os.path.join(root, "csrc", "include"), emulation],
+        extra_cflags=["-DFUSED_RNN_EMULATION", f"-DFUSED_RNN_EMULATION_CHUNK={EMULATION_CHUNK}",
+                      "-O1", "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0"],
+        is_python_module=False, verbose=False)
+    return torch.ops.fused_rnn_emu

@@ -46,6 +46,11 @@ FLOOR_REL = {
 }
 
 
+# Columns per staged chunk in the CPU emulation's build of the persistent
+# kernels (1024 on a GPU), so that small shapes cover several chunks.
+EMULATION_CHUNK = 32
+
+
 # --------------------------------------------------------------------------
 # Module construction
 # --------------------------------------------------------------------------

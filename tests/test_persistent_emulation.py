@@ -8,51 +8,19 @@ and several batch tiles with a ragged last tile, one and several column
 chunks, forward and reverse time, with and without bias. This runs on every
 machine; on a GPU, test_cuda_persistent.py runs the compiled kernels."""
 
-import hashlib
-import os
-import tempfile
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils import cpp_extension
 
 import fused_rnn  # noqa: F401  (the CPU ops)
-from helpers import make_op_args
+from helpers import EMULATION_CHUNK as CHUNK, make_op_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMULATION = os.path.join(ROOT, "tests", "emulation")
-CHUNK = 32  # columns per staged chunk in this build (1024 on a GPU)
-SOURCES = [os.path.join(EMULATION, f) for f in ("persistent_emu.cpp", "cuda_emu.h",
-                                                "cooperative_groups.h")] + [
-    os.path.join(ROOT, "csrc", "cuda", "persistent.cuh"),
-    os.path.join(ROOT, "csrc", "include", "fused_rnn", "cells.h"),
-    os.path.join(ROOT, "csrc", "include", "fused_rnn", "activations.h"),
-    os.path.join(ROOT, "csrc", "include", "fused_rnn", "persistent.h"),
-]
 # One cooperative launch whose blocks exchange rows tagged (the default on
 # a GPU) or meet at a grid barrier, and one launch per step.
 MODES = ["tags", "barrier", "stepwise"]
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    digest = hashlib.sha1()
-    for path in SOURCES:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    build = os.path.join(tempfile.gettempdir(), f"fused_rnn_emu_{digest.hexdigest()[:12]}")
-    os.makedirs(build, exist_ok=True)
-    cpp_extension.load(
-        name="fused_rnn_emu", sources=[SOURCES[0]], build_directory=build,
-        extra_include_paths=[os.path.join(ROOT, "csrc", "include"), EMULATION],
-        extra_cflags=["-DFUSED_RNN_EMULATION", f"-DFUSED_RNN_EMULATION_CHUNK={CHUNK}", "-O1",
-                      "-Wno-unknown-pragmas", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0"],
-        is_python_module=False, verbose=False)
-    return torch.ops.fused_rnn_emu
 
 
 # (H, B, T, units per block, batch tile[, staged columns]): blocks =

@@ -14,22 +14,11 @@
 #include <vector>
 
 #include "persistent.cuh"
+#include "persistent_plan.h"
 
 namespace fused_rnn {
 namespace cuda {
 namespace persistent {
-
-struct Plan {
-  bool stepwise = false;  // one launch per step (else one cooperative launch)
-  bool tagged = false;    // a cooperative launch exchanges rows tagged (no grid barrier)
-  int blocks = 0;         // grid size per direction, ceil(H / units)
-  int units = 0;          // J, hidden units per block
-  int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile (float: TF32)
-  int chunk = 0;          // staged columns (make_tiling), the persistent kernel
-  int step_chunk = 0;     // and a stepwise launch
-  size_t shared_bytes = 0;       // per block, the persistent kernel (weights on chip)
-  size_t step_shared_bytes = 0;  // per block, a stepwise launch (staged input, sums)
-};
 
 // Cooperative launch of `kernel` (one argument, *params) on the current
 // stream, `directions` x plan.blocks blocks. Returns false, having launched

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../../csrc/cuda/persistent.cuh"
+#include "../../csrc/cuda/persistent_plan.h"
 
 namespace {
 
@@ -330,10 +331,51 @@ int64_t batch_tile(int64_t batch, c10::ScalarType dtype, bool tf32, int64_t arch
   return p::batch_tile(batch, dtype, tf32, static_cast<int>(arch));
 }
 
+fused_rnn::KernelPath path_named(const std::string& name) {
+  using fused_rnn::KernelPath;
+  if (name == "persistent") return KernelPath::kPersistent;
+  if (name == "stepwise") return KernelPath::kStepwise;
+  if (name == "general") return KernelPath::kGeneral;
+  TORCH_CHECK(name == "auto", "unknown kernel path ", name);
+  return KernelPath::kAuto;
+}
+
+// The launcher's choice (persistent_plan.h, decide_for) for a shape on a
+// GPU described by its limits (sms, shared_optin bytes, cooperative,
+// compute capability arch), the requested path `want`, the exchange `sync`
+// (auto, tags, barrier) and torch's TF32 flag: (path, explain's reason,
+// batch tile, units per block, blocks per direction, tagged).
+std::tuple<std::string, std::string, int64_t, int64_t, int64_t, bool> choose(
+    int64_t cell, int64_t hidden, int64_t batch, c10::ScalarType dtype, bool packed, bool proj,
+    bool backward, int64_t directions, bool tf32, int64_t sms, int64_t shared_optin,
+    bool cooperative, int64_t arch, const std::string& want, const std::string& sync) {
+  p::PlanContext ctx;
+  ctx.limits = {static_cast<int>(sms), static_cast<int>(shared_optin), cooperative ? 1 : 0,
+                static_cast<int>(arch)};
+  ctx.want = path_named(want);
+  TORCH_CHECK(sync == "auto" || sync == "tags" || sync == "barrier", "unknown sync ", sync);
+  ctx.sync = sync == "tags" ? p::GridSync::kTags
+             : sync == "barrier" ? p::GridSync::kBarrier : p::GridSync::kAuto;
+  ctx.tf32 = tf32;
+  static const PersistentCell cells[] = {PersistentCell::kLstm, PersistentCell::kGru,
+                                         PersistentCell::kRnnTanh, PersistentCell::kRnnRelu};
+  TORCH_CHECK(cell >= 0 && cell < 4, "cell must be 0..3");
+  const p::Decision d = p::decide_for(cells[cell], hidden, batch, dtype, packed, proj, backward,
+                                      static_cast<int>(directions), true, ctx);
+  static const char* names[] = {"auto", "persistent", "general", "stepwise"};
+  return {names[static_cast<int>(d.choice.path)], d.choice.reason, d.plan.batch_tile,
+          d.plan.units, d.plan.blocks, d.plan.tagged};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def("batch_tile(int batch, ScalarType dtype, bool tf32, int arch) -> int", &batch_tile);
+  m.def(
+      "choose(int cell, int hidden, int batch, ScalarType dtype, bool packed, bool proj, "
+      "bool backward, int directions, bool tf32, int sms, int shared_optin, bool cooperative, "
+      "int arch, str want='auto', str sync='auto') -> (str, str, int, int, int, bool)",
+      &choose);
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "

@@ -94,15 +94,19 @@ struct PersistentBackward {
   at::Tensor grad_cx;   // (B, H) out: LSTM
 };
 
-#if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
-
-// Which kernels take a shape on the current device (kPersistent, kStepwise
-// or kGeneral), and why.
+// Which kernels take a shape on a device (kPersistent, kStepwise or
+// kGeneral), and why.
 struct PathChoice {
   KernelPath path = KernelPath::kGeneral;
   std::string reason;
 };
+}  // namespace cuda
+
+#if defined(FUSED_RNN_WITH_CUDA)
+namespace cuda {
+
+// The choice on the current device.
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
                        at::ScalarType dtype, bool packed, bool proj, bool backward,
                        bool bidirectional = false);

@@ -1,0 +1,140 @@
+"""The choice between the CUDA kernel paths and the plan of a persistent or
+stepwise launch (csrc/cuda/persistent_plan.h), for GPUs described by their
+limits, on the CPU: the same code that persistent.cu runs with the current
+device's limits, compiled into the emulation extension. test_cuda_persistent.py
+checks the choice on the GPU at hand; this checks it for every GPU below.
+(The emulation stages 32 columns per chunk, a GPU 1024: the chunk widths
+differ, the choices do not.)"""
+
+import pytest
+import torch
+
+# (SMs, dynamic shared memory a block may have, cooperative launches,
+# compute capability major * 10 + minor)
+GPUS = {
+    "H200": (132, 227 * 1024, True, 90),
+    "H100": (132, 227 * 1024, True, 90),
+    "A100": (108, 163 * 1024, True, 80),
+    "L4": (58, 99 * 1024, True, 89),
+    "T4": (40, 64 * 1024, True, 75),
+}
+CELL = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+def choose(emu, gpu, name, hidden, batch, dtype, *, packed=False, proj=False, backward=False,
+           directions=1, tf32=False, want="auto", sync="auto", cooperative=None):
+    sms, shared, coop, arch = GPUS[gpu]
+    coop = coop if cooperative is None else cooperative
+    path, reason, tile, units, blocks, tagged = emu.choose(
+        CELL[name], hidden, batch, dtype, packed, proj, backward, directions, tf32, sms, shared,
+        coop, arch, want, sync)
+    return path, reason, tile, units, blocks, tagged
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+@pytest.mark.parametrize("name", list(CELL))
+def test_small_batches_persistent_everywhere(emu, gpu, name):
+    """Up to 16 sequences at H=256 the persistent kernels run on every GPU,
+    forward and backward, dense and packed, in every dtype; one unit per SM
+    or more, as few as cover H."""
+    sms = GPUS[gpu][0]
+    for dtype in (F32, BF16, F16):
+        for backward in (False, True):
+            for packed in (False, True):
+                path, reason, _, units, blocks, _ = choose(emu, gpu, name, 256, 8, dtype,
+                                                           backward=backward, packed=packed)
+                assert path == "persistent", reason
+                assert units == -(-256 // sms) and blocks == -(-256 // units)
+                assert ("packed sequences" in reason) == packed
+
+
+@pytest.mark.parametrize("gpu", ["H200", "A100", "L4"])
+def test_tensor_cores_by_dtype(emu, gpu):
+    for name in CELL:
+        assert choose(emu, gpu, name, 256, 64, BF16)[2] == 16
+        assert choose(emu, gpu, name, 256, 64, F16)[2] == 16
+        assert choose(emu, gpu, name, 256, 64, F32)[2] == 8       # exact FMA, TF32 off
+        assert choose(emu, gpu, name, 256, 64, F32, tf32=True)[2] == 16
+        assert choose(emu, gpu, name, 256, 8, F32, tf32=True)[2] == 8
+        assert choose(emu, gpu, name, 256, 1, BF16)[2] == 1
+        assert "tensor cores in TF32" in choose(emu, gpu, name, 256, 64, F32, tf32=True)[1]
+
+
+def test_turing_without_bfloat16_or_tf32_tensor_cores(emu):
+    """A T4 (7.5): float16 on tensor cores; bfloat16 on the FMA tile, saying
+    why; float32 exact whatever torch's TF32 flag."""
+    for name in CELL:
+        assert choose(emu, "T4", name, 256, 64, F16)[2] == 16
+        path, reason, tile, *_ = choose(emu, "T4", name, 256, 64, BF16, want="persistent")
+        assert path == "persistent" and tile == 1, reason
+        assert "wmma multiplies BFloat16 from compute capability 8.0, this GPU has 7.5" in reason
+        path, reason, tile, *_ = choose(emu, "T4", name, 256, 64, F32, tf32=True,
+                                        want="persistent")
+        assert path == "persistent" and tile == 8 and "TF32" not in reason, reason
+        assert choose(emu, "T4", name, 256, 8, BF16)[:3:2] == ("persistent", 1)
+
+
+@pytest.mark.parametrize("gpu", ["H200", "H100"])
+def test_h200_rules(emu, gpu):
+    """The automatic rule fitted to the H200 grid (132 SMs): up to 16
+    sequences persistent; past that, weight rows x k x batch per block of at
+    most 2^18 (2^19 for the tensor-core forward); the tagged exchange where
+    its words add at most 4 MiB of L2 reads per step."""
+    def path(*a, **k):
+        return choose(emu, gpu, *a, **k)[0]
+
+    assert path("LSTM", 1024, 16, F32) == "persistent"
+    assert path("LSTM", 256, 64, F32) == "persistent"
+    assert path("LSTM", 256, 64, F32, backward=True) == "persistent"
+    assert path("LSTM", 512, 64, F32) == "general"
+    assert path("LSTM", 512, 64, F32, backward=True) == "general"
+    assert path("LSTM", 512, 64, BF16) == "persistent"
+    assert path("LSTM", 1024, 64, BF16) == "general"
+    assert path("LSTM", 1024, 2048, F32) == "general"
+    assert path("LSTM", 8192, 8, F64) == "general"   # far past shared memory
+    # forced, the persistent kernel wherever it fits
+    assert path("LSTM", 512, 64, F32, want="persistent") == "persistent"
+    for name in CELL:
+        *_, tagged = choose(emu, gpu, name, 256, 8, F32)
+        assert tagged and "no grid barrier" in choose(emu, gpu, name, 256, 8, F32)[1]
+        assert choose(emu, gpu, name, 256, 8, F32, backward=True)[5]
+        assert choose(emu, gpu, name, 256, 1, F64)[5]
+        assert not choose(emu, gpu, name, 256, 8, F32, sync="barrier")[5]
+    assert not choose(emu, gpu, "LSTM", 1024, 64, F32, want="persistent")[5]
+    # TF32 tiles that would not fit fall back to exact FMA: the LSTM
+    # backward at H=1024 holds 8 x 4096 W_hh^T columns per block (128 KiB in
+    # float32), 256 KiB padded to 16 rows
+    path_, reason, tile, *_ = choose(emu, gpu, "LSTM", 1024, 64, F32, backward=True, tf32=True,
+                                     want="persistent")
+    assert path_ == "persistent" and tile == 8 and "TF32 is allowed, but" in reason, reason
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_paths_requested_and_fallbacks(emu, gpu):
+    assert choose(emu, gpu, "GRU", 256, 8, F32, want="general")[0] == "general"
+    assert choose(emu, gpu, "GRU", 256, 8, F32, want="stepwise")[0] == "stepwise"
+    # projections run per step
+    path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, proj=True, want="persistent")
+    assert path == "general" and "proj_size" in reason
+    # no cooperative launches (some virtualised GPUs): the same kernels stepwise
+    path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, cooperative=False)
+    assert path == "stepwise" and "no cooperative launches" in reason
+    # past what a block's rows hold: stepwise takes more blocks than SMs
+    path, reason, _, units, blocks, _ = choose(emu, gpu, "LSTM", 8192, 1, F32, want="stepwise")
+    assert path == "stepwise" and units * blocks >= 8192 and units * 4 <= 64
+
+
+@pytest.mark.parametrize("gpu", ["H200", "A100"])
+def test_both_directions_of_a_layer(emu, gpu):
+    """Both directions side by side on half of the SMs each where their
+    weights fit so; float32 LSTM forward at H=1024: 8 units (128 KiB of
+    W_hh) per block on 132 SMs fit, 16 on 66 SMs (256 KiB) do not."""
+    for name in CELL:
+        for backward in (False, True):
+            path, reason, *_ = choose(emu, gpu, name, 256, 8, F32, backward=backward,
+                                      directions=2)
+            assert path == "persistent" and "both directions" in reason, reason
+    if gpu == "H200":
+        assert choose(emu, gpu, "LSTM", 1024, 1, F32, directions=2)[0] == "general"
+        assert choose(emu, gpu, "LSTM", 1024, 1, F32)[0] == "persistent"
