@@ -179,6 +179,19 @@ def make_cell_twins(mode, input_size, hidden_size, bias=True, dtype=torch.float6
 # Inputs
 # --------------------------------------------------------------------------
 
+def initial_states(module, batch, device="cpu", seed=2):
+    """Random float64 initial states for a multi-layer module (torch.nn or
+    fused): [h_0], or [h_0, c_0] for an LSTM."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    proj = getattr(module, "proj_size", 0) or module.hidden_size
+    shapes = [(layers, batch, proj)]
+    if isinstance(module, (nn.LSTM, fused_rnn.LSTM)):
+        shapes.append((layers, batch, module.hidden_size))
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
+
+
+
 def _randn(shape, gen, dtype, device, round_dtype=None, scale=1.0):
     """float64 normal numbers, rounded through round_dtype (so a float64
     reference sees exactly the low-precision values), then cast to dtype."""

@@ -11,8 +11,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import reference
-from helpers import (OP_CELLS, PAIR_PER_DIRECTION, call_pair, call_wrapper, make_cell_twins,
-                     make_op_args)
+from helpers import (OP_CELLS, PAIR_PER_DIRECTION, call_pair, call_wrapper, initial_states,
+                     make_cell_twins, make_op_args)
 
 MODULES = {
     "LSTM": (fused_rnn.LSTM, torch.nn.LSTM, {}),
@@ -30,20 +30,22 @@ CONFIGS = {
 
 
 def penalty_grads(module, x, lengths=None):
-    """The gradients, with respect to the input and every parameter, of a
-    gradient penalty: the squared norm of d(loss)/d(input, parameters),
-    loss = sum(output^2) + sum(h_n)."""
-    params = list(module.parameters())
+    """The gradients, with respect to the input, the initial states and every
+    parameter, of a gradient penalty: the squared norm of d(loss)/d(input,
+    initial states, parameters), loss = sum(output^2) + sum of the final
+    states (h_n, and c_n for an LSTM)."""
     xi = x.clone().requires_grad_()
+    states = [s.requires_grad_() for s in initial_states(module, x.shape[1], x.device)]
+    wrt = [xi, *states, *module.parameters()]
     inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if lengths else xi
-    out, state = module(inp)
+    out, final = module(inp, tuple(states) if len(states) == 2 else states[0])
     if lengths:
         out = out.data
-    h_n = state[0] if isinstance(state, tuple) else state
-    loss = out.pow(2).sum() + h_n.sum()
-    first = torch.autograd.grad(loss, [xi, *params], create_graph=True)
+    finals = final if isinstance(final, tuple) else (final,)
+    loss = out.pow(2).sum() + sum(f.sum() for f in finals)
+    first = torch.autograd.grad(loss, wrt, create_graph=True)
     penalty = sum(g.pow(2).sum() for g in first)
-    return torch.autograd.grad(penalty, [xi, *params])
+    return torch.autograd.grad(penalty, wrt)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

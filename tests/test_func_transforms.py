@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import reference
-from helpers import make_cell_twins
+from helpers import initial_states, make_cell_twins
 
 MODULES = {
     "LSTM": (fused_rnn.LSTM, torch.nn.LSTM, {"num_layers": 2, "bidirectional": True}),
@@ -43,13 +43,25 @@ def output(module):
 
 @pytest.mark.parametrize("name", list(MODULES))
 def test_jvp_matches_torch(name):
+    """Tangents of the output and the final states, from tangents of the
+    input and the initial states."""
     ours, theirs = twins(name)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    v = torch.randn_like(x)
-    (out, tangent), (out_t, tangent_t) = (jvp(output(m), (x,), (v,)) for m in (ours, theirs))
-    assert tangent_t.abs().max() > 1e-3
-    close(out, out_t)
-    close(tangent, tangent_t)
+    states = initial_states(ours, 2)
+    primals = (x, *states)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def everything(module):
+        def f(xx, *hx):
+            out, final = module(xx, tuple(hx) if len(hx) == 2 else hx[0])
+            return (out, *(final if isinstance(final, tuple) else (final,)))
+        return f
+
+    (ours_out, ours_tan), (out_t, tan_t) = (jvp(everything(m), primals, tangents)
+                                            for m in (ours, theirs))
+    assert all(t.abs().max() > 1e-3 for t in tan_t)
+    for a, b in zip(ours_out + ours_tan, out_t + tan_t):
+        close(a, b)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -114,8 +114,9 @@ bool tf32_allowed() {
 // now.
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                 bool packed, bool proj, bool backward, int directions, bool explain) {
+  // (torch's TF32 flag bears on float32 alone)
   const PlanContext ctx{device_limits(c10::cuda::current_device()), requested_kernel_path(),
-                        grid_sync(), tf32_allowed()};
+                        grid_sync(), dtype == at::kFloat && tf32_allowed()};
   return decide_for(cell, hidden, batch, dtype, packed, proj, backward, directions, explain,
                     ctx);
 }
