@@ -13,7 +13,10 @@ from its end. See csrc/ops.cpp for the schemas.
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._library.autograd import Info as AutogradInfo
+from torch._library.autograd import make_autograd_impl
 
 from . import reference
 from ._C_loader import load_extension
@@ -49,21 +52,63 @@ def _transformed(*tensors):
     registration (before, jvp saw a zero tangent, silently); the entry
     points then run fused_rnn.reference, plain torch ops that every
     transform takes, as torch.nn's composite CPU RNNs do. Never while
-    torch.compile traces: it calls the ops."""
+    torch.compile traces: it records the ops, whose Autograd kernel then
+    carries the tangents (_register_autograd)."""
     if torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
+    if getattr(fwAD, "_current_level", 0) < 0:
         return False  # no dual level open: no tangents
-    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-               for t in tensors)
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors
     )
+
+
+def _has_tangents(args):
+    """Whether an op's tensor arguments carry a forward-mode tangent: in
+    torch.func.jvp / jacfwd / hessian or torch.autograd.forward_ad, eager or
+    traced by torch.compile. A plain eager call (no dual level, no functorch
+    transform, plain tensors) answers without looking at each tensor."""
+    if (getattr(fwAD, "_current_level", -1) < 0
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and type(args[0]) is Tensor):
+        return False
+    return any(isinstance(t, Tensor) and torch._VF._unpack_dual(t, 0).tangent is not None
+               for t in args)
+
+
+_autograd_lib = torch.library.Library("fused_rnn", "IMPL")
+
+
+def _register_autograd(name, backward, setup_context, fake, run_reference, outputs):
+    """The op's Autograd kernel: torch.library.register_autograd's (backward
+    through the fused backward op), and forward mode too. torch.library has
+    no forward-derivative registration: its kernel runs the op below autograd
+    when no input requires grad, so a tangent (torch.func.jvp inside
+    torch.compile, where the entry points cannot see the transform) came out
+    zero, silently. With a tangent on an argument this kernel computes the
+    op's differentiable outputs with fused_rnn.reference instead (plain torch
+    ops, which carry tangents, as torch.nn's composite RNNs do): outputs
+    lists their positions among the op's returns; the others (the training
+    workspace, which only the fused backward reads) come from the fake
+    kernel, empty."""
+    op = getattr(_ops, name).default
+    fused = make_autograd_impl(op, AutogradInfo(backward, setup_context))
+
+    def kernel(keyset, *args):
+        if not _has_tangents(args):
+            return fused(keyset, *args)
+        returns = list(fake(*args))
+        for i, value in zip(outputs, run_reference(*args)):
+            returns[i] = value
+        return tuple(returns)
+
+    _autograd_lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 # ----------------------------------------------------------------- checks
@@ -201,9 +246,9 @@ def _reference_grads(run, inputs, needs, grads):
     """The gradients of an op's inputs, differentiable: run(*inputs)
     re-runs the op's forward as torch ops (fused_rnn.reference) on the saved
     inputs, whose graph is kept, and autograd differentiates it with
-    create_graph. inputs: the op's inputs in schema order (None where absent
-    or not a tensor); needs: ctx.needs_input_grad; grads: the gradient of
-    each of run's outputs (None for none). Returns one gradient per input."""
+    create_graph. run: the op's _*_reference; inputs: the op's inputs in
+    schema order; needs: ctx.needs_input_grad; grads: the gradient of each of
+    run's outputs (None for none). Returns one gradient per input."""
     with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
         outputs = run(*inputs)
     wrt = [i for i, x in enumerate(inputs)
@@ -226,6 +271,11 @@ def _no_zero_fill(ctx):
     ctx.set_materialize_grads(False)
 
 
+def _lstm_reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train):
+    """lstm_forward's (output, hy, cy) as torch ops: fused_rnn.reference."""
+    return reference.lstm(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes)
+
+
 def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
     if not ctx.train:
         raise _missing_train("lstm_forward")
@@ -233,9 +283,8 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
     need = ctx.needs_input_grad
     if _create_graph():
         return _reference_grads(
-            lambda *a: reference.lstm(*a[:8], ctx.reverse, batch_sizes),
-            (input, hx, cx, w_ih, w_hh, *ctx.biases, w_hr, None, None, None), need,
-            (grad_out, grad_hy, grad_cy))
+            _lstm_reference, (input, hx, cx, w_ih, w_hh, *ctx.biases, w_hr, batch_sizes,
+                              ctx.reverse, ctx.train), need, (grad_out, grad_hy, grad_cy))
     g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr = _ops.lstm_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx),
         _zeros_if_none(grad_cy, cx), input, hx, cx, w_ih, w_hh, w_hr, out, gates,
@@ -248,9 +297,8 @@ def _lstm_backward(ctx, grad_out, grad_hy, grad_cy, _grad_gates, _grad_cells):
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context
-)
+_register_autograd("lstm_forward", _lstm_backward, _lstm_setup_context, _lstm_forward_fake,
+                   _lstm_reference, (0, 1, 2))
 
 
 def lstm(
@@ -310,6 +358,11 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih, b_hh)  # for a differentiable backward (_reference_grads)
 
 
+def _gru_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train):
+    """gru_forward's (output, hy) as torch ops: fused_rnn.reference."""
+    return reference.gru(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes)
+
+
 def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
     if not ctx.train:
         raise _missing_train("gru_forward")
@@ -317,8 +370,8 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
     need = ctx.needs_input_grad
     if _create_graph():
         return _reference_grads(
-            lambda *a: reference.gru(*a[:6], ctx.reverse, batch_sizes),
-            (input, hx, w_ih, w_hh, *ctx.biases, None, None, None), need, (grad_out, grad_hy))
+            _gru_reference, (input, hx, w_ih, w_hh, *ctx.biases, batch_sizes, ctx.reverse,
+                             ctx.train), need, (grad_out, grad_hy))
     g_in, g_hx, g_wih, g_whh, g_bih, g_bhh = _ops.gru_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
         w_hh, out, gates, hidden_n, batch_sizes, ctx.reverse, ctx.has_bias, need[0],
@@ -330,9 +383,8 @@ def _gru_backward(ctx, grad_out, grad_hy, _grad_gates, _grad_hidden_n):
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::gru_forward", _gru_backward, setup_context=_gru_setup_context
-)
+_register_autograd("gru_forward", _gru_backward, _gru_setup_context, _gru_forward_fake,
+                   _gru_reference, (0, 1))
 
 
 def gru(
@@ -381,13 +433,18 @@ def _rnn_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih, b_hh)  # for a differentiable backward (_reference_grads)
 
 
+def _rnn_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu):
+    """rnn_forward's (output, hy) as torch ops: fused_rnn.reference."""
+    return reference.rnn(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, relu, batch_sizes)
+
+
 def _rnn_backward(ctx, grad_out, grad_hy):
     input, hx, w_ih, w_hh, out, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
     if _create_graph():
         return _reference_grads(
-            lambda *a: reference.rnn(*a[:6], ctx.reverse, ctx.relu, batch_sizes),
-            (input, hx, w_ih, w_hh, *ctx.biases, None, None, None), need, (grad_out, grad_hy))
+            _rnn_reference, (input, hx, w_ih, w_hh, *ctx.biases, batch_sizes, ctx.reverse,
+                             ctx.relu), need, (grad_out, grad_hy))
     g_in, g_hx, g_wih, g_whh, g_b = _ops.rnn_backward.default(
         _zeros_if_none(grad_out, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih,
         w_hh, out, batch_sizes, ctx.reverse, ctx.relu, ctx.has_bias, need[0],
@@ -399,9 +456,8 @@ def _rnn_backward(ctx, grad_out, grad_hy):
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
-)
+_register_autograd("rnn_forward", _rnn_backward, _rnn_setup_context, _rnn_forward_fake,
+                   _rnn_reference, (0, 1))
 
 
 def rnn(
@@ -462,6 +518,14 @@ def _lstm_pair_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
 
 
+def _lstm_pair_reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r,
+                         w_hh_r, b_ih_r, b_hh_r, w_hr_r, batch_sizes, train):
+    """lstm_forward_pair's (output, hy, cy, output_r, hy_r, cy_r) as torch ops."""
+    return (*reference.lstm(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, False, batch_sizes),
+            *reference.lstm(input, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, True,
+                            batch_sizes))
+
+
 def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_out_r,
                         grad_hy_r, grad_cy_r, _gates_r, _cells_r):
     if not ctx.train:
@@ -472,10 +536,9 @@ def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_ou
     b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
     if _create_graph():
         return _reference_grads(
-            lambda *a: (*reference.lstm(a[0], *a[1:8], False, batch_sizes),
-                        *reference.lstm(a[0], *a[8:15], True, batch_sizes)),
+            _lstm_pair_reference,
             (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r, b_ih_r,
-             b_hh_r, w_hr_r, None, None), need,
+             b_hh_r, w_hr_r, batch_sizes, ctx.train), need,
             (grad_out, grad_hy, grad_cy, grad_out_r, grad_hy_r, grad_cy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_cx, g_wih, g_whh, g_b, g_whr, g_hx_r, g_cx_r, g_wih_r, g_whh_r, g_b_r,
@@ -497,9 +560,8 @@ def _lstm_pair_backward(ctx, grad_out, grad_hy, grad_cy, _gates, _cells, grad_ou
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::lstm_forward_pair", _lstm_pair_backward, setup_context=_lstm_pair_setup_context
-)
+_register_autograd("lstm_forward_pair", _lstm_pair_backward, _lstm_pair_setup_context,
+                   _lstm_forward_pair_fake, _lstm_pair_reference, (0, 1, 2, 5, 6, 7))
 
 
 def lstm_pair(
@@ -514,8 +576,7 @@ def lstm_pair(
     args = _autocast(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, hx_r, cx_r, w_ih_r, w_hh_r,
                      b_ih_r, b_hh_r, w_hr_r)
     if _transformed(*args):
-        return (*reference.lstm(args[0], *args[1:8], False, batch_sizes),
-                *reference.lstm(args[0], *args[8:15], True, batch_sizes))
+        return _lstm_pair_reference(*args, batch_sizes, False)
     train = _needs_grad(*args)
     out, hy, cy, _, _, out_r, hy_r, cy_r, _, _ = _ops.lstm_forward_pair.default(
         *args, batch_sizes, train
@@ -558,6 +619,13 @@ def _gru_pair_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
 
 
+def _gru_pair_reference(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r,
+                        b_hh_r, batch_sizes, train):
+    """gru_forward_pair's (output, hy, output_r, hy_r) as torch ops."""
+    return (*reference.gru(input, hx, w_ih, w_hh, b_ih, b_hh, False, batch_sizes),
+            *reference.gru(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, True, batch_sizes))
+
+
 def _gru_pair_backward(ctx, grad_out, grad_hy, _gates, _hidden_n, grad_out_r, grad_hy_r,
                        _gates_r, _hidden_n_r):
     if not ctx.train:
@@ -568,10 +636,9 @@ def _gru_pair_backward(ctx, grad_out, grad_hy, _gates, _hidden_n, grad_out_r, gr
     if _create_graph():
         b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
         return _reference_grads(
-            lambda *a: (*reference.gru(a[0], *a[1:6], False, batch_sizes),
-                        *reference.gru(a[0], *a[6:11], True, batch_sizes)),
-            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, None,
-             None), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
+            _gru_pair_reference,
+            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+             batch_sizes, ctx.train), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_wih, g_whh, g_bih, g_bhh, g_hx_r, g_wih_r, g_whh_r, g_bih_r,
      g_bhh_r) = _ops.gru_backward_pair.default(
@@ -588,9 +655,8 @@ def _gru_pair_backward(ctx, grad_out, grad_hy, _gates, _hidden_n, grad_out_r, gr
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::gru_forward_pair", _gru_pair_backward, setup_context=_gru_pair_setup_context
-)
+_register_autograd("gru_forward_pair", _gru_pair_backward, _gru_pair_setup_context,
+                   _gru_forward_pair_fake, _gru_pair_reference, (0, 1, 4, 5))
 
 
 def gru_pair(
@@ -603,8 +669,7 @@ def gru_pair(
     (output, hy, output_r, hy_r)."""
     args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
     if _transformed(*args):
-        return (*reference.gru(args[0], *args[1:6], False, batch_sizes),
-                *reference.gru(args[0], *args[6:11], True, batch_sizes))
+        return _gru_pair_reference(*args, batch_sizes, False)
     train = _needs_grad(*args)
     out, hy, _, _, out_r, hy_r, _, _ = _ops.gru_forward_pair.default(*args, batch_sizes, train)
     return out, hy, out_r, hy_r
@@ -641,16 +706,23 @@ def _rnn_pair_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih, b_hh, b_ih_r, b_hh_r)
 
 
+def _rnn_pair_reference(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r,
+                        b_hh_r, batch_sizes, relu):
+    """rnn_forward_pair's (output, hy, output_r, hy_r) as torch ops."""
+    return (*reference.rnn(input, hx, w_ih, w_hh, b_ih, b_hh, False, relu, batch_sizes),
+            *reference.rnn(input, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, True, relu,
+                           batch_sizes))
+
+
 def _rnn_pair_backward(ctx, grad_out, grad_hy, grad_out_r, grad_hy_r):
     input, hx, w_ih, w_hh, out, hx_r, w_ih_r, w_hh_r, out_r, batch_sizes = ctx.saved_tensors
     need = ctx.needs_input_grad
     b_ih, b_hh, b_ih_r, b_hh_r = ctx.biases
     if _create_graph():
         return _reference_grads(
-            lambda *a: (*reference.rnn(a[0], *a[1:6], False, ctx.relu, batch_sizes),
-                        *reference.rnn(a[0], *a[6:11], True, ctx.relu, batch_sizes)),
-            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, None,
-             None), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
+            _rnn_pair_reference,
+            (input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+             batch_sizes, ctx.relu), need, (grad_out, grad_hy, grad_out_r, grad_hy_r))
     has_bias = any(b is not None for b in ctx.biases)
     (g_in, g_hx, g_wih, g_whh, g_b, g_hx_r, g_wih_r, g_whh_r,
      g_b_r) = _ops.rnn_backward_pair.default(
@@ -666,9 +738,8 @@ def _rnn_pair_backward(ctx, grad_out, grad_hy, grad_out_r, grad_hy_r):
     )
 
 
-torch.library.register_autograd(
-    "fused_rnn::rnn_forward_pair", _rnn_pair_backward, setup_context=_rnn_pair_setup_context
-)
+_register_autograd("rnn_forward_pair", _rnn_pair_backward, _rnn_pair_setup_context,
+                   _rnn_forward_pair_fake, _rnn_pair_reference, (0, 1, 2, 3))
 
 
 def rnn_pair(
@@ -681,6 +752,5 @@ def rnn_pair(
     one op. Returns (output, hy, output_r, hy_r)."""
     args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
     if _transformed(*args):
-        return (*reference.rnn(args[0], *args[1:6], False, relu, batch_sizes),
-                *reference.rnn(args[0], *args[6:11], True, relu, batch_sizes))
+        return _rnn_pair_reference(*args, batch_sizes, relu)
     return tuple(_ops.rnn_forward_pair.default(*args, batch_sizes, relu))
