@@ -41,10 +41,14 @@ def output(module):
     return lambda x: module(x)[0]
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_jvp_matches_torch(name):
+def test_jvp_matches_torch(name, compiled):
     """Tangents of the output and the final states, from tangents of the
-    input and the initial states."""
+    input and the initial states, against torch.nn's eager jvp. Compiled:
+    the jvp traced by torch.compile, whose graph calls the fused ops (the
+    entry points cannot see the transform there), so that their Autograd
+    kernel computes the tangents (before, they came out zero, silently)."""
     ours, theirs = twins(name)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     states = initial_states(ours, 2)
@@ -55,10 +59,13 @@ def test_jvp_matches_torch(name):
         def f(xx, *hx):
             out, final = module(xx, tuple(hx) if len(hx) == 2 else hx[0])
             return (out, *(final if isinstance(final, tuple) else (final,)))
-        return f
+        return lambda: jvp(f, primals, tangents)
 
-    (ours_out, ours_tan), (out_t, tan_t) = (jvp(everything(m), primals, tangents)
-                                            for m in (ours, theirs))
+    run = everything(ours)
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(run, backend="aot_eager", fullgraph=True)
+    (ours_out, ours_tan), (out_t, tan_t) = run(), everything(theirs)()
     assert all(t.abs().max() > 1e-3 for t in tan_t)
     for a, b in zip(ours_out + ours_tan, out_t + tan_t):
         close(a, b)
@@ -136,33 +143,6 @@ def test_cell_jvp_matches_torch(mode):
         return lambda xx: (lambda out: out[0] if isinstance(out, tuple) else out)(m(xx))
 
     close(*(jvp(first(m), (x,), (v,))[1] for m in (ours, theirs)))
-
-
-@pytest.mark.parametrize("name", list(MODULES))
-def test_jvp_inside_compile_matches_torch(name):
-    """torch.func.jvp traced by torch.compile: the graph calls the fused ops
-    (the entry points cannot see the transform), whose Autograd kernel then
-    computes the tangents (before, they came out zero, silently). Against
-    torch.nn's eager jvp, output and final states, tangents of the input and
-    the initial states."""
-    ours, theirs = twins(name)
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
-    states = initial_states(ours, 2)
-    primals = (x, *states)
-    tangents = tuple(torch.randn_like(p) for p in primals)
-
-    def everything(module):
-        def f(xx, *hx):
-            out, final = module(xx, tuple(hx) if len(hx) == 2 else hx[0])
-            return (out, *(final if isinstance(final, tuple) else (final,)))
-        return lambda: jvp(f, primals, tangents)
-
-    torch._dynamo.reset()
-    ours_out, ours_tan = torch.compile(everything(ours), backend="aot_eager", fullgraph=True)()
-    out_t, tan_t = everything(theirs)()
-    assert all(t.abs().max() > 1e-3 for t in tan_t)
-    for a, b in zip(ours_out + ours_tan, out_t + tan_t):
-        close(a, b)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
