@@ -11,12 +11,14 @@ On CUDA every op runs one of three paths:
   ``FUSED_RNN_GRID_SYNC`` (auto, tags or barrier; read once per process)
   overrides that, to compare the two. Dense or packed input (each step's
   rows from a table copied to the device with the launch; packed input runs
-  stepwise while a CUDA graph is being captured), no ``proj_size``, weights
-  that fit the device's shared memory.
+  stepwise while a CUDA graph is being captured), weights that fit the
+  device's shared memory; ``proj_size`` folded (the recurrence on
+  o * tanh(c) with ``weight_hh @ weight_hr``, the projection one GEMM after
+  it).
 - ``stepwise``: the persistent kernels' code, one ordinary launch per step
   (the launch boundary is the barrier), each block's slice of the weights
   packed once per call into global memory and read from there (L2). Dense
-  or packed input, no ``proj_size``, any hidden size; no co-residency
+  or packed input, ``proj_size`` folded, any hidden size; no co-residency
   needed, so it is also what a persistent call falls back to when the
   driver refuses its grid as not co-resident (an MPS client limited to
   fewer SMs, say).

@@ -48,8 +48,8 @@ def no_tf32():
 def path(request):
     """Every CUDA kernel path: the persistent kernels wherever they fit
     (packed sequences included), the same kernels one launch per step
-    (stepwise), and the per-step general path (proj_size runs it on every
-    path)."""
+    (stepwise), and the per-step general path (proj_size folds its
+    projection into the recurrent weight on the first two)."""
     with fused_rnn.kernel_path(request.param):
         yield request.param
 

@@ -145,7 +145,9 @@ def test_choice(name):
     assert explain(name, 256, 256, f32).startswith("persistent kernel")
     # far too large for shared memory on any GPU
     assert explain(name, 8192, 8, torch.float64).startswith("general path")
-    assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
+    # proj_size folded into the recurrent weight (weight_hh @ weight_hr)
+    text = explain("LSTM", 256, 8, f32, proj=True)
+    assert text.startswith("proj_size folded") and "): persistent kernel" in text, text
     with fused_rnn.kernel_path("stepwise"):
         # any hidden size, in waves of blocks past the SM count
         for H, B, dtype in ((256, 8, f32), (8192, 8, torch.float64), (3000, 300, torch.float16)):
@@ -154,7 +156,8 @@ def test_choice(name):
                 assert text.startswith("stepwise kernels"), text
         # packed sequences too (the rows of each step come with its launch)
         assert explain(name, 256, 8, f32, packed=True).startswith("stepwise kernels")
-        assert explain("LSTM", 256, 8, f32, proj=True).startswith("general path")
+        text = explain("LSTM", 256, 8, f32, proj=True)
+        assert text.startswith("proj_size folded") and "): stepwise kernels" in text, text
     with fused_rnn.kernel_path("auto"):
         # packed input as dense input of its largest batch
         assert explain(name, 256, 8, f32, packed=True).startswith("persistent kernel")

@@ -137,6 +137,67 @@ def test_parity_float16(mode):
 
 
 # --------------------------------------------------------------------------
+# proj_size folded: the recurrence on o * tanh(c) with weight_hh @ weight_hr,
+# the projection after it (lstm.cpp's fold_projection; on CUDA where that
+# recurrence takes the persistent or stepwise kernels), forced on the CPU,
+# where the per-step loop stands in for those kernels.
+@pytest.fixture
+def folded(monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_PROJECTION", "fold")
+
+
+def recorded_ranges(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("setting, folds", [(None, False), ("auto", False), ("steps", False),
+                                             ("fold", True)])
+def test_projection_setting(monkeypatch, setting, folds):
+    """FUSED_RNN_PROJECTION, read at every call: auto (the default; on the
+    CPU per step), steps, fold; the folded forward and backward show their
+    ranges in the profiler. Any other value raises a ValueError naming it."""
+    if setting is not None:
+        monkeypatch.setenv("FUSED_RNN_PROJECTION", setting)
+    cfg = Cfg(mode="LSTM_PROJ", proj_size=2, hidden_size=5)
+    _, fused = make_module_twins(cfg, torch.float64)
+    x = make_module_inputs(cfg, torch.float64)["x"].requires_grad_()
+    names = recorded_ranges(lambda: fused(x)[0].sum().backward())
+    assert ("fused_rnn::fold_projection" in names) == folds
+    assert ("fused_rnn::projection_backward" in names) == folds
+    monkeypatch.setenv("FUSED_RNN_PROJECTION", "folded")
+    with pytest.raises(ValueError, match="FUSED_RNN_PROJECTION=folded"):
+        fused(x)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_projection_folded_float64(folded, feature):
+    check_module_parity(with_mode(FEATURES[feature], "LSTM_PROJ"), torch.float64)
+
+
+@pytest.mark.parametrize("proj_size", [1, 2, 6])
+def test_projection_folded_sizes_float64(folded, proj_size):
+    test_lstm_proj_sizes_float64(proj_size)
+
+
+@pytest.mark.parametrize("case", ["base", "bidir_l3_bf_nobias", "packed_unsorted_bidir",
+                                  "hidden256_batch8", "hidden1024_packed_bidir", "long_seq64"])
+def test_projection_folded_float32(folded, case):
+    check_module_parity(with_mode({**FEATURES, **LARGE}[case], "LSTM_PROJ"), torch.float32)
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_projection_folded_bfloat16(folded, case):
+    check_module_parity(with_mode(BF16_CASES[case], "LSTM_PROJ"), torch.bfloat16)
+
+
+def test_projection_folded_float16(folded):
+    check_module_parity(Cfg(mode="LSTM_PROJ", input_size=3, hidden_size=5, seq_len=4, batch=2,
+                            num_layers=2), torch.float16)
+
+
+# --------------------------------------------------------------------------
 # Dropout
 # --------------------------------------------------------------------------
 
@@ -291,6 +352,15 @@ def test_gradcheck_module(mode, case):
     cfg = GRADCHECK_CASES[case].replace(mode=mode)
     if mode == "LSTM_PROJ":
         cfg = cfg.replace(proj_size=2)
+    gradcheck_module(cfg)
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_gradcheck_projection_folded(folded, case):
+    gradcheck_module(GRADCHECK_CASES[case].replace(mode="LSTM_PROJ", proj_size=2))
+
+
+def gradcheck_module(cfg):
     _, fused = make_module_twins(cfg, torch.float64)
     inputs = make_module_inputs(cfg, torch.float64)
     names = [n for n, _ in fused.named_parameters()]

@@ -114,9 +114,26 @@ def test_h200_rules(emu, gpu):
 def test_paths_requested_and_fallbacks(emu, gpu):
     assert choose(emu, gpu, "GRU", 256, 8, F32, want="general")[0] == "general"
     assert choose(emu, gpu, "GRU", 256, 8, F32, want="stepwise")[0] == "stepwise"
-    # projections run per step
-    path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, proj=True, want="persistent")
-    assert path == "general" and "proj_size" in reason
+    # projections: folded, the choice for the recurrence of the same hidden
+    # size without projection (the kernels get weight_hh @ weight_hr)
+    for want in ("auto", "persistent", "stepwise", "general"):
+        for H, B, dtype, backward in ((256, 8, F32, False), (256, 8, BF16, True),
+                                      (1024, 2048, F32, False), (8192, 8, F64, True)):
+            folded = choose(emu, gpu, "LSTM", H, B, dtype, proj=True, backward=backward,
+                            want=want)
+            plain = choose(emu, gpu, "LSTM", H, B, dtype, backward=backward, want=want)
+            assert folded[0] == plain[0], (folded, plain)
+            if want == "general":
+                assert folded[1].endswith("the general path was requested"), folded[1]
+            elif plain[0] == "general":
+                assert "LSTM with proj_size per step (W_hh, then W_hr)" in folded[1], folded[1]
+                assert folded[1].startswith("general path (a cuBLAS GEMM")
+                assert folded[1].count("general path (a cuBLAS GEMM") == 1, folded[1]
+            else:
+                assert folded[2:] == plain[2:], (folded, plain)  # the same launch plan
+                assert folded[1] == "proj_size folded (the recurrence on o * tanh(c), H wide, " \
+                    "with weight_hh @ weight_hr; the projection one GEMM after it): " + plain[1]
+    assert choose(emu, gpu, "LSTM", 256, 8, F32, proj=True, want="persistent")[0] == "persistent"
     # no cooperative launches (some virtualised GPUs): the same kernels stepwise
     path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, cooperative=False)
     assert path == "stepwise" and "no cooperative launches" in reason

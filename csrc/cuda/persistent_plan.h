@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 
@@ -142,7 +143,25 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
     return d;
   };
   if (want == KernelPath::kGeneral) return take_general("the general path was requested");
-  if (proj) return take_general("LSTM with proj_size runs per step");
+  if (proj) {
+    // lstm.cpp folds the projection into the recurrent weight (W_hh W_hr,
+    // 4H x H) where its recurrence, an LSTM without projection of the same
+    // hidden size, takes these kernels; per step otherwise.
+    Decision folded = decide_tiled(cell, hidden, batch, dtype, packed, /*proj=*/false,
+                                   backward, directions, explain, tf32, ctx);
+    if (explain) {
+      std::string& reason = folded.choice.reason;
+      if (folded.choice.path == KernelPath::kGeneral) {
+        const std::string why = reason.rfind(general, 0) == 0 ? reason.substr(strlen(general))
+                                                              : reason;
+        return take_general("LSTM with proj_size per step (W_hh, then W_hr), as its folded "
+                            "recurrence would take the general path: " + why);
+      }
+      reason = "proj_size folded (the recurrence on o * tanh(c), H wide, with weight_hh @ "
+               "weight_hr; the projection one GEMM after it): " + reason;
+    }
+    return folded;
+  }
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf &&
       dtype != at::kBFloat16) {
     return take_general("no persistent kernel for this dtype");

@@ -4,6 +4,9 @@
 // backward the weight gradients as large GEMMs after the recurrence.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "sequence.h"
 
 namespace fused_rnn {
@@ -13,6 +16,43 @@ using at::Tensor;
 using c10::optional;
 
 constexpr CellShape kLstm{"LSTM", 4};
+
+// With proj_size the state is h_t = W_hr m_t, m_t = o_t * tanh(c_t) (H
+// wide), and the gates of step t+1 take W_hh h_t = (W_hh W_hr) m_t. Folded,
+// the recurrence runs as an LSTM without projection on m, with the (4H, H)
+// weight W_hh W_hr, from m = 0, W_hh h_0 added to the input rows where each
+// sequence starts; the projection of every step is then one GEMM after it.
+// Backward likewise: the recurrence on m takes the output gradient through
+// W_hr (grad_output W_hr), and W_hr's and h_0's gradients come from the gate
+// gradients afterwards. So the persistent and stepwise kernels run LSTMs
+// with projection, at the cost of a recurrent weight of 4H x H instead of
+// 4H x P + P x H. Where the choice for the folded recurrence is the general
+// path, it runs per step as before (W_hh, then W_hr). FUSED_RNN_PROJECTION
+// (read at every call): auto (the default: folded where the folded
+// recurrence takes the persistent or stepwise kernels, which the plan says
+// for proj = true), fold (on every device; the CPU tests use it), steps
+// (never).
+bool fold_projection(const Tensor& input, const Schedule& sc, int64_t hidden, bool backward) {
+  const char* env = std::getenv("FUSED_RNN_PROJECTION");
+  const std::string mode = env == nullptr ? "" : env;
+  if (mode == "fold") return true;
+  if (mode == "steps") return false;
+  TORCH_CHECK_VALUE(mode.empty() || mode == "auto", "FUSED_RNN_PROJECTION=", mode,
+                    ": expected auto, fold or steps");
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (input.is_cuda()) {
+    return cuda::choose_path(PersistentCell::kLstm, hidden, sc.batch, input.scalar_type(),
+                             !sc.dense, /*proj=*/true, backward)
+               .path != KernelPath::kGeneral;
+  }
+#else
+  (void)sc;
+  (void)hidden;
+  (void)backward;
+#endif
+  (void)input;
+  return false;
+}
 
 // See ops.cpp for the schema. Shapes: input (T, B, I) or packed (N, I);
 // hx (B, P); cx (B, H); w_ih (4H, I); w_hh (4H, P); b_ih, b_hh (4H);
@@ -35,12 +75,14 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
   const int64_t H = w_hh.size(0) / 4;
   const int64_t P = proj ? w_hr->size(0) : H;
   const auto opts = input.options();
+  const bool fold = proj && fold_projection(input, sc, H, /*backward=*/false);
+  const bool step_proj = proj && !fold;  // W_hr inside the per-step loop
 
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   // x_t @ W_ih^T, (rows, 4H) per step; the biases join in the pointwise pass.
   InputProjection xw = [&] {
     const PhaseRange phase("fused_rnn::input_projection");
-    return InputProjection(x, w_ih, sc, train || input.is_cuda());
+    return InputProjection(x, w_ih, sc, train || input.is_cuda() || fold);
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor out = at::empty({sc.rows, P}, opts);
@@ -48,42 +90,61 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
   const Tensor c = at::empty({sc.batch, H}, opts);
   const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
 
-  const PhaseRange recurrence("fused_rnn::recurrence");
-  PersistentForward whole;
-  if (input.is_cuda() && !proj) {
-    whole = persistent_request<PersistentForward>(PersistentCell::kLstm, sc, w_hh);
-    whole.xw = xw.all();
-    whole.keep_gates = train;
-    whole.bias = bias;
-    whole.hx = hx.contiguous();
-    whole.cx = cx.contiguous();
-    whole.out = out;
-    whole.hy = h;
-    whole.cy = c;
-    whole.cells = cells;
+  // The recurrence's weight, initial state, outputs and final state: folded,
+  // those of m (fold_projection).
+  Tensor w_rec_weight = w_hh, h_init = hx, out_rec = out, h_rec = h;
+  if (fold) {
+    const PhaseRange phase("fused_rnn::fold_projection");
+    w_rec_weight = at::mm(w_hh, *w_hr);
+    add_at_first_rows(xw.all(), at::mm(hx, w_hh.t()), sc);
+    h_init = at::zeros({sc.batch, H}, opts);
+    out_rec = at::empty({sc.rows, H}, opts);
+    h_rec = at::empty({sc.batch, H}, opts);
   }
-  if (!run_whole(whole)) {
-    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
-    const GemmWeight w_proj = proj ? GemmWeight(*w_hr, sc.rows, true) : GemmWeight();
-    const Tensor h_full = proj ? at::empty({sc.batch, H}, opts) : Tensor();
-    h.copy_(hx);
-    c.copy_(cx);
-    RunningState state(h, sc);
-    for (int64_t s = 0; s < sc.steps; ++s) {
-      const int64_t n = sc.size_at(s);
-      const Tensor out_s = step_rows(out, sc, s);
-      LstmForwardStep step{xw.step(s),
-                           bias,
-                           state.before(s, n),
-                           w_rec,
-                           rows(c, n),
-                           train ? step_rows(cells, sc, s) : Tensor(),
-                           proj ? rows(h_full, n) : out_s};
-      FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
-      if (proj) w_proj.product_into(out_s, rows(h_full, n));
-      state.after(out_s);
+  {
+    const PhaseRange recurrence("fused_rnn::recurrence");
+    PersistentForward whole;
+    if (input.is_cuda() && !step_proj) {
+      whole = persistent_request<PersistentForward>(PersistentCell::kLstm, sc, w_rec_weight);
+      whole.xw = xw.all();
+      whole.keep_gates = train;
+      whole.bias = bias;
+      whole.hx = h_init.contiguous();
+      whole.cx = cx.contiguous();
+      whole.out = out_rec;
+      whole.hy = h_rec;
+      whole.cy = c;
+      whole.cells = cells;
     }
-    state.finish();
+    if (!run_whole(whole)) {
+      const GemmWeight w_rec(w_rec_weight, sc.rows, /*per_step=*/true);
+      const GemmWeight w_proj = step_proj ? GemmWeight(*w_hr, sc.rows, true) : GemmWeight();
+      const Tensor h_full = step_proj ? at::empty({sc.batch, H}, opts) : Tensor();
+      h_rec.copy_(h_init);
+      c.copy_(cx);
+      RunningState state(h_rec, sc);
+      for (int64_t s = 0; s < sc.steps; ++s) {
+        const int64_t n = sc.size_at(s);
+        const Tensor out_s = step_rows(out_rec, sc, s);
+        LstmForwardStep step{xw.step(s),
+                             bias,
+                             state.before(s, n),
+                             w_rec,
+                             rows(c, n),
+                             train ? step_rows(cells, sc, s) : Tensor(),
+                             step_proj ? rows(h_full, n) : out_s};
+        FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
+        if (step_proj) w_proj.product_into(out_s, rows(h_full, n));
+        state.after(out_s);
+      }
+      state.finish();
+    }
+  }
+  if (fold) {
+    const PhaseRange phase("fused_rnn::projection");
+    Tensor out_p = out, h_p = h;  // (handles of the same tensors, for mm_out)
+    at::mm_out(out_p, out_rec, w_hr->t());
+    at::mm_out(h_p, h_rec, w_hr->t());
   }
   const Tensor output =
       sc.dense ? out.view({sc.steps, sc.batch, P}) : out;
@@ -128,33 +189,47 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor dh = at::empty({sc.batch, P}, input.options());
   const Tensor dc = at::empty({sc.batch, H}, input.options());
   const Tensor dr = proj ? at::empty({sc.rows, P}, input.options()) : Tensor();
+  const bool fold = proj && fold_projection(input, sc, H, /*backward=*/true);
+  const bool step_proj = proj && !fold;  // W_hr inside the per-step loop
 
+  // The recurrence's weight, output and final-state gradients and initial-
+  // state gradient: folded, those of m (fold_projection), whose initial
+  // state (zero) has a gradient nobody needs.
+  Tensor w_rec_weight = w_hh, go_rec = go, grad_hy_rec = grad_hy, dh_rec = dh;
+  if (fold) {
+    const PhaseRange phase("fused_rnn::fold_projection");
+    w_rec_weight = at::mm(w_hh, *w_hr);
+    go_rec = at::mm(go, *w_hr);
+    grad_hy_rec = at::mm(grad_hy, *w_hr);
+    dh_rec = at::empty({sc.batch, H}, input.options());
+  }
   {
     const PhaseRange recurrence("fused_rnn::recurrence_backward");
     PersistentBackward whole;
-    if (input.is_cuda() && !proj) {
-      whole = persistent_request<PersistentBackward>(PersistentCell::kLstm, sc, w_hh);
-      whole.grad_out = go;
-      whole.grad_hy = grad_hy.contiguous();
+    if (input.is_cuda() && !step_proj) {
+      whole = persistent_request<PersistentBackward>(PersistentCell::kLstm, sc, w_rec_weight);
+      whole.grad_out = go_rec;
+      whole.grad_hy = grad_hy_rec.contiguous();
       whole.grad_cy = grad_cy.contiguous();
       whole.cx = cx.contiguous();
       whole.gates = gates_c;
       whole.cells = cells_c;
       whole.dgates = dgates;
-      whole.grad_hx = dh;
+      whole.grad_hx = dh_rec;
       whole.grad_cx = dc;
     }
     if (!run_whole(whole)) {
       const PreviousStates c_prev(cells_c, cx.contiguous(), sc);
-      const Tensor dh_full = proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
+      const Tensor dh_full = step_proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
       // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
-      const GemmWeight w_proj_t = proj ? GemmWeight(w_hr->t(), sc.rows, true) : GemmWeight();
-      dh.copy_(grad_hy);
+      const GemmWeight w_rec_t(w_rec_weight.t(), sc.rows, /*per_step=*/true);
+      const GemmWeight w_proj_t =
+          step_proj ? GemmWeight(w_hr->t(), sc.rows, true) : GemmWeight();
+      dh_rec.copy_(grad_hy_rec);
       dc.copy_(grad_cy);
       for (int64_t s = sc.steps - 1; s >= 0; --s) {
         const int64_t n = sc.size_at(s);
-        if (proj) {
+        if (step_proj) {
           const Tensor dr_s = step_rows(dr, sc, s);
           add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
           w_proj_t.product_into(rows(dh_full, n), dr_s);
@@ -162,14 +237,21 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
         LstmBackwardStep step{step_rows(gates_c, sc, s),
                               step_rows(cells_c, sc, s),
                               c_prev.step(s),
-                              proj ? rows(dh_full, n) : rows(dh, n),
-                              proj ? Tensor() : step_rows(go, sc, s),
+                              step_proj ? rows(dh_full, n) : rows(dh_rec, n),
+                              step_proj ? Tensor() : step_rows(go_rec, sc, s),
                               rows(dc, n),
                               step_rows(dgates, sc, s)};
         FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
-        w_rec_t.product_into(rows(dh, n), step_rows(dgates, sc, s));
+        w_rec_t.product_into(rows(dh_rec, n), step_rows(dgates, sc, s));
       }
     }
+  }
+  if (fold) {
+    // dr: each output row's gradient (its own, the next step's through
+    // W_hh, the final state's where a sequence ends); dh: h_0's.
+    const PhaseRange phase("fused_rnn::projection_backward");
+    dr.copy_(go);
+    route_state_gradients(at::mm(dgates, w_hh), grad_hy.contiguous(), sc, dr, dh);
   }
 
   const PhaseRange weights("fused_rnn::weight_gradients");

@@ -151,6 +151,46 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
   return prev;
 }
 
+void add_at_first_rows(const at::Tensor& seq, const at::Tensor& per_sequence,
+                       const Schedule& sc) {
+  const int64_t B = sc.batch;
+  if (sc.dense) {
+    seq.narrow(0, sc.offset_at(0), B).add_(per_sequence);
+    return;
+  }
+  for (const auto s : c10::irange(sc.steps)) {
+    const int64_t k = sc.carried(s), n = sc.size_at(s);
+    if (n > k) seq.narrow(0, sc.offset_at(s) + k, n - k).add_(per_sequence.narrow(0, k, n - k));
+  }
+}
+
+void route_state_gradients(const at::Tensor& grad_prev, const at::Tensor& grad_final,
+                           const Schedule& sc, const at::Tensor& seq_grad,
+                           const at::Tensor& grad_init) {
+  const int64_t B = sc.batch, N = sc.rows;
+  if (sc.dense) {
+    // Processed step 0 starts from the initial state; step s > 0 from step
+    // s-1, the B rows before it in time order (after it in reverse).
+    grad_init.copy_(grad_prev.narrow(0, sc.offset_at(0), B));
+    if (N > B) {
+      seq_grad.narrow(0, sc.reverse ? B : 0, N - B)
+          .add_(grad_prev.narrow(0, sc.reverse ? 0 : B, N - B));
+    }
+    seq_grad.narrow(0, sc.offset_at(sc.steps - 1), B).add_(grad_final);
+    return;
+  }
+  for (const auto s : c10::irange(sc.steps)) {
+    const int64_t k = sc.carried(s), n = sc.size_at(s), off = sc.offset_at(s);
+    if (k > 0) seq_grad.narrow(0, sc.offset_at(s - 1), k).add_(grad_prev.narrow(0, off, k));
+    if (n > k) grad_init.narrow(0, k, n - k).copy_(grad_prev.narrow(0, off + k, n - k));
+    // rows past those the next step carries end here
+    const int64_t next = s + 1 < sc.steps ? sc.carried(s + 1) : 0;
+    if (n > next) {
+      seq_grad.narrow(0, off + next, n - next).add_(grad_final.narrow(0, next, n - next));
+    }
+  }
+}
+
 PreviousStates::PreviousStates(const at::Tensor& seq, const at::Tensor& init,
                                const Schedule& sc)
     : seq_(seq), init_(init), sc_(sc) {

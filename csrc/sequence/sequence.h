@@ -90,7 +90,7 @@ inline bool run_persistent_pair(const PersistentBackward& a, const PersistentBac
 
 // How a driver runs its recurrence's persistent request (its tensors
 // undefined where the driver runs no persistent kernel: CPU tensors, a
-// projection): true when that ran the recurrence, false when the driver must
+// projection run per step): true when that ran the recurrence, false when the driver must
 // run its per-step loop. Every driver calls it exactly once, before that
 // loop. An op of one direction runs the request alone (run_alone).
 template <typename Request>
@@ -293,6 +293,22 @@ class PreviousStates {
   const Schedule& sc_;
   at::Tensor all_;  // packed input: previous_states(seq, init)
 };
+
+// Adds row b of `per_sequence` (B, W) to the row of `seq` (N, W) at
+// sequence b's first processed step (dense: every row of the first step;
+// packed in reverse: where each sequence's last time step is).
+void add_at_first_rows(const at::Tensor& seq, const at::Tensor& per_sequence,
+                       const Schedule& sc);
+
+// The transpose of previous_states and of the gather of the final states.
+// grad_prev (N, W): the gradient of the state each row started from. Adds
+// each row's part to the row of the previous processed step of its sequence
+// in seq_grad (N, W), and grad_final (B, W), the final states' gradient, to
+// the row of each sequence's last processed step; writes into grad_init
+// (B, W) the parts that reach the initial state. All contiguous.
+void route_state_gradients(const at::Tensor& grad_prev, const at::Tensor& grad_final,
+                           const Schedule& sc, const at::Tensor& seq_grad,
+                           const at::Tensor& grad_init);
 
 // An empty tensor standing for "not computed" in an op's outputs.
 inline at::Tensor absent(const at::Tensor& like) {

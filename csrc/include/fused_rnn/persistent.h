@@ -13,7 +13,8 @@
 // run in both: the rows of each step come from a table copied to the device
 // with the cooperative launch, or with each stepwise launch. Both directions
 // of a bidirectional layer may share one launch (the _pair entry points),
-// each on half of the SMs. No projection: proj_size runs the general path.
+// each on half of the SMs. No projection: an LSTM with proj_size gives them
+// its recurrence folded (lstm.cpp's fold_projection), a plain LSTM.
 //
 // Shape legend (every tensor contiguous, time-major, rows of step t at
 // t*B .. t*B+B-1):
