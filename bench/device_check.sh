@@ -261,6 +261,19 @@ bench_tf32() {
     --seq-len 256 --dtype float32 --no-progress
 }
 
+# An LSTM with proj_size (H=1024, P=256, the LSTMP of speech models): its
+# recurrence folded onto the persistent kernels (auto) against the per-step
+# path (FUSED_RNN_PROJECTION=steps), each beside cuDNN.
+bench_proj() {
+  local mode
+  for mode in folded steps; do
+    FUSED_RNN_PROJECTION=$([ "$mode" = folded ] && echo auto || echo steps) \
+      run_bench "$1" "bench/results/$card-proj-$mode.json" "$LOGS/bench-proj-$mode.txt" \
+      --device cuda --cell LSTM --proj-size 256 --hidden-size 1024 --batch 1 8 \
+      --seq-len 256 --dtype float32 bfloat16 --no-progress
+  done
+}
+
 # A stand-alone grid stage: its body ($2, a function) timed, its line in the
 # summary ($1, what it wrote), then the goals.
 grid_stage() {
@@ -290,12 +303,15 @@ stepwise_body() {
   pack
   bench_packed "$(cap 45 150)"
   pack
+  bench_proj "$(cap 30 120)"
+  pack
   bench_stepwise "$(cap 200 0)"
   tail -n 30 "$LOGS/bench-stepwise.txt"
   tail -n 12 "$LOGS"/bench-packed-*.txt
   tail -n 12 "$LOGS/bench-barrier.txt"
   tail -n 8 "$LOGS"/bench-bidir-*.txt
   tail -n 18 "$LOGS/bench-tf32.txt"
+  tail -n 10 "$LOGS"/bench-proj-*.txt
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -394,7 +410,7 @@ case "$stage" in
   sanitize) build; sanitize ;;
   bench) build; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   general) build; grid_stage "bench general (<card>-general.json)" general_body ;;
-  stepwise) build; grid_stage "bench barrier, pairs, tf32, packed, stepwise (<card>-barrier.json, -bidir-*.json, -tf32.json, -packed-*.json, -stepwise.json)" stepwise_body ;;
+  stepwise) build; grid_stage "bench barrier, pairs, tf32, packed, stepwise (<card>-barrier.json, -bidir-*.json, -tf32.json, -packed-*.json, -proj-*.json, -stepwise.json)" stepwise_body ;;
   all) build; tests; sanitize; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;

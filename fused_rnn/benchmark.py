@@ -48,6 +48,7 @@ class Config:
     # (torch.nn) and fused_rnn's float32 RNNs may use TF32, cuBLAS's
     # products stay exact; else (the default) TF32 is off everywhere
     tf32: bool = False
+    proj_size: int = 0  # LSTM with a projection of this size (0: none)
 
     def __post_init__(self):
         if self.input_size is None:
@@ -65,6 +66,8 @@ def packed_lengths(config: Config) -> list[int]:
 def make_pair(config: Config, seed: int = 0):
     """(torch.nn module, fused twin) with the same weights."""
     torch_type, fused_type, extra = CELLS[config.cell]
+    if config.proj_size:
+        extra = {**extra, "proj_size": config.proj_size}
     kwargs = dict(
         input_size=config.input_size, hidden_size=config.hidden_size,
         num_layers=config.num_layers, bidirectional=config.bidirectional, **extra,
@@ -95,7 +98,8 @@ def make_inputs(config: Config, seed: int = 0):
     ).to(config.device, dtype)
     directions = 2 if config.bidirectional else 1
     grad = torch.randn(
-        config.seq_len, config.batch, directions * config.hidden_size, generator=generator
+        config.seq_len, config.batch, directions * (config.proj_size or config.hidden_size),
+        generator=generator,
     ).to(config.device, dtype)
     if config.packed:
         lengths = packed_lengths(config)
@@ -232,8 +236,8 @@ def math_name(config: Config):
 def _explain(config: Config, backward: bool = False) -> str:
     return paths.explain_kernel_path(config.cell, config.hidden_size, config.batch,
                                      getattr(torch, config.dtype), config.device,
-                                     packed=config.packed, backward=backward,
-                                     bidirectional=config.bidirectional)
+                                     packed=config.packed, proj=config.proj_size > 0,
+                                     backward=backward, bidirectional=config.bidirectional)
 
 
 def kernel_name(config: Config) -> str:
@@ -321,6 +325,12 @@ def _cpu_name():
     return platform.processor() or "unknown"
 
 
+def _cell_label(row: dict) -> str:
+    """The cell column: LSTMp256 for proj_size 256, a * for packed input."""
+    proj = f"p{row['proj_size']}" if row.get("proj_size") else ""
+    return row["cell"] + proj + ("*" if row.get("packed") else "")
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'cell':<10}{'mode':<9}{'dtype':<9}{'B':>5}{'H':>6}{'T':>5}"
@@ -329,9 +339,11 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     if any(r.get("packed") for r in rows):
         lines.insert(0, "* packed: variable lengths as a PackedSequence, T the longest")
+    if any(r.get("proj_size") for r in rows):
+        lines.insert(0, "LSTMpP: LSTM with proj_size P")
     for r in rows:
         lines.append(
-            f"{r['cell'] + ('*' if r.get('packed') else ''):<10}"
+            f"{_cell_label(r):<10}"
             f"{'train' if r['training'] else 'forward':<9}{r['dtype']:<9}"
             f"{r['batch']:>5}{r['hidden_size']:>6}{r['seq_len']:>5}"
             f"{r['torch_ms']:>11.3f}{r['fused_ms']:>11.3f}{r['speedup']:>8.2f}x"

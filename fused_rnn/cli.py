@@ -92,6 +92,8 @@ def build_parser():
     bench.add_argument("--tf32", action="store_true",
                        help="float32 with torch's default TF32 flags on both sides (cuDNN's RNNs "
                             "and fused_rnn's may use TF32; default: TF32 off on both sides)")
+    bench.add_argument("--proj-size", type=int, default=0,
+                       help="LSTM's proj_size (LSTM cells only; default 0: none)")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per side (median)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--json", metavar="FILE", help="write rows and environment as JSON")
@@ -167,7 +169,8 @@ def bench_configs(args, device):
                                         configs.append(benchmark.Config(
                                             cell, batch, hidden, seq_len, input_size,
                                             layers, bidirectional, dtype, device, training,
-                                            args.packed, args.tf32 and dtype == "float32"))
+                                            args.packed, args.tf32 and dtype == "float32",
+                                            args.proj_size))
     return configs
 
 
@@ -194,6 +197,12 @@ def run_bench(args, parser):
     if args.plot:
         _require_matplotlib(parser)
     configs = bench_configs(args, device)
+    if args.proj_size:
+        _positive(parser, "--proj-size", args.proj_size)
+        if any(c.cell != "LSTM" for c in configs):
+            _fail(parser, "--proj-size takes --cell LSTM only")
+        if any(args.proj_size >= c.hidden_size for c in configs):
+            _fail(parser, "--proj-size must be smaller than every --hidden-size")
     env = environment_report(device)
     print(_environment_line(env))
     rows = []

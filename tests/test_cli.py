@@ -77,6 +77,25 @@ def test_bench_packed_sequences(tmp_path, capsys):
     assert all(r["max_abs_error"] < 1e-5 for r in rows)
 
 
+def test_bench_proj_size(tmp_path, capsys):
+    """--proj-size: an LSTM with a projection on both sides (rows say so:
+    their JSON field, LSTMp<P> in the table), matching torch.nn, training
+    included; other cells, or a size not below the hidden size, are refused."""
+    out_json = tmp_path / "p.json"
+    assert cli.main(["bench", "--cell", "LSTM", *TINY, "--proj-size", "3", "--packed",
+                     "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "LSTMpP: LSTM with proj_size P" in out
+    printed = _table_rows(out)
+    assert len(printed) == 4 and all(r[0] == "LSTMp3*" for r in printed)
+    rows = json.loads(out_json.read_text())["rows"]
+    assert len(rows) == 4 and all(r["proj_size"] == 3 for r in rows)
+    assert all(r["max_abs_error"] < 1e-5 for r in rows)
+    for flags in (["--cell", "GRU"], ["--cell", "LSTM", "--hidden-size", "3"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", *TINY, *flags, "--proj-size", "3"])
+
+
 @pytest.mark.parametrize("T,B", [(4, 3), (256, 64), (1, 5), (7, 1)])
 def test_packed_lengths(T, B):
     """From the sequence length down to half of it, sorted, one per sequence;
