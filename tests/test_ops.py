@@ -348,6 +348,20 @@ def test_opcheck_backward(cell_key, variant, input_grad):
     torch.library.opcheck(op.default, backward_args(cell, args, fwd, grads, input_grad))
 
 
+@pytest.mark.parametrize("variant", ["dense", "packed_reverse"])
+def test_opcheck_lstm_proj_folded(monkeypatch, variant):
+    """The LSTM ops with proj_size folded (FUSED_RNN_PROJECTION=fold), the
+    route the CUDA kernels take: forward in training and inference, backward."""
+    monkeypatch.setenv("FUSED_RNN_PROJECTION", "fold")
+    for train in (True, False):
+        cell, args = small("lstm_proj", variant, requires_grad=train)
+        torch.library.opcheck(*forward_op_and_args(cell, args, train))
+    cell, args = small("lstm_proj", variant, requires_grad=False)
+    fwd = raw_forward(cell, args, True)
+    grads = upstream_like(fwd[:3], seed=2)
+    torch.library.opcheck(OPS.lstm_backward.default, backward_args(cell, args, fwd, grads, True))
+
+
 # --------------------------------------------------------------------------
 # Bad arguments: RuntimeError, never a crash
 # --------------------------------------------------------------------------
