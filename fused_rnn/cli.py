@@ -112,6 +112,8 @@ def build_parser():
 
     explain = sub.add_parser("explain", help="which kernel path a shape takes, and this build")
     _shape_flags(explain, many=False)
+    explain.add_argument("--proj-size", type=int, default=0,
+                         help="LSTM's proj_size (default 0: none)")
 
     check = sub.add_parser("check", help="parity self-test of this build against torch.nn")
     check.add_argument("--device", default=None)
@@ -394,11 +396,17 @@ def run_explain(args, parser):
     dtype = _single(args, "dtype", "float32")
     _positive(parser, "--hidden-size", hidden)
     _positive(parser, "--batch", batch)
+    proj = args.proj_size
+    if proj:
+        _positive(parser, "--proj-size", proj)
+        if cell != "LSTM" or proj >= hidden:
+            _fail(parser, "--proj-size takes --cell LSTM and a size below --hidden-size")
     gates = {"LSTM": 4, "GRU": 3}.get(cell, 1)
     element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     weight_bytes = gates * hidden * hidden * element
     info = build_info.summary()
-    print(f"{cell}, B={batch}, I={input_size}, H={hidden}, T={seq_len}, {dtype}, on {device}"
+    print(f"{cell}, B={batch}, I={input_size}, H={hidden}"
+          + (f", proj_size={proj}" if proj else "") + f", T={seq_len}, {dtype}, on {device}"
           + (", packed sequences" if args.packed else "")
           + (", bidirectional" if args.bidirectional else ""))
     print()
@@ -409,9 +417,11 @@ def run_explain(args, parser):
                  if args.bidirectional else "") + ":")
         print("  1. input projection x @ W_ih^T as GEMMs over many steps (blocks of ~2 MB "
               "in inference, all steps at once when training)")
-        print(f"  2. per step: h @ W_hh^T as one GEMM ({batch} x {gates * hidden} x {hidden}), "
-              f"then one fused pointwise pass over {batch} x {hidden} units, parallel over rows, "
-              f"vectorised ({build_info.cpu_vector_path()})")
+        print(f"  2. per step: h @ W_hh^T as one GEMM ({batch} x {gates * hidden} x "
+              f"{proj or hidden}), then one fused pointwise pass over {batch} x {hidden} units, "
+              f"parallel over rows, vectorised ({build_info.cpu_vector_path()})"
+              + (f", then the projection as one GEMM ({batch} x {proj} x {hidden})"
+                 if proj else ""))
         print(f"  3. backward: per step the pointwise pass and one GEMM with W_hh, then the "
               f"weight gradients as three large GEMMs over all {batch * seq_len} rows")
         print(f"  GEMMs: {paths.explain_cpu_gemm()} (fused_rnn.set_cpu_gemm or "
@@ -421,14 +431,16 @@ def run_explain(args, parser):
         props = torch.cuda.get_device_properties(device)
         on_chip = props.multi_processor_count * _shared_memory_per_sm(props)
         torch_dtype = getattr(torch, dtype)
-        print(f"  W_hh is {weight_bytes / 2**20:.2f} MiB; on-chip memory of this GPU "
+        weights = "W_hh W_hr (the folded recurrent weight)" if proj else "W_hh"
+        print(f"  {weights} is {weight_bytes / 2**20:.2f} MiB; on-chip memory of this GPU "
               f"({props.name}): {props.multi_processor_count} SMs x "
               f"{_shared_memory_per_sm(props) // 1024} KiB = {on_chip / 2**20:.1f} MiB")
         print(f"  kernel choice: {paths.get_kernel_path()} (fused_rnn.set_kernel_path or "
               f"FUSED_RNN_KERNEL_PATH: auto | persistent | stepwise | general)")
         for what, backward in (("forward", False), ("backward", True)):
             text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
-                                             packed=args.packed, backward=backward,
+                                             packed=args.packed, proj=proj > 0,
+                                             backward=backward,
                                              bidirectional=args.bidirectional)
             print(f"  {what}: {text}")
         print("  every path: the input projection of every step as one GEMM first; in "

@@ -207,6 +207,18 @@ def test_bench_tf32_flags(tmp_path, capsys, monkeypatch):
     assert seen and all(flags == (False, False) for flags in seen)
 
 
+def test_explain_proj_size(capsys):
+    assert cli.main(["explain", "--device", "cpu", "--hidden-size", "64", "--batch", "4",
+                     "--proj-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LSTM, B=4, I=64, H=64, proj_size=16" in out
+    assert "h @ W_hh^T as one GEMM (4 x 256 x 16)" in out
+    assert "then the projection as one GEMM (4 x 16 x 64)" in out
+    for flags in (["--cell", "GRU"], ["--hidden-size", "16"]):
+        with pytest.raises(SystemExit):
+            cli.main(["explain", "--device", "cpu", *flags, "--proj-size", "16"])
+
+
 def test_explain_bidirectional(capsys):
     assert cli.main(["explain", "--device", "cpu", "--bidirectional"]) == 0
     out = capsys.readouterr().out
