@@ -127,6 +127,18 @@ def _fail(parser, message):
     parser.error(message)
 
 
+def _check_proj_size(parser, proj, cells, hidden_sizes):
+    """--proj-size: positive, for LSTMs, below every hidden size (as torch.nn
+    requires of proj_size)."""
+    if not proj:
+        return
+    _positive(parser, "--proj-size", proj)
+    if any(c != "LSTM" for c in cells):
+        _fail(parser, "--proj-size takes --cell LSTM only")
+    if any(proj >= h for h in hidden_sizes):
+        _fail(parser, "--proj-size must be smaller than every --hidden-size")
+
+
 def _resolve_device(parser, device):
     device = device or _default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -199,12 +211,8 @@ def run_bench(args, parser):
     if args.plot:
         _require_matplotlib(parser)
     configs = bench_configs(args, device)
-    if args.proj_size:
-        _positive(parser, "--proj-size", args.proj_size)
-        if any(c.cell != "LSTM" for c in configs):
-            _fail(parser, "--proj-size takes --cell LSTM only")
-        if any(args.proj_size >= c.hidden_size for c in configs):
-            _fail(parser, "--proj-size must be smaller than every --hidden-size")
+    _check_proj_size(parser, args.proj_size, [c.cell for c in configs],
+                     [c.hidden_size for c in configs])
     env = environment_report(device)
     print(_environment_line(env))
     rows = []
@@ -397,10 +405,7 @@ def run_explain(args, parser):
     _positive(parser, "--hidden-size", hidden)
     _positive(parser, "--batch", batch)
     proj = args.proj_size
-    if proj:
-        _positive(parser, "--proj-size", proj)
-        if cell != "LSTM" or proj >= hidden:
-            _fail(parser, "--proj-size takes --cell LSTM and a size below --hidden-size")
+    _check_proj_size(parser, proj, [cell], [hidden])
     gates = {"LSTM": 4, "GRU": 3}.get(cell, 1)
     element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     weight_bytes = gates * hidden * hidden * element
@@ -422,8 +427,9 @@ def run_explain(args, parser):
               f"parallel over rows, vectorised ({build_info.cpu_vector_path()})"
               + (f", then the projection as one GEMM ({batch} x {proj} x {hidden})"
                  if proj else ""))
-        print(f"  3. backward: per step the pointwise pass and one GEMM with W_hh, then the "
-              f"weight gradients as three large GEMMs over all {batch * seq_len} rows")
+        print(f"  3. backward: per step the pointwise pass and one GEMM with W_hh"
+              + (" and one with W_hr" if proj else "") + ", then the weight gradients as "
+              f"large GEMMs over all {batch * seq_len} rows")
         print(f"  GEMMs: {paths.explain_cpu_gemm()} (fused_rnn.set_cpu_gemm or "
               f"FUSED_RNN_CPU_GEMM: auto | aten)")
         print(f"  threads: {torch.get_num_threads()}")

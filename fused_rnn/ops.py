@@ -56,11 +56,7 @@ def _transformed(*tensors):
     carries the tangents (_register_autograd)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if getattr(fwAD, "_current_level", 0) < 0:
-        return False  # no dual level open: no tangents
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return torch._C._functorch.peek_interpreter_stack() is not None or _has_tangents(tensors)
 
 
 def _needs_grad(*tensors):
@@ -311,7 +307,8 @@ def lstm(
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
     )
     if _transformed(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr):
-        return reference.lstm(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes)
+        return _lstm_reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
+                               False)
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
     out, hy, cy, _, _ = _ops.lstm_forward.default(
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
@@ -395,7 +392,7 @@ def gru(
     """One GRU layer in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
-        return reference.gru(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes)
+        return _gru_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, False)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
     out, hy, _, _ = _ops.gru_forward.default(
         input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
@@ -468,7 +465,7 @@ def rnn(
     """One Elman RNN layer (tanh, or relu) in one direction. Returns (output, hy)."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
-        return reference.rnn(input, hx, w_ih, w_hh, b_ih, b_hh, reverse, relu, batch_sizes)
+        return _rnn_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
     out, hy = _ops.rnn_forward.default(
         input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
     )

@@ -191,7 +191,6 @@ def initial_states(module, batch, device="cpu", seed=2):
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
 
 
-
 def _randn(shape, gen, dtype, device, round_dtype=None, scale=1.0):
     """float64 normal numbers, rounded through round_dtype (so a float64
     reference sees exactly the low-precision values), then cast to dtype."""

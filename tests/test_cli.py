@@ -214,6 +214,7 @@ def test_explain_proj_size(capsys):
     assert "LSTM, B=4, I=64, H=64, proj_size=16" in out
     assert "h @ W_hh^T as one GEMM (4 x 256 x 16)" in out
     assert "then the projection as one GEMM (4 x 16 x 64)" in out
+    assert "one GEMM with W_hh and one with W_hr" in out
     for flags in (["--cell", "GRU"], ["--hidden-size", "16"]):
         with pytest.raises(SystemExit):
             cli.main(["explain", "--device", "cpu", *flags, "--proj-size", "16"])

@@ -348,18 +348,16 @@ def test_opcheck_backward(cell_key, variant, input_grad):
     torch.library.opcheck(op.default, backward_args(cell, args, fwd, grads, input_grad))
 
 
-@pytest.mark.parametrize("variant", ["dense", "packed_reverse"])
-def test_opcheck_lstm_proj_folded(monkeypatch, variant):
+@pytest.mark.parametrize("sample", ["dense_train", "dense_eval", "packed_reverse_train",
+                                    "packed_eval"])
+def test_opcheck_lstm_proj_folded(monkeypatch, sample):
     """The LSTM ops with proj_size folded (FUSED_RNN_PROJECTION=fold), the
-    route the CUDA kernels take: forward in training and inference, backward."""
+    route the CUDA kernels take: forward, and backward after a training one."""
     monkeypatch.setenv("FUSED_RNN_PROJECTION", "fold")
-    for train in (True, False):
-        cell, args = small("lstm_proj", variant, requires_grad=train)
-        torch.library.opcheck(*forward_op_and_args(cell, args, train))
-    cell, args = small("lstm_proj", variant, requires_grad=False)
-    fwd = raw_forward(cell, args, True)
-    grads = upstream_like(fwd[:3], seed=2)
-    torch.library.opcheck(OPS.lstm_backward.default, backward_args(cell, args, fwd, grads, True))
+    test_opcheck_forward("lstm_proj", sample)
+    variant, train = OPCHECK_SAMPLES[sample]
+    if train:
+        test_opcheck_backward("lstm_proj", variant, input_grad=True)
 
 
 # --------------------------------------------------------------------------

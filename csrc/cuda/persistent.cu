@@ -190,20 +190,21 @@ bool launch_cooperative(const void* kernel, const Plan& plan, int directions, vo
 }  // namespace persistent
 
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                       bool packed, bool proj, bool backward, bool bidirectional) {
+                       bool packed, bool proj, bool backward, bool bidirectional,
+                       bool explain) {
   if (!bidirectional) {
-    return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true)
+    return persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, explain)
         .choice;
   }
   PathChoice single =
-      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, true).choice;
+      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 1, explain).choice;
   if (!persistent::pairs_allowed()) {
     single.reason += "; each direction on its own, one after the other "
                      "(FUSED_RNN_BIDIRECTIONAL=separate)";
     return single;
   }
   PathChoice pair =
-      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 2, true).choice;
+      persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 2, explain).choice;
   if (pair.path != KernelPath::kGeneral) return pair;
   // each direction on its own, one after the other
   if (single.path == KernelPath::kGeneral) return single;

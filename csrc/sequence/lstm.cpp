@@ -42,15 +42,12 @@ bool fold_projection(const Tensor& input, const Schedule& sc, int64_t hidden, bo
 #if defined(FUSED_RNN_WITH_CUDA)
   if (input.is_cuda()) {
     return cuda::choose_path(PersistentCell::kLstm, hidden, sc.batch, input.scalar_type(),
-                             !sc.dense, /*proj=*/true, backward)
+                             !sc.dense, /*proj=*/true, backward, /*bidirectional=*/false,
+                             /*explain=*/false)
                .path != KernelPath::kGeneral;
   }
-#else
-  (void)sc;
-  (void)hidden;
-  (void)backward;
 #endif
-  (void)input;
+  (void)input, (void)sc, (void)hidden, (void)backward;
   return false;
 }
 

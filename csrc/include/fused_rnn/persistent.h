@@ -107,10 +107,11 @@ struct PathChoice {
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace cuda {
 
-// The choice on the current device.
+// The choice on the current device; its reason only when `explain` (an
+// op's own call needs just the path).
 PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch,
                        at::ScalarType dtype, bool packed, bool proj, bool backward,
-                       bool bidirectional = false);
+                       bool bidirectional = false, bool explain = true);
 
 // Run the persistent kernel when choose_path takes the shape and the grid
 // can be co-resident now, else the stepwise launches where they apply;
