@@ -162,6 +162,8 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for i in range(warmup + repeats):
+                if i == warmup:
+                    replays = paths.cuda_graph_cache_info()["replays"]
                 for name, module in (("torch", reference), ("fused", fused)):
                     elapsed = _timed(lambda: step(module, x, grad, config.training),
                                      config.device)
@@ -175,6 +177,8 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
             if "contiguous chunk of memory" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         # what ran, under the flags it ran with
+        # whether the general path's loops replayed CUDA graphs while timed
+        replays = paths.cuda_graph_cache_info()["replays"] - replays
         names = {"kernel": kernel_name(config), "grid_sync": grid_sync_name(config),
                  "directions": directions_name(config), "math": math_name(config)}
     torch_ms = statistics.median(times["torch"]) * 1e3
@@ -190,6 +194,7 @@ def run(config: Config, repeats: int = 10, warmup: int = 2, seed: int = 0) -> di
         "max_abs_error": error,
         "repeats": repeats,
         "torch_weights_flat": flat,
+        "graph_replays": replays,
     }
 
 
@@ -311,6 +316,7 @@ def environment(device: str) -> dict:
         # how the persistent kernels' blocks meet between steps (paths.py)
         info["grid_sync"] = os.environ.get("FUSED_RNN_GRID_SYNC") or "auto"
         info["bidirectional"] = os.environ.get("FUSED_RNN_BIDIRECTIONAL") or "auto"
+        info["cuda_graphs"] = paths.get_cuda_graphs()
     return info
 
 
@@ -352,5 +358,7 @@ def format_table(rows: list[dict]) -> str:
             + (f", {r['directions']}" if r.get("directions") else "")
             # float32 multiplied in TF32 (torch's default flags, both sides)
             + (", tf32" if r.get("math") == "tf32" else "")
+            # the general path's per-step loops replayed from CUDA graphs
+            + (", graph" if r.get("graph_replays") else "")
         )
     return "\n".join(lines)

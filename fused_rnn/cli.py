@@ -443,6 +443,8 @@ def run_explain(args, parser):
               f"{_shared_memory_per_sm(props) // 1024} KiB = {on_chip / 2**20:.1f} MiB")
         print(f"  kernel choice: {paths.get_kernel_path()} (fused_rnn.set_kernel_path or "
               f"FUSED_RNN_KERNEL_PATH: auto | persistent | stepwise | general)")
+        print(f"  CUDA graphs of the general path: {paths.get_cuda_graphs()} "
+              f"(fused_rnn.set_cuda_graphs or FUSED_RNN_CUDA_GRAPHS: auto | always | off)")
         for what, backward in (("forward", False), ("backward", True)):
             text = paths.explain_kernel_path(cell, hidden, batch, torch_dtype, device,
                                              packed=args.packed, proj=proj > 0,
@@ -502,9 +504,9 @@ CHECK_CASES = [
 CHECK_LENGTHS = [2, 4, 1]
 
 
-def parity_errors(device, dtype=torch.float64):
+def parity_errors(device, dtype=torch.float64, seed=0):
     """(name, max abs difference from torch.nn over outputs, states and every
-    gradient) for each case, in float64."""
+    gradient) for each case, in float64; weights and inputs from `seed`."""
     from torch import nn
 
     from . import modules
@@ -512,7 +514,7 @@ def parity_errors(device, dtype=torch.float64):
     results = []
     for name, kwargs in CHECK_CASES:
         kind = name.split()[0]
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         reference = getattr(nn, kind)(5, 7, **kwargs).to(device, dtype)
         fused = getattr(modules, kind)(5, 7, **kwargs).to(device, dtype)
         fused.load_state_dict(reference.state_dict())
@@ -532,10 +534,10 @@ def parity_errors(device, dtype=torch.float64):
             errors.append([t.detach() for t in flat] + list(grads))
         error = max((a - b).abs().max().item() for a, b in zip(*errors))
         results.append((name, error))
-    return results + higher_order_errors(device, dtype)
+    return results + higher_order_errors(device, dtype, seed)
 
 
-def higher_order_errors(device, dtype=torch.float64):
+def higher_order_errors(device, dtype=torch.float64, seed=0):
     """(name, max abs difference from torch.nn) of a gradient penalty's
     gradients (create_graph) through a packed bidirectional LSTM and of a
     forward-mode derivative (torch.func.jvp) through a two-layer GRU;
@@ -547,7 +549,7 @@ def higher_order_errors(device, dtype=torch.float64):
     results = []
     for name, kind, kwargs in (("LSTM grad-grad", "LSTM", dict(bidirectional=True)),
                                ("GRU jvp", "GRU", dict(num_layers=2))):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         reference = getattr(nn, kind)(5, 7, **kwargs).to(device, dtype)
         fused = getattr(modules, kind)(5, 7, **kwargs).to(device, dtype)
         fused.load_state_dict(reference.state_dict())
@@ -572,23 +574,34 @@ def higher_order_errors(device, dtype=torch.float64):
 
 def run_check(args, parser):
     """Every case on the CPU; on CUDA on every kernel path in turn (or the
-    one --kernel names), so that each kernel of the build is checked."""
+    one --kernel names), so that each kernel of the build is checked, and
+    the general path once more with its loops replayed from CUDA graphs
+    (captured at the first call, replayed with other weights and inputs at
+    the second)."""
     device = _resolve_device(parser, args.device)
     tolerance = 1e-10
     failed = 0
     print(f"fused_rnn parity self-test on {device} (float64, tolerance {tolerance:g})")
     kernels = ([None] if device == "cpu" or args.kernel is not None
-               else ["persistent", "stepwise", "general"])
+               else ["persistent", "stepwise", "general", "graphed"])
     for kernel in kernels:
-        context = paths.kernel_path(kernel) if kernel else contextlib.nullcontext()
-        if kernel:
+        context = contextlib.ExitStack()
+        seeds = (0,)
+        if kernel == "graphed":
+            print(" general kernels replayed from CUDA graphs:")
+            context.enter_context(paths.kernel_path("general"))
+            context.enter_context(paths.cuda_graphs("always"))
+            seeds = (0, 1)
+        elif kernel:
             print(f" {kernel} kernels:")
+            context.enter_context(paths.kernel_path(kernel))
         with context:
-            for name, error in parity_errors(device):
-                ok = error <= tolerance
-                failed += not ok
-                print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = "
-                      f"{error:.2e}")
+            for seed in seeds:
+                for name, error in parity_errors(device, seed=seed):
+                    ok = error <= tolerance
+                    failed += not ok
+                    print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = "
+                          f"{error:.2e}" + (f" (seed {seed})" if len(seeds) > 1 else ""))
     print("all cells match torch.nn" if not failed else f"{failed} case(s) differ from torch.nn")
     return 1 if failed else 0
 

@@ -39,6 +39,22 @@ environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
         out, state = lstm(x)
     print(fused_rnn.explain_kernel_path("LSTM", 512, batch=8, dtype=torch.bfloat16))
 
+On the general path, a shape's per-step loop is captured into a CUDA graph
+the second time it runs and replayed from then on: one host call for the
+whole sequence instead of two or three ATen calls per step, which is what
+bounds that path at small and medium batches. Each call copies its inputs
+into the graph's own tensors and its results out of them (device copies).
+``set_cuda_graphs`` / ``FUSED_RNN_CUDA_GRAPHS``: ``auto`` (the default:
+sequences of 8 steps or more whose per-step product is at most 2^28
+multiply-adds), ``always`` (every shape from its first call), ``off``; never
+inside a CUDA graph capture of the caller's. The cache keeps up to 32
+shapes, by default up to 1/16 of the device's memory of such tensors
+(``set_cuda_graph_limits``, ``cuda_graph_cache_info``,
+``clear_cuda_graphs``)::
+
+    with fused_rnn.cuda_graphs("off"):
+        out, state = lstm(x)
+
 On the CPU there is one path (a C++ sequence loop), and the setting is
 ignored. Its float32 matrix products run fused_rnn's own packed AVX-512 GEMM
 where the CPU has AVX-512 (``auto``), else ATen's ``mm`` (the BLAS);
@@ -58,6 +74,9 @@ from . import ops  # noqa: F401  (loads the extension)
 PATHS = ("auto", "persistent", "stepwise", "general")
 CPU_GEMMS = ("auto", "aten")
 CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+# "emulate" (the CPU loops through the same cache and copies, in place of a
+# replay) is for the tests; see csrc/include/fused_rnn/graphs.h.
+GRAPH_MODES = ("auto", "always", "off", "emulate")
 
 
 @contextlib.contextmanager
@@ -129,3 +148,55 @@ def cpu_gemm(choice: str):
 def explain_cpu_gemm() -> str:
     """Which kernels the CPU matrix products run now, in words."""
     return torch.ops.fused_rnn.explain_cpu_gemm()
+
+
+def set_cuda_graphs(mode: str) -> None:
+    """Choose when the general path replays its per-step loop from a CUDA
+    graph, for every later call: auto, always or off (emulate: the CPU goes
+    through the graph cache too, for tests)."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"CUDA graph mode must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
+    torch.ops.fused_rnn.set_cuda_graphs(mode)
+
+
+def get_cuda_graphs() -> str:
+    """The CUDA graph mode now in force: auto, always, off or emulate."""
+    return torch.ops.fused_rnn.get_cuda_graphs()
+
+
+def cuda_graphs(mode: str):
+    """Run the body of a ``with`` with another CUDA graph mode, then restore
+    the previous one."""
+    return _temporarily(get_cuda_graphs, set_cuda_graphs, mode)
+
+
+def cuda_graph_cache_info() -> dict:
+    """What the general path's graph cache has done since the process started
+    (or the last clear): captures, replays, uncached (calls that could have
+    taken a graph and ran without one: a shape's first call under auto, one
+    too large, one captured too often), evictions, and what it holds now
+    (entries, bytes of its tensors)."""
+    keys = ("captures", "replays", "uncached", "evictions", "entries", "bytes")
+    return dict(zip(keys, torch.ops.fused_rnn.cuda_graph_cache_info()))
+
+
+def set_cuda_graph_limits(entry_bytes: int = 0, total_bytes: int = 0) -> None:
+    """Cap the memory of the graph cache: the bytes of tensors one captured
+    loop may hold (larger ones run without a graph) and the cache's in all
+    (the least recently used entries go first). 0 restores a default: 1/64
+    and 1/16 of the device's memory, at least 256 MiB and 1 GiB."""
+    torch.ops.fused_rnn.set_cuda_graph_limits(int(entry_bytes), int(total_bytes))
+
+
+def cuda_graph_limits(device="cuda") -> dict:
+    """The graph cache's limits in force for `device`: entry_bytes and
+    total_bytes."""
+    like = torch.empty(0, device=device)
+    return dict(zip(("entry_bytes", "total_bytes"),
+                    torch.ops.fused_rnn.cuda_graph_limits(like)))
+
+
+def clear_cuda_graphs() -> None:
+    """Drop every captured graph and its tensors (the memory returns to
+    torch's caching allocator) and the cache's counts."""
+    torch.ops.fused_rnn.clear_cuda_graphs()

@@ -44,13 +44,17 @@ def no_tf32():
     return tf32_flags(cudnn=False, matmul=False)
 
 
-@pytest.fixture(params=["persistent", "stepwise", "general"])
+@pytest.fixture(params=["persistent", "stepwise", "general", "graphed"])
 def path(request):
     """Every CUDA kernel path: the persistent kernels wherever they fit
     (packed sequences included), the same kernels one launch per step
     (stepwise), and the per-step general path (proj_size folds its
-    projection into the recurrent weight on the first two)."""
-    with fused_rnn.kernel_path(request.param):
+    projection into the recurrent weight on the first two), without CUDA
+    graphs and (graphed) with every loop captured at its first call and
+    replayed from its own copies of the tensors."""
+    kernel = "general" if request.param == "graphed" else request.param
+    graphs = "always" if request.param == "graphed" else "off"
+    with fused_rnn.kernel_path(kernel), fused_rnn.cuda_graphs(graphs):
         yield request.param
 
 
@@ -353,7 +357,8 @@ def test_cuda_graph_inference_no_host_sync(path):
 
 def test_fused_rnn_check_runs_every_kernel_path(capsys):
     """`fused-rnn check` on CUDA checks the build's every kernel: each case
-    (packed input included) on the persistent, stepwise and general paths;
+    (packed input included) on the persistent, stepwise and general paths,
+    and the general path replayed from CUDA graphs;
     --kernel narrows it to one."""
     from fused_rnn import cli
 
@@ -361,7 +366,9 @@ def test_fused_rnn_check_runs_every_kernel_path(capsys):
     out = capsys.readouterr().out
     for kernel in ("persistent", "stepwise", "general"):
         assert f" {kernel} kernels:" in out
-    assert out.count("ok   GRU packed") == 3 and "FAIL" not in out
+    assert " general kernels replayed from CUDA graphs:" in out
+    # persistent, stepwise, general, then graphed twice (captured, replayed)
+    assert out.count("ok   GRU packed") == 5 and "FAIL" not in out
     assert cli.main(["check", "--device", "cuda", "--kernel", "stepwise"]) == 0
     out = capsys.readouterr().out
     assert "kernels:" not in out and out.count("ok   LSTM packed") == 1

@@ -37,7 +37,8 @@ Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
   // x_t @ W_ih^T, (rows, 3H) per step; the biases join in the pointwise pass.
   InputProjection xw = [&] {
     const PhaseRange phase("fused_rnn::input_projection");
-    return InputProjection(x, w_ih, sc, train || input.is_cuda());
+    return InputProjection(x, w_ih, sc,
+                           train || input.is_cuda() || loop_needs_whole_projection());
   }();
   const Tensor out = at::empty({sc.rows, H}, opts);
   const Tensor h = at::empty({sc.batch, H}, opts);
@@ -59,19 +60,41 @@ Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     whole.hn = hn;
   }
   if (!run_whole(whole)) {
-    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
-    const Tensor scratch = at::empty({sc.batch * 3 * H}, opts);
-    h.copy_(hx);
-    RunningState state(h, sc);
-    for (int64_t s = 0; s < sc.steps; ++s) {
-      const int64_t n = sc.size_at(s);
-      const Tensor out_s = step_rows(out, sc, s);
-      GruForwardStep step{xw.step(s), bias_ih, bias_hh, state.before(s, n), w_rec,
-                          out_s, train ? step_rows(hn, sc, s) : Tensor(), scratch};
-      FUSED_RNN_RUN_STEP(gru_forward_step, step, input);
-      state.after(out_s);
-    }
-    state.finish();
+    // The per-step loop, on the tensors run_loop hands it (graphs.h); `xw`
+    // itself only where the projection is not kept whole (CPU inference).
+    enum { kXw, kBiasIh, kBiasHh, kH0, kW, kOut, kHy, kHn };
+    auto loop = [&sc, &xw, train](const std::vector<Tensor>& t) {
+      const int64_t H = t[kHy].size(1);
+      const GemmWeight w_rec(t[kW], sc.rows, /*per_step=*/true);
+      const Tensor scratch = at::empty({sc.batch * 3 * H}, t[kOut].options());
+      t[kHy].copy_(t[kH0]);
+      RunningState state(t[kHy], sc);
+      for (int64_t s = 0; s < sc.steps; ++s) {
+        const int64_t n = sc.size_at(s);
+        const Tensor out_s = step_rows(t[kOut], sc, s);
+        GruForwardStep step{t[kXw].defined() ? step_rows(t[kXw], sc, s) : xw.step(s),
+                            t[kBiasIh],
+                            t[kBiasHh],
+                            state.before(s, n),
+                            w_rec,
+                            out_s,
+                            train ? step_rows(t[kHn], sc, s) : Tensor(),
+                            scratch};
+        FUSED_RNN_RUN_STEP(gru_forward_step, step, out_s);
+        state.after(out_s);
+      }
+      state.finish();
+    };
+    run_loop({"gru_forward", loop_params(sc, {train}), sc.steps, sc.batch * 3 * H * H},
+             {{xw.all(), train ? LoopRole::kInOut : LoopRole::kIn},
+              {bias_ih, LoopRole::kIn},
+              {bias_hh, LoopRole::kIn},
+              {hx, LoopRole::kIn},
+              {w_hh, LoopRole::kIn},
+              {out, LoopRole::kOut},
+              {h, LoopRole::kOut},
+              {hn, LoopRole::kOut}},
+             loop);
   }
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
   return {output, h, train ? xw.all() : absent(input),
@@ -125,23 +148,42 @@ Backward gru_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_hx = dh;
     }
     if (!run_whole(whole)) {
-      const Tensor product = at::empty_like(dh);
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
-      dh.copy_(grad_hy);
-      for (int64_t s = sc.steps - 1; s >= 0; --s) {
-        const int64_t n = sc.size_at(s);
-        const Tensor dgh = step_rows(dgates_h, sc, s);
-        GruBackwardStep step{step_rows(gates_c, sc, s), step_rows(hn_c, sc, s),
-                             h_prev.step(s),            rows(dh, n),
-                             step_rows(go, sc, s),      step_rows(dgates_x, sc, s),
-                             dgh};
-        FUSED_RNN_RUN_STEP(gru_backward_step, step, input);
-        // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A separate
-        // product then an add: accumulating the product into dh in place
-        // (beta = 1) was measured several times less accurate in float32.
-        w_rec_t.product_into(rows(product, n), dgh);
-        rows(dh, n).add_(rows(product, n));
-      }
+      // The per-step loop, on the tensors run_loop hands it (graphs.h).
+      enum { kGates, kHn, kOut, kH0, kPrev, kGo, kGradHy, kW, kDgatesX, kDgatesH, kDh };
+      auto loop = [&sc](const std::vector<Tensor>& t) {
+        const PreviousStates h_prev(t[kOut], t[kH0], sc, t[kPrev]);
+        const Tensor product = at::empty_like(t[kDh]);
+        const GemmWeight w_rec_t(t[kW].t(), sc.rows, /*per_step=*/true);
+        t[kDh].copy_(t[kGradHy]);
+        for (int64_t s = sc.steps - 1; s >= 0; --s) {
+          const int64_t n = sc.size_at(s);
+          const Tensor dgh = step_rows(t[kDgatesH], sc, s);
+          GruBackwardStep step{step_rows(t[kGates], sc, s), step_rows(t[kHn], sc, s),
+                               h_prev.step(s),              rows(t[kDh], n),
+                               step_rows(t[kGo], sc, s),    step_rows(t[kDgatesX], sc, s),
+                               dgh};
+          FUSED_RNN_RUN_STEP(gru_backward_step, step, dgh);
+          // dh_{t-1} = z * dh_t (the step wrote it) + dgates_h @ W_hh. A
+          // separate product then an add: accumulating the product into dh in
+          // place (beta = 1) was measured several times less accurate in
+          // float32.
+          w_rec_t.product_into(rows(product, n), dgh);
+          rows(t[kDh], n).add_(rows(product, n));
+        }
+      };
+      run_loop({"gru_backward", loop_params(sc, {}), sc.steps, sc.batch * 3 * H * H},
+               {{gates_c, LoopRole::kIn},
+                {hn_c, LoopRole::kIn},
+                {out, LoopRole::kIn},
+                {hx_c, LoopRole::kIn},
+                {h_prev.materialized(), LoopRole::kIn},
+                {go, LoopRole::kIn},
+                {grad_hy, LoopRole::kIn},
+                {w_hh, LoopRole::kIn},
+                {dgates_x, LoopRole::kOut},
+                {dgates_h, LoopRole::kOut},
+                {dh, LoopRole::kOut}},
+               loop);
     }
   }
 

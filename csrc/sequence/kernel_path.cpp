@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 
+#include "fused_rnn/graphs.h"
 #include "fused_rnn/persistent.h"
 #include "fused_rnn/setting.h"
 
@@ -67,14 +68,38 @@ std::string kernel_path_cpu(const at::Tensor& /*like*/, c10::string_view cell,
 }
 
 #if defined(FUSED_RNN_WITH_CUDA)
+// What the general path's CUDA graphs (graphs.h) do for such a layer.
+std::string graph_sentence(PersistentCell cell, int64_t hidden, int64_t batch) {
+  const int64_t gates = cell == PersistentCell::kLstm ? 4 : cell == PersistentCell::kGru ? 3 : 1;
+  const int64_t macs = batch * gates * hidden * hidden;
+  switch (requested_graph_mode()) {
+    case GraphMode::kOff:
+      return "; its per-step loop runs without a CUDA graph (CUDA graphs: off)";
+    case GraphMode::kAuto:
+      if (macs > kGraphMaxMacsPerStep) {
+        return "; its per-step loop runs without a CUDA graph: " + std::to_string(macs) +
+               " multiply-adds per step, past 2^28, where the GPU rather than the host "
+               "bounds a step (CUDA graphs: auto)";
+      }
+      return "; its per-step loop is replayed from a CUDA graph from a shape's second call, "
+             "on sequences of 8 steps or more (CUDA graphs: auto; " +
+             std::to_string(macs) + " multiply-adds per step, at most 2^28)";
+    default:
+      return "; its per-step loop is replayed from a CUDA graph, captured at a shape's first "
+             "call (CUDA graphs: always)";
+  }
+}
+
 std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int64_t hidden,
                              int64_t batch, bool packed, bool proj, bool backward,
                              bool bidirectional) {
   TORCH_CHECK_VALUE(hidden > 0 && batch > 0, "fused_rnn: hidden and batch must be positive");
   const c10::OptionalDeviceGuard guard(at::device_of(like));
-  return cuda::choose_path(parse_cell(cell), hidden, batch, like.scalar_type(), packed, proj,
-                           backward, bidirectional)
-      .reason;
+  const PersistentCell which = parse_cell(cell);
+  const cuda::PathChoice choice = cuda::choose_path(which, hidden, batch, like.scalar_type(),
+                                                    packed, proj, backward, bidirectional);
+  if (choice.path != KernelPath::kGeneral) return choice.reason;
+  return choice.reason + graph_sentence(which, hidden, batch);
 }
 #endif
 

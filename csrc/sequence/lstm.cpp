@@ -79,7 +79,8 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
   // x_t @ W_ih^T, (rows, 4H) per step; the biases join in the pointwise pass.
   InputProjection xw = [&] {
     const PhaseRange phase("fused_rnn::input_projection");
-    return InputProjection(x, w_ih, sc, train || input.is_cuda() || fold);
+    return InputProjection(x, w_ih, sc,
+                           train || input.is_cuda() || fold || loop_needs_whole_projection());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor out = at::empty({sc.rows, P}, opts);
@@ -114,27 +115,47 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
       whole.cells = cells;
     }
     if (!run_whole(whole)) {
-      const GemmWeight w_rec(w_rec_weight, sc.rows, /*per_step=*/true);
-      const GemmWeight w_proj = step_proj ? GemmWeight(*w_hr, sc.rows, true) : GemmWeight();
-      const Tensor h_full = step_proj ? at::empty({sc.batch, H}, opts) : Tensor();
-      h_rec.copy_(h_init);
-      c.copy_(cx);
-      RunningState state(h_rec, sc);
-      for (int64_t s = 0; s < sc.steps; ++s) {
-        const int64_t n = sc.size_at(s);
-        const Tensor out_s = step_rows(out_rec, sc, s);
-        LstmForwardStep step{xw.step(s),
-                             bias,
-                             state.before(s, n),
-                             w_rec,
-                             rows(c, n),
-                             train ? step_rows(cells, sc, s) : Tensor(),
-                             step_proj ? rows(h_full, n) : out_s};
-        FUSED_RNN_RUN_STEP(lstm_forward_step, step, input);
-        if (step_proj) w_proj.product_into(out_s, rows(h_full, n));
-        state.after(out_s);
-      }
-      state.finish();
+      // The per-step loop, on the tensors run_loop hands it (graphs.h: a
+      // replayed CUDA graph runs it on copies of its own); `xw` itself only
+      // where the projection is not kept whole (CPU inference).
+      enum { kXw, kBias, kH0, kC0, kW, kWhr, kOut, kHy, kCy, kCells };
+      auto loop = [&sc, &xw, train, step_proj](const std::vector<Tensor>& t) {
+        const GemmWeight w_rec(t[kW], sc.rows, /*per_step=*/true);
+        const GemmWeight w_proj = step_proj ? GemmWeight(t[kWhr], sc.rows, true) : GemmWeight();
+        const Tensor h_full = step_proj ? at::empty_like(t[kCy]) : Tensor();
+        t[kHy].copy_(t[kH0]);
+        t[kCy].copy_(t[kC0]);
+        RunningState state(t[kHy], sc);
+        for (int64_t s = 0; s < sc.steps; ++s) {
+          const int64_t n = sc.size_at(s);
+          const Tensor out_s = step_rows(t[kOut], sc, s);
+          LstmForwardStep step{t[kXw].defined() ? step_rows(t[kXw], sc, s) : xw.step(s),
+                               t[kBias],
+                               state.before(s, n),
+                               w_rec,
+                               rows(t[kCy], n),
+                               train ? step_rows(t[kCells], sc, s) : Tensor(),
+                               step_proj ? rows(h_full, n) : out_s};
+          FUSED_RNN_RUN_STEP(lstm_forward_step, step, out_s);
+          if (step_proj) w_proj.product_into(out_s, rows(h_full, n));
+          state.after(out_s);
+        }
+        state.finish();
+      };
+      const int64_t width = fold ? H : P;  // of the recurrent state
+      run_loop({"lstm_forward", loop_params(sc, {train, step_proj}), sc.steps,
+                sc.batch * (4 * H * width + (step_proj ? P * H : 0))},
+               {{xw.all(), train ? LoopRole::kInOut : LoopRole::kIn},
+                {bias, LoopRole::kIn},
+                {h_init, LoopRole::kIn},
+                {cx, LoopRole::kIn},
+                {w_rec_weight, LoopRole::kIn},
+                {step_proj ? *w_hr : Tensor(), LoopRole::kIn},
+                {out_rec, LoopRole::kOut},
+                {h_rec, LoopRole::kOut},
+                {c, LoopRole::kOut},
+                {cells, LoopRole::kOut}},
+               loop);
     }
   }
   if (fold) {
@@ -216,31 +237,52 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_cx = dc;
     }
     if (!run_whole(whole)) {
-      const PreviousStates c_prev(cells_c, cx.contiguous(), sc);
-      const Tensor dh_full = step_proj ? at::empty({sc.batch, H}, input.options()) : Tensor();
-      // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
-      const GemmWeight w_rec_t(w_rec_weight.t(), sc.rows, /*per_step=*/true);
-      const GemmWeight w_proj_t =
-          step_proj ? GemmWeight(w_hr->t(), sc.rows, true) : GemmWeight();
-      dh_rec.copy_(grad_hy_rec);
-      dc.copy_(grad_cy);
-      for (int64_t s = sc.steps - 1; s >= 0; --s) {
-        const int64_t n = sc.size_at(s);
-        if (step_proj) {
-          const Tensor dr_s = step_rows(dr, sc, s);
-          add_into(dr_s, rows(dh, n), step_rows(go, sc, s));
-          w_proj_t.product_into(rows(dh_full, n), dr_s);
+      // The per-step loop, on the tensors run_loop hands it (graphs.h).
+      enum { kGates, kCells, kC0, kGo, kGradHy, kGradCy, kW, kWhr, kDgates, kDh, kDc, kDr };
+      auto loop = [&sc, step_proj](const std::vector<Tensor>& t) {
+        const PreviousStates c_prev(t[kCells], t[kC0], sc);
+        const Tensor dh_full = step_proj ? at::empty_like(t[kDc]) : Tensor();
+        // dh_{t-1} = dgates @ W_hh, dh (before the projection) = dr @ W_hr.
+        const GemmWeight w_rec_t(t[kW].t(), sc.rows, /*per_step=*/true);
+        const GemmWeight w_proj_t =
+            step_proj ? GemmWeight(t[kWhr].t(), sc.rows, true) : GemmWeight();
+        t[kDh].copy_(t[kGradHy]);
+        t[kDc].copy_(t[kGradCy]);
+        for (int64_t s = sc.steps - 1; s >= 0; --s) {
+          const int64_t n = sc.size_at(s);
+          if (step_proj) {
+            const Tensor dr_s = step_rows(t[kDr], sc, s);
+            add_into(dr_s, rows(t[kDh], n), step_rows(t[kGo], sc, s));
+            w_proj_t.product_into(rows(dh_full, n), dr_s);
+          }
+          const Tensor dgates_s = step_rows(t[kDgates], sc, s);
+          LstmBackwardStep step{step_rows(t[kGates], sc, s),
+                                step_rows(t[kCells], sc, s),
+                                c_prev.step(s),
+                                step_proj ? rows(dh_full, n) : rows(t[kDh], n),
+                                step_proj ? Tensor() : step_rows(t[kGo], sc, s),
+                                rows(t[kDc], n),
+                                dgates_s};
+          FUSED_RNN_RUN_STEP(lstm_backward_step, step, dgates_s);
+          w_rec_t.product_into(rows(t[kDh], n), dgates_s);
         }
-        LstmBackwardStep step{step_rows(gates_c, sc, s),
-                              step_rows(cells_c, sc, s),
-                              c_prev.step(s),
-                              step_proj ? rows(dh_full, n) : rows(dh_rec, n),
-                              step_proj ? Tensor() : step_rows(go_rec, sc, s),
-                              rows(dc, n),
-                              step_rows(dgates, sc, s)};
-        FUSED_RNN_RUN_STEP(lstm_backward_step, step, input);
-        w_rec_t.product_into(rows(dh_rec, n), step_rows(dgates, sc, s));
-      }
+      };
+      const int64_t width = fold ? H : P;  // of the recurrent state
+      run_loop({"lstm_backward", loop_params(sc, {step_proj}), sc.steps,
+                sc.batch * (4 * H * width + (step_proj ? P * H : 0))},
+               {{gates_c, LoopRole::kIn},
+                {cells_c, LoopRole::kIn},
+                {cx.contiguous(), LoopRole::kIn},
+                {go_rec, LoopRole::kIn},
+                {grad_hy_rec, LoopRole::kIn},
+                {grad_cy, LoopRole::kIn},
+                {w_rec_weight, LoopRole::kIn},
+                {step_proj ? *w_hr : Tensor(), LoopRole::kIn},
+                {dgates, LoopRole::kOut},
+                {dh_rec, LoopRole::kOut},
+                {dc, LoopRole::kOut},
+                {step_proj ? dr : Tensor(), LoopRole::kOut}},
+               loop);
     }
   }
   if (fold) {

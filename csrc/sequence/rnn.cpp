@@ -32,7 +32,7 @@ Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
   // x_t @ W_ih^T, (rows, H) per step; the biases join in the pointwise pass.
   InputProjection xw = [&] {
     const PhaseRange phase("fused_rnn::input_projection");
-    return InputProjection(x, w_ih, sc, input.is_cuda());
+    return InputProjection(x, w_ih, sc, input.is_cuda() || loop_needs_whole_projection());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
   const Tensor out = at::empty({sc.rows, H}, input.options());
@@ -50,17 +50,31 @@ Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     whole.hy = h;
   }
   if (!run_whole(whole)) {
-    const GemmWeight w_rec(w_hh, sc.rows, /*per_step=*/true);
-    h.copy_(hx);
-    RunningState state(h, sc);
-    for (int64_t s = 0; s < sc.steps; ++s) {
-      const int64_t n = sc.size_at(s);
-      const Tensor out_s = step_rows(out, sc, s);
-      RnnForwardStep step{xw.step(s), bias, state.before(s, n), w_rec, out_s, relu};
-      FUSED_RNN_RUN_STEP(rnn_forward_step, step, input);
-      state.after(out_s);
-    }
-    state.finish();
+    // The per-step loop, on the tensors run_loop hands it (graphs.h); `xw`
+    // itself only where the projection is not kept whole (CPU inference).
+    enum { kXw, kBias, kH0, kW, kOut, kHy };
+    auto loop = [&sc, &xw, relu](const std::vector<Tensor>& t) {
+      const GemmWeight w_rec(t[kW], sc.rows, /*per_step=*/true);
+      t[kHy].copy_(t[kH0]);
+      RunningState state(t[kHy], sc);
+      for (int64_t s = 0; s < sc.steps; ++s) {
+        const int64_t n = sc.size_at(s);
+        const Tensor out_s = step_rows(t[kOut], sc, s);
+        RnnForwardStep step{t[kXw].defined() ? step_rows(t[kXw], sc, s) : xw.step(s),
+                            t[kBias], state.before(s, n), w_rec, out_s, relu};
+        FUSED_RNN_RUN_STEP(rnn_forward_step, step, out_s);
+        state.after(out_s);
+      }
+      state.finish();
+    };
+    run_loop({"rnn_forward", loop_params(sc, {relu}), sc.steps, sc.batch * H * H},
+             {{xw.all(), LoopRole::kIn},
+              {bias, LoopRole::kIn},
+              {hx, LoopRole::kIn},
+              {w_hh, LoopRole::kIn},
+              {out, LoopRole::kOut},
+              {h, LoopRole::kOut}},
+             loop);
   }
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }
@@ -102,16 +116,28 @@ Backward rnn_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_hx = dh;
     }
     if (!run_whole(whole)) {
-      dh.copy_(grad_hy);
-      const GemmWeight w_rec_t(w_hh.t(), sc.rows, /*per_step=*/true);
-      for (int64_t s = sc.steps - 1; s >= 0; --s) {
-        const int64_t n = sc.size_at(s);
-        const Tensor dp = step_rows(dpre, sc, s);
-        RnnBackwardStep step{step_rows(out, sc, s), rows(dh, n),
-                             step_rows(go, sc, s), dp, relu};
-        FUSED_RNN_RUN_STEP(rnn_backward_step, step, input);
-        w_rec_t.product_into(rows(dh, n), dp);
-      }
+      // The per-step loop, on the tensors run_loop hands it (graphs.h).
+      enum { kOut, kGo, kGradHy, kW, kDpre, kDh };
+      auto loop = [&sc, relu](const std::vector<Tensor>& t) {
+        t[kDh].copy_(t[kGradHy]);
+        const GemmWeight w_rec_t(t[kW].t(), sc.rows, /*per_step=*/true);
+        for (int64_t s = sc.steps - 1; s >= 0; --s) {
+          const int64_t n = sc.size_at(s);
+          const Tensor dp = step_rows(t[kDpre], sc, s);
+          RnnBackwardStep step{step_rows(t[kOut], sc, s), rows(t[kDh], n),
+                               step_rows(t[kGo], sc, s), dp, relu};
+          FUSED_RNN_RUN_STEP(rnn_backward_step, step, dp);
+          w_rec_t.product_into(rows(t[kDh], n), dp);
+        }
+      };
+      run_loop({"rnn_backward", loop_params(sc, {relu}), sc.steps, sc.batch * H * H},
+               {{out, LoopRole::kIn},
+                {go, LoopRole::kIn},
+                {grad_hy, LoopRole::kIn},
+                {w_hh, LoopRole::kIn},
+                {dpre, LoopRole::kOut},
+                {dh, LoopRole::kOut}},
+               loop);
     }
   }
 

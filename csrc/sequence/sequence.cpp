@@ -192,9 +192,9 @@ void route_state_gradients(const at::Tensor& grad_prev, const at::Tensor& grad_f
 }
 
 PreviousStates::PreviousStates(const at::Tensor& seq, const at::Tensor& init,
-                               const Schedule& sc)
+                               const Schedule& sc, const at::Tensor& materialized)
     : seq_(seq), init_(init), sc_(sc) {
-  if (!sc.dense) all_ = previous_states(seq, init, sc);
+  if (!sc.dense) all_ = materialized.defined() ? materialized : previous_states(seq, init, sc);
 }
 
 at::Tensor PreviousStates::step(int64_t s) const {

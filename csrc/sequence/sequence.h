@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fused_rnn/gemm.h"
+#include "fused_rnn/graphs.h"
 #include "fused_rnn/persistent.h"
 #include "fused_rnn/steps.h"
 
@@ -204,6 +205,25 @@ class RunningState {
   at::Tensor last_;
 };
 
+// What a per-step loop's launches depend on besides its tensors' shapes,
+// for run_loop's key (graphs.h): the schedule (packed input: every step's
+// batch size) and the driver's flags.
+inline std::vector<int64_t> loop_params(const Schedule& sc, std::initializer_list<int64_t> flags) {
+  std::vector<int64_t> params(flags);
+  params.push_back(sc.dense);
+  params.push_back(sc.reverse);
+  params.push_back(sc.batch);
+  if (!sc.dense) params.insert(params.end(), sc.size.begin(), sc.size.end());
+  return params;
+}
+
+// Whether the input projection must be kept whole for the per-step loop:
+// run_loop hands the loop its tensors, so under FUSED_RNN_CUDA_GRAPHS=emulate
+// the CPU keeps it whole as CUDA always does.
+inline bool loop_needs_whole_projection() {
+  return requested_graph_mode() == GraphMode::kEmulate;
+}
+
 // What every persistent request of a driver shares: the cell, the schedule
 // (packed input: the rows of each step) and W_hh.
 template <typename Args>
@@ -279,7 +299,12 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
 // materialises previous_states once. seq and init: contiguous.
 class PreviousStates {
  public:
-  PreviousStates(const at::Tensor& seq, const at::Tensor& init, const Schedule& sc);
+  // materialized: previous_states(seq, init) where the caller has it
+  // (another PreviousStates' materialized()), else computed here if needed.
+  PreviousStates(const at::Tensor& seq, const at::Tensor& init, const Schedule& sc,
+                 const at::Tensor& materialized = at::Tensor());
+  // previous_states(seq, init) for packed input; undefined for dense input.
+  const at::Tensor& materialized() const { return all_; }
   // (rows of the s-th processed step, W).
   at::Tensor step(int64_t s) const;
   // a^T @ previous_states(seq, init) for a (N, X): (X, W), the gradient of

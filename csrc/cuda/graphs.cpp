@@ -1,0 +1,108 @@
+// The CUDA half of run_loop (graphs.h): capturing a per-step loop into a
+// graph through ATen's CUDAGraph (so that the caching allocator gives what
+// the loop allocates inside a private pool that lives with the graph, and
+// cuBLAS gets its workspace as under torch.cuda.graph), and replaying it on
+// the current stream.
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+
+#include "fused_rnn/graphs.h"
+
+namespace fused_rnn {
+namespace cuda {
+namespace {
+
+class GraphLoop final : public CapturedLoop {
+ public:
+  void replay() override { graph.replay(); }
+  at::cuda::CUDAGraph graph;
+};
+
+// The stream a loop replayed on `user` is captured on: one of its own per
+// user stream (a capture may not run on the default stream, and the cuBLAS
+// workspace ATen keeps per stream, baked into the graph, is then used by
+// replays on `user` alone, one after another). Created once, never
+// destroyed (a handful per process: one per stream that runs the ops).
+c10::cuda::CUDAStream capture_stream_for(const c10::cuda::CUDAStream& user) {
+  static std::mutex mutex;
+  static std::unordered_map<int64_t, cudaStream_t> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  // StreamId is unique per device only: the key is (device, id)
+  const int64_t key = user.id() * 64 + user.device_index();
+  auto found = streams.find(key);
+  if (found == streams.end()) {
+    const c10::cuda::CUDAGuard guard(user.device_index());
+    cudaStream_t stream = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    found = streams.emplace(key, stream).first;
+  }
+  return c10::cuda::getStreamFromExternal(found->second, user.device_index());
+}
+
+}  // namespace
+
+bool current_stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+std::vector<int64_t> stream_and_blas_settings() {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  auto& context = at::globalContext();
+  return {stream.id(),
+          stream.device_index(),
+          context.allowTF32CuBLAS(),
+          context.allowTF32CuDNN(),
+          static_cast<int64_t>(context.allowFP16ReductionCuBLAS()),
+          static_cast<int64_t>(context.allowBF16ReductionCuBLAS()),
+          static_cast<int64_t>(context.blasPreferredBackend())};
+}
+
+int64_t device_memory_bytes(c10::DeviceIndex device) {
+  constexpr int kKnown = 64;
+  static std::atomic<int64_t> known[kKnown] = {};
+  const bool cached = device >= 0 && device < kKnown;
+  if (cached) {
+    const int64_t bytes = known[device].load(std::memory_order_relaxed);
+    if (bytes > 0) return bytes;
+  }
+  cudaDeviceProp props;
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&props, device));
+  const auto bytes = static_cast<int64_t>(props.totalGlobalMem);
+  if (cached) known[device].store(bytes, std::memory_order_relaxed);
+  return bytes;
+}
+
+std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
+  const c10::cuda::CUDAStream side = capture_stream_for(c10::cuda::getCurrentCUDAStream());
+  auto captured = std::make_unique<GraphLoop>();
+  const c10::cuda::CUDAStreamGuard on_side(side);
+  // Thread-local: other threads' CUDA calls stay legal while this one
+  // records (nothing runs during a capture).
+  captured->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  try {
+    loop(statics);
+  } catch (...) {
+    // End the capture, so that the stream (and this thread) can go on; the
+    // partial graph is dropped with `captured`.
+    try {
+      captured->graph.capture_end();
+    } catch (...) {
+      (void)cudaGetLastError();
+    }
+    throw;
+  }
+  captured->graph.capture_end();
+  return captured;
+}
+
+}  // namespace cuda
+}  // namespace fused_rnn

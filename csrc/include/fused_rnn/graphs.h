@@ -1,0 +1,258 @@
+// The general path's per-step loop replayed as a CUDA graph.
+//
+// On CUDA the general path issues per step a cuBLAS GEMM and a pointwise
+// kernel (backward: the pointwise kernel, a GEMM, for GRU an add), each
+// through ATen on the host. At small and medium batches the host is the
+// bottleneck: on the H200 of bench/results a forward step took ~17-30 us of
+// which the GPU was busy a fraction, cuDNN ~12-20 us. Replayed from a CUDA
+// graph, the whole loop is one host call and the GPU runs the kernels back
+// to back.
+//
+// A graph holds the addresses it was captured with, so the loop is captured
+// once per shape on tensors of its own (the "static" tensors of an entry),
+// and each call copies its inputs into them, replays, and copies the outputs
+// out: device-to-device copies of a few large tensors instead of two
+// launches per step. The loop is given every tensor it touches through its
+// argument (a loop that reached for a tensor of the call by other means
+// would replay on the first call's memory); what it allocates inside (a
+// scratch row) lives in the graph's private memory pool.
+//
+// When (FUSED_RNN_CUDA_GRAPHS, or set_cuda_graphs; process-wide):
+//   auto    the default: a loop shape is captured the second time it is
+//           seen (a shape seen once is a shape that may never come back),
+//           where its per-step products are small enough for the host to
+//           be the bottleneck (kGraphMaxMacsPerStep) and at least
+//           kGraphMinSteps steps long;
+//   always  every loop, from its first call, whatever its size (tests);
+//   off     never;
+//   emulate on the CPU too, with the loop run on the static tensors in
+//           place of a replay: the copies in and out and the cache, without
+//           a GPU (tests).
+// Never while the current stream is being captured (the user's own graph, or
+// torch.compile's reduce-overhead mode, then records the loop's launches).
+//
+// The cache: at most kGraphMaxEntries entries and GraphLimits::total_bytes
+// of static tensors in all, none larger than GraphLimits::entry_bytes (the
+// rest runs without a graph); the least recently used entry goes first. A
+// shape captured kGraphMaxCaptures times (captured, evicted, seen again)
+// runs without a graph from then on: a working set larger than the cache
+// would otherwise pay a capture on every call. An entry the allocator cannot
+// make room for empties the cache, and the call runs without a graph.
+// clear_cuda_graphs() empties it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace fused_rnn {
+
+enum class GraphMode { kAuto = 0, kOff = 1, kAlways = 2, kEmulate = 3 };
+GraphMode requested_graph_mode();
+void set_requested_graph_mode(GraphMode mode);
+GraphMode parse_graph_mode(const std::string& name);
+const char* graph_mode_name(GraphMode mode);
+
+constexpr int64_t kGraphMinSteps = 8;
+// Rows x columns x summed dimension of one step's recurrent product: up to
+// 2^28 (B=256, H=512 LSTM; B=64, H=1024) a step's kernels take the GPU ~10 us
+// or less, under the host's ~20 us for launching them.
+constexpr int64_t kGraphMaxMacsPerStep = int64_t{1} << 28;
+constexpr int64_t kGraphMaxEntries = 32;
+constexpr int kGraphMaxCaptures = 2;
+
+// Bytes of static tensors an entry may hold, and the cache in all: by
+// default 1/64 and 1/16 of the device's memory (on an 80 GB H100 1.25 and
+// 5 GB, an LSTM training step at B=64, H=1024, T=256 fits), at least
+// 256 MiB and 1 GiB (the CPU emulation: those); set_graph_limits overrides
+// either (0: the default).
+struct GraphLimits {
+  int64_t entry_bytes;
+  int64_t total_bytes;
+};
+GraphLimits graph_limits(const at::Device& device);
+void set_graph_limits(int64_t entry_bytes, int64_t total_bytes);
+
+// What the loop does with each of its tensors: reads it (copied in before a
+// replay), writes it (copied out after), or both. Every tensor a loop writes
+// must be one of these and none may share memory with another.
+enum class LoopRole { kIn, kOut, kInOut };
+struct LoopTensor {
+  at::Tensor tensor;  // may be undefined (the loop sees an undefined tensor)
+  LoopRole role;
+};
+
+// A loop over the steps of a recurrence, on the tensors it is given (in the
+// order of the LoopTensor list).
+using StepLoop = c10::function_ref<void(const std::vector<at::Tensor>&)>;
+
+struct LoopShape {
+  const char* name;                // which loop, e.g. "lstm_forward"
+  std::vector<int64_t> params;     // everything else the launches depend on
+                                   // (flags, the schedule's batch sizes)
+  int64_t steps;                   // T
+  int64_t macs_per_step;           // of the widest step's recurrent product
+};
+
+// Runs loop(tensors): through a captured graph where the mode and the cache
+// take it (above), else directly on the tensors given.
+void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, StepLoop loop);
+
+// What the cache has done since the process started (or the last clear).
+struct GraphCacheInfo {
+  int64_t captures = 0, replays = 0, uncached = 0, evictions = 0, entries = 0, bytes = 0;
+};
+GraphCacheInfo graph_cache_info();
+void clear_graph_cache();
+
+// The cache's bookkeeping, apart from what an entry holds (tested through
+// the emulate mode on the CPU).
+struct GraphKey {
+  std::vector<int64_t> values;
+  bool operator==(const GraphKey& other) const { return values == other.values; }
+};
+struct GraphKeyHash {
+  size_t operator()(const GraphKey& key) const {
+    size_t h = 0x9e3779b97f4a7c15ULL;
+    for (const int64_t v : key.values) {
+      h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    }
+    return h;
+  }
+};
+
+template <typename Entry>
+class GraphCache {
+ public:
+  enum class Action { kUncached, kCapture, kReplay };
+
+  // What to do with a loop of this key and size now; for kReplay, entry()
+  // gives the entry (and it becomes the most recently used).
+  Action decide(const GraphKey& key, int64_t bytes, bool from_first_sighting,
+                const GraphLimits& limits) {
+    auto found = index_.find(key);
+    if (found != index_.end()) {
+      lru_.splice(lru_.begin(), lru_, found->second);
+      ++info_.replays;
+      return Action::kReplay;
+    }
+    if (bytes > limits.entry_bytes) return uncached();
+    if (history_.size() > kHistoryLimit) history_.clear();
+    History& h = history_[key];
+    ++h.sightings;
+    if (h.captures >= kGraphMaxCaptures) return uncached();
+    if (!from_first_sighting && h.sightings < 2) return uncached();
+    ++h.captures;
+    return Action::kCapture;
+  }
+
+  // Drops every entry, keeping the counts and what was seen (the allocator
+  // needs the memory back).
+  void evict_all() {
+    while (!lru_.empty()) {
+      evict_last();
+      ++info_.evictions;
+    }
+  }
+
+  // Adds the entry of a key decide() answered kCapture for, evicting the
+  // least recently used entries to make room.
+  Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits) {
+    while (!lru_.empty() && (static_cast<int64_t>(lru_.size()) >= kGraphMaxEntries ||
+                             info_.bytes + bytes > limits.total_bytes)) {
+      evict_last();
+      ++info_.evictions;
+    }
+    lru_.push_front(Item{key, bytes, std::move(entry)});
+    index_[key] = lru_.begin();
+    info_.bytes += bytes;
+    ++info_.captures;
+    info_.entries = static_cast<int64_t>(lru_.size());
+    return lru_.front().entry;
+  }
+
+  // A capture of this key failed: it runs without a graph from now on.
+  void give_up(const GraphKey& key) { history_[key].captures = kGraphMaxCaptures; }
+
+  // The entry of the key decide() last answered kReplay for.
+  Entry& most_recent() { return lru_.front().entry; }
+
+  // Drops an entry (a capture that failed after insert).
+  void erase(const GraphKey& key) {
+    auto found = index_.find(key);
+    if (found == index_.end()) return;
+    info_.bytes -= found->second->bytes;
+    lru_.erase(found->second);
+    index_.erase(found);
+    info_.entries = static_cast<int64_t>(lru_.size());
+  }
+
+  void clear() {
+    lru_.clear();
+    index_.clear();
+    history_.clear();
+    info_ = GraphCacheInfo();
+  }
+
+  const GraphCacheInfo& info() const { return info_; }
+
+ private:
+  struct Item {
+    GraphKey key;
+    int64_t bytes;
+    Entry entry;
+  };
+  struct History {
+    int sightings = 0;
+    int captures = 0;
+  };
+  static constexpr size_t kHistoryLimit = 4096;
+
+  Action uncached() {
+    ++info_.uncached;
+    return Action::kUncached;
+  }
+  void evict_last() {
+    info_.bytes -= lru_.back().bytes;
+    index_.erase(lru_.back().key);
+    lru_.pop_back();
+    info_.entries = static_cast<int64_t>(lru_.size());
+  }
+
+  std::list<Item> lru_;
+  std::unordered_map<GraphKey, typename std::list<Item>::iterator, GraphKeyHash> index_;
+  std::unordered_map<GraphKey, History, GraphKeyHash> history_;
+  GraphCacheInfo info_;
+};
+
+#if defined(FUSED_RNN_WITH_CUDA)
+namespace cuda {
+// A loop captured into a CUDA graph (csrc/cuda/graphs.cpp).
+class CapturedLoop {
+ public:
+  virtual ~CapturedLoop() = default;
+  // Launches the graph on the current stream.
+  virtual void replay() = 0;
+};
+// Captures loop(statics) on a stream of its own (nothing runs), for
+// replays on the current stream; throws where the capture fails.
+std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics);
+// Whether the current stream is being captured into a graph now.
+bool current_stream_capturing();
+// An id of the current stream, and the cuBLAS settings a capture bakes in.
+std::vector<int64_t> stream_and_blas_settings();
+// The device's memory in bytes (read once per device).
+int64_t device_memory_bytes(c10::DeviceIndex device);
+}  // namespace cuda
+#endif
+
+}  // namespace fused_rnn

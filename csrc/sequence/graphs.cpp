@@ -1,0 +1,326 @@
+// run_loop (graphs.h): the choice, the key, the static tensors and the copies
+// around a replay, on every device; the capture itself is csrc/cuda/graphs.cpp.
+#include "fused_rnn/graphs.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <mutex>
+
+#include "fused_rnn/setting.h"
+#include "sequence.h"
+
+namespace fused_rnn {
+
+GraphMode parse_graph_mode(const std::string& name) {
+  if (name == "auto") return GraphMode::kAuto;
+  if (name == "off") return GraphMode::kOff;
+  if (name == "always") return GraphMode::kAlways;
+  if (name == "emulate") return GraphMode::kEmulate;
+  TORCH_CHECK_VALUE(false, "fused_rnn: unknown CUDA graph mode '", name,
+                    "'; expected one of auto, off, always, emulate");
+}
+
+const char* graph_mode_name(GraphMode mode) {
+  switch (mode) {
+    case GraphMode::kOff:
+      return "off";
+    case GraphMode::kAlways:
+      return "always";
+    case GraphMode::kEmulate:
+      return "emulate";
+    default:
+      return "auto";
+  }
+}
+
+namespace {
+
+EnvChoice<GraphMode>& mode_state() {
+  static EnvChoice<GraphMode> state("FUSED_RNN_CUDA_GRAPHS", GraphMode::kAuto,
+                                    &parse_graph_mode);
+  return state;
+}
+
+struct Entry {
+  std::vector<at::Tensor> statics;
+#if defined(FUSED_RNN_WITH_CUDA)
+  std::unique_ptr<cuda::CapturedLoop> graph;  // null where emulated
+#endif
+};
+
+std::mutex& cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+GraphCache<Entry>& cache() {
+  static GraphCache<Entry> c;
+  return c;
+}
+
+// Whether two of the tensors share memory where one of them is written: the
+// static copies would not (an output written through one would not show in
+// the other), so such a loop runs without a graph. None of the drivers'
+// loops has such a pair; this keeps a future one correct.
+bool written_alias(const std::vector<LoopTensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& a = tensors[i].tensor;
+    if (!a.defined() || a.numel() == 0) continue;
+    for (size_t j = i + 1; j < tensors.size(); ++j) {
+      const at::Tensor& b = tensors[j].tensor;
+      if (!b.defined() || b.numel() == 0) continue;
+      const bool written = tensors[i].role != LoopRole::kIn || tensors[j].role != LoopRole::kIn;
+      if (written && a.storage().is_alias_of(b.storage())) return true;
+    }
+  }
+  return false;
+}
+
+GraphKey make_key(const LoopShape& shape, const std::vector<LoopTensor>& tensors,
+                  const at::Tensor& first) {
+  GraphKey key;
+  auto& v = key.values;
+  v.push_back(static_cast<int64_t>(std::hash<std::string>()(shape.name)));
+  v.push_back(shape.steps);
+  v.push_back(static_cast<int64_t>(shape.params.size()));
+  v.insert(v.end(), shape.params.begin(), shape.params.end());
+  v.push_back(static_cast<int64_t>(first.device().type()));
+  v.push_back(first.device().index());
+  for (const LoopTensor& t : tensors) {
+    v.push_back(t.tensor.defined() ? static_cast<int64_t>(t.role) : -1);
+    if (!t.tensor.defined()) continue;
+    v.push_back(static_cast<int64_t>(t.tensor.scalar_type()));
+    v.push_back(t.tensor.dim());
+    for (const int64_t s : t.tensor.sizes()) v.push_back(s);
+  }
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (first.is_cuda()) {
+    const std::vector<int64_t> settings = cuda::stream_and_blas_settings();
+    v.insert(v.end(), settings.begin(), settings.end());
+  }
+#endif
+  return key;
+}
+
+void copy_in(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].tensor.defined() && tensors[i].role != LoopRole::kOut) {
+      statics[i].copy_(tensors[i].tensor);
+    }
+  }
+}
+
+void copy_out(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].tensor.defined() && tensors[i].role != LoopRole::kIn) {
+      at::Tensor target = tensors[i].tensor;
+      target.copy_(statics[i]);
+    }
+  }
+}
+
+void replay(Entry& entry, StepLoop loop, const std::vector<LoopTensor>& tensors) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (entry.graph) {
+    entry.graph->replay();
+    return;
+  }
+#endif
+  // Emulated: the loop itself, on the static tensors, with the call's own
+  // tensors NaN meanwhile: a loop that reached for one of them instead of its
+  // argument (which a graph would replay on the capturing call's memory)
+  // then computes NaN, or writes where copy_out overwrites it. (The ops run
+  // below ADInplaceOrView: no version counter moves.)
+  std::vector<at::Tensor> saved(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor t = tensors[i].tensor;
+    // (an inference tensor outside inference mode takes no in-place write)
+    if (!t.defined() || (t.is_inference() && !c10::InferenceMode::is_enabled())) continue;
+    saved[i] = t.clone();
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  loop(entry.statics);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor t = tensors[i].tensor;
+    if (saved[i].defined()) t.copy_(saved[i]);
+  }
+}
+
+std::atomic<int64_t> entry_bytes_override{0}, total_bytes_override{0};
+
+}  // namespace
+
+GraphLimits graph_limits(const at::Device& device) {
+  int64_t entry = int64_t{256} << 20, total = int64_t{1} << 30;
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (device.is_cuda()) {
+    const int64_t memory = cuda::device_memory_bytes(device.index());
+    entry = std::max(entry, memory / 64);
+    total = std::max(total, memory / 16);
+  }
+#else
+  (void)device;
+#endif
+  const int64_t entry_set = entry_bytes_override.load(), total_set = total_bytes_override.load();
+  return {entry_set > 0 ? entry_set : entry, total_set > 0 ? total_set : total};
+}
+
+void set_graph_limits(int64_t entry_bytes, int64_t total_bytes) {
+  TORCH_CHECK_VALUE(entry_bytes >= 0 && total_bytes >= 0,
+                    "fused_rnn: CUDA graph cache limits must be >= 0 (0: the default), got ",
+                    entry_bytes, " and ", total_bytes);
+  entry_bytes_override.store(entry_bytes);
+  total_bytes_override.store(total_bytes);
+}
+
+GraphMode requested_graph_mode() { return mode_state().get(); }
+
+void set_requested_graph_mode(GraphMode mode) { mode_state().set(mode); }
+
+void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, StepLoop loop) {
+  std::vector<at::Tensor> plain;
+  plain.reserve(tensors.size());
+  const at::Tensor* first = nullptr;
+  for (const LoopTensor& t : tensors) {
+    plain.push_back(t.tensor);
+    if (first == nullptr && t.tensor.defined()) first = &t.tensor;
+  }
+  const GraphMode mode = requested_graph_mode();
+  bool graphed = false;
+  if (first != nullptr && mode != GraphMode::kOff) {
+    if (first->is_cuda()) {
+      graphed = mode != GraphMode::kAuto ||
+                (shape.steps >= kGraphMinSteps && shape.macs_per_step <= kGraphMaxMacsPerStep);
+#if defined(FUSED_RNN_WITH_CUDA)
+      // the caller's own capture records the loop's launches as they come
+      graphed = graphed && !cuda::current_stream_capturing();
+#endif
+    } else {
+      graphed = mode == GraphMode::kEmulate && first->is_cpu();
+    }
+  }
+  if (!graphed || written_alias(tensors)) {
+    loop(plain);
+    return;
+  }
+
+  const GraphKey key = make_key(shape, tensors, *first);
+  int64_t bytes = 0;
+  for (const LoopTensor& t : tensors) {
+    if (t.tensor.defined()) bytes += t.tensor.numel() * t.tensor.element_size();
+  }
+  const GraphLimits limits = graph_limits(first->device());
+  std::unique_lock<std::mutex> lock(cache_mutex());
+  using Action = GraphCache<Entry>::Action;
+  const Action action = cache().decide(key, bytes, mode != GraphMode::kAuto, limits);
+  if (action == Action::kUncached) {
+    lock.unlock();
+    loop(plain);
+    return;
+  }
+  if (action == Action::kReplay) {
+    const PhaseRange phase("fused_rnn::cuda_graph_replay");
+    Entry& entry = cache().most_recent();
+    copy_in(tensors, entry.statics);
+    replay(entry, loop, tensors);
+    copy_out(tensors, entry.statics);
+    return;
+  }
+
+  const PhaseRange phase("fused_rnn::cuda_graph_capture");
+  Entry entry;
+  entry.statics.reserve(tensors.size());
+  try {
+    // ordinary tensors, also when this call runs under inference mode: a
+    // later call outside it copies into them
+    const c10::InferenceMode not_inference(false);
+    for (const LoopTensor& t : tensors) {
+      entry.statics.push_back(
+          t.tensor.defined()
+              ? at::empty(t.tensor.sizes(),
+                          t.tensor.options().memory_format(at::MemoryFormat::Contiguous))
+              : at::Tensor());
+    }
+  } catch (const c10::OutOfMemoryError&) {
+    // The cache gives its memory back and this call runs without a graph
+    // (the shape may be captured again later, when there is room).
+    entry.statics.clear();
+    cache().evict_all();
+    lock.unlock();
+    loop(plain);
+    return;
+  }
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (first->is_cuda()) {
+    try {
+      entry.graph = cuda::capture_loop(loop, entry.statics);
+    } catch (const c10::Error& e) {
+      // Never worse than no graph: this shape runs without one from now on
+      // (give_up), and a real fault shows again
+      // in the plain run.
+      TORCH_WARN_ONCE("fused_rnn: capturing the ", shape.name,
+                      " loop into a CUDA graph failed, so it runs without one (",
+                      e.what_without_backtrace(), ")");
+      cache().give_up(key);
+      lock.unlock();
+      loop(plain);
+      return;
+    }
+  }
+#endif
+  Entry& stored = cache().insert(key, bytes, std::move(entry), limits);
+  copy_in(tensors, stored.statics);
+  replay(stored, loop, tensors);
+  copy_out(tensors, stored.statics);
+}
+
+GraphCacheInfo graph_cache_info() {
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  return cache().info();
+}
+
+void clear_graph_cache() {
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  cache().clear();
+}
+
+namespace {
+
+void set_cuda_graphs_op(c10::string_view mode) {
+  set_requested_graph_mode(parse_graph_mode(std::string(mode)));
+}
+
+std::string get_cuda_graphs_op() { return graph_mode_name(requested_graph_mode()); }
+
+std::vector<int64_t> cuda_graph_limits_op(const at::Tensor& like) {
+  const GraphLimits limits = graph_limits(like.device());
+  return {limits.entry_bytes, limits.total_bytes};
+}
+
+std::vector<int64_t> cuda_graph_cache_info_op() {
+  const GraphCacheInfo info = graph_cache_info();
+  return {info.captures, info.replays, info.uncached, info.evictions, info.entries, info.bytes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
+  m.def("set_cuda_graphs(str mode) -> ()", &set_cuda_graphs_op);
+  m.def("get_cuda_graphs() -> str", &get_cuda_graphs_op);
+  m.def("cuda_graph_cache_info() -> int[]", &cuda_graph_cache_info_op);
+  m.def("clear_cuda_graphs() -> ()", &clear_graph_cache);
+  m.def("set_cuda_graph_limits(int entry_bytes, int total_bytes) -> ()", &set_graph_limits);
+  m.def("cuda_graph_limits(Tensor like) -> int[]");
+}
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) { m.impl("cuda_graph_limits", &cuda_graph_limits_op); }
+#if defined(FUSED_RNN_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) { m.impl("cuda_graph_limits", &cuda_graph_limits_op); }
+#endif
+
+}  // namespace fused_rnn

@@ -1,0 +1,367 @@
+"""The general path's per-step loops replayed from CUDA graphs
+(csrc/include/fused_rnn/graphs.h): each call copies its tensors into a cache
+entry's own, replays, and copies the results out.
+
+On the CPU, FUSED_RNN_CUDA_GRAPHS=emulate runs the same cache and copies with
+the loop itself in place of a replay: a driver that gave its loop a tensor
+with the wrong role (an output not copied out, an input not copied in), or
+whose loop reached for a tensor of the call instead of its argument, fails
+parity here on the second call of a shape, whose entry still holds the first
+call's data. On a GPU (skipped here) the same parity with real graphs, the
+automatic mode's second-call capture, a user's capture around the ops,
+streams and the cache's memory."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_rnn
+from helpers import (MODES, Cfg, check_module_parity, make_module_inputs, make_module_twins,
+                     run_module, tf32_flags)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@pytest.fixture
+def emulated():
+    fused_rnn.clear_cuda_graphs()
+    with fused_rnn.cuda_graphs("emulate"):
+        yield
+    fused_rnn.clear_cuda_graphs()
+
+
+def info():
+    return fused_rnn.cuda_graph_cache_info()
+
+
+FEATURES = {
+    "base": Cfg(),
+    "bidir_l2": Cfg(num_layers=2, bidirectional=True),
+    "no_bias_no_hx": Cfg(bias=False, hx=False, num_layers=2),
+    "packed_unsorted_bidir": Cfg(lengths=(2, 5, 1, 4, 3), enforce_sorted=False, num_layers=2,
+                                 bidirectional=True),
+    "packed_sorted": Cfg(lengths=(5, 3, 3, 1)),
+    "unbatched": Cfg(unbatched=True, num_layers=2),
+    "seq1": Cfg(seq_len=1, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_parity_on_replays(emulated, mode, feature):
+    """Three calls of one shape with other weights and inputs each (seeds):
+    the first captures every loop (forward and backward, each direction),
+    the next two replay the entries, and all three match torch.nn in
+    float64, outputs, states and every gradient."""
+    cfg = FEATURES[feature].replace(mode=mode)
+    if mode == "LSTM_PROJ":
+        cfg = cfg.replace(hidden_size=max(cfg.hidden_size, 2))
+    check_module_parity(cfg, torch.float64, seed=0)
+    first = info()
+    calls = first["captures"] + first["replays"]  # layers of one shape share entries
+    assert first["captures"] > 0
+    for seed in (1, 2):
+        check_module_parity(cfg, torch.float64, seed=seed)
+    after = info()
+    assert after["captures"] == first["captures"]
+    assert after["replays"] == first["replays"] + 2 * calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_parity_float32_and_inference(emulated, mode):
+    """float32 (twice torch's error) and forward-only calls (the inference
+    loops, whose input projection is read and not returned) on replays."""
+    cfg = Cfg(mode=mode, num_layers=2, bidirectional=True, seq_len=9, batch=3)
+    for seed in (0, 1):
+        check_module_parity(cfg, torch.float32, seed=seed)
+    ref, fused = make_module_twins(cfg.replace(seq_len=6))
+    for seed in (3, 4):
+        x = torch.randn(6, 3, cfg.input_size, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected, actual = ref(x), fused(x)
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+    assert info()["replays"] > 0
+
+
+def test_emulated_across_inference_mode(emulated):
+    """An entry made under inference mode serves a call outside it (its
+    tensors are ordinary ones, which a copy outside inference mode may
+    write), and the other way round."""
+    ref, fused = make_module_twins(Cfg(mode="LSTM", seq_len=8, batch=3))
+    for seed in range(4):
+        x = torch.randn(8, 3, ref.input_size, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+        context = torch.inference_mode() if seed % 2 == 0 else torch.no_grad()
+        with context:
+            actual, expected = fused(x)[0], ref(x)[0]
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+    assert info()["captures"] == 1 and info()["replays"] == 3
+
+
+def test_emulated_matches_without_graphs(emulated):
+    """Bit for bit the loop that runs without the cache: a replay reads and
+    writes copies, it computes nothing differently."""
+    cfg = Cfg(mode="GRU", num_layers=2, bidirectional=True, lengths=(6, 4, 4, 1),
+              enforce_sorted=False)
+    _, fused = make_module_twins(cfg, torch.float32)
+    inputs = make_module_inputs(cfg, torch.float32)
+    run_module(fused, inputs, enforce_sorted=False)  # captures
+    replayed = run_module(fused, inputs, enforce_sorted=False)
+    with fused_rnn.cuda_graphs("off"):
+        plain = run_module(fused, inputs, enforce_sorted=False)
+    assert replayed.keys() == plain.keys()
+    for key in plain:
+        assert torch.equal(replayed[key], plain[key]), key
+
+
+def _rnn_forward(model, steps):
+    with torch.no_grad():
+        model(torch.randn(steps, 2, 3))
+
+
+def test_auto_and_off_leave_the_cpu_alone():
+    """On the CPU only the emulation goes through the cache."""
+    fused_rnn.clear_cuda_graphs()
+    model = fused_rnn.RNN(3, 4)
+    for mode in ("auto", "always", "off"):
+        with fused_rnn.cuda_graphs(mode):
+            for _ in range(3):
+                _rnn_forward(model, 12)
+    assert info() == dict(captures=0, replays=0, uncached=0, evictions=0, entries=0, bytes=0)
+
+
+def test_cache_evicts_the_least_recently_used(emulated):
+    """32 entries at most: a 33rd shape evicts the oldest, which is captured
+    again when it comes back, while the newest replays."""
+    model = fused_rnn.RNN(3, 4)
+    for steps in range(1, 34):
+        _rnn_forward(model, steps)
+    state = info()
+    assert state["captures"] == 33 and state["entries"] == 32 and state["evictions"] == 1
+    _rnn_forward(model, 33)
+    assert info()["replays"] == 1
+    _rnn_forward(model, 1)  # evicted: captured again (a second time)
+    state = info()
+    assert state["captures"] == 34 and state["evictions"] == 2
+    # an entry's float32 tensors: xw and output (2T, 4), bias (4), h0 and
+    # h_n (2, 4), W_hh (4, 4); held: T = 3..33 and 1 (2 went last)
+    assert state["bytes"] == sum(4 * (2 * 8 * t + 4 + 8 + 8 + 16) for t in [*range(3, 34), 1])
+
+
+def test_a_working_set_larger_than_the_cache_stops_capturing(emulated):
+    """40 shapes in turn through 32 entries would be captured on every call
+    (each evicts the next one due): a shape is captured twice at most, then
+    runs without a graph, and the 32 shapes in the cache replay."""
+    model = fused_rnn.RNN(3, 4)
+    for _ in range(4):
+        for steps in range(1, 41):
+            _rnn_forward(model, steps)
+    state = info()
+    # rounds 1 and 2 capture every shape; rounds 3 and 4: T = 1..8 (evicted
+    # in round 2) run without a graph, T = 9..40 replay
+    assert (state["captures"], state["uncached"], state["replays"]) == (80, 16, 64)
+    assert state["entries"] == 32
+
+
+def test_limits(emulated):
+    """An entry larger than the entry limit runs without a graph; entries
+    past the total limit evict the oldest; 0 restores the defaults (on the
+    CPU 256 MiB and 1 GiB)."""
+    model = fused_rnn.RNN(3, 4)
+    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=256 << 20, total_bytes=1 << 30)
+    size = lambda t: 4 * (2 * 8 * t + 4 + 8 + 8 + 16)  # noqa: E731 (see above)
+    try:
+        fused_rnn.set_cuda_graph_limits(size(10), size(10) + size(5))
+        assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=size(10),
+                                                          total_bytes=size(10) + size(5))
+        _rnn_forward(model, 11)
+        assert info()["uncached"] == 1 and info()["entries"] == 0
+        for steps in (10, 5):
+            _rnn_forward(model, steps)
+        assert info()["entries"] == 2 and info()["bytes"] == size(10) + size(5)
+        _rnn_forward(model, 6)  # evicts T=10, the oldest
+        assert info()["evictions"] == 1 and info()["bytes"] == size(5) + size(6)
+        _rnn_forward(model, 5)
+        assert info()["replays"] == 1
+    finally:
+        fused_rnn.set_cuda_graph_limits(0, 0)
+    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=256 << 20, total_bytes=1 << 30)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        fused_rnn.set_cuda_graph_limits(-1, 0)
+
+
+def test_clear(emulated):
+    model = fused_rnn.GRU(3, 4)
+    _rnn_forward(model, 5)
+    assert info()["entries"] == 1 and info()["bytes"] > 0
+    fused_rnn.clear_cuda_graphs()
+    assert info() == dict(captures=0, replays=0, uncached=0, evictions=0, entries=0, bytes=0)
+    _rnn_forward(model, 5)
+    assert info()["captures"] == 1
+
+
+def test_mode_setting():
+    previous = fused_rnn.get_cuda_graphs()
+    with fused_rnn.cuda_graphs("off"):
+        assert fused_rnn.get_cuda_graphs() == "off"
+        with fused_rnn.cuda_graphs("always"):
+            assert fused_rnn.get_cuda_graphs() == "always"
+        assert fused_rnn.get_cuda_graphs() == "off"
+    assert fused_rnn.get_cuda_graphs() == previous
+    with pytest.raises(ValueError, match="auto, always, off, emulate"):
+        fused_rnn.set_cuda_graphs("sometimes")
+    with pytest.raises(ValueError, match="expected one of auto, off, always, emulate"):
+        torch.ops.fused_rnn.set_cuda_graphs("sometimes")
+    assert fused_rnn.get_cuda_graphs() == previous
+
+
+def test_bad_environment_value_fails_every_call():
+    code = ("import torch, fused_rnn\n"
+            "try:\n"
+            "    fused_rnn.RNN(3, 4)(torch.randn(2, 1, 3))\n"
+            "except ValueError as e:\n"
+            "    print('ValueError', e)\n")
+    env = {**__import__("os").environ, "FUSED_RNN_CUDA_GRAPHS": "sometimes"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "ValueError FUSED_RNN_CUDA_GRAPHS=sometimes" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.fixture
+def general_cuda():
+    fused_rnn.clear_cuda_graphs()
+    with fused_rnn.kernel_path("general"):
+        yield
+    fused_rnn.clear_cuda_graphs()
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_auto_captures_at_the_second_call(general_cuda, mode):
+    """auto: a shape's first call runs without a graph, its second captures,
+    later ones replay; every call matches torch.nn (float64, cuDNN off the
+    reference: torch.nn on the CPU)."""
+    cfg = Cfg(mode=mode, num_layers=2, bidirectional=True, seq_len=12, batch=3,
+              lengths=(12, 9, 9))
+    with fused_rnn.cuda_graphs("auto"):
+        check_module_parity(cfg, torch.float64, device="cuda", seed=0)
+        first = info()
+        assert first["captures"] == 0 and first["uncached"] > 0
+        check_module_parity(cfg, torch.float64, device="cuda", seed=1)
+        second = info()
+        assert second["captures"] == first["uncached"] and second["replays"] == 0
+        check_module_parity(cfg, torch.float64, device="cuda", seed=2)
+        assert info()["replays"] == second["captures"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_replays_in_every_dtype(general_cuda, mode, dtype):
+    cfg = Cfg(mode=mode, input_size=16, hidden_size=64, seq_len=20, batch=8,
+              bidirectional=True)
+    with fused_rnn.cuda_graphs("always"), tf32_flags(cudnn=False, matmul=False):
+        for seed in (0, 1):
+            check_module_parity(cfg, dtype, device="cuda", seed=seed)
+    assert info()["replays"] > 0
+
+
+@requires_cuda
+def test_cuda_auto_skips_short_and_large_loops(general_cuda):
+    model = fused_rnn.LSTM(8, 16).cuda()
+    with fused_rnn.cuda_graphs("auto"), torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(7, 2, 8, device="cuda"))  # 7 steps: under the 8 a graph needs
+    assert info()["captures"] == 0 and info()["uncached"] == 0
+    big = fused_rnn.LSTM(16, 2048).cuda()  # 64 x 8192 x 2048 = 2^30 multiply-adds per step
+    with fused_rnn.cuda_graphs("auto"), torch.no_grad():
+        for _ in range(3):
+            big(torch.randn(8, 64, 16, device="cuda"))
+    assert info()["captures"] == 0
+
+
+@requires_cuda
+def test_cuda_streams_keep_their_own_entries(general_cuda):
+    """The same shape on two streams: an entry per stream, each replayed in
+    its stream's order, results as on the default stream."""
+    ref, fused = make_module_twins(Cfg(mode="GRU", seq_len=10, batch=4), torch.float32,
+                                   device="cuda")
+    x = [torch.randn(10, 4, ref.input_size, device="cuda") for _ in range(4)]
+    with fused_rnn.cuda_graphs("always"), torch.no_grad():
+        expected = [ref(v)[0] for v in x]
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        outs = []
+        for i, v in enumerate(x):
+            s = streams[i % 2]
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                outs.append(fused(v)[0])
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert info()["entries"] == 2 and info()["replays"] == 2
+
+
+@requires_cuda
+def test_cuda_user_capture_records_the_loop_itself(general_cuda):
+    """Inside the caller's torch.cuda.graph the ops launch their steps into
+    that capture (no nested capture); after it, their own graph replays."""
+    cfg = Cfg(mode="LSTM", seq_len=10, batch=4, input_size=8, hidden_size=32)
+    _, model = make_module_twins(cfg, torch.float32, device="cuda")
+    x = torch.randn(10, 4, 8, device="cuda")
+    with fused_rnn.cuda_graphs("always"), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        before = info()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, _ = model(x)
+        assert info()["captures"] == before["captures"]
+        assert info()["replays"] == before["replays"]
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            expected, _ = model(x)
+            torch.testing.assert_close(static_out, expected, atol=1e-6, rtol=1e-6)
+
+
+@requires_cuda
+def test_cuda_cache_memory_is_released(general_cuda):
+    model = fused_rnn.GRU(32, 256).cuda()
+    with fused_rnn.cuda_graphs("always"), torch.no_grad():
+        model(torch.randn(64, 16, 32, device="cuda"))
+    torch.cuda.synchronize()
+    held, cached = torch.cuda.memory_allocated(), info()["bytes"]
+    assert cached >= 64 * 16 * 3 * 256 * 4  # the input projection's copy, at least
+    fused_rnn.clear_cuda_graphs()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= held - cached
+
+
+@requires_cuda
+def test_cuda_limits_follow_the_device_memory():
+    memory = torch.cuda.get_device_properties(0).total_memory
+    assert fused_rnn.cuda_graph_limits("cuda") == dict(
+        entry_bytes=max(256 << 20, memory // 64), total_bytes=max(1 << 30, memory // 16))
+
+
+@requires_cuda
+def test_cuda_explain_says_when_graphs_replay():
+    with fused_rnn.kernel_path("general"):
+        with fused_rnn.cuda_graphs("auto"):
+            text = fused_rnn.explain_kernel_path("LSTM", 256, batch=8)
+            assert "replayed from a CUDA graph from a shape's second call" in text
+            text = fused_rnn.explain_kernel_path("LSTM", 2048, batch=64)
+            assert "runs without a CUDA graph" in text
+        with fused_rnn.cuda_graphs("off"):
+            assert "CUDA graphs: off" in fused_rnn.explain_kernel_path("GRU", 256, batch=8)
