@@ -11,7 +11,9 @@
 #                                         bidirectional LSTM (default choice), explain, profile
 #   bash bench/device_check.sh general    the same grid with the general path forced (--kernel
 #                                         general): the per-step path against cuDNN
-#   bash bench/device_check.sh stepwise   the persistent grid at B 1/8 with a grid barrier per step
+#   bash bench/device_check.sh stepwise   the general path without CUDA graphs (against the
+#                                         graphed general grid of the session), the persistent
+#                                         grid at B 1/8 with a grid barrier per step
 #                                         (FUSED_RNN_GRID_SYNC=barrier) against the tagged exchange,
 #                                         the bidirectional LSTM with both directions in one launch
 #                                         and one after the other, float32 with torch's default
@@ -210,6 +212,24 @@ bench_general() {
   run_bench "$1" "bench/results/$card-general.json" "$LOGS/bench-general.txt" --preset full \
     --device cuda --kernel general --no-progress ${GENERAL_BATCHES:+--batch $GENERAL_BATCHES}
 }
+# The general path as the session measures it: its per-step loops replayed
+# from CUDA graphs (FUSED_RNN_CUDA_GRAPHS=auto: captured at the second
+# warm-up call; the rows' graph_replays say which replayed), LSTM and GRU,
+# float32 and bfloat16, every batch and hidden size of the grid (issue 3's
+# goal, and what the automatic choice could give B=256).
+bench_general_graphed() {
+  run_bench "$1" "bench/results/$card-general.json" "$LOGS/bench-general.txt" --device cuda \
+    --kernel general --cell LSTM GRU --batch 1 8 64 256 --hidden-size 256 512 1024 \
+    --seq-len 256 --dtype float32 bfloat16 --no-progress
+}
+# The same general path launched step by step (FUSED_RNN_CUDA_GRAPHS=off),
+# on a subset of those shapes: what the graphs gain (goals.py --nographs).
+bench_nographs() {
+  FUSED_RNN_CUDA_GRAPHS=off run_bench "$1" "bench/results/$card-general-nographs.json" \
+    "$LOGS/bench-general-nographs.txt" --device cuda --kernel general --cell LSTM GRU \
+    --batch 1 8 64 256 --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 \
+    --no-progress
+}
 # The persistent kernels one launch per step: B 1, 8, 64 (where they stand in
 # for a grid that cannot be co-resident, and where a per-step path competes
 # with cuDNN's own per-step kernels).
@@ -295,6 +315,8 @@ general_body() {
   tail -n 40 "$LOGS/bench-general.txt"
 }
 stepwise_body() {
+  bench_nographs "$(cap 60 280)"
+  pack
   bench_barrier "$(cap 100 220)"
   pack
   bench_pairs "$(cap 40 180)"
@@ -312,6 +334,7 @@ stepwise_body() {
   tail -n 8 "$LOGS"/bench-bidir-*.txt
   tail -n 18 "$LOGS/bench-tf32.txt"
   tail -n 10 "$LOGS"/bench-proj-*.txt
+  tail -n 12 "$LOGS/bench-general-nographs.txt"
 }
 
 # The speed goals of issues 3 and 4 against the results of this machine.
@@ -327,6 +350,8 @@ goals() {
   is_fresh "bench/results/$card-bidir-paired.json" && is_fresh "bench/results/$card-bidir-separate.json" \
     && args+=(--pairs "bench/results/$card-bidir-paired.json" "bench/results/$card-bidir-separate.json")
   is_fresh "bench/results/$card-tf32.json" && args+=(--tf32 "bench/results/$card-tf32.json")
+  is_fresh "bench/results/$card-general.json" && is_fresh "bench/results/$card-general-nographs.json" \
+    && args+=(--nographs "bench/results/$card-general-nographs.json")
   python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
   while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
 }
@@ -370,10 +395,10 @@ session() {
   # registers, shared memory and stack (spills) of every kernel
   (command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage fused_rnn/_C.abi3.so \
     >"$LOGS/resources.txt" 2>&1) || true
-  # 1. the checks, side by side, leaving 150 s for the timed grids (the
+  # 1. the checks, side by side, leaving 170 s for the timed grids (the
   # H200 session of 2026-11-27 needed ~155 s for 575 tests with 12 workers;
   # the stepwise path brought them to 892)
-  checks=$(cap 260 150)
+  checks=$(cap 260 170)
   for tool in memcheck racecheck; do
     run_sanitizer "$tool" "$checks" &
     pids+=($!)
@@ -387,13 +412,16 @@ session() {
   SECONDS=0
   # B=256 left out: measured twice, and the automatic choice never takes
   # the persistent kernels there
-  PERSISTENT_BATCHES="${PERSISTENT_BATCHES:-1 8 64}" bench_persistent "$(cap 150 20)"
+  PERSISTENT_BATCHES="${PERSISTENT_BATCHES:-1 8 64}" bench_persistent "$(cap 130 60)"
   explain_and_profile "$card"
   pack
   bench_bidir "$(cap 40 0)"
   pack
-  # the general path's code has not changed since the committed
-  # <card>-general.json; the stepwise launches are new
+  # the general path replays CUDA graphs since the committed
+  # <card>-general.json (run 2, launched step by step)
+  bench_general_graphed "$(cap 60 0)"
+  tail -n 12 "$LOGS/bench-general.txt"
+  pack
   if (( $(left) >= 40 )); then bench_stepwise "$(cap 200 0)"
   else summary+=("bench stepwise: skipped, $(left) s left"); fi
   summary+=("bench: ${SECONDS}s")
@@ -410,7 +438,7 @@ case "$stage" in
   sanitize) build; sanitize ;;
   bench) build; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   general) build; grid_stage "bench general (<card>-general.json)" general_body ;;
-  stepwise) build; grid_stage "bench barrier, pairs, tf32, packed, stepwise (<card>-barrier.json, -bidir-*.json, -tf32.json, -packed-*.json, -proj-*.json, -stepwise.json)" stepwise_body ;;
+  stepwise) build; grid_stage "bench nographs, barrier, pairs, tf32, packed, stepwise (<card>-general-nographs.json, <card>-barrier.json, -bidir-*.json, -tf32.json, -packed-*.json, -proj-*.json, -stepwise.json)" stepwise_body ;;
   all) build; tests; sanitize; grid_stage "bench (bench/results/<card>.json, -bidir)" bench_body ;;
   session) build; session ;;
   *) echo "usage: bash bench/device_check.sh [build|test|sanitize|bench|general|stepwise|all|session]"; exit 2 ;;

@@ -5,7 +5,7 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
 
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
                           [--stepwise FILE] [--barrier FILE] [--pairs PAIRED SEPARATE]
-                          [--tf32 FILE]
+                          [--tf32 FILE] [--nographs FILE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
@@ -17,7 +17,9 @@ bidirectional rows whose directions shared each launch against the same
 shapes with FUSED_RNN_BIDIRECTIONAL=separate; --tf32 one of float32 rows
 run under torch's default TF32 flags (fused-rnn bench --tf32) whose
 products ran in TF32 against the same shapes of the grid in exact float32,
-and their speed-up over cuDNN in TF32.
+and their speed-up over cuDNN in TF32; --nographs one of general-path rows
+(--general) whose per-step loops replayed CUDA graphs against the same
+shapes with FUSED_RNN_CUDA_GRAPHS=off.
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -118,16 +120,17 @@ def check(rows_by_source) -> List[str]:
     return lines
 
 
-def _compare(default_rows, other_rows, took, what, other_name, faster):
+def _compare(default_rows, other_rows, took, what, other_name, faster, kernel="persistent"):
     """One COMPARE line: over the shapes of default_rows where took(row),
     the median and range of other time / default time (above 1: the
-    default is faster), other_rows being the same shapes run otherwise."""
+    default is faster), other_rows being the same shapes run otherwise (on
+    `kernel`)."""
     def key(r):
         return (r["cell"], r["batch"], r["hidden_size"], r["dtype"], r["training"],
                 r["num_layers"], r["bidirectional"])
 
     other = {key(r): r for r in other_rows
-             if r.get("kernel") == "persistent" and math.isfinite(r.get("fused_ms", math.nan))}
+             if r.get("kernel") == kernel and math.isfinite(r.get("fused_ms", math.nan))}
     pairs = [(r, other[key(r)]) for r in default_rows
              if took(r) and key(r) in other and math.isfinite(r.get("fused_ms", math.nan))]
     if not pairs:
@@ -182,6 +185,17 @@ def compare_directions(paired_rows, separate_rows) -> str:
                     "paired")
 
 
+def compare_graphs(general_rows, plain_rows) -> str:
+    """One line, not a goal: general-path rows whose per-step loops replayed
+    CUDA graphs while timed (graph_replays > 0) against the same shapes with
+    FUSED_RNN_CUDA_GRAPHS=off: plain time / graphed time (above 1: the
+    graphs are faster)."""
+    line = _compare(general_rows, plain_rows, lambda r: (r.get("graph_replays") or 0) > 0,
+                    "general path replayed from CUDA graphs vs launched step by step",
+                    "no graphs", "graphed", kernel="general")
+    return line.replace("(no shape in both files)", "(no shape in both files replayed graphs)")
+
+
 def _load(path):
     """(rows, note): note names a file that a cut-short bench left partial."""
     if not path:
@@ -208,6 +222,9 @@ def main(argv=None):
                              "FUSED_RNN_BIDIRECTIONAL=separate (compared, not a goal)")
     parser.add_argument("--tf32", help="JSON of float32 rows under torch's default TF32 flags "
                                        "(fused-rnn bench --tf32; compared, not a goal)")
+    parser.add_argument("--nographs", help="JSON of general-path rows with "
+                                           "FUSED_RNN_CUDA_GRAPHS=off (compared with --general, "
+                                           "not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
@@ -222,6 +239,9 @@ def main(argv=None):
     if args.tf32:
         tf32_rows, note = _load(args.tf32)
         notes += compare_tf32(tf32_rows, loaded["grid"][0]) + ([note] if note else [])
+    if args.nographs:
+        plain_rows, note = _load(args.nographs)
+        notes += [compare_graphs(loaded["general"][0], plain_rows)] + ([note] if note else [])
     print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 

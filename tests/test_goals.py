@@ -206,3 +206,29 @@ def test_tf32_comparison_covers_the_rows_that_ran_in_tf32(tmp_path, capsys):
     goals.main([str(paths[0]), "--tf32", str(paths[1])])
     out = capsys.readouterr().out
     assert "COMPARE  float32 in TF32 vs exact" in out and "vs cuDNN in TF32" in out
+
+
+def test_graphs_comparison_covers_the_general_rows_that_replayed(tmp_path, capsys):
+    """--nographs compares general-path rows whose loops replayed CUDA graphs
+    while timed with the same shapes run with FUSED_RNN_CUDA_GRAPHS=off; rows
+    that ran without graphs (a step too large) are left out; never a goal."""
+    general = [dict(row(cell, "float32", batch, 256, training), kernel="general",
+                    fused_ms=1.0 if batch < 256 else 4.0, graph_replays=10 if batch < 256 else 0)
+               for cell in ("LSTM", "GRU") for batch in (1, 64, 256) for training in (False, True)]
+    plain = [dict(r, fused_ms=3.0 if r["batch"] == 1 else 1.5, graph_replays=0) for r in general]
+    line = goals.compare_graphs(general, plain)
+    assert line.startswith("COMPARE  general path replayed from CUDA graphs vs launched step")
+    assert "no graphs/default time median 3.00x over 8 shapes (8 faster graphed)" in line
+    assert "lowest 1.50x" in line and "highest 3.00x" in line
+    assert goals.compare_graphs([dict(r, graph_replays=0) for r in general], plain).startswith(
+        "NO DATA  general path replayed from CUDA graphs vs launched step by step (no shape in "
+        "both files replayed graphs)")
+    # rows of another kernel are no comparison
+    assert goals.compare_graphs(general, [dict(r, kernel="persistent") for r in plain]) \
+        .startswith("NO DATA")
+    paths = [tmp_path / "grid.json", tmp_path / "general.json", tmp_path / "plain.json"]
+    paths[0].write_text(json.dumps({"rows": full_grid()}))
+    paths[1].write_text(json.dumps({"rows": general}))
+    paths[2].write_text(json.dumps({"rows": plain}))
+    goals.main([str(paths[0]), "--general", str(paths[1]), "--nographs", str(paths[2])])
+    assert "COMPARE  general path replayed from CUDA graphs" in capsys.readouterr().out
