@@ -117,6 +117,22 @@ def test_emulated_matches_without_graphs(emulated):
         assert torch.equal(replayed[key], plain[key]), key
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_one_loop_per_direction_and_pass(emulated, mode):
+    """A bidirectional layer runs each direction's loop once per pass (the
+    pair op runs both loops itself, and its drivers then run none)."""
+    _, fused = make_module_twins(Cfg(mode=mode, bidirectional=True, seq_len=5, batch=2))
+    x = torch.randn(5, 2, fused.input_size, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        fused(x)
+    assert info()["captures"] == 2 and info()["replays"] == 0
+    fused(x)[0].sum().backward()
+    # LSTM and GRU keep what backward needs in a training forward (a loop of
+    # its own); an RNN's forward is the same either way
+    expected = (4, 2) if mode == "RNN_TANH" else (6, 0)
+    assert (info()["captures"], info()["replays"]) == expected
+
+
 def _rnn_forward(model, steps):
     with torch.no_grad():
         model(torch.randn(steps, 2, 3))
@@ -346,6 +362,24 @@ def test_cuda_cache_memory_is_released(general_cuda):
     fused_rnn.clear_cuda_graphs()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= held - cached
+
+
+@requires_cuda
+@pytest.mark.parametrize("graphs", ["off", "auto"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_RELU"])
+def test_cuda_bidirectional_loops_side_by_side(general_cuda, mode, graphs):
+    """Both directions' loops of a layer on two streams (launched step by
+    step, or replayed from graphs): parity with torch.nn on every call, the
+    joined results used by the next layer and by backward."""
+    cfg = Cfg(mode=mode, num_layers=2, bidirectional=True, seq_len=16, batch=5, input_size=12,
+              hidden_size=48)
+    with fused_rnn.cuda_graphs(graphs), tf32_flags(cudnn=False, matmul=False):
+        for seed in range(3):
+            check_module_parity(cfg, torch.float32, device="cuda", seed=seed)
+    if graphs == "auto":
+        assert info()["replays"] > 0
+    text = fused_rnn.explain_kernel_path(mode.split("_")[0], 48, batch=5, bidirectional=True)
+    assert text.endswith("the two directions' loops run side by side, on two CUDA streams")
 
 
 @requires_cuda

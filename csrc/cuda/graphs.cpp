@@ -46,7 +46,59 @@ c10::cuda::CUDAStream capture_stream_for(const c10::cuda::CUDAStream& user) {
   return c10::cuda::getStreamFromExternal(found->second, user.device_index());
 }
 
+// The stream run_side_by_side runs its first loop on beside `user`: one of
+// its own per user stream, as above.
+c10::cuda::CUDAStream side_stream_for(const c10::cuda::CUDAStream& user) {
+  static std::mutex mutex;
+  static std::unordered_map<int64_t, cudaStream_t> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const int64_t key = user.id() * 64 + user.device_index();
+  auto found = streams.find(key);
+  if (found == streams.end()) {
+    const c10::cuda::CUDAGuard guard(user.device_index());
+    cudaStream_t stream = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    found = streams.emplace(key, stream).first;
+  }
+  return c10::cuda::getStreamFromExternal(found->second, user.device_index());
+}
+
+// `to` waits for the work enqueued on `from` so far.
+void wait_for(const c10::cuda::CUDAStream& to, const c10::cuda::CUDAStream& from) {
+  cudaEvent_t event = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(event, from.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(to.stream(), event, 0));
+  // released once it has completed
+  C10_CUDA_CHECK(cudaEventDestroy(event));
+}
+
 }  // namespace
+
+void run_side_by_side(c10::function_ref<void()> first, c10::function_ref<void()> second) {
+  const c10::cuda::CUDAStream user = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = side_stream_for(user);
+  wait_for(side, user);
+  // the current stream waits for the side stream however the loops end, so
+  // that nothing the caller frees afterwards is still in use there
+  struct Join {
+    const c10::cuda::CUDAStream& user;
+    const c10::cuda::CUDAStream& side;
+    ~Join() {
+      cudaEvent_t event = nullptr;
+      if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess) {
+        C10_CUDA_CHECK_WARN(cudaEventRecord(event, side.stream()));
+        C10_CUDA_CHECK_WARN(cudaStreamWaitEvent(user.stream(), event, 0));
+        C10_CUDA_CHECK_WARN(cudaEventDestroy(event));
+      }
+    }
+  } join{user, side};
+  {
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    first();
+  }
+  second();
+}
 
 bool current_stream_capturing() {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;

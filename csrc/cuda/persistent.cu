@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "fused_rnn/graphs.h"
 #include "persistent_launch.cuh"
 
 namespace fused_rnn {
@@ -60,19 +61,8 @@ GridSync grid_sync() {
 }
 
 // Whether both directions of a bidirectional layer may share a launch:
-// FUSED_RNN_BIDIRECTIONAL (read once) auto (the default: where the plan for
-// the pair takes the persistent or stepwise kernels) or separate (each
-// direction on its own, one after the other: for comparison).
-bool pairs_allowed() {
-  static const bool allowed = [] {
-    const char* value = std::getenv("FUSED_RNN_BIDIRECTIONAL");
-    const std::string mode = value ? value : "";
-    TORCH_CHECK(mode.empty() || mode == "auto" || mode == "separate",
-                "FUSED_RNN_BIDIRECTIONAL must be 'auto' or 'separate', got '", mode, "'");
-    return mode != "separate";
-  }();
-  return allowed;
-}
+// FUSED_RNN_BIDIRECTIONAL (graphs.h).
+bool pairs_allowed() { return bidirectional_pairs_allowed(); }
 
 // The current limits of `device` (DeviceLimits, persistent_plan.h), read
 // once per device.

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 
@@ -176,6 +177,32 @@ void set_graph_limits(int64_t entry_bytes, int64_t total_bytes) {
                     entry_bytes, " and ", total_bytes);
   entry_bytes_override.store(entry_bytes);
   total_bytes_override.store(total_bytes);
+}
+
+bool bidirectional_pairs_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("FUSED_RNN_BIDIRECTIONAL");
+    const std::string mode = value ? value : "";
+    TORCH_CHECK(mode.empty() || mode == "auto" || mode == "separate",
+                "FUSED_RNN_BIDIRECTIONAL must be 'auto' or 'separate', got '", mode, "'");
+    return mode != "separate";
+  }();
+  return allowed;
+}
+
+void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
+                      c10::function_ref<void()> second) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (like.defined() && like.is_cuda() && bidirectional_pairs_allowed() &&
+      !cuda::current_stream_capturing()) {
+    cuda::run_side_by_side(first, second);
+    return;
+  }
+#else
+  (void)like;
+#endif
+  first();
+  second();
 }
 
 GraphMode requested_graph_mode() { return mode_state().get(); }

@@ -59,7 +59,9 @@ Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     whole.hy = h;
     whole.hn = hn;
   }
-  if (!run_whole(whole)) {
+  // The per-step loop (the general path), for run_whole to run itself
+  // (both directions of a layer side by side) or after it.
+  auto general = [&] {
     // The per-step loop, on the tensors run_loop hands it (graphs.h); `xw`
     // itself only where the projection is not kept whole (CPU inference).
     enum { kXw, kBiasIh, kBiasHh, kH0, kW, kOut, kHy, kHn };
@@ -95,7 +97,8 @@ Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
               {h, LoopRole::kOut},
               {hn, LoopRole::kOut}},
              loop);
-  }
+  };
+  if (!run_whole(whole, {general, input})) general();
   const Tensor output = sc.dense ? out.view({sc.steps, sc.batch, H}) : out;
   return {output, h, train ? xw.all() : absent(input),
           train ? hn : absent(input)};
@@ -147,7 +150,9 @@ Backward gru_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.dgates_h = dgates_h;
       whole.grad_hx = dh;
     }
-    if (!run_whole(whole)) {
+    // The per-step loop (the general path), for run_whole to run itself
+    // (both directions of a layer side by side) or after it.
+    auto general = [&] {
       // The per-step loop, on the tensors run_loop hands it (graphs.h).
       enum { kGates, kHn, kOut, kH0, kPrev, kGo, kGradHy, kW, kDgatesX, kDgatesH, kDh };
       auto loop = [&sc](const std::vector<Tensor>& t) {
@@ -184,7 +189,8 @@ Backward gru_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
                 {dgates_h, LoopRole::kOut},
                 {dh, LoopRole::kOut}},
                loop);
-    }
+    };
+    if (!run_whole(whole, {general, input})) general();
   }
 
   const PhaseRange weights("fused_rnn::weight_gradients");
@@ -203,7 +209,7 @@ Forward gru_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                     const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
                     bool reverse, bool train) {
   return gru_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train,
-                          [](const PersistentForward& w) { return run_alone(w); });
+                          [](const PersistentForward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 Backward gru_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
@@ -213,7 +219,7 @@ Backward gru_backward(const Tensor& grad_output, const Tensor& grad_hy, const Te
                       bool input_grad) {
   return gru_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, gates,
                            hidden_n, batch_sizes, reverse, has_bias, input_grad,
-                           [](const PersistentBackward& w) { return run_alone(w); });
+                           [](const PersistentBackward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 // Both directions of a bidirectional layer (the second walks the sequence

@@ -99,7 +99,12 @@ std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int6
   const cuda::PathChoice choice = cuda::choose_path(which, hidden, batch, like.scalar_type(),
                                                     packed, proj, backward, bidirectional);
   if (choice.path != KernelPath::kGeneral) return choice.reason;
-  return choice.reason + graph_sentence(which, hidden, batch);
+  std::string reason = choice.reason + graph_sentence(which, hidden, batch);
+  // (separate: choose_path said one after the other)
+  if (bidirectional && bidirectional_pairs_allowed()) {
+    reason += "; the two directions' loops run side by side, on two CUDA streams";
+  }
+  return reason;
 }
 #endif
 

@@ -114,7 +114,9 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
       whole.cy = c;
       whole.cells = cells;
     }
-    if (!run_whole(whole)) {
+    // The per-step loop (the general path), for run_whole to run itself
+    // (both directions of a layer side by side) or after it.
+    auto general = [&] {
       // The per-step loop, on the tensors run_loop hands it (graphs.h: a
       // replayed CUDA graph runs it on copies of its own); `xw` itself only
       // where the projection is not kept whole (CPU inference).
@@ -156,7 +158,8 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
                 {c, LoopRole::kOut},
                 {cells, LoopRole::kOut}},
                loop);
-    }
+    };
+    if (!run_whole(whole, {general, input})) general();
   }
   if (fold) {
     const PhaseRange phase("fused_rnn::projection");
@@ -236,7 +239,9 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.grad_hx = dh_rec;
       whole.grad_cx = dc;
     }
-    if (!run_whole(whole)) {
+    // The per-step loop (the general path), for run_whole to run itself
+    // (both directions of a layer side by side) or after it.
+    auto general = [&] {
       // The per-step loop, on the tensors run_loop hands it (graphs.h).
       enum { kGates, kCells, kC0, kGo, kGradHy, kGradCy, kW, kWhr, kDgates, kDh, kDc, kDr };
       auto loop = [&sc, step_proj](const std::vector<Tensor>& t) {
@@ -283,7 +288,8 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
                 {dc, LoopRole::kOut},
                 {step_proj ? dr : Tensor(), LoopRole::kOut}},
                loop);
-    }
+    };
+    if (!run_whole(whole, {general, input})) general();
   }
   if (fold) {
     // dr: each output row's gradient (its own, the next step's through
@@ -314,7 +320,7 @@ Forward lstm_forward(const Tensor& input, const Tensor& hx, const Tensor& cx,
                      const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                      const optional<Tensor>& batch_sizes, bool reverse, bool train) {
   return lstm_forward_impl(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
-                           train, [](const PersistentForward& w) { return run_alone(w); });
+                           train, [](const PersistentForward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 Backward lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
@@ -326,7 +332,7 @@ Backward lstm_backward(const Tensor& grad_output, const Tensor& grad_hy,
                        bool input_grad) {
   return lstm_backward_impl(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr,
                             output, gates, cells, batch_sizes, reverse, has_bias, input_grad,
-                            [](const PersistentBackward& w) { return run_alone(w); });
+                            [](const PersistentBackward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 // Both directions of a bidirectional layer (the second walks the sequence

@@ -49,7 +49,9 @@ Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     whole.out = out;
     whole.hy = h;
   }
-  if (!run_whole(whole)) {
+  // The per-step loop (the general path), for run_whole to run itself
+  // (both directions of a layer side by side) or after it.
+  auto general = [&] {
     // The per-step loop, on the tensors run_loop hands it (graphs.h); `xw`
     // itself only where the projection is not kept whole (CPU inference).
     enum { kXw, kBias, kH0, kW, kOut, kHy };
@@ -75,7 +77,8 @@ Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
               {out, LoopRole::kOut},
               {h, LoopRole::kOut}},
              loop);
-  }
+  };
+  if (!run_whole(whole, {general, input})) general();
   return {sc.dense ? out.view({sc.steps, sc.batch, H}) : out, h};
 }
 
@@ -115,7 +118,9 @@ Backward rnn_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
       whole.dgates = dpre;
       whole.grad_hx = dh;
     }
-    if (!run_whole(whole)) {
+    // The per-step loop (the general path), for run_whole to run itself
+    // (both directions of a layer side by side) or after it.
+    auto general = [&] {
       // The per-step loop, on the tensors run_loop hands it (graphs.h).
       enum { kOut, kGo, kGradHy, kW, kDpre, kDh };
       auto loop = [&sc, relu](const std::vector<Tensor>& t) {
@@ -138,7 +143,8 @@ Backward rnn_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
                 {dpre, LoopRole::kOut},
                 {dh, LoopRole::kOut}},
                loop);
-    }
+    };
+    if (!run_whole(whole, {general, input})) general();
   }
 
   const PhaseRange weights("fused_rnn::weight_gradients");
@@ -154,7 +160,7 @@ Forward rnn_forward(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                     const optional<Tensor>& b_hh, const optional<Tensor>& batch_sizes,
                     bool reverse, bool relu) {
   return rnn_forward_impl(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu,
-                          [](const PersistentForward& w) { return run_alone(w); });
+                          [](const PersistentForward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 Backward rnn_backward(const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input,
@@ -163,7 +169,7 @@ Backward rnn_backward(const Tensor& grad_output, const Tensor& grad_hy, const Te
                       bool relu, bool has_bias, bool input_grad) {
   return rnn_backward_impl(grad_output, grad_hy, input, hx, w_ih, w_hh, output, batch_sizes,
                            reverse, relu, has_bias, input_grad,
-                           [](const PersistentBackward& w) { return run_alone(w); });
+                           [](const PersistentBackward& w, const GeneralLoop&) { return run_alone(w); });
 }
 
 // Both directions of a bidirectional layer (the second walks the sequence

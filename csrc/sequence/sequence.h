@@ -93,9 +93,16 @@ inline bool run_persistent_pair(const PersistentBackward& a, const PersistentBac
 // undefined where the driver runs no persistent kernel: CPU tensors, a
 // projection run per step): true when that ran the recurrence, false when the driver must
 // run its per-step loop. Every driver calls it exactly once, before that
-// loop. An op of one direction runs the request alone (run_alone).
+// loop. An op of one direction runs the request alone (run_alone). The
+// driver also hands over its per-step loop (GeneralLoop), which a RunWhole
+// may run itself (and then answer true): the pair runs both directions'
+// loops side by side.
+struct GeneralLoop {
+  c10::function_ref<void()> run;
+  at::Tensor like;  // the op's input: where the loop runs
+};
 template <typename Request>
-using RunWhole = c10::function_ref<bool(const Request&)>;
+using RunWhole = c10::function_ref<bool(const Request&, const GeneralLoop&)>;
 inline bool run_alone(const PersistentForward& w) {
   return w.out.defined() && run_persistent(w);
 }
@@ -105,20 +112,26 @@ inline bool run_alone(const PersistentBackward& w) {
 
 // Runs the drivers of both directions of a bidirectional layer, first(run)
 // and second(run) (each a driver given its RunWhole), so that their
-// persistent requests launch together: the second driver runs inside the
-// first's RunWhole, where both requests exist; the pair launches when
-// run_persistent_pair takes it, else each request alone (or each driver's
-// per-step loop). Work reaches the stream in the order: first's and
-// second's input projections, the recurrences, second's and first's rest.
+// recurrences run together: the second driver runs inside the first's
+// RunWhole, where both requests and both per-step loops exist; the pair
+// launches when run_persistent_pair takes it, else each request alone where
+// the persistent kernels take it, and where neither does, both per-step
+// loops side by side (run_side_by_side, graphs.h). Work reaches the stream
+// in the order: first's and second's input projections, the recurrences,
+// second's and first's rest.
 template <typename Request, typename First, typename Second>
 void run_both_directions(First first, Second second) {
-  first([&](const Request& a) {
-    bool paired = false;
-    second([&](const Request& b) {
-      paired = run_persistent_pair(a, b);
-      return paired || run_alone(b);
+  first([&](const Request& a, const GeneralLoop& loop_a) {
+    bool a_ran = false;
+    second([&](const Request& b, const GeneralLoop& loop_b) {
+      if (run_persistent_pair(a, b)) return a_ran = true;
+      const bool b_ran = run_alone(b);
+      a_ran = run_alone(a);
+      if (b_ran || a_ran) return b_ran;  // a driver whose request did not run runs its loop
+      run_side_by_side(loop_b.like, loop_b.run, loop_a.run);
+      return a_ran = true;
     });
-    return paired || run_alone(a);
+    return a_ran;
   });
 }
 

@@ -107,6 +107,27 @@ struct LoopShape {
 // take it (above), else directly on the tensors given.
 void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, StepLoop loop);
 
+// FUSED_RNN_BIDIRECTIONAL (read once): auto (the default) or separate.
+// Whether the two directions of a bidirectional layer may run at once: in
+// one launch of the persistent kernels (persistent.h), or, on the general
+// path, their per-step loops side by side (run_side_by_side); separate runs
+// them one after the other everywhere, for comparison.
+bool bidirectional_pairs_allowed();
+
+// Runs two independent per-step loops (the recurrences of a bidirectional
+// layer's directions on the general path). On CUDA, where
+// bidirectional_pairs_allowed() and the current stream is not being
+// captured, side by side: `first` on a stream of its own (one per current
+// stream, so that its graph cache entries come back) that waits for the
+// work the current stream has so far, `second` on the current stream,
+// which then waits for `first`; so the GPU runs the two recurrences at
+// once, each step's small products and launches overlapping the other's.
+// Otherwise first, then second. Each loop may only touch tensors made
+// before the call, or its own (it writes its own outputs; the caller
+// reads them after).
+void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
+                      c10::function_ref<void()> second);
+
 // What the cache has done since the process started (or the last clear).
 struct GraphCacheInfo {
   int64_t captures = 0, replays = 0, uncached = 0, evictions = 0, entries = 0, bytes = 0;
@@ -252,6 +273,9 @@ bool current_stream_capturing();
 std::vector<int64_t> stream_and_blas_settings();
 // The device's memory in bytes (read once per device).
 int64_t device_memory_bytes(c10::DeviceIndex device);
+// run_side_by_side's CUDA half: first on the current stream's side stream,
+// second on the current stream, joined.
+void run_side_by_side(c10::function_ref<void()> first, c10::function_ref<void()> second);
 }  // namespace cuda
 #endif
 
