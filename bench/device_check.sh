@@ -213,8 +213,10 @@ bench_general() {
     --device cuda --kernel general --no-progress ${GENERAL_BATCHES:+--batch $GENERAL_BATCHES}
 }
 # The general path as the session measures it: its per-step loops replayed
-# from CUDA graphs (FUSED_RNN_CUDA_GRAPHS=auto: captured at the second
-# warm-up call; the rows' graph_replays say which replayed), LSTM and GRU,
+# from CUDA graphs (FUSED_RNN_CUDA_GRAPHS=auto: captured by the parity
+# call and the two warm-ups, at the second call where its tensors come back
+# to the same addresses, else at the third; the rows' graph_replays say
+# which replayed while timed), LSTM and GRU,
 # float32 and bfloat16, every batch and hidden size of the grid (issue 3's
 # goal, and what the automatic choice could give B=256).
 bench_general_graphed() {

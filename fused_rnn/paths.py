@@ -39,16 +39,20 @@ environment variable ``FUSED_RNN_KERNEL_PATH`` before the first call::
         out, state = lstm(x)
     print(fused_rnn.explain_kernel_path("LSTM", 512, batch=8, dtype=torch.bfloat16))
 
-On the general path, a shape's per-step loop is captured into a CUDA graph
-the second time it runs and replayed from then on: one host call for the
-whole sequence instead of two or three ATen calls per step, which is what
-bounds that path at small and medium batches. Each call copies its inputs
-into the graph's own tensors and its results out of them (device copies).
-``set_cuda_graphs`` / ``FUSED_RNN_CUDA_GRAPHS``: ``auto`` (the default:
-sequences of 8 steps or more whose per-step product is at most 2^28
-multiply-adds), ``always`` (every shape from its first call), ``off``; never
-inside a CUDA graph capture of the caller's. The cache keeps up to 32
-shapes, by default up to 1/16 of the device's memory of such tensors
+On the general path, a call's per-step loop is captured into a CUDA graph
+and replayed by later calls: one host call for the whole sequence instead
+of two or three ATen calls per step, which is what bounds that path at
+small and medium batches. A call whose tensors lie where an earlier call's
+did (the steady state of a loop over batches of one shape, with torch's
+caching allocator) replays that call's graph on its own tensors; a shape
+whose addresses keep changing gets, at its third call, a graph on tensors
+of its own, into which each call copies its inputs and out of which it
+copies its results. ``set_cuda_graphs`` / ``FUSED_RNN_CUDA_GRAPHS``:
+``auto`` (the default: sequences of 8 steps or more whose per-step product
+is at most 2^28 multiply-adds), ``always`` (a graph on tensors of its own
+for every shape from its first call), ``off``; never inside a CUDA graph
+capture of the caller's. The cache keeps up to 64 graphs, by default up to
+1/64 of the device's memory of tensors of their own
 (``set_cuda_graph_limits``, ``cuda_graph_cache_info``,
 ``clear_cuda_graphs``)::
 
@@ -74,9 +78,10 @@ from . import ops  # noqa: F401  (loads the extension)
 PATHS = ("auto", "persistent", "stepwise", "general")
 CPU_GEMMS = ("auto", "aten")
 CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-# "emulate" (the CPU loops through the same cache and copies, in place of a
-# replay) is for the tests; see csrc/include/fused_rnn/graphs.h.
-GRAPH_MODES = ("auto", "always", "off", "emulate")
+# "emulate" and "emulate_auto" (the CPU loops through the same cache, as
+# "always" and "auto" choose, the loop run in place of each replay) are for
+# the tests; see csrc/include/fused_rnn/graphs.h.
+GRAPH_MODES = ("auto", "always", "off", "emulate", "emulate_auto")
 
 
 @contextlib.contextmanager
@@ -152,8 +157,8 @@ def explain_cpu_gemm() -> str:
 
 def set_cuda_graphs(mode: str) -> None:
     """Choose when the general path replays its per-step loop from a CUDA
-    graph, for every later call: auto, always or off (emulate: the CPU goes
-    through the graph cache too, for tests)."""
+    graph, for every later call: auto, always or off (emulate, emulate_auto:
+    the CPU goes through the graph cache too, for tests)."""
     if mode not in GRAPH_MODES:
         raise ValueError(f"CUDA graph mode must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
     torch.ops.fused_rnn.set_cuda_graphs(mode)
@@ -173,9 +178,9 @@ def cuda_graphs(mode: str):
 def cuda_graph_cache_info() -> dict:
     """What the general path's graph cache has done since the process started
     (or the last clear): captures, replays, uncached (calls that could have
-    taken a graph and ran without one: a shape's first call under auto, one
+    taken a graph and ran without one: a shape's first calls under auto, one
     too large, one captured too often), evictions, and what it holds now
-    (entries, bytes of its tensors)."""
+    (entries, bytes of the tensors of their own)."""
     keys = ("captures", "replays", "uncached", "evictions", "entries", "bytes")
     return dict(zip(keys, torch.ops.fused_rnn.cuda_graph_cache_info()))
 
@@ -183,8 +188,8 @@ def cuda_graph_cache_info() -> dict:
 def set_cuda_graph_limits(entry_bytes: int = 0, total_bytes: int = 0) -> None:
     """Cap the memory of the graph cache: the bytes of tensors one captured
     loop may hold (larger ones run without a graph) and the cache's in all
-    (the least recently used entries go first). 0 restores a default: 1/64
-    and 1/16 of the device's memory, at least 256 MiB and 1 GiB."""
+    (the least recently used entries go first). 0 restores a default: 1/256
+    and 1/64 of the device's memory, at least 64 and 256 MiB."""
     torch.ops.fused_rnn.set_cuda_graph_limits(int(entry_bytes), int(total_bytes))
 
 

@@ -49,6 +49,7 @@ def emu():
         os.path.join(root, "csrc", "include", "fused_rnn", "cells.h"),
         os.path.join(root, "csrc", "include", "fused_rnn", "activations.h"),
         os.path.join(root, "csrc", "include", "fused_rnn", "persistent.h"),
+        os.path.join(root, "csrc", "include", "fused_rnn", "graphs.h"),
     ]
     digest = hashlib.sha1()
     for path in sources:

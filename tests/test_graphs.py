@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import fused_rnn
-from helpers import (MODES, Cfg, check_module_parity, make_module_inputs, make_module_twins,
-                     run_module, tf32_flags)
+from helpers import (MODES, Cfg, check_module_parity, convert_inputs, make_module_inputs,
+                     make_module_twins, run_module, tf32_flags)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -149,45 +149,116 @@ def test_auto_and_off_leave_the_cpu_alone():
     assert info() == dict(captures=0, replays=0, uncached=0, evictions=0, entries=0, bytes=0)
 
 
+MAX_ENTRIES = 64  # kGraphMaxEntries
+
+
 def test_cache_evicts_the_least_recently_used(emulated):
-    """32 entries at most: a 33rd shape evicts the oldest, which is captured
+    """64 entries at most: a 65th shape evicts the oldest, which is captured
     again when it comes back, while the newest replays."""
     model = fused_rnn.RNN(3, 4)
-    for steps in range(1, 34):
+    for steps in range(1, MAX_ENTRIES + 2):
         _rnn_forward(model, steps)
     state = info()
-    assert state["captures"] == 33 and state["entries"] == 32 and state["evictions"] == 1
-    _rnn_forward(model, 33)
+    assert (state["captures"], state["entries"], state["evictions"]) == (65, 64, 1)
+    _rnn_forward(model, 65)
     assert info()["replays"] == 1
     _rnn_forward(model, 1)  # evicted: captured again (a second time)
     state = info()
-    assert state["captures"] == 34 and state["evictions"] == 2
+    assert state["captures"] == 66 and state["evictions"] == 2
     # an entry's float32 tensors: xw and output (2T, 4), bias (4), h0 and
-    # h_n (2, 4), W_hh (4, 4); held: T = 3..33 and 1 (2 went last)
-    assert state["bytes"] == sum(4 * (2 * 8 * t + 4 + 8 + 8 + 16) for t in [*range(3, 34), 1])
+    # h_n (2, 4), W_hh (4, 4); held: T = 3..65 and 1 (2 went last)
+    assert state["bytes"] == sum(4 * (2 * 8 * t + 4 + 8 + 8 + 16) for t in [*range(3, 66), 1])
 
 
 def test_a_working_set_larger_than_the_cache_stops_capturing(emulated):
-    """40 shapes in turn through 32 entries would be captured on every call
+    """80 shapes in turn through 64 entries would be captured on every call
     (each evicts the next one due): a shape is captured twice at most, then
-    runs without a graph, and the 32 shapes in the cache replay."""
+    runs without a graph, and the 64 shapes in the cache replay."""
     model = fused_rnn.RNN(3, 4)
+    shapes = 80
     for _ in range(4):
-        for steps in range(1, 41):
+        for steps in range(1, shapes + 1):
             _rnn_forward(model, steps)
     state = info()
-    # rounds 1 and 2 capture every shape; rounds 3 and 4: T = 1..8 (evicted
-    # in round 2) run without a graph, T = 9..40 replay
-    assert (state["captures"], state["uncached"], state["replays"]) == (80, 16, 64)
-    assert state["entries"] == 32
+    # rounds 1 and 2 capture every shape; rounds 3 and 4: T = 1..16 (evicted
+    # in round 2) run without a graph, T = 17..80 replay
+    expected = (2 * shapes, 2 * (shapes - MAX_ENTRIES), 2 * MAX_ENTRIES)
+    assert (state["captures"], state["uncached"], state["replays"]) == expected
+    assert state["entries"] == MAX_ENTRIES
+
+
+ACTIONS = ["uncached", "capture direct", "capture static", "replay direct", "replay static"]
+COUNTS = ["captures", "replays", "uncached", "evictions", "entries", "bytes"]
+
+
+def trace(emu, calls, direct_after=2, static_after=3, entry_bytes=1000, total_bytes=10**6):
+    """The cache's choices (graphs.h's GraphCache, compiled into the
+    emulation extension) for calls (shape, address[, bytes]); auto's policy
+    by default."""
+    out = emu.graph_cache_trace([c[0] for c in calls], [c[1] for c in calls],
+                                [c[2] if len(c) > 2 else 100 for c in calls], direct_after,
+                                static_after, entry_bytes, total_bytes)
+    return [ACTIONS[a] for a in out[:len(calls)]], dict(zip(COUNTS, out[len(calls):]))
+
+
+def test_auto_policy_addresses_that_come_back_get_direct_entries(emu):
+    """Two layers of one shape whose tensors alternate between two sets of
+    addresses (a training loop's steady state): each set is captured on its
+    own tensors at its second call, no memory held, then replayed."""
+    actions, counts = trace(emu, [(1, a) for a in (10, 20, 10, 20, 10, 20)])
+    assert actions == ["uncached", "uncached", "capture direct", "capture direct",
+                       "replay direct", "replay direct"]
+    assert counts["bytes"] == 0 and counts["entries"] == 2
+
+
+def test_auto_policy_addresses_that_keep_changing_get_a_static_entry(emu):
+    actions, counts = trace(emu, [(1, a) for a in (10, 20, 30, 40, 10)])
+    assert actions == ["uncached", "uncached", "capture static", "replay static",
+                       "replay static"]
+    assert counts["bytes"] == 100 and counts["entries"] == 1
+
+
+def test_auto_policy_direct_entries_need_no_room(emu):
+    """A loop too large for a static entry still gets a direct one."""
+    actions, counts = trace(emu, [(1, a, 5000) for a in (10, 20, 30, 40, 40, 40)])
+    assert actions == ["uncached"] * 4 + ["capture direct", "replay direct"]
+    assert counts["bytes"] == 0
+
+
+def test_always_policy_and_total_bytes(emu):
+    """always: a static entry at a shape's first call, whatever the
+    addresses; the total limit evicts the least recently used."""
+    calls = [(1, 10, 400), (1, 20, 400), (2, 30, 400), (3, 40, 400), (1, 50, 400)]
+    actions, counts = trace(emu, calls, direct_after=0, static_after=1, total_bytes=900)
+    assert actions == ["capture static", "replay static", "capture static", "capture static",
+                       "capture static"]
+    # shape 3 evicted shape 1 (used before shape 2), shape 1 coming back shape 2
+    assert counts["evictions"] == 2 and counts["entries"] == 2 and counts["bytes"] == 800
+
+
+def test_emulated_auto_parity_when_addresses_change(emulated):
+    """emulate_auto on the CPU: calls whose outputs stay alive (so the next
+    call's tensors are elsewhere) get a static entry at the third call; every
+    call matches torch.nn."""
+    ref, fused = make_module_twins(Cfg(mode="GRU", seq_len=6, batch=2, bidirectional=True))
+    kept = []
+    with fused_rnn.cuda_graphs("emulate_auto"), torch.no_grad():
+        for seed in range(5):
+            x = torch.randn(6, 2, ref.input_size, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(seed))
+            kept.append(fused(x))
+            torch.testing.assert_close(kept[-1][0], ref(x)[0], atol=1e-10, rtol=1e-10)
+    state = info()
+    assert state["captures"] == 2 and state["bytes"] > 0  # a static entry per direction
+    assert state["replays"] == 4 and state["uncached"] == 4
 
 
 def test_limits(emulated):
     """An entry larger than the entry limit runs without a graph; entries
     past the total limit evict the oldest; 0 restores the defaults (on the
-    CPU 256 MiB and 1 GiB)."""
+    CPU 64 and 256 MiB)."""
     model = fused_rnn.RNN(3, 4)
-    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=256 << 20, total_bytes=1 << 30)
+    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=64 << 20, total_bytes=256 << 20)
     size = lambda t: 4 * (2 * 8 * t + 4 + 8 + 8 + 16)  # noqa: E731 (see above)
     try:
         fused_rnn.set_cuda_graph_limits(size(10), size(10) + size(5))
@@ -204,7 +275,7 @@ def test_limits(emulated):
         assert info()["replays"] == 1
     finally:
         fused_rnn.set_cuda_graph_limits(0, 0)
-    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=256 << 20, total_bytes=1 << 30)
+    assert fused_rnn.cuda_graph_limits("cpu") == dict(entry_bytes=64 << 20, total_bytes=256 << 20)
     with pytest.raises(ValueError, match="must be >= 0"):
         fused_rnn.set_cuda_graph_limits(-1, 0)
 
@@ -227,9 +298,9 @@ def test_mode_setting():
             assert fused_rnn.get_cuda_graphs() == "always"
         assert fused_rnn.get_cuda_graphs() == "off"
     assert fused_rnn.get_cuda_graphs() == previous
-    with pytest.raises(ValueError, match="auto, always, off, emulate"):
+    with pytest.raises(ValueError, match="auto, always, off, emulate, emulate_auto"):
         fused_rnn.set_cuda_graphs("sometimes")
-    with pytest.raises(ValueError, match="expected one of auto, off, always, emulate"):
+    with pytest.raises(ValueError, match="expected one of auto, off, always, emulate, emulate_auto"):
         torch.ops.fused_rnn.set_cuda_graphs("sometimes")
     assert fused_rnn.get_cuda_graphs() == previous
 
@@ -259,21 +330,42 @@ def general_cuda():
 
 @requires_cuda
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_auto_captures_at_the_second_call(general_cuda, mode):
-    """auto: a shape's first call runs without a graph, its second captures,
-    later ones replay; every call matches torch.nn (float64, cuDNN off the
-    reference: torch.nn on the CPU)."""
+def test_cuda_auto_replays_a_repeated_call(general_cuda, mode):
+    """auto: a training step repeated on one model (its tensors come back to
+    the same addresses from torch's caching allocator: direct entries from the
+    second call; else a static entry from the third) replays from the third
+    call at the latest; every call matches torch.nn in float64 (on the CPU,
+    without cuDNN)."""
     cfg = Cfg(mode=mode, num_layers=2, bidirectional=True, seq_len=12, batch=3,
               lengths=(12, 9, 9))
+    ref, fused = make_module_twins(cfg, torch.float64, device="cuda")
+    ref = ref.cpu()
     with fused_rnn.cuda_graphs("auto"):
-        check_module_parity(cfg, torch.float64, device="cuda", seed=0)
-        first = info()
-        assert first["captures"] == 0 and first["uncached"] > 0
-        check_module_parity(cfg, torch.float64, device="cuda", seed=1)
-        second = info()
-        assert second["captures"] == first["uncached"] and second["replays"] == 0
-        check_module_parity(cfg, torch.float64, device="cuda", seed=2)
-        assert info()["replays"] == second["captures"]
+        for seed in range(4):
+            inputs = make_module_inputs(cfg, torch.float64, "cuda", seed=seed)
+            expected = run_module(ref, convert_inputs(inputs, device="cpu"))
+            actual = run_module(fused, inputs)
+            for key in expected:
+                torch.testing.assert_close(actual[key].cpu(), expected[key], atol=1e-10,
+                                           rtol=1e-10, msg=key)
+            if seed == 0:
+                loops = info()["uncached"]
+    assert loops > 0 and info()["captures"] >= loops and info()["replays"] >= loops
+
+
+@requires_cuda
+def test_cuda_auto_static_entry_when_addresses_change(general_cuda):
+    """Outputs kept alive: the next call's tensors lie elsewhere, so the
+    shape gets a static entry at its third call and replays it with copies."""
+    ref, fused = make_module_twins(Cfg(mode="LSTM", seq_len=10, batch=4), torch.float32,
+                                   device="cuda")
+    kept = []
+    with fused_rnn.cuda_graphs("auto"), torch.no_grad(), tf32_flags(cudnn=False, matmul=False):
+        for _ in range(5):
+            x = torch.randn(10, 4, ref.input_size, device="cuda")
+            kept.append(fused(x)[0])
+            torch.testing.assert_close(kept[-1], ref(x)[0], atol=1e-5, rtol=1e-5)
+    assert info()["bytes"] > 0 and info()["replays"] >= 2
 
 
 @requires_cuda

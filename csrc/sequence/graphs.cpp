@@ -23,8 +23,9 @@ GraphMode parse_graph_mode(const std::string& name) {
   if (name == "off") return GraphMode::kOff;
   if (name == "always") return GraphMode::kAlways;
   if (name == "emulate") return GraphMode::kEmulate;
+  if (name == "emulate_auto") return GraphMode::kEmulateAuto;
   TORCH_CHECK_VALUE(false, "fused_rnn: unknown CUDA graph mode '", name,
-                    "'; expected one of auto, off, always, emulate");
+                    "'; expected one of auto, off, always, emulate, emulate_auto");
 }
 
 const char* graph_mode_name(GraphMode mode) {
@@ -35,6 +36,8 @@ const char* graph_mode_name(GraphMode mode) {
       return "always";
     case GraphMode::kEmulate:
       return "emulate";
+    case GraphMode::kEmulateAuto:
+      return "emulate_auto";
     default:
       return "auto";
   }
@@ -49,7 +52,7 @@ EnvChoice<GraphMode>& mode_state() {
 }
 
 struct Entry {
-  std::vector<at::Tensor> statics;
+  std::vector<at::Tensor> statics;  // empty for a direct entry
 #if defined(FUSED_RNN_WITH_CUDA)
   std::unique_ptr<cuda::CapturedLoop> graph;  // null where emulated
 #endif
@@ -108,6 +111,19 @@ GraphKey make_key(const LoopShape& shape, const std::vector<LoopTensor>& tensors
   return key;
 }
 
+// The shape's key and where its tensors are: a direct entry's key.
+GraphKey direct_key(const GraphKey& shape_key, const std::vector<LoopTensor>& tensors) {
+  GraphKey key = shape_key;
+  auto& v = key.values;
+  v.push_back(-2);  // apart from any shape key
+  for (const LoopTensor& t : tensors) {
+    if (!t.tensor.defined()) continue;
+    v.push_back(reinterpret_cast<int64_t>(t.tensor.data_ptr()));
+    for (const int64_t s : t.tensor.strides()) v.push_back(s);
+  }
+  return key;
+}
+
 void copy_in(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].tensor.defined() && tensors[i].role != LoopRole::kOut) {
@@ -125,18 +141,31 @@ void copy_out(const std::vector<LoopTensor>& tensors, const std::vector<at::Tens
   }
 }
 
-void replay(Entry& entry, StepLoop loop, const std::vector<LoopTensor>& tensors) {
+// A direct entry's replay: the graph (emulated: the loop) on the call's own
+// tensors.
+void replay(Entry& entry, StepLoop loop, const std::vector<at::Tensor>& plain) {
 #if defined(FUSED_RNN_WITH_CUDA)
   if (entry.graph) {
     entry.graph->replay();
     return;
   }
 #endif
-  // Emulated: the loop itself, on the static tensors, with the call's own
-  // tensors NaN meanwhile: a loop that reached for one of them instead of its
-  // argument (which a graph would replay on the capturing call's memory)
-  // then computes NaN, or writes where copy_out overwrites it. (The ops run
-  // below ADInplaceOrView: no version counter moves.)
+  loop(plain);
+}
+
+// A static entry's replay, its tensors filled by copy_in. Emulated: the loop
+// itself on the static tensors, with the call's own tensors NaN meanwhile:
+// a loop that reached for one of them instead of its argument (which a
+// graph would replay on the capturing call's memory) then computes NaN, or
+// writes where copy_out overwrites it. (The ops run below ADInplaceOrView:
+// no version counter moves.)
+void replay_on_statics(Entry& entry, StepLoop loop, const std::vector<LoopTensor>& tensors) {
+#if defined(FUSED_RNN_WITH_CUDA)
+  if (entry.graph) {
+    entry.graph->replay();
+    return;
+  }
+#endif
   std::vector<at::Tensor> saved(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor t = tensors[i].tensor;
@@ -157,12 +186,12 @@ std::atomic<int64_t> entry_bytes_override{0}, total_bytes_override{0};
 }  // namespace
 
 GraphLimits graph_limits(const at::Device& device) {
-  int64_t entry = int64_t{256} << 20, total = int64_t{1} << 30;
+  int64_t entry = int64_t{64} << 20, total = int64_t{256} << 20;
 #if defined(FUSED_RNN_WITH_CUDA)
   if (device.is_cuda()) {
     const int64_t memory = cuda::device_memory_bytes(device.index());
-    entry = std::max(entry, memory / 64);
-    total = std::max(total, memory / 16);
+    entry = std::max(entry, memory / 256);
+    total = std::max(total, memory / 64);
   }
 #else
   (void)device;
@@ -228,7 +257,8 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
       graphed = graphed && !cuda::current_stream_capturing();
 #endif
     } else {
-      graphed = mode == GraphMode::kEmulate && first->is_cpu();
+      graphed = (mode == GraphMode::kEmulate || mode == GraphMode::kEmulateAuto) &&
+                first->is_cpu();
     }
   }
   if (!graphed || written_alias(tensors)) {
@@ -237,6 +267,9 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   }
 
   const GraphKey key = make_key(shape, tensors, *first);
+  const bool automatic = mode == GraphMode::kAuto || mode == GraphMode::kEmulateAuto;
+  const GraphPolicy policy = automatic ? GraphPolicy{2, 3} : GraphPolicy{0, 1};
+  const GraphKey direct = automatic ? direct_key(key, tensors) : GraphKey();
   int64_t bytes = 0;
   for (const LoopTensor& t : tensors) {
     if (t.tensor.defined()) bytes += t.tensor.numel() * t.tensor.element_size();
@@ -244,65 +277,79 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   const GraphLimits limits = graph_limits(first->device());
   std::unique_lock<std::mutex> lock(cache_mutex());
   using Action = GraphCache<Entry>::Action;
-  const Action action = cache().decide(key, bytes, mode != GraphMode::kAuto, limits);
-  if (action == Action::kUncached) {
-    lock.unlock();
-    loop(plain);
-    return;
-  }
-  if (action == Action::kReplay) {
-    const PhaseRange phase("fused_rnn::cuda_graph_replay");
-    Entry& entry = cache().most_recent();
-    copy_in(tensors, entry.statics);
-    replay(entry, loop, tensors);
-    copy_out(tensors, entry.statics);
-    return;
+  const Action action = cache().decide(key, direct, bytes, policy, limits);
+  switch (action) {
+    case Action::kUncached:
+      lock.unlock();
+      loop(plain);
+      return;
+    case Action::kReplayDirect: {
+      const PhaseRange phase("fused_rnn::cuda_graph_replay");
+      replay(cache().most_recent(), loop, plain);
+      return;
+    }
+    case Action::kReplayStatic: {
+      const PhaseRange phase("fused_rnn::cuda_graph_replay");
+      Entry& entry = cache().most_recent();
+      copy_in(tensors, entry.statics);
+      replay_on_statics(entry, loop, tensors);
+      copy_out(tensors, entry.statics);
+      return;
+    }
+    default:
+      break;
   }
 
   const PhaseRange phase("fused_rnn::cuda_graph_capture");
+  const bool is_direct = action == Action::kCaptureDirect;
   Entry entry;
-  entry.statics.reserve(tensors.size());
-  try {
-    // ordinary tensors, also when this call runs under inference mode: a
-    // later call outside it copies into them
-    const c10::InferenceMode not_inference(false);
-    for (const LoopTensor& t : tensors) {
-      entry.statics.push_back(
-          t.tensor.defined()
-              ? at::empty(t.tensor.sizes(),
-                          t.tensor.options().memory_format(at::MemoryFormat::Contiguous))
-              : at::Tensor());
+  if (!is_direct) {
+    entry.statics.reserve(tensors.size());
+    try {
+      // ordinary tensors, also when this call runs under inference mode: a
+      // later call outside it copies into them
+      const c10::InferenceMode not_inference(false);
+      for (const LoopTensor& t : tensors) {
+        entry.statics.push_back(
+            t.tensor.defined()
+                ? at::empty(t.tensor.sizes(),
+                            t.tensor.options().memory_format(at::MemoryFormat::Contiguous))
+                : at::Tensor());
+      }
+    } catch (const c10::OutOfMemoryError&) {
+      // The cache gives its memory back and this call runs without a graph
+      // (the shape may be captured again later, when there is room).
+      entry.statics.clear();
+      cache().evict_all();
+      lock.unlock();
+      loop(plain);
+      return;
     }
-  } catch (const c10::OutOfMemoryError&) {
-    // The cache gives its memory back and this call runs without a graph
-    // (the shape may be captured again later, when there is room).
-    entry.statics.clear();
-    cache().evict_all();
-    lock.unlock();
-    loop(plain);
-    return;
   }
 #if defined(FUSED_RNN_WITH_CUDA)
   if (first->is_cuda()) {
     try {
-      entry.graph = cuda::capture_loop(loop, entry.statics);
+      entry.graph = cuda::capture_loop(loop, is_direct ? plain : entry.statics);
     } catch (const c10::Error& e) {
-      // Never worse than no graph: this shape runs without one from now on
-      // (give_up), and a real fault shows again
-      // in the plain run.
+      // Never worse than no graph: this key runs without one from now on
+      // (give_up), and a real fault shows again in the plain run.
       TORCH_WARN_ONCE("fused_rnn: capturing the ", shape.name,
                       " loop into a CUDA graph failed, so it runs without one (",
                       e.what_without_backtrace(), ")");
-      cache().give_up(key);
+      cache().give_up(is_direct ? direct : key);
       lock.unlock();
       loop(plain);
       return;
     }
   }
 #endif
+  if (is_direct) {
+    replay(cache().insert(direct, 0, std::move(entry), limits), loop, plain);
+    return;
+  }
   Entry& stored = cache().insert(key, bytes, std::move(entry), limits);
   copy_in(tensors, stored.statics);
-  replay(stored, loop, tensors);
+  replay_on_statics(stored, loop, tensors);
   copy_out(tensors, stored.statics);
 }
 

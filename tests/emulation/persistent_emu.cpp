@@ -14,6 +14,7 @@
 
 #include "../../csrc/cuda/persistent.cuh"
 #include "../../csrc/cuda/persistent_plan.h"
+#include "fused_rnn/graphs.h"
 
 namespace {
 
@@ -367,9 +368,45 @@ std::tuple<std::string, std::string, int64_t, int64_t, int64_t, bool> choose(
           d.plan.units, d.plan.blocks, d.plan.tagged};
 }
 
+// The graph cache's choices (graphs.h) for a sequence of calls, call i of
+// shape shapes[i] with its tensors at addresses[i] and bytes[i] of them:
+// per call the action (0 uncached, 1 capture direct, 2 capture static,
+// 3 replay direct, 4 replay static), then the cache's counts (captures,
+// replays, uncached, evictions, entries, bytes).
+std::vector<int64_t> graph_cache_trace(const std::vector<int64_t>& shapes,
+                                       const std::vector<int64_t>& addresses,
+                                       const std::vector<int64_t>& bytes, int64_t direct_after,
+                                       int64_t static_after, int64_t entry_bytes,
+                                       int64_t total_bytes) {
+  using Cache = fused_rnn::GraphCache<int>;
+  Cache cache;
+  const fused_rnn::GraphPolicy policy{static_cast<int>(direct_after),
+                                      static_cast<int>(static_after)};
+  const fused_rnn::GraphLimits limits{entry_bytes, total_bytes};
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const fused_rnn::GraphKey shape{{shapes[i]}};
+    const fused_rnn::GraphKey direct{{shapes[i], -2, addresses[i]}};
+    const Cache::Action action = cache.decide(shape, direct, bytes[i], policy, limits);
+    if (action == Cache::Action::kCaptureDirect) cache.insert(direct, 0, 0, limits);
+    if (action == Cache::Action::kCaptureStatic) cache.insert(shape, bytes[i], 0, limits);
+    out.push_back(static_cast<int64_t>(action));
+  }
+  const fused_rnn::GraphCacheInfo& info = cache.info();
+  for (const int64_t v : {info.captures, info.replays, info.uncached, info.evictions,
+                          info.entries, info.bytes}) {
+    out.push_back(v);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_rnn_emu, m) {
+  m.def(
+      "graph_cache_trace(int[] shapes, int[] addresses, int[] bytes, int direct_after, "
+      "int static_after, int entry_bytes, int total_bytes) -> int[]",
+      &graph_cache_trace);
   m.def("batch_tile(int batch, ScalarType dtype, bool tf32, int arch) -> int", &batch_tile);
   m.def(
       "choose(int cell, int hidden, int batch, ScalarType dtype, bool packed, bool proj, "

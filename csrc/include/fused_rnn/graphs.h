@@ -8,37 +8,50 @@
 // graph, the whole loop is one host call and the GPU runs the kernels back
 // to back.
 //
-// A graph holds the addresses it was captured with, so the loop is captured
-// once per shape on tensors of its own (the "static" tensors of an entry),
-// and each call copies its inputs into them, replays, and copies the outputs
-// out: device-to-device copies of a few large tensors instead of two
-// launches per step. The loop is given every tensor it touches through its
-// argument (a loop that reached for a tensor of the call by other means
-// would replay on the first call's memory); what it allocates inside (a
-// scratch row) lives in the graph's private memory pool.
+// A graph holds the addresses it was captured with. Two kinds of entries:
+// - direct: captured on the call's own tensors, replayed when a later call
+//   of the same shape has its tensors at the same addresses, shapes and
+//   strides (it then computes exactly what the loop would on them). A
+//   training or inference loop that repeats its shapes mostly gets its
+//   tensors at the same few addresses from torch's caching allocator, so
+//   this costs no memory and no copies.
+// - static: captured once per shape on tensors of the entry's own; each
+//   call copies its inputs into them, replays, and copies the outputs out
+//   (device copies of a few large tensors instead of two launches per
+//   step), for calls whose addresses do not repeat. Memory: about the
+//   loop's tensors once more, within GraphLimits.
+// The loop is given every tensor it touches through its argument (a loop
+// that reached for a tensor of the call by other means would replay on the
+// capturing call's memory); what it allocates inside (a scratch row) lives
+// in the graph's private memory pool.
 //
 // When (FUSED_RNN_CUDA_GRAPHS, or set_cuda_graphs; process-wide):
-//   auto    the default: a loop shape is captured the second time it is
-//           seen (a shape seen once is a shape that may never come back),
-//           where its per-step products are small enough for the host to
-//           be the bottleneck (kGraphMaxMacsPerStep) and at least
-//           kGraphMinSteps steps long;
-//   always  every loop, from its first call, whatever its size (tests);
+//   auto    the default, on loops of at least kGraphMinSteps steps whose
+//           per-step products are small enough for the host to be the
+//           bottleneck (kGraphMaxMacsPerStep): a direct entry the second
+//           time the same addresses come (a call seen once may never come
+//           back), a static entry the third time a shape comes without
+//           (its addresses keep changing);
+//   always  a static entry for every loop at its first call, whatever its
+//           size (tests);
 //   off     never;
-//   emulate on the CPU too, with the loop run on the static tensors in
-//           place of a replay: the copies in and out and the cache, without
-//           a GPU (tests).
+//   emulate on the CPU too, as always, with the loop run on the static
+//           tensors in place of a replay and the call's own tensors NaN
+//           meanwhile: the copies, the roles and the cache, without a GPU
+//           (tests);
+//   emulate_auto  on the CPU too, auto's choices without its size rules,
+//           the loop run in place of each replay (tests of the choices).
 // Never while the current stream is being captured (the user's own graph, or
 // torch.compile's reduce-overhead mode, then records the loop's launches).
 //
 // The cache: at most kGraphMaxEntries entries and GraphLimits::total_bytes
 // of static tensors in all, none larger than GraphLimits::entry_bytes (the
 // rest runs without a graph); the least recently used entry goes first. A
-// shape captured kGraphMaxCaptures times (captured, evicted, seen again)
-// runs without a graph from then on: a working set larger than the cache
-// would otherwise pay a capture on every call. An entry the allocator cannot
-// make room for empties the cache, and the call runs without a graph.
-// clear_cuda_graphs() empties it.
+// key captured kGraphMaxCaptures times (captured, evicted, seen again) runs
+// without a graph from then on: a working set larger than the cache would
+// otherwise pay a capture on every call. A static entry the allocator
+// cannot make room for empties the cache, and the call runs without a
+// graph. clear_cuda_graphs() empties it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -56,7 +69,7 @@
 
 namespace fused_rnn {
 
-enum class GraphMode { kAuto = 0, kOff = 1, kAlways = 2, kEmulate = 3 };
+enum class GraphMode { kAuto = 0, kOff = 1, kAlways = 2, kEmulate = 3, kEmulateAuto = 4 };
 GraphMode requested_graph_mode();
 void set_requested_graph_mode(GraphMode mode);
 GraphMode parse_graph_mode(const std::string& name);
@@ -67,13 +80,13 @@ constexpr int64_t kGraphMinSteps = 8;
 // 2^28 (B=256, H=512 LSTM; B=64, H=1024) a step's kernels take the GPU ~10 us
 // or less, under the host's ~20 us for launching them.
 constexpr int64_t kGraphMaxMacsPerStep = int64_t{1} << 28;
-constexpr int64_t kGraphMaxEntries = 32;
+constexpr int64_t kGraphMaxEntries = 64;
 constexpr int kGraphMaxCaptures = 2;
 
 // Bytes of static tensors an entry may hold, and the cache in all: by
-// default 1/64 and 1/16 of the device's memory (on an 80 GB H100 1.25 and
-// 5 GB, an LSTM training step at B=64, H=1024, T=256 fits), at least
-// 256 MiB and 1 GiB (the CPU emulation: those); set_graph_limits overrides
+// default 1/256 and 1/64 of the device's memory (on an 80 GB H100 312 MiB
+// and 1.25 GiB: an LSTM training step at B=64, H=512, T=256), at least
+// 64 and 256 MiB (the CPU emulation: those); set_graph_limits overrides
 // either (0: the default).
 struct GraphLimits {
   int64_t entry_bytes;
@@ -128,7 +141,8 @@ bool bidirectional_pairs_allowed();
 void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
                       c10::function_ref<void()> second);
 
-// What the cache has done since the process started (or the last clear).
+// What the cache has done since the process started (or the last clear);
+// bytes: of the static entries' tensors.
 struct GraphCacheInfo {
   int64_t captures = 0, replays = 0, uncached = 0, evictions = 0, entries = 0, bytes = 0;
 };
@@ -151,30 +165,47 @@ struct GraphKeyHash {
   }
 };
 
+// When a call without an entry captures one: at the n-th sighting of its
+// addresses (direct) or of its shape (static); 0: never.
+struct GraphPolicy {
+  int direct_after;
+  int static_after;
+};
+
 template <typename Entry>
 class GraphCache {
  public:
-  enum class Action { kUncached, kCapture, kReplay };
+  enum class Action { kUncached, kCaptureDirect, kCaptureStatic, kReplayDirect, kReplayStatic };
 
-  // What to do with a loop of this key and size now; for kReplay, entry()
-  // gives the entry (and it becomes the most recently used).
-  Action decide(const GraphKey& key, int64_t bytes, bool from_first_sighting,
-                const GraphLimits& limits) {
-    auto found = index_.find(key);
-    if (found != index_.end()) {
-      lru_.splice(lru_.begin(), lru_, found->second);
-      ++info_.replays;
-      return Action::kReplay;
-    }
-    if (bytes > limits.entry_bytes) return uncached();
+  // What to do with a loop of this shape (and addresses: direct) and size
+  // now; for a replay, most_recent() gives the entry (it becomes the most
+  // recently used).
+  Action decide(const GraphKey& shape, const GraphKey& direct, int64_t bytes,
+                const GraphPolicy& policy, const GraphLimits& limits) {
+    if (policy.direct_after > 0 && touch(direct)) return replayed(Action::kReplayDirect);
+    if (policy.static_after > 0 && touch(shape)) return replayed(Action::kReplayStatic);
     if (history_.size() > kHistoryLimit) history_.clear();
-    History& h = history_[key];
-    ++h.sightings;
-    if (h.captures >= kGraphMaxCaptures) return uncached();
-    if (!from_first_sighting && h.sightings < 2) return uncached();
-    ++h.captures;
-    return Action::kCapture;
+    if (policy.direct_after > 0) {
+      History& h = history_[direct];
+      if (++h.sightings >= policy.direct_after && h.captures < kGraphMaxCaptures) {
+        ++h.captures;
+        return Action::kCaptureDirect;
+      }
+    }
+    if (policy.static_after > 0) {
+      History& h = history_[shape];
+      if (++h.sightings >= policy.static_after && h.captures < kGraphMaxCaptures &&
+          bytes <= limits.entry_bytes) {
+        ++h.captures;
+        return Action::kCaptureStatic;
+      }
+    }
+    ++info_.uncached;
+    return Action::kUncached;
   }
+
+  // A capture of this key failed: it runs without a graph from now on.
+  void give_up(const GraphKey& key) { history_[key].captures = kGraphMaxCaptures; }
 
   // Drops every entry, keeping the counts and what was seen (the allocator
   // needs the memory back).
@@ -185,8 +216,9 @@ class GraphCache {
     }
   }
 
-  // Adds the entry of a key decide() answered kCapture for, evicting the
-  // least recently used entries to make room.
+  // Adds the entry of a key decide() answered a capture for (bytes: of its
+  // static tensors; 0 for a direct entry), evicting the least recently used
+  // entries to make room.
   Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits) {
     while (!lru_.empty() && (static_cast<int64_t>(lru_.size()) >= kGraphMaxEntries ||
                              info_.bytes + bytes > limits.total_bytes)) {
@@ -201,21 +233,8 @@ class GraphCache {
     return lru_.front().entry;
   }
 
-  // A capture of this key failed: it runs without a graph from now on.
-  void give_up(const GraphKey& key) { history_[key].captures = kGraphMaxCaptures; }
-
-  // The entry of the key decide() last answered kReplay for.
+  // The entry of the key decide() last answered a replay for.
   Entry& most_recent() { return lru_.front().entry; }
-
-  // Drops an entry (a capture that failed after insert).
-  void erase(const GraphKey& key) {
-    auto found = index_.find(key);
-    if (found == index_.end()) return;
-    info_.bytes -= found->second->bytes;
-    lru_.erase(found->second);
-    index_.erase(found);
-    info_.entries = static_cast<int64_t>(lru_.size());
-  }
 
   void clear() {
     lru_.clear();
@@ -238,9 +257,16 @@ class GraphCache {
   };
   static constexpr size_t kHistoryLimit = 4096;
 
-  Action uncached() {
-    ++info_.uncached;
-    return Action::kUncached;
+  // Moves the key's entry, if any, to the front.
+  bool touch(const GraphKey& key) {
+    auto found = index_.find(key);
+    if (found == index_.end()) return false;
+    lru_.splice(lru_.begin(), lru_, found->second);
+    return true;
+  }
+  Action replayed(Action action) {
+    ++info_.replays;
+    return action;
   }
   void evict_last() {
     info_.bytes -= lru_.back().bytes;
