@@ -89,6 +89,7 @@ GraphKey make_key(const LoopShape& shape, const std::vector<LoopTensor>& tensors
                   const at::Tensor& first) {
   GraphKey key;
   auto& v = key.values;
+  v.push_back(0);  // a static entry's key (direct_key: 1)
   v.push_back(static_cast<int64_t>(std::hash<std::string>()(shape.name)));
   v.push_back(shape.steps);
   v.push_back(static_cast<int64_t>(shape.params.size()));
@@ -115,7 +116,7 @@ GraphKey make_key(const LoopShape& shape, const std::vector<LoopTensor>& tensors
 GraphKey direct_key(const GraphKey& shape_key, const std::vector<LoopTensor>& tensors) {
   GraphKey key = shape_key;
   auto& v = key.values;
-  v.push_back(-2);  // apart from any shape key
+  v[0] = 1;
   for (const LoopTensor& t : tensors) {
     if (!t.tensor.defined()) continue;
     v.push_back(reinterpret_cast<int64_t>(t.tensor.data_ptr()));
