@@ -51,20 +51,31 @@ EnvChoice<GraphMode>& mode_state() {
   return state;
 }
 
-struct Entry {
+struct Graph {
   std::vector<at::Tensor> statics;  // empty for a direct entry
 #if defined(FUSED_RNN_WITH_CUDA)
   std::unique_ptr<cuda::CapturedLoop> graph;  // null where emulated
 #endif
+  // Held while a call enqueues its copies in, the replay and its copies out,
+  // which must not interleave with another thread's on the same stream.
+  std::mutex use;
 };
+// Shared, so that a call replays its entry outside the cache's lock while
+// another thread may evict it from the cache.
+using Entry = std::shared_ptr<Graph>;
 
+// The lock is held to look up, count and insert, never while a loop runs
+// (a loop's ATen calls may reach Python, a dispatch mode, say, which may
+// call an op of ours).
 std::mutex& cache_mutex() {
   static std::mutex m;
   return m;
 }
+// Never destroyed: its graphs and tensors would go back to CUDA and torch's
+// allocator during the process's exit, in no defined order with them.
 GraphCache<Entry>& cache() {
-  static GraphCache<Entry> c;
-  return c;
+  static auto* c = new GraphCache<Entry>();
+  return *c;
 }
 
 // Whether two of the tensors share memory where one of them is written: the
@@ -144,7 +155,7 @@ void copy_out(const std::vector<LoopTensor>& tensors, const std::vector<at::Tens
 
 // A direct entry's replay: the graph (emulated: the loop) on the call's own
 // tensors.
-void replay(Entry& entry, StepLoop loop, const std::vector<at::Tensor>& plain) {
+void replay(Graph& entry, StepLoop loop, const std::vector<at::Tensor>& plain) {
 #if defined(FUSED_RNN_WITH_CUDA)
   if (entry.graph) {
     entry.graph->replay();
@@ -160,7 +171,7 @@ void replay(Entry& entry, StepLoop loop, const std::vector<at::Tensor>& plain) {
 // graph would replay on the capturing call's memory) then computes NaN, or
 // writes where copy_out overwrites it. (The ops run below ADInplaceOrView:
 // no version counter moves.)
-void replay_on_statics(Entry& entry, StepLoop loop, const std::vector<LoopTensor>& tensors) {
+void replay_on_statics(Graph& entry, StepLoop loop, const std::vector<LoopTensor>& tensors) {
 #if defined(FUSED_RNN_WITH_CUDA)
   if (entry.graph) {
     entry.graph->replay();
@@ -276,25 +287,32 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     if (t.tensor.defined()) bytes += t.tensor.numel() * t.tensor.element_size();
   }
   const GraphLimits limits = graph_limits(first->device());
-  std::unique_lock<std::mutex> lock(cache_mutex());
   using Action = GraphCache<Entry>::Action;
-  const Action action = cache().decide(key, direct, bytes, policy, limits);
+  Action action;
+  Entry found;
+  {
+    const std::lock_guard<std::mutex> lock(cache_mutex());
+    action = cache().decide(key, direct, bytes, policy, limits);
+    if (action == Action::kReplayDirect || action == Action::kReplayStatic) {
+      found = cache().most_recent();
+    }
+  }
   switch (action) {
     case Action::kUncached:
-      lock.unlock();
       loop(plain);
       return;
     case Action::kReplayDirect: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
-      replay(cache().most_recent(), loop, plain);
+      const std::lock_guard<std::mutex> in_use(found->use);
+      replay(*found, loop, plain);
       return;
     }
     case Action::kReplayStatic: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
-      Entry& entry = cache().most_recent();
-      copy_in(tensors, entry.statics);
-      replay_on_statics(entry, loop, tensors);
-      copy_out(tensors, entry.statics);
+      const std::lock_guard<std::mutex> in_use(found->use);
+      copy_in(tensors, found->statics);
+      replay_on_statics(*found, loop, tensors);
+      copy_out(tensors, found->statics);
       return;
     }
     default:
@@ -303,15 +321,15 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
 
   const PhaseRange phase("fused_rnn::cuda_graph_capture");
   const bool is_direct = action == Action::kCaptureDirect;
-  Entry entry;
+  auto entry = std::make_shared<Graph>();
   if (!is_direct) {
-    entry.statics.reserve(tensors.size());
+    entry->statics.reserve(tensors.size());
     try {
       // ordinary tensors, also when this call runs under inference mode: a
       // later call outside it copies into them
       const c10::InferenceMode not_inference(false);
       for (const LoopTensor& t : tensors) {
-        entry.statics.push_back(
+        entry->statics.push_back(
             t.tensor.defined()
                 ? at::empty(t.tensor.sizes(),
                             t.tensor.options().memory_format(at::MemoryFormat::Contiguous))
@@ -320,9 +338,11 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     } catch (const c10::OutOfMemoryError&) {
       // The cache gives its memory back and this call runs without a graph
       // (the shape may be captured again later, when there is room).
-      entry.statics.clear();
-      cache().evict_all();
-      lock.unlock();
+      entry.reset();
+      {
+        const std::lock_guard<std::mutex> lock(cache_mutex());
+        cache().evict_all();
+      }
       loop(plain);
       return;
     }
@@ -330,28 +350,34 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
 #if defined(FUSED_RNN_WITH_CUDA)
   if (first->is_cuda()) {
     try {
-      entry.graph = cuda::capture_loop(loop, is_direct ? plain : entry.statics);
+      entry->graph = cuda::capture_loop(loop, is_direct ? plain : entry->statics);
     } catch (const c10::Error& e) {
       // Never worse than no graph: this key runs without one from now on
       // (give_up), and a real fault shows again in the plain run.
       TORCH_WARN_ONCE("fused_rnn: capturing the ", shape.name,
                       " loop into a CUDA graph failed, so it runs without one (",
                       e.what_without_backtrace(), ")");
-      cache().give_up(is_direct ? direct : key);
-      lock.unlock();
+      {
+        const std::lock_guard<std::mutex> lock(cache_mutex());
+        cache().give_up(is_direct ? direct : key);
+      }
       loop(plain);
       return;
     }
   }
 #endif
+  const std::lock_guard<std::mutex> in_use(entry->use);
+  {
+    const std::lock_guard<std::mutex> lock(cache_mutex());
+    cache().insert(is_direct ? direct : key, is_direct ? 0 : bytes, entry, limits);
+  }
   if (is_direct) {
-    replay(cache().insert(direct, 0, std::move(entry), limits), loop, plain);
+    replay(*entry, loop, plain);
     return;
   }
-  Entry& stored = cache().insert(key, bytes, std::move(entry), limits);
-  copy_in(tensors, stored.statics);
-  replay_on_statics(stored, loop, tensors);
-  copy_out(tensors, stored.statics);
+  copy_in(tensors, entry->statics);
+  replay_on_statics(*entry, loop, tensors);
+  copy_out(tensors, entry->statics);
 }
 
 GraphCacheInfo graph_cache_info() {

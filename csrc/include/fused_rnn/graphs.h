@@ -220,6 +220,7 @@ class GraphCache {
   // static tensors; 0 for a direct entry), evicting the least recently used
   // entries to make room.
   Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits) {
+    erase(key);  // another thread's capture of the same key, in the meantime
     while (!lru_.empty() && (static_cast<int64_t>(lru_.size()) >= kGraphMaxEntries ||
                              info_.bytes + bytes > limits.total_bytes)) {
       evict_last();
@@ -235,6 +236,15 @@ class GraphCache {
 
   // The entry of the key decide() last answered a replay for.
   Entry& most_recent() { return lru_.front().entry; }
+
+  void erase(const GraphKey& key) {
+    auto found = index_.find(key);
+    if (found == index_.end()) return;
+    info_.bytes -= found->second->bytes;
+    lru_.erase(found->second);
+    index_.erase(found);
+    info_.entries = static_cast<int64_t>(lru_.size());
+  }
 
   void clear() {
     lru_.clear();
