@@ -121,7 +121,7 @@ run_tests() {
   timeout "$limit" python -m pytest -v -p no:cacheprovider -rfE --durations=8 \
     $( ((workers)) && echo "-n $workers" ) \
     $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120") \
-    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_ecosystem.py \
+    tests/test_cuda_persistent.py tests/test_cuda.py tests/test_graphs.py tests/test_ecosystem.py \
     tests/test_double_backward.py::test_gradient_penalty_on_cuda \
     >"$LOGS/tests.log" 2>&1
   rc=$?

@@ -5,7 +5,7 @@
 
 Each cell (LSTM, LSTM with projection, GRU, RNN tanh and relu), forward and
 backward, in every dtype, on every kernel path (persistent where it fits,
-stepwise, general), with batch 1 and 3 (both batch tiles of the persistent kernels),
+stepwise, general, and general replayed from CUDA graphs), with batch 1 and 3 (both batch tiles of the persistent kernels),
 hidden sizes below and above one unit per SM, forward and reverse, dense and
 packed; and on the persistent and stepwise paths batch 12 at H=64, reverse
 and packed: float32's TF32 tile (TF32 allowed, torch's default for
@@ -57,14 +57,18 @@ def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
     ok = True
     torch.backends.cudnn.allow_tf32 = True  # float32 past 8 sequences: the TF32 tile
-    for path in ("persistent", "stepwise", "general"):
+    for path in ("persistent", "stepwise", "general", "graphed"):
         count = 0
-        with fused_rnn.kernel_path(path):
+        # graphed: the general path's loops captured into CUDA graphs at their
+        # first call and replayed, on tensors of the cache's own
+        kernel = "general" if path == "graphed" else path
+        graphs = "always" if path == "graphed" else "off"
+        with fused_rnn.kernel_path(kernel), fused_rnn.cuda_graphs(graphs):
             for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
                     shapes = [(1, 40, False, False), (3, 300, True, False),
                               (3, 17, False, True)]
-                    if path != "general":  # the TF32 tile and 16-byte staging
+                    if kernel != "general":  # the TF32 tile and 16-byte staging
                         shapes.append((12, 64, True, True))
                     for B, H, reverse, packed in shapes:
                         ok &= run_case(device, cell, dtype, B, H, reverse, packed)

@@ -14,7 +14,7 @@ def test_sanitize_cases_run_on_the_cpu():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sanitize:")]
-    assert [line.split()[1] for line in lines] == ["persistent", "stepwise", "general"]
+    assert [line.split()[1] for line in lines] == ["persistent", "stepwise", "general", "graphed"]
     assert all(line.endswith("finite: True") for line in lines), lines
 
 
