@@ -51,7 +51,9 @@ def emu():
         os.path.join(root, "csrc", "include", "fused_rnn", "persistent.h"),
         os.path.join(root, "csrc", "include", "fused_rnn", "graphs.h"),
     ]
-    digest = hashlib.sha1()
+    # one build per torch release too: releases differ in how they lock a
+    # build directory (a lock file one leaves behind another waits on)
+    digest = hashlib.sha1(torch.__version__.encode())
     for path in sources:
         with open(path, "rb") as f:
             digest.update(f.read())
