@@ -33,7 +33,7 @@
 //           back), a static entry the third time a shape comes without
 //           (its addresses keep changing);
 //   always  a static entry for every loop at its first call, whatever its
-//           size (tests);
+//           steps and products (within GraphLimits; tests);
 //   off     never;
 //   emulate on the CPU too, as always, with the loop run on the static
 //           tensors in place of a replay and the call's own tensors NaN
