@@ -153,6 +153,26 @@ void copy_out(const std::vector<LoopTensor>& tensors, const std::vector<at::Tens
   }
 }
 
+// The emulation (CPU) sets a call's own tensors, weights included, to NaN
+// while it runs the loop on an entry's tensors: other threads read those
+// tensors only under this lock (their copies in, and their loops where no
+// copies come between), taken only in the emulation. Not across a call's
+// copies in, replay and copies out: the entry's own lock keeps those
+// together (what a GPU needs), and the tests check it.
+class EmulationLock {
+ public:
+  explicit EmulationLock(const at::Tensor& like) {
+    if (like.defined() && like.is_cpu()) lock_ = std::unique_lock<std::mutex>(mutex());
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::unique_lock<std::mutex> lock_;
+};
+
 // A direct entry's replay: the graph (emulated: the loop) on the call's own
 // tensors.
 void replay(Graph& entry, StepLoop loop, const std::vector<at::Tensor>& plain) {
@@ -248,6 +268,22 @@ void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
 
 GraphMode requested_graph_mode() { return mode_state().get(); }
 
+namespace {
+
+void copy_in_locked(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics,
+                    const at::Tensor& like) {
+  const EmulationLock emulation(like);
+  copy_in(tensors, statics);
+}
+
+void replay_on_statics_locked(Graph& entry, StepLoop loop, const std::vector<LoopTensor>& tensors,
+                              const at::Tensor& like) {
+  const EmulationLock emulation(like);
+  replay_on_statics(entry, loop, tensors);
+}
+
+}  // namespace
+
 void set_requested_graph_mode(GraphMode mode) { mode_state().set(mode); }
 
 void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, StepLoop loop) {
@@ -274,6 +310,9 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     }
   }
   if (!graphed || written_alias(tensors)) {
+    // (in the emulation, another thread's loop may have a tensor of this one
+    // set to NaN meanwhile)
+    const EmulationLock emulation(first != nullptr && graphed ? *first : at::Tensor());
     loop(plain);
     return;
   }
@@ -298,20 +337,23 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     }
   }
   switch (action) {
-    case Action::kUncached:
+    case Action::kUncached: {
+      const EmulationLock emulation(*first);
       loop(plain);
       return;
+    }
     case Action::kReplayDirect: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
       const std::lock_guard<std::mutex> in_use(found->use);
+      const EmulationLock emulation(*first);
       replay(*found, loop, plain);
       return;
     }
     case Action::kReplayStatic: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
       const std::lock_guard<std::mutex> in_use(found->use);
-      copy_in(tensors, found->statics);
-      replay_on_statics(*found, loop, tensors);
+      copy_in_locked(tensors, found->statics, *first);
+      replay_on_statics_locked(*found, loop, tensors, *first);
       copy_out(tensors, found->statics);
       return;
     }
@@ -343,6 +385,7 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
         const std::lock_guard<std::mutex> lock(cache_mutex());
         cache().evict_all();
       }
+      const EmulationLock emulation(*first);
       loop(plain);
       return;
     }
@@ -372,11 +415,12 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     cache().insert(is_direct ? direct : key, is_direct ? 0 : bytes, entry, limits);
   }
   if (is_direct) {
+    const EmulationLock emulation(*first);
     replay(*entry, loop, plain);
     return;
   }
-  copy_in(tensors, entry->statics);
-  replay_on_statics(*entry, loop, tensors);
+  copy_in_locked(tensors, entry->statics, *first);
+  replay_on_statics_locked(*entry, loop, tensors, *first);
   copy_out(tensors, entry->statics);
 }
 
