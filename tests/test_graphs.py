@@ -101,35 +101,43 @@ def test_emulated_across_inference_mode(emulated):
     assert info()["captures"] == 1 and info()["replays"] == 3
 
 
-def test_emulated_threads_share_an_entry(emulated):
-    """Threads calling one shape at once share its entry: each call's copies
-    in, replay and copies out stay together (on a GPU, the same stream would
-    otherwise interleave them)."""
+def _call_from_threads(ref, fused, inputs, tolerance, threads=4, calls=24):
+    """Each of `threads` threads calls `fused` `calls` times under no_grad on
+    the inputs in turn (from its own offset); the errors of the calls whose
+    output differs from `ref`'s."""
     import threading
 
-    ref, fused = make_module_twins(Cfg(mode="GRU", seq_len=12, batch=4, hidden_size=32,
-                                       input_size=16))
-    inputs = [torch.randn(12, 4, 16, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with torch.no_grad():
         expected = [ref(x)[0] for x in inputs]
     errors = []
 
     def work(offset):
         try:
-            for i in range(24):
-                k = (i + offset) % len(inputs)
-                with torch.no_grad():
-                    torch.testing.assert_close(fused(inputs[k])[0], expected[k], atol=1e-10,
-                                               rtol=1e-10)
-        except Exception as e:  # noqa: BLE001 - reported below
+            with torch.no_grad():
+                for i in range(calls):
+                    k = (i + offset) % len(inputs)
+                    torch.testing.assert_close(fused(inputs[k])[0], expected[k], atol=tolerance,
+                                               rtol=tolerance)
+        except Exception as e:  # noqa: BLE001 - the caller reports it
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return errors
+
+
+def test_emulated_threads_share_an_entry(emulated):
+    """Threads calling one shape at once share its entry: each call's copies
+    in, replay and copies out stay together (on a GPU, the same stream would
+    otherwise interleave them)."""
+    ref, fused = make_module_twins(Cfg(mode="GRU", seq_len=12, batch=4, hidden_size=32,
+                                       input_size=16))
+    inputs = [torch.randn(12, 4, 16, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    errors = _call_from_threads(ref, fused, inputs, tolerance=1e-10)
     assert not errors, errors[0]
     # (threads that find the shape's first capture still under way capture it
     # too, the later insert winning, or past two such captures run without a
@@ -462,31 +470,11 @@ def test_cuda_threads_on_one_stream(general_cuda, graphs):
     """Four threads calling one shape on the same (default) stream: each
     call's copies, replay and copies out stay together, so every result is
     its own input's."""
-    import threading
-
     ref, fused = make_module_twins(Cfg(mode="GRU", seq_len=12, batch=4, hidden_size=32,
                                        input_size=16), torch.float32, device="cuda")
     inputs = [torch.randn(12, 4, 16, device="cuda") for _ in range(8)]
-    with torch.no_grad(), tf32_flags(cudnn=False, matmul=False):
-        expected = [ref(x)[0] for x in inputs]
-    errors = []
-
-    def work(offset):
-        try:
-            with torch.no_grad():
-                for i in range(24):
-                    k = (i + offset) % len(inputs)
-                    torch.testing.assert_close(fused(inputs[k])[0], expected[k], atol=1e-5,
-                                               rtol=1e-5)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    with fused_rnn.cuda_graphs(graphs):  # process-wide: set once, around the threads
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    with fused_rnn.cuda_graphs(graphs), tf32_flags(cudnn=False, matmul=False):
+        errors = _call_from_threads(ref, fused, inputs, tolerance=1e-5)
     assert not errors, errors[0]
     assert info()["replays"] > 0
 

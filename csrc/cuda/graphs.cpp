@@ -25,34 +25,21 @@ class GraphLoop final : public CapturedLoop {
   at::cuda::CUDAGraph graph;
 };
 
-// The stream a loop replayed on `user` is captured on: one of its own per
-// user stream (a capture may not run on the default stream, and the cuBLAS
-// workspace ATen keeps per stream, baked into the graph, is then used by
-// replays on `user` alone, one after another). Created once, never
-// destroyed (a handful per process: one per stream that runs the ops).
-c10::cuda::CUDAStream capture_stream_for(const c10::cuda::CUDAStream& user) {
+// Streams of our own beside each user stream, one per purpose, created once
+// and never destroyed (a handful per process: one per stream that runs the
+// ops):
+// - kCapture: where a loop replayed on `user` is captured (a capture may not
+//   run on the default stream, and the cuBLAS workspace ATen keeps per
+//   stream, baked into the graph, is then used by replays on `user` alone,
+//   one after another);
+// - kSide: where run_side_by_side runs its first loop.
+enum class OwnStream { kCapture = 0, kSide = 1 };
+c10::cuda::CUDAStream own_stream(const c10::cuda::CUDAStream& user, OwnStream purpose) {
   static std::mutex mutex;
   static std::unordered_map<int64_t, cudaStream_t> streams;
   const std::lock_guard<std::mutex> lock(mutex);
-  // StreamId is unique per device only: the key is (device, id)
-  const int64_t key = user.id() * 64 + user.device_index();
-  auto found = streams.find(key);
-  if (found == streams.end()) {
-    const c10::cuda::CUDAGuard guard(user.device_index());
-    cudaStream_t stream = nullptr;
-    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    found = streams.emplace(key, stream).first;
-  }
-  return c10::cuda::getStreamFromExternal(found->second, user.device_index());
-}
-
-// The stream run_side_by_side runs its first loop on beside `user`: one of
-// its own per user stream, as above.
-c10::cuda::CUDAStream side_stream_for(const c10::cuda::CUDAStream& user) {
-  static std::mutex mutex;
-  static std::unordered_map<int64_t, cudaStream_t> streams;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const int64_t key = user.id() * 64 + user.device_index();
+  // StreamId is unique per device only: the key is (id, device, purpose)
+  const int64_t key = (user.id() * 64 + user.device_index()) * 2 + static_cast<int>(purpose);
   auto found = streams.find(key);
   if (found == streams.end()) {
     const c10::cuda::CUDAGuard guard(user.device_index());
@@ -77,7 +64,7 @@ void wait_for(const c10::cuda::CUDAStream& to, const c10::cuda::CUDAStream& from
 
 void run_side_by_side(c10::function_ref<void()> first, c10::function_ref<void()> second) {
   const c10::cuda::CUDAStream user = c10::cuda::getCurrentCUDAStream();
-  const c10::cuda::CUDAStream side = side_stream_for(user);
+  const c10::cuda::CUDAStream side = own_stream(user, OwnStream::kSide);
   wait_for(side, user);
   // the current stream waits for the side stream however the loops end, so
   // that nothing the caller frees afterwards is still in use there
@@ -134,7 +121,8 @@ int64_t device_memory_bytes(c10::DeviceIndex device) {
 }
 
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
-  const c10::cuda::CUDAStream side = capture_stream_for(c10::cuda::getCurrentCUDAStream());
+  const c10::cuda::CUDAStream side =
+      own_stream(c10::cuda::getCurrentCUDAStream(), OwnStream::kCapture);
   auto captured = std::make_unique<GraphLoop>();
   const c10::cuda::CUDAStreamGuard on_side(side);
   // Thread-local: other threads' CUDA calls stay legal while this one

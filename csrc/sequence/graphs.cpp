@@ -136,7 +136,30 @@ GraphKey direct_key(const GraphKey& shape_key, const std::vector<LoopTensor>& te
   return key;
 }
 
-void copy_in(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics) {
+// The emulation (CPU) sets a call's own tensors, weights included, to NaN
+// while it runs the loop on an entry's tensors: other threads read those
+// tensors only under this lock (their copies in, and their loops where no
+// copies come between), taken only in the emulation. Not across a call's
+// copies in, replay and copies out: the entry's own lock keeps those
+// together (what a GPU needs), and the tests check it.
+class EmulationLock {
+ public:
+  // emulated: whether the call runs on the CPU (in the emulation)
+  explicit EmulationLock(bool emulated) {
+    if (emulated) lock_ = std::unique_lock<std::mutex>(mutex());
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::unique_lock<std::mutex> lock_;
+};
+
+void copy_in(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics,
+             bool emulated) {
+  const EmulationLock emulation(emulated);
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].tensor.defined() && tensors[i].role != LoopRole::kOut) {
       statics[i].copy_(tensors[i].tensor);
@@ -152,26 +175,6 @@ void copy_out(const std::vector<LoopTensor>& tensors, const std::vector<at::Tens
     }
   }
 }
-
-// The emulation (CPU) sets a call's own tensors, weights included, to NaN
-// while it runs the loop on an entry's tensors: other threads read those
-// tensors only under this lock (their copies in, and their loops where no
-// copies come between), taken only in the emulation. Not across a call's
-// copies in, replay and copies out: the entry's own lock keeps those
-// together (what a GPU needs), and the tests check it.
-class EmulationLock {
- public:
-  explicit EmulationLock(const at::Tensor& like) {
-    if (like.defined() && like.is_cpu()) lock_ = std::unique_lock<std::mutex>(mutex());
-  }
-
- private:
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  std::unique_lock<std::mutex> lock_;
-};
 
 // A direct entry's replay: the graph (emulated: the loop) on the call's own
 // tensors.
@@ -198,6 +201,7 @@ void replay_on_statics(Graph& entry, StepLoop loop, const std::vector<LoopTensor
     return;
   }
 #endif
+  const EmulationLock emulation(true);
   std::vector<at::Tensor> saved(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor t = tensors[i].tensor;
@@ -268,21 +272,7 @@ void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
 
 GraphMode requested_graph_mode() { return mode_state().get(); }
 
-namespace {
 
-void copy_in_locked(const std::vector<LoopTensor>& tensors, const std::vector<at::Tensor>& statics,
-                    const at::Tensor& like) {
-  const EmulationLock emulation(like);
-  copy_in(tensors, statics);
-}
-
-void replay_on_statics_locked(Graph& entry, StepLoop loop, const std::vector<LoopTensor>& tensors,
-                              const at::Tensor& like) {
-  const EmulationLock emulation(like);
-  replay_on_statics(entry, loop, tensors);
-}
-
-}  // namespace
 
 void set_requested_graph_mode(GraphMode mode) { mode_state().set(mode); }
 
@@ -312,7 +302,7 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   if (!graphed || written_alias(tensors)) {
     // (in the emulation, another thread's loop may have a tensor of this one
     // set to NaN meanwhile)
-    const EmulationLock emulation(first != nullptr && graphed ? *first : at::Tensor());
+    const EmulationLock emulation(graphed && first->is_cpu());
     loop(plain);
     return;
   }
@@ -338,22 +328,22 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   }
   switch (action) {
     case Action::kUncached: {
-      const EmulationLock emulation(*first);
+      const EmulationLock emulation(first->is_cpu());
       loop(plain);
       return;
     }
     case Action::kReplayDirect: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
       const std::lock_guard<std::mutex> in_use(found->use);
-      const EmulationLock emulation(*first);
+      const EmulationLock emulation(first->is_cpu());
       replay(*found, loop, plain);
       return;
     }
     case Action::kReplayStatic: {
       const PhaseRange phase("fused_rnn::cuda_graph_replay");
       const std::lock_guard<std::mutex> in_use(found->use);
-      copy_in_locked(tensors, found->statics, *first);
-      replay_on_statics_locked(*found, loop, tensors, *first);
+      copy_in(tensors, found->statics, first->is_cpu());
+      replay_on_statics(*found, loop, tensors);
       copy_out(tensors, found->statics);
       return;
     }
@@ -385,7 +375,7 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
         const std::lock_guard<std::mutex> lock(cache_mutex());
         cache().evict_all();
       }
-      const EmulationLock emulation(*first);
+      const EmulationLock emulation(first->is_cpu());
       loop(plain);
       return;
     }
@@ -415,12 +405,12 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
     cache().insert(is_direct ? direct : key, is_direct ? 0 : bytes, entry, limits);
   }
   if (is_direct) {
-    const EmulationLock emulation(*first);
+    const EmulationLock emulation(first->is_cpu());
     replay(*entry, loop, plain);
     return;
   }
-  copy_in_locked(tensors, entry->statics, *first);
-  replay_on_statics_locked(*entry, loop, tensors, *first);
+  copy_in(tensors, entry->statics, first->is_cpu());
+  replay_on_statics(*entry, loop, tensors);
   copy_out(tensors, entry->statics);
 }
 

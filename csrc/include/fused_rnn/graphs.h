@@ -279,10 +279,8 @@ class GraphCache {
     return action;
   }
   void evict_last() {
-    info_.bytes -= lru_.back().bytes;
-    index_.erase(lru_.back().key);
-    lru_.pop_back();
-    info_.entries = static_cast<int64_t>(lru_.size());
+    const GraphKey key = lru_.back().key;  // (erase destroys the item)
+    erase(key);
   }
 
   std::list<Item> lru_;
