@@ -405,7 +405,7 @@ def assert_results_close(actual, expected, atol=F64_TOL["atol"], rtol=F64_TOL["r
         if a is None:
             continue
         if _is_exact(k):
-            if not torch.equal(a, e):
+            if not torch.equal(a.cpu(), e.cpu()):
                 problems.append(f"{k}: {a.tolist()} vs {e.tolist()}")
             continue
         if a.numel() == 0:

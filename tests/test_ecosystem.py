@@ -18,6 +18,7 @@ from torch import nn
 
 import fused_rnn
 from fused_rnn import _C_loader
+from helpers import tf32_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,16 +131,15 @@ def test_compile_default_mode_training_steps_match_eager_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_compile_reduce_overhead_training_steps_match_eager_cuda():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     _, fused = _twins(device="cuda")
     compiled_model = copy.deepcopy(fused)
     batches = _batches(4, device="cuda")
-    eager_losses = _train(fused, batches)
-    compiled_losses = _train(
-        compiled_model, batches,
-        compiled_step=lambda f: torch.compile(f, mode="reduce-overhead"),
-    )
+    with tf32_flags(cudnn=False, matmul=False):  # (restored for the tests after)
+        eager_losses = _train(fused, batches)
+        compiled_losses = _train(
+            compiled_model, batches,
+            compiled_step=lambda f: torch.compile(f, mode="reduce-overhead"),
+        )
     for a, b in zip(eager_losses, compiled_losses):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(fused.named_parameters(), compiled_model.parameters()):
