@@ -237,14 +237,27 @@ ACTIONS = ["uncached", "capture direct", "capture static", "replay direct", "rep
 COUNTS = ["captures", "replays", "uncached", "evictions", "entries", "bytes"]
 
 
-def trace(emu, calls, direct_after=2, static_after=3, entry_bytes=1000, total_bytes=10**6):
+def trace(emu, calls, direct_after=2, static_after=3, entry_bytes=1000, total_bytes=10**6,
+          skipped=()):
     """The cache's choices (graphs.h's GraphCache, compiled into the
     emulation extension) for calls (shape, address[, bytes]); auto's policy
-    by default."""
+    by default; the captures of the calls listed in `skipped` do not happen
+    (another thread was capturing)."""
     out = emu.graph_cache_trace([c[0] for c in calls], [c[1] for c in calls],
                                 [c[2] if len(c) > 2 else 100 for c in calls], direct_after,
-                                static_after, entry_bytes, total_bytes)
+                                static_after, entry_bytes, total_bytes, list(skipped))
     return [ACTIONS[a] for a in out[:len(calls)]], dict(zip(COUNTS, out[len(calls):]))
+
+
+def test_a_skipped_capture_does_not_count(emu):
+    """A capture that did not happen (on CUDA: another thread was capturing
+    for the same stream; that call runs without a graph) leaves the key free
+    to capture later: two skipped captures in a row, then the third call
+    captures and the fourth replays (two counted captures stop a key)."""
+    actions, counts = trace(emu, [(1, a) for a in (10, 20, 30, 40)], direct_after=0,
+                            static_after=1, skipped=(0, 1))
+    assert actions == ["capture static", "capture static", "capture static", "replay static"]
+    assert counts["captures"] == 1 and counts["uncached"] == 2 and counts["replays"] == 1
 
 
 def test_auto_policy_addresses_that_come_back_get_direct_entries(emu):

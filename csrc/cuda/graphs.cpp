@@ -3,6 +3,7 @@
 // the loop allocates inside a private pool that lives with the graph, and
 // cuBLAS gets its workspace as under torch.cuda.graph), and replaying it on
 // the current stream.
+#include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <atomic>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 
@@ -120,11 +122,39 @@ int64_t device_memory_bytes(c10::DeviceIndex device) {
   return bytes;
 }
 
+// One capture at a time on a capture stream: a second cudaStreamBeginCapture
+// on a stream that is capturing fails (after ATen's CUDAGraph has already
+// routed the caching allocator to its pool). Threads that replay on one
+// user stream share its capture stream.
+std::mutex& capture_mutex(cudaStream_t stream) {
+  static std::mutex mutex;
+  static std::unordered_map<cudaStream_t, std::unique_ptr<std::mutex>> mutexes;
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<std::mutex>& m = mutexes[stream];
+  if (!m) m = std::make_unique<std::mutex>();
+  return *m;
+}
+
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
   const c10::cuda::CUDAStream side =
       own_stream(c10::cuda::getCurrentCUDAStream(), OwnStream::kCapture);
+  // Another thread is capturing there: no graph for this call (it does not
+  // wait, so no lock is held while a loop may call back into Python).
+  std::unique_lock<std::mutex> one_capture(capture_mutex(side.stream()), std::try_to_lock);
+  if (!one_capture.owns_lock()) return nullptr;
   auto captured = std::make_unique<GraphLoop>();
   const c10::cuda::CUDAStreamGuard on_side(side);
+  // This thread's cuBLAS handle (and the capture stream's workspace) exist
+  // before the capture: creating them inside it (a thread's first product,
+  // under `always`) allocates device memory, which a capture forbids. So one
+  // 1 x 1 product on the capture stream first, as torch.cuda.graph's warm-up
+  // on its capture stream does (ATen's CUDAContext.h, which would give the
+  // handle directly, needs cuSPARSE's headers, which a CUDA install may lack).
+  {
+    const at::Tensor one = at::empty(
+        {1, 1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, side.device_index()));
+    at::mm(one, one);
+  }
   // Thread-local: other threads' CUDA calls stay legal while this one
   // records (nothing runs during a capture).
   captured->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);

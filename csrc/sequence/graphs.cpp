@@ -397,6 +397,14 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
       loop(plain);
       return;
     }
+    if (!entry->graph) {  // another thread is capturing for this stream
+      {
+        const std::lock_guard<std::mutex> lock(cache_mutex());
+        cache().capture_skipped(is_direct ? direct : key);
+      }
+      loop(plain);
+      return;
+    }
   }
 #endif
   const std::lock_guard<std::mutex> in_use(entry->use);

@@ -206,6 +206,13 @@ class GraphCache {
 
   // A capture of this key failed: it runs without a graph from now on.
   void give_up(const GraphKey& key) { history_[key].captures = kGraphMaxCaptures; }
+  // A capture decide() answered did not happen (another thread was
+  // capturing): it does not count against the key.
+  void capture_skipped(const GraphKey& key) {
+    History& h = history_[key];
+    if (h.captures > 0) --h.captures;
+    ++info_.uncached;
+  }
 
   // Drops every entry, keeping the counts and what was seen (the allocator
   // needs the memory back).
@@ -299,7 +306,9 @@ class CapturedLoop {
   virtual void replay() = 0;
 };
 // Captures loop(statics) on a stream of its own (nothing runs), for
-// replays on the current stream; throws where the capture fails.
+// replays on the current stream; throws where the capture fails; null
+// (nothing captured, nothing run) while another thread captures a loop for
+// the same stream.
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics);
 // Whether the current stream is being captured into a graph now.
 bool current_stream_capturing();
