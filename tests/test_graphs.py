@@ -1,15 +1,19 @@
-"""The general path's per-step loops replayed from CUDA graphs
-(csrc/include/fused_rnn/graphs.h): each call copies its tensors into a cache
-entry's own, replays, and copies the results out.
+"""The general path's per-step loops, and the stepwise launches, replayed
+from CUDA graphs (csrc/include/fused_rnn/graphs.h): each call copies its
+tensors into a cache entry's own, replays, and copies the results out (or
+replays a graph captured on tensors at its own addresses).
 
 On the CPU, FUSED_RNN_CUDA_GRAPHS=emulate runs the same cache and copies with
 the loop itself in place of a replay: a driver that gave its loop a tensor
 with the wrong role (an output not copied out, an input not copied in), or
 whose loop reached for a tensor of the call instead of its argument, fails
 parity here on the second call of a shape, whose entry still holds the first
-call's data. On a GPU (skipped here) the same parity with real graphs, the
-automatic mode's second-call capture, a user's capture around the ops,
-streams and the cache's memory."""
+call's data. The stepwise launches' loop (persistent.cuh's run_as_loop) is
+checked the same way through the kernels' CPU emulation
+(test_persistent_emulation.py, mode "graphed"). On a GPU (skipped here) the
+same parity with real graphs on both paths, the automatic mode's
+second-call capture, a user's capture around the ops, streams and the
+cache's memory."""
 
 import subprocess
 import sys
@@ -571,3 +575,49 @@ def test_cuda_explain_says_when_graphs_replay():
             assert "runs without a CUDA graph" in text
         with fused_rnn.cuda_graphs("off"):
             assert "CUDA graphs: off" in fused_rnn.explain_kernel_path("GRU", 256, batch=8)
+    with fused_rnn.kernel_path("stepwise"), fused_rnn.cuda_graphs("auto"):
+        text = fused_rnn.explain_kernel_path("GRU", 256, batch=8)
+        assert text.startswith("stepwise kernels")
+        assert "its loop of launches (one per step) is replayed from a CUDA graph" in text
+
+
+@pytest.fixture
+def stepwise_cuda():
+    fused_rnn.clear_cuda_graphs()
+    with fused_rnn.kernel_path("stepwise"):
+        yield
+    fused_rnn.clear_cuda_graphs()
+
+
+@requires_cuda
+@pytest.mark.parametrize("feature", ["base", "bidir_l2", "packed_unsorted_bidir",
+                                     "no_bias_no_hx"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_stepwise_launches_replayed(stepwise_cuda, mode, feature):
+    """The stepwise launches (the persistent kernels' code, one launch per
+    step; both directions of a layer in each launch) captured at a shape's
+    first call and replayed by the next two with other weights and inputs:
+    float64 parity with torch.nn on every call, forward and backward, dense
+    and packed."""
+    cfg = FEATURES[feature].replace(mode=mode)
+    if mode == "LSTM_PROJ":
+        cfg = cfg.replace(hidden_size=max(cfg.hidden_size, 2))
+    with fused_rnn.cuda_graphs("always"):
+        for seed in range(3):
+            check_module_parity(cfg, torch.float64, device="cuda", seed=seed)
+    assert info()["captures"] > 0 and info()["replays"] >= 2 * info()["captures"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_stepwise_auto_replays_in_low_precision(stepwise_cuda, dtype):
+    """auto: a repeated training step replays the stepwise launches by its
+    sixth call, whatever addresses the caching allocator gives (see
+    test_cuda_auto_replays_a_repeated_call); each call within twice torch's
+    error."""
+    cfg = Cfg(mode="LSTM", input_size=16, hidden_size=64, seq_len=12, batch=8,
+              bidirectional=True)
+    with fused_rnn.cuda_graphs("auto"), tf32_flags(cudnn=False, matmul=False):
+        for seed in range(6):
+            check_module_parity(cfg, dtype, device="cuda", seed=seed)
+    assert info()["replays"] > 0

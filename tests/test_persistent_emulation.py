@@ -1,7 +1,8 @@
 """The persistent CUDA kernels' own source (csrc/cuda/persistent.cuh) run on
 the CPU through a thread-per-CUDA-thread emulation (tests/emulation/), as
 one cooperative launch and as stepwise launches (one per step, the weight
-slices packed into global memory), on dense and packed input, and compared with the CPU ops: forward outputs, states and saved tensors;
+slices packed into global memory; also through the loop that CUDA graphs
+replay, on copies of the tensors), on dense and packed input, and compared with the CPU ops: forward outputs, states and saved tensors;
 backward state gradients and the gate gradients behind every parameter
 gradient. Shapes cover one and several blocks with a ragged last block, one
 and several batch tiles with a ragged last tile, one and several column
@@ -19,6 +20,11 @@ from helpers import EMULATION_CHUNK as CHUNK, make_op_args
 # One cooperative launch whose blocks exchange rows tagged (the default on
 # a GPU) or meet at a grid barrier, and one launch per step.
 MODES = ["tags", "barrier", "stepwise"]
+# And one launch per step as the CUDA launcher runs them from a graph
+# (through run_as_loop, on copies of the tensors, the call's own NaN
+# meanwhile): the tensors and roles the launches are given, on the fixed
+# float64 cases and the random launches (the kernels are stepwise's).
+ALL_MODES = MODES + ["graphed"]
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
@@ -85,7 +91,7 @@ def close(actual, expected, what, dtype):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_emulated_kernels_match_cpu_ops(emu, mode, cell, config, reverse, bias, order,
                                         dtype=torch.float64):
     """Thread order: the threads of each phase between barriers run in
@@ -116,7 +122,7 @@ PACKED = {
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", list(PACKED))
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_emulated_packed(emu, mode, cell, packed, reverse, order, dtype=torch.float64):
     """Packed sequences, in one cooperative launch (each step's rows from
     the step table; tagged exchange or grid barrier) and stepwise (each
@@ -161,7 +167,7 @@ def paired_args(cell, case, reverse, **kw):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward_first", "reverse_first"])
 @pytest.mark.parametrize("case", list(PAIRED))
 @pytest.mark.parametrize("cell", list(CELLS))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_emulated_both_directions(emu, mode, cell, case, reverse, order):
     """Both directions of a layer in one launch: the blocks of the second
     direction after the first's, each direction with its own tensors, ring
@@ -172,9 +178,9 @@ def test_emulated_both_directions(emu, mode, cell, case, reverse, order):
 
 
 def launch_kw(mode, batch_sizes=None, chunk=0, paired=False):
-    """The emulated ops' launch arguments for a mode of MODES."""
-    return dict(stepwise=mode == "stepwise", tagged=mode == "tags", batch_sizes=batch_sizes,
-                chunk=chunk, paired=paired)
+    """The emulated ops' launch arguments for a mode of ALL_MODES."""
+    return dict(stepwise=mode in ("stepwise", "graphed"), tagged=mode == "tags",
+                batch_sizes=batch_sizes, chunk=chunk, paired=paired, graphed=mode == "graphed")
 
 
 def stacked(values):
@@ -458,7 +464,7 @@ def launches(draw):
                 B=len(lengths) if lengths else draw(st.integers(1, 20)),
                 T=draw(st.integers(1, 4)), chunk=draw(st.sampled_from([0, 16, 48, 4096])),
                 reverse=draw(st.booleans()), bias=draw(st.booleans()),
-                mode=draw(st.sampled_from(MODES)), order=draw(st.sampled_from([0, 1])),
+                mode=draw(st.sampled_from(ALL_MODES)), order=draw(st.sampled_from([0, 1])),
                 paired=draw(st.booleans()))
 
 

@@ -195,6 +195,7 @@ PathChoice choose_path(PersistentCell cell, int64_t hidden, int64_t batch, at::S
   }
   PathChoice pair =
       persistent::decide(cell, hidden, batch, dtype, packed, proj, backward, 2, explain).choice;
+  pair.directions = 2;
   if (pair.path != KernelPath::kGeneral) return pair;
   // each direction on its own, one after the other
   if (single.path == KernelPath::kGeneral) return single;

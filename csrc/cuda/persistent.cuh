@@ -24,6 +24,7 @@
 
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <cooperative_groups.h>
 #if !defined(FUSED_RNN_EMULATION)
@@ -36,9 +37,11 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fused_rnn/cells.h"
+#include "fused_rnn/graphs.h"
 #include "fused_rnn/persistent.h"
 
 // The block's dynamic shared memory (a per-block buffer in the CPU
@@ -383,6 +386,116 @@ struct Directions {
 template <PersistentCell kCell>
 constexpr int gate_count() {
   return kCell == PersistentCell::kLstm ? 4 : kCell == PersistentCell::kGru ? 3 : 1;
+}
+
+// A request's tensor as a kernel pointer (null where undefined): a
+// contiguous CUDA tensor (a CPU one in the emulation).
+template <typename scalar_t>
+scalar_t* data(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+#if defined(FUSED_RNN_EMULATION)
+  const bool on_device = t.is_cpu();
+#else
+  const bool on_device = t.is_cuda();
+#endif
+  TORCH_INTERNAL_ASSERT(on_device && t.is_contiguous(),
+                        "fused_rnn: a persistent kernel tensor is not a contiguous device tensor");
+  return t.data_ptr<scalar_t>();
+}
+
+// A direction's kernel parameters from its request, `units` hidden units per
+// block; state: LSTM's running cell state (B, H) in the math type (else
+// undefined). The launcher sets the rest (chunk, run, step, step_table,
+// exchange, slices).
+template <typename scalar_t>
+ForwardParams<scalar_t> forward_params(const PersistentForward& a, int units,
+                                       const at::Tensor& state) {
+  using T = at::opmath_type<scalar_t>;
+  ForwardParams<scalar_t> p{};
+  p.steps = a.steps;
+  p.batch = a.batch;
+  p.hidden = static_cast<int>(a.w_hh.size(1));
+  p.units = units;
+  p.reverse = a.reverse;
+  p.keep_gates = a.keep_gates;
+  p.xw = data<scalar_t>(a.xw);
+  p.bias = data<scalar_t>(a.bias);
+  p.bias_hh = data<scalar_t>(a.bias_hh);
+  p.w_hh = data<scalar_t>(a.w_hh);
+  p.hx = data<scalar_t>(a.hx);
+  p.cx = data<scalar_t>(a.cx);
+  p.out = data<scalar_t>(a.out);
+  p.hy = data<scalar_t>(a.hy);
+  p.cy = data<scalar_t>(a.cy);
+  p.cells = data<scalar_t>(a.cells);
+  p.hn = data<scalar_t>(a.hn);
+  p.state = data<T>(state);
+  return p;
+}
+
+// As forward_params; carry: LSTM's dc or GRU's z * dh (B, H) in the math
+// type between steps (else undefined).
+template <typename scalar_t>
+BackwardParams<scalar_t> backward_params(const PersistentBackward& a, int units,
+                                         const at::Tensor& carry) {
+  using T = at::opmath_type<scalar_t>;
+  BackwardParams<scalar_t> p{};
+  p.steps = a.steps;
+  p.batch = a.batch;
+  p.hidden = static_cast<int>(a.w_hh.size(1));
+  p.units = units;
+  p.reverse = a.reverse;
+  p.w_hh = data<scalar_t>(a.w_hh);
+  p.grad_out = data<scalar_t>(a.grad_out);
+  p.grad_hy = data<scalar_t>(a.grad_hy);
+  p.grad_cy = data<scalar_t>(a.grad_cy);
+  p.out = data<scalar_t>(a.out);
+  p.hx = data<scalar_t>(a.hx);
+  p.cx = data<scalar_t>(a.cx);
+  p.gates = data<scalar_t>(a.gates);
+  p.cells = data<scalar_t>(a.cells);
+  p.hn = data<scalar_t>(a.hn);
+  p.dgates = data<scalar_t>(a.dgates);
+  p.dgates_h = data<scalar_t>(a.dgates_h);
+  p.grad_hx = data<scalar_t>(a.grad_hx);
+  p.grad_cx = data<scalar_t>(a.grad_cx);
+  p.carry = data<T>(carry);
+  return p;
+}
+
+// Runs launch(first, second) (second null for one direction) through
+// run_loop (graphs.h; the CPU emulation's tests give their own) with every
+// tensor of the requests: for the stepwise launches, a loop of T launches
+// that a CUDA graph replays as one. launch must reach the requests' tensors
+// only through the copies it is given (rebound to the tensors of a capture
+// or of an entry's own), and allocate its scratch (a running state, the
+// packed weight slices) itself. params: what else the launches depend on
+// (run_as_loop adds each direction's `reverse`, the count and batch_sizes).
+using LoopRunner = void (*)(const LoopShape&, const std::vector<LoopTensor>&, StepLoop);
+template <typename Request, typename Launch>
+void run_as_loop(const char* name, std::vector<int64_t> params, int64_t macs_per_step,
+                 const Request& first, const Request* second, Launch launch,
+                 LoopRunner runner) {
+  const int count = second ? 2 : 1;
+  Request requests[2] = {first, second ? *second : first};
+  std::vector<LoopTensor> tensors;
+  for (int d = 0; d < count; ++d) {
+    for_each_tensor(requests[d], [&](at::Tensor& t, LoopRole role) {
+      tensors.push_back({t, role});
+    });
+    params.push_back(requests[d].reverse);
+  }
+  params.push_back(count);
+  params.insert(params.end(), first.batch_sizes.begin(), first.batch_sizes.end());
+  const LoopShape shape{name, std::move(params), first.steps, macs_per_step};
+  runner(shape, tensors, [&](const std::vector<at::Tensor>& given) {
+    Request bound[2] = {requests[0], requests[1]};
+    size_t i = 0;
+    for (int d = 0; d < count; ++d) {
+      for_each_tensor(bound[d], [&](at::Tensor& t, LoopRole) { t = given[i++]; });
+    }
+    launch(bound[0], count == 2 ? &bound[1] : nullptr);
+  });
 }
 
 // ------------------------------------------------------------ helpers

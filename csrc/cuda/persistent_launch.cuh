@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -37,14 +38,6 @@ at::Tensor step_table_on_device(const std::vector<int64_t>& batch_sizes, at::Dev
 // An ordinary launch of `kernel` (arguments `args`) with `blocks` blocks of
 // kThreads threads on the current stream, checked.
 void launch_blocks(const void* kernel, int blocks, size_t shared_bytes, void** args);
-
-template <typename scalar_t>
-scalar_t* data(const at::Tensor& t) {
-  if (!t.defined()) return nullptr;
-  TORCH_INTERNAL_ASSERT(t.is_cuda() && t.is_contiguous(),
-                        "fused_rnn: a persistent kernel tensor is not a contiguous CUDA tensor");
-  return t.data_ptr<scalar_t>();
-}
 
 // The batch tiles compiled: 1 (a single sequence) and the wide tiles:
 // kMaxBatchTile (FMA) for float and double, kMmaTile (tensor cores) for
@@ -99,8 +92,7 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
   const void* kernel = tiled<scalar_t>(plan, [](auto tile) {
     return pack_slices_kernel<G, kBackward, decltype(tile)::value, scalar_t>;
   });
-  allow_shared_memory(kernel);
-  launch_blocks(kernel, plan.blocks, 0, args);
+  launch_blocks(kernel, plan.blocks, 0, args);  // (no dynamic shared memory)
   return slices;
 }
 
@@ -113,7 +105,8 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 // on the device (false, nothing launched, when the grid cannot be
 // co-resident now, or for packed input while the stream is being captured),
 // or, when plan.stepwise, the weight slices of each w_hh packed and one
-// launch per step with the rows of its step in each direction. Forward
+// launch per step with the rows of its step in each direction (through
+// run_stepwise, which raises the kernel's shared memory limit first). Forward
 // steps run 0 .. T-1, backward T-1 down to -1 (grad_hx). plan.blocks is per
 // direction; the grid has launch.count times as many.
 template <int G, bool kBackward, typename scalar_t, typename Params>
@@ -152,7 +145,7 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
     slices[d] = pack_slices<G, kBackward, scalar_t>(w_hh[d], plan, launch.dir[d].batch);
     launch.dir[d].slices = data<scalar_t>(slices[d]);
   }
-  allow_shared_memory(kernel);
+  // (the kernel's shared memory limit was raised before: run_stepwise)
   void* args[] = {&launch};  // read at each launch: the next step changes it
   for_each_step<kBackward>(launch.dir[0].steps, launch.dir[0].batch, batch_sizes,
                            [&](int64_t s, const auto& rows) {
@@ -167,58 +160,23 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
   return true;
 }
 
-template <typename scalar_t>
-ForwardParams<scalar_t> forward_params(const PersistentForward& a, const Plan& plan,
-                                       const at::Tensor& state) {
-  using T = at::opmath_type<scalar_t>;
-  ForwardParams<scalar_t> p{};
-  p.steps = a.steps;
-  p.batch = a.batch;
-  p.hidden = static_cast<int>(a.w_hh.size(1));
-  p.units = plan.units;
-  p.reverse = a.reverse;
-  p.keep_gates = a.keep_gates;
-  p.xw = data<scalar_t>(a.xw);
-  p.bias = data<scalar_t>(a.bias);
-  p.bias_hh = data<scalar_t>(a.bias_hh);
-  p.w_hh = data<scalar_t>(a.w_hh);
-  p.hx = data<scalar_t>(a.hx);
-  p.cx = data<scalar_t>(a.cx);
-  p.out = data<scalar_t>(a.out);
-  p.hy = data<scalar_t>(a.hy);
-  p.cy = data<scalar_t>(a.cy);
-  p.cells = data<scalar_t>(a.cells);
-  p.hn = data<scalar_t>(a.hn);
-  p.state = data<T>(state);
-  return p;
-}
-
-template <typename scalar_t>
-BackwardParams<scalar_t> backward_params(const PersistentBackward& a, const Plan& plan,
-                                         const at::Tensor& carry) {
-  using T = at::opmath_type<scalar_t>;
-  BackwardParams<scalar_t> p{};
-  p.steps = a.steps;
-  p.batch = a.batch;
-  p.hidden = static_cast<int>(a.w_hh.size(1));
-  p.units = plan.units;
-  p.reverse = a.reverse;
-  p.w_hh = data<scalar_t>(a.w_hh);
-  p.grad_out = data<scalar_t>(a.grad_out);
-  p.grad_hy = data<scalar_t>(a.grad_hy);
-  p.grad_cy = data<scalar_t>(a.grad_cy);
-  p.out = data<scalar_t>(a.out);
-  p.hx = data<scalar_t>(a.hx);
-  p.cx = data<scalar_t>(a.cx);
-  p.gates = data<scalar_t>(a.gates);
-  p.cells = data<scalar_t>(a.cells);
-  p.hn = data<scalar_t>(a.hn);
-  p.dgates = data<scalar_t>(a.dgates);
-  p.dgates_h = data<scalar_t>(a.dgates_h);
-  p.grad_hx = data<scalar_t>(a.grad_hx);
-  p.grad_cx = data<scalar_t>(a.grad_cx);
-  p.carry = data<T>(carry);
-  return p;
+// The stepwise launches of a plan, run(first, second), through run_as_loop
+// (persistent.cuh): from the second call of a shape on (FUSED_RNN_CUDA_GRAPHS,
+// graphs.h), the packing of the weight slices and the T launches are
+// replayed from one CUDA graph instead of T launches from the host. The
+// kernel's shared memory limit is raised here, never inside a capture.
+template <PersistentCell kCell, bool kBackward, typename Request, typename Run>
+void run_stepwise(const void* kernel, const Plan& plan, const Request& a, const Request* second,
+                  std::initializer_list<int64_t> flags, Run run) {
+  allow_shared_memory(kernel);
+  std::vector<int64_t> params = {static_cast<int64_t>(kCell), kBackward, plan.blocks,
+                                 plan.units, plan.batch_tile, plan.step_chunk,
+                                 static_cast<int64_t>(plan.step_shared_bytes)};
+  params.insert(params.end(), flags.begin(), flags.end());
+  const int64_t H = a.w_hh.size(1);
+  const int64_t macs = (second ? 2 : 1) * a.batch * gate_count<kCell>() * H * H;
+  run_as_loop(kBackward ? "stepwise_backward" : "stepwise_forward", std::move(params), macs, a,
+              second, run, &run_loop);
 }
 
 // Runs one direction (second null) or both directions of a layer
@@ -228,20 +186,6 @@ template <PersistentCell kCell>
 bool run_forward(const PersistentForward& a, const PersistentForward* second, const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.xw.scalar_type(), "fused_rnn_persistent_forward", [&] {
-    const PersistentForward* dirs[2] = {&a, second};
-    Directions<ForwardParams<scalar_t>> launch{};
-    launch.count = second ? 2 : 1;
-    at::Tensor state[2], w_hh[2];
-    for (int d = 0; d < launch.count; ++d) {
-      const PersistentForward& x = *dirs[d];
-      // LSTM's cell state runs in the math type between steps.
-      if (kCell == PersistentCell::kLstm) {
-        state[d] = at::empty({x.batch, x.w_hh.size(1)},
-                             x.xw.options().dtype(at::toOpMathType(x.xw.scalar_type())));
-      }
-      w_hh[d] = x.w_hh;
-      launch.dir[d] = forward_params<scalar_t>(x, plan, state[d]);
-    }
     const void* kernel =
         second ? tiled<scalar_t>(plan, [](auto tile) {
           return forward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
@@ -249,8 +193,33 @@ bool run_forward(const PersistentForward& a, const PersistentForward* second, co
                : tiled<scalar_t>(plan, [](auto tile) {
                    return forward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
                  });
-    launched = launch_steps<gate_count<kCell>(), false, scalar_t>(kernel, plan, launch, w_hh,
-                                                                  a.batch_sizes);
+    auto run = [&](const PersistentForward& first, const PersistentForward* other) {
+      const PersistentForward* dirs[2] = {&first, other};
+      Directions<ForwardParams<scalar_t>> launch{};
+      launch.count = other ? 2 : 1;
+      at::Tensor state[2], w_hh[2];
+      for (int d = 0; d < launch.count; ++d) {
+        const PersistentForward& x = *dirs[d];
+        // LSTM's cell state runs in the math type between steps.
+        if (kCell == PersistentCell::kLstm) {
+          state[d] = at::empty({x.batch, x.w_hh.size(1)},
+                               x.xw.options().dtype(at::toOpMathType(x.xw.scalar_type())));
+        }
+        w_hh[d] = x.w_hh;
+        launch.dir[d] = forward_params<scalar_t>(x, plan.units, state[d]);
+      }
+      return launch_steps<gate_count<kCell>(), false, scalar_t>(kernel, plan, launch, w_hh,
+                                                                first.batch_sizes);
+    };
+    if (!plan.stepwise) {
+      launched = run(a, second);
+      return;
+    }
+    run_stepwise<kCell, false>(kernel, plan, a, second, {a.keep_gates},
+                               [&](const PersistentForward& x, const PersistentForward* y) {
+                                 run(x, y);
+                               });
+    launched = true;
   });
   return launched;
 }
@@ -260,21 +229,6 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
                   const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.grad_out.scalar_type(), "fused_rnn_persistent_backward", [&] {
-    const PersistentBackward* dirs[2] = {&a, second};
-    Directions<BackwardParams<scalar_t>> launch{};
-    launch.count = second ? 2 : 1;
-    at::Tensor carry[2], w_hh[2];
-    for (int d = 0; d < launch.count; ++d) {
-      const PersistentBackward& x = *dirs[d];
-      // LSTM's dc and GRU's z * dh run in the math type between steps.
-      if (kCell == PersistentCell::kLstm || kCell == PersistentCell::kGru) {
-        carry[d] = at::empty({x.batch, x.w_hh.size(1)},
-                             x.grad_out.options().dtype(
-                                 at::toOpMathType(x.grad_out.scalar_type())));
-      }
-      w_hh[d] = x.w_hh;
-      launch.dir[d] = backward_params<scalar_t>(x, plan, carry[d]);
-    }
     const void* kernel =
         second ? tiled<scalar_t>(plan, [](auto tile) {
           return backward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
@@ -282,8 +236,34 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
                : tiled<scalar_t>(plan, [](auto tile) {
                    return backward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
                  });
-    launched = launch_steps<gate_count<kCell>(), true, scalar_t>(kernel, plan, launch, w_hh,
-                                                                 a.batch_sizes);
+    auto run = [&](const PersistentBackward& first, const PersistentBackward* other) {
+      const PersistentBackward* dirs[2] = {&first, other};
+      Directions<BackwardParams<scalar_t>> launch{};
+      launch.count = other ? 2 : 1;
+      at::Tensor carry[2], w_hh[2];
+      for (int d = 0; d < launch.count; ++d) {
+        const PersistentBackward& x = *dirs[d];
+        // LSTM's dc and GRU's z * dh run in the math type between steps.
+        if (kCell == PersistentCell::kLstm || kCell == PersistentCell::kGru) {
+          carry[d] = at::empty({x.batch, x.w_hh.size(1)},
+                               x.grad_out.options().dtype(
+                                   at::toOpMathType(x.grad_out.scalar_type())));
+        }
+        w_hh[d] = x.w_hh;
+        launch.dir[d] = backward_params<scalar_t>(x, plan.units, carry[d]);
+      }
+      return launch_steps<gate_count<kCell>(), true, scalar_t>(kernel, plan, launch, w_hh,
+                                                               first.batch_sizes);
+    };
+    if (!plan.stepwise) {
+      launched = run(a, second);
+      return;
+    }
+    run_stepwise<kCell, true>(kernel, plan, a, second, {},
+                              [&](const PersistentBackward& x, const PersistentBackward* y) {
+                                run(x, y);
+                              });
+    launched = true;
   });
   return launched;
 }

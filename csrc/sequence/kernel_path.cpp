@@ -68,24 +68,27 @@ std::string kernel_path_cpu(const at::Tensor& /*like*/, c10::string_view cell,
 }
 
 #if defined(FUSED_RNN_WITH_CUDA)
-// What the general path's CUDA graphs (graphs.h) do for such a layer.
-std::string graph_sentence(PersistentCell cell, int64_t hidden, int64_t batch) {
+// What the CUDA graphs (graphs.h) do for such a layer's per-step loop (the
+// general path's, or the stepwise launches: `loop`), whose launches cover
+// `directions` directions.
+std::string graph_sentence(const std::string& loop, PersistentCell cell, int64_t hidden,
+                           int64_t batch, int directions) {
   const int64_t gates = cell == PersistentCell::kLstm ? 4 : cell == PersistentCell::kGru ? 3 : 1;
-  const int64_t macs = batch * gates * hidden * hidden;
+  const int64_t macs = directions * batch * gates * hidden * hidden;
   switch (requested_graph_mode()) {
     case GraphMode::kOff:
-      return "; its per-step loop runs without a CUDA graph (CUDA graphs: off)";
+      return "; " + loop + " runs without a CUDA graph (CUDA graphs: off)";
     case GraphMode::kAuto:
       if (macs > kGraphMaxMacsPerStep) {
-        return "; its per-step loop runs without a CUDA graph: " + std::to_string(macs) +
+        return "; " + loop + " runs without a CUDA graph: " + std::to_string(macs) +
                " multiply-adds per step, past 2^28, where the GPU rather than the host "
                "bounds a step (CUDA graphs: auto)";
       }
-      return "; its per-step loop is replayed from a CUDA graph from a shape's second call, "
+      return "; " + loop + " is replayed from a CUDA graph from a shape's second call, "
              "on sequences of 8 steps or more (CUDA graphs: auto; " +
              std::to_string(macs) + " multiply-adds per step, at most 2^28)";
     default:
-      return "; its per-step loop is replayed from a CUDA graph, captured at a shape's first "
+      return "; " + loop + " is replayed from a CUDA graph, captured at a shape's first "
              "call (CUDA graphs: always)";
   }
 }
@@ -98,8 +101,12 @@ std::string kernel_path_cuda(const at::Tensor& like, c10::string_view cell, int6
   const PersistentCell which = parse_cell(cell);
   const cuda::PathChoice choice = cuda::choose_path(which, hidden, batch, like.scalar_type(),
                                                     packed, proj, backward, bidirectional);
+  if (choice.path == KernelPath::kStepwise) {
+    return choice.reason + graph_sentence("its loop of launches (one per step)", which, hidden,
+                                          batch, choice.directions);
+  }
   if (choice.path != KernelPath::kGeneral) return choice.reason;
-  std::string reason = choice.reason + graph_sentence(which, hidden, batch);
+  std::string reason = choice.reason + graph_sentence("its per-step loop", which, hidden, batch, 1);
   // (separate: choose_path said one after the other)
   if (bidirectional && bidirectional_pairs_allowed()) {
     reason += "; the two directions' loops run side by side, on two CUDA streams";

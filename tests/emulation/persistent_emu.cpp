@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../../csrc/cuda/persistent.cuh"
 #include "../../csrc/cuda/persistent_plan.h"
@@ -163,65 +164,107 @@ std::vector<Tensor> stack_directions(const std::vector<std::vector<Tensor>>& per
   return out;
 }
 
+// Every tensor of the requests of the call in progress, listed field by
+// field by forward() and backward() below (not by for_each_tensor, whose
+// list is what emulated_run_loop checks).
+std::vector<Tensor>& call_tensors() {
+  static std::vector<Tensor> tensors;
+  return tensors;
+}
+
+// graphs.h's run_loop as its emulate mode runs a static entry, the loop
+// given tensors of its own: inputs copied, outputs NaN (an output the
+// launches leave partly unwritten shows), the call's own tensors (those
+// listed and call_tensors()) NaN while the loop runs (a launch that reached
+// one other than through its argument, or a tensor missing from the list,
+// computes NaN or writes where the copy back overwrites it), then the
+// outputs copied back and the inputs restored.
+void emulated_run_loop(const fused_rnn::LoopShape& /*shape*/,
+                       const std::vector<fused_rnn::LoopTensor>& tensors,
+                       fused_rnn::StepLoop loop) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::vector<Tensor> statics(tensors.size()), poisoned = call_tensors(), saved;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i].tensor;
+    if (!t.defined()) continue;
+    statics[i] = tensors[i].role == fused_rnn::LoopRole::kOut ? at::full_like(t, nan) : t.clone();
+    poisoned.push_back(t);
+  }
+  for (const Tensor& t : poisoned) saved.push_back(t.defined() ? t.clone() : t);
+  for (const Tensor& t : poisoned) {
+    if (t.defined()) t.fill_(nan);
+  }
+  loop(statics);
+  for (size_t i = 0; i < poisoned.size(); ++i) {
+    if (poisoned[i].defined()) poisoned[i].copy_(saved[i]);
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].tensor.defined() && tensors[i].role != fused_rnn::LoopRole::kIn) {
+      tensors[i].tensor.copy_(statics[i]);
+    }
+  }
+}
+
+// Runs launch_all as the CUDA launcher runs stepwise launches from a graph
+// (run_as_loop), with emulated_run_loop and the requests' tensors listed.
+template <typename Request, typename LaunchAll>
+void run_graphed(const char* name, const Request (&requests)[2], int count,
+                 std::vector<Tensor> tensors, LaunchAll launch_all) {
+  call_tensors() = std::move(tensors);
+  p::run_as_loop(name, {}, 0, requests[0], count == 2 ? &requests[1] : nullptr, launch_all,
+                 &emulated_run_loop);
+  call_tensors().clear();
+}
+
+// A request's tensor from an optional argument (undefined where absent).
+Tensor given(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
 // Returns out, hy, cy, xw (activated gates when keep_gates), cells, hn.
 // paired: both directions of a layer in one launch, every tensor argument
 // (d, ...) with direction 0 walking as `reverse` says and direction 1 the
-// other way; every output then (2, ...).
+// other way; every output then (2, ...). graphed (stepwise): the launches
+// through persistent.cuh's run_as_loop, as the CUDA launcher runs them, with
+// emulated_run_loop's copies.
 std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Tensor>& bias,
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
                             int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                            const optional<Tensor>& batch_sizes, int64_t chunk, bool paired) {
+                            const optional<Tensor>& batch_sizes, int64_t chunk, bool paired,
+                            bool graphed) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = xw_in.size(-2);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
+  TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = xw_in.options();
   std::vector<std::vector<Tensor>> outputs(count);
-  std::vector<Tensor> weights, keep;  // keep: the inputs' parts, alive through the launch
+  fused_rnn::PersistentForward requests[2];
   for (int d = 0; d < count; ++d) {
     Tensor cells = cell == 0 && keep_gates ? at::empty({N, H}, o) : at::empty({0}, o);
     Tensor hn = cell == 1 && keep_gates ? at::empty({N, H}, o) : at::empty({0}, o);
     outputs[d] = {at::empty({N, H}, o), at::empty({batch, H}, o), at::empty({batch, H}, o),
-                  part(xw_in, d, paired).clone(), cells, hn,
-                  at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())))};
-    weights.push_back(part(w_hh, d, paired));
+                  part(xw_in, d, paired).clone(), cells, hn};
+    fused_rnn::PersistentForward& r = requests[d];
+    r.steps = steps;
+    r.batch = batch;
+    r.reverse = d == 0 ? reverse : !reverse;
+    r.batch_sizes = sizes;
+    r.keep_gates = keep_gates;
+    r.xw = outputs[d][3];
+    r.bias = given(part(bias, d, paired));
+    r.bias_hh = given(part(bias_hh, d, paired));
+    r.w_hh = part(w_hh, d, paired);
+    r.hx = part(hx, d, paired);
+    r.cx = given(part(cx, d, paired));
+    r.out = outputs[d][0];
+    r.hy = outputs[d][1];
+    r.cy = outputs[d][2];
+    r.cells = cells.numel() ? cells : Tensor();
+    r.hn = hn.numel() ? hn : Tensor();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw_in.scalar_type(), "emu_forward", [&] {
     using T = at::opmath_type<scalar_t>;
-    p::Directions<p::ForwardParams<scalar_t>> launch{};
-    launch.count = count;
-    for (int d = 0; d < count; ++d) {
-      const std::vector<Tensor>& t = outputs[d];
-      p::ForwardParams<scalar_t>& prm = launch.dir[d];
-      const optional<Tensor> bias_d = part(bias, d, paired), bias_hh_d = part(bias_hh, d, paired);
-      const optional<Tensor> cx_d = part(cx, d, paired);
-      const Tensor hx_d = part(hx, d, paired);
-      for (const auto& k : {bias_d, bias_hh_d, cx_d}) {
-        if (k.has_value()) keep.push_back(*k);
-      }
-      keep.push_back(hx_d);
-      prm.steps = steps;
-      prm.batch = batch;
-      prm.hidden = static_cast<int>(H);
-      prm.units = static_cast<int>(units);
-      prm.chunk = static_cast<int>(chunk);
-      prm.reverse = d == 0 ? reverse : !reverse;
-      prm.keep_gates = keep_gates;
-      prm.xw = t[3].data_ptr<scalar_t>();
-      prm.bias = data<scalar_t>(bias_d);
-      prm.bias_hh = data<scalar_t>(bias_hh_d);
-      prm.w_hh = weights[d].data_ptr<scalar_t>();
-      prm.hx = hx_d.data_ptr<scalar_t>();
-      prm.cx = data<scalar_t>(cx_d);
-      prm.out = t[0].data_ptr<scalar_t>();
-      prm.hy = t[1].data_ptr<scalar_t>();
-      prm.cy = t[2].data_ptr<scalar_t>();
-      prm.cells = t[4].numel() ? t[4].data_ptr<scalar_t>() : nullptr;
-      prm.hn = t[5].numel() ? t[5].data_ptr<scalar_t>() : nullptr;
-      prm.state = t[6].data_ptr<T>();
-    }
     const int rows = static_cast<int>(G * units);
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
@@ -230,24 +273,49 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise,
                            static_cast<int>(chunk));
-        auto run = [&](auto kernel) {
-          run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-              launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
-              kernel);
+        // the launches for requests first and (paired) *second
+        auto launch_all = [&](const fused_rnn::PersistentForward& first,
+                              const fused_rnn::PersistentForward* second) {
+          const fused_rnn::PersistentForward* dirs[2] = {&first, second};
+          p::Directions<p::ForwardParams<scalar_t>> launch{};
+          launch.count = count;
+          Tensor state[2];
+          std::vector<Tensor> weights;
+          for (int d = 0; d < count; ++d) {
+            if (cell == 0) state[d] = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
+            launch.dir[d] = p::forward_params<scalar_t>(*dirs[d], static_cast<int>(units), state[d]);
+            launch.dir[d].chunk = static_cast<int>(chunk);
+            weights.push_back(dirs[d]->w_hh);
+          }
+          auto run = [&](auto kernel) {
+            run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
+                launch, weights, layout, static_cast<int>(units), stepwise, tagged, order,
+                sizes, kernel);
+          };
+          if (paired) {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, true>);
+          } else {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, false>);
+          }
         };
-        if (paired) {
-          run(p::forward_kernel<c.value, bt.value, scalar_t, true>);
+        if (graphed) {
+          std::vector<Tensor> listed;
+          for (int d = 0; d < count; ++d) {
+            const fused_rnn::PersistentForward& r = requests[d];
+            listed.insert(listed.end(), {r.xw, r.bias, r.bias_hh, r.w_hh, r.hx, r.cx, r.out,
+                                         r.hy, r.cy, r.cells, r.hn});
+          }
+          run_graphed("stepwise_forward", requests, count, listed, launch_all);
         } else {
-          run(p::forward_kernel<c.value, bt.value, scalar_t, false>);
+          launch_all(requests[0], paired ? &requests[1] : nullptr);
         }
       });
     });
   });
-  for (auto& t : outputs) t.pop_back();  // the running cell state
   return stack_directions(outputs);
 }
 
-// Returns dgates, dgates_h, grad_hx, grad_cx; paired as forward's.
+// Returns dgates, dgates_h, grad_hx, grad_cx; paired and graphed as forward's.
 std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& grad_out,
                              const Tensor& grad_hy, const optional<Tensor>& grad_cy,
                              const optional<Tensor>& out, const optional<Tensor>& hx,
@@ -255,55 +323,42 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              const optional<Tensor>& cells, const optional<Tensor>& hn,
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
                              int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
-                             const optional<Tensor>& batch_sizes, int64_t chunk, bool paired) {
+                             const optional<Tensor>& batch_sizes, int64_t chunk, bool paired,
+                             bool graphed) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = grad_out.size(-2);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
+  TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = grad_out.options();
   std::vector<std::vector<Tensor>> outputs(count);
-  std::vector<Tensor> weights, keep;
+  fused_rnn::PersistentBackward requests[2];
   for (int d = 0; d < count; ++d) {
     outputs[d] = {at::empty({N, G * H}, o),
                   cell == 1 ? at::empty({N, G * H}, o) : at::empty({0}, o),
-                  at::empty({batch, H}, o), at::empty({batch, H}, o),
-                  at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())))};
-    weights.push_back(part(w_hh, d, paired));
+                  at::empty({batch, H}, o), at::empty({batch, H}, o)};
+    fused_rnn::PersistentBackward& r = requests[d];
+    r.steps = steps;
+    r.batch = batch;
+    r.reverse = d == 0 ? reverse : !reverse;
+    r.batch_sizes = sizes;
+    r.w_hh = part(w_hh, d, paired);
+    r.grad_out = part(grad_out, d, paired);
+    r.grad_hy = part(grad_hy, d, paired);
+    r.grad_cy = given(part(grad_cy, d, paired));
+    r.out = given(part(out, d, paired));
+    r.hx = given(part(hx, d, paired));
+    r.cx = given(part(cx, d, paired));
+    r.gates = given(part(gates_in, d, paired));
+    r.cells = given(part(cells, d, paired));
+    r.hn = given(part(hn, d, paired));
+    r.dgates = outputs[d][0];
+    r.dgates_h = cell == 1 ? outputs[d][1] : Tensor();
+    r.grad_hx = outputs[d][2];
+    r.grad_cx = outputs[d][3];
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "emu_backward", [&] {
     using T = at::opmath_type<scalar_t>;
-    p::Directions<p::BackwardParams<scalar_t>> launch{};
-    launch.count = count;
-    for (int d = 0; d < count; ++d) {
-      const std::vector<Tensor>& t = outputs[d];
-      p::BackwardParams<scalar_t>& prm = launch.dir[d];
-      auto in = [&](const optional<Tensor>& x) {
-        const optional<Tensor> x_d = part(x, d, paired);
-        if (x_d.has_value()) keep.push_back(*x_d);
-        return data<scalar_t>(x_d);
-      };
-      prm.steps = steps;
-      prm.batch = batch;
-      prm.hidden = static_cast<int>(H);
-      prm.units = static_cast<int>(units);
-      prm.chunk = static_cast<int>(chunk);
-      prm.reverse = d == 0 ? reverse : !reverse;
-      prm.w_hh = weights[d].data_ptr<scalar_t>();
-      prm.grad_out = in(grad_out);
-      prm.grad_hy = in(grad_hy);
-      prm.grad_cy = in(grad_cy);
-      prm.out = in(out);
-      prm.hx = in(hx);
-      prm.cx = in(cx);
-      prm.gates = in(gates_in);
-      prm.cells = in(cells);
-      prm.hn = in(hn);
-      prm.dgates = t[0].data_ptr<scalar_t>();
-      prm.dgates_h = cell == 1 ? t[1].data_ptr<scalar_t>() : nullptr;
-      prm.grad_hx = t[2].data_ptr<scalar_t>();
-      prm.grad_cx = t[3].data_ptr<scalar_t>();
-      prm.carry = t[4].data_ptr<T>();
-    }
     const int rows = static_cast<int>(units);
     with_cell(cell, [&](auto c) {
       with_tile<scalar_t>(batch_tile, [&](auto bt) {
@@ -311,20 +366,45 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
                                            /*weights_shared=*/!stepwise, static_cast<int>(chunk));
-        auto run = [&](auto kernel) {
-          run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-              launch, weights, layout, static_cast<int>(units), stepwise, tagged, order, sizes,
-              kernel);
+        auto launch_all = [&](const fused_rnn::PersistentBackward& first,
+                              const fused_rnn::PersistentBackward* second) {
+          const fused_rnn::PersistentBackward* dirs[2] = {&first, second};
+          p::Directions<p::BackwardParams<scalar_t>> launch{};
+          launch.count = count;
+          Tensor carry[2];
+          std::vector<Tensor> weights;
+          for (int d = 0; d < count; ++d) {
+            if (cell <= 1) carry[d] = at::empty({batch, H}, o.dtype(at::toOpMathType(o.dtype().toScalarType())));
+            launch.dir[d] = p::backward_params<scalar_t>(*dirs[d], static_cast<int>(units), carry[d]);
+            launch.dir[d].chunk = static_cast<int>(chunk);
+            weights.push_back(dirs[d]->w_hh);
+          }
+          auto run = [&](auto kernel) {
+            run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
+                launch, weights, layout, static_cast<int>(units), stepwise, tagged, order,
+                sizes, kernel);
+          };
+          if (paired) {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, true>);
+          } else {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, false>);
+          }
         };
-        if (paired) {
-          run(p::backward_kernel<c.value, bt.value, scalar_t, true>);
+        if (graphed) {
+          std::vector<Tensor> listed;
+          for (int d = 0; d < count; ++d) {
+            const fused_rnn::PersistentBackward& r = requests[d];
+            listed.insert(listed.end(), {r.w_hh, r.grad_out, r.grad_hy, r.grad_cy, r.out, r.hx,
+                                         r.cx, r.gates, r.cells, r.hn, r.dgates, r.dgates_h,
+                                         r.grad_hx, r.grad_cx});
+          }
+          run_graphed("stepwise_backward", requests, count, listed, launch_all);
         } else {
-          run(p::backward_kernel<c.value, bt.value, scalar_t, false>);
+          launch_all(requests[0], paired ? &requests[1] : nullptr);
         }
       });
     });
   });
-  for (auto& t : outputs) t.pop_back();  // the carry
   return stack_directions(outputs);
 }
 
@@ -434,13 +514,13 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
       "int batch_tile, int order, bool stepwise=False, bool tagged=False, "
-      "Tensor? batch_sizes=None, int chunk=0, bool paired=False) -> Tensor[]",
+      "Tensor? batch_sizes=None, int chunk=0, bool paired=False, bool graphed=False) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
       "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None, int chunk=0, "
-      "bool paired=False) -> Tensor[]",
+      "bool paired=False, bool graphed=False) -> Tensor[]",
       &backward);
 }

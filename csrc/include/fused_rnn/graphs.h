@@ -1,12 +1,13 @@
-// The general path's per-step loop replayed as a CUDA graph.
+// A per-step loop replayed as a CUDA graph: the general path's, and the
+// stepwise launches' (persistent_launch.cuh, run_stepwise).
 //
 // On CUDA the general path issues per step a cuBLAS GEMM and a pointwise
 // kernel (backward: the pointwise kernel, a GEMM, for GRU an add), each
-// through ATen on the host. At small and medium batches the host is the
-// bottleneck: on the H200 of bench/results a forward step took ~17-30 us of
-// which the GPU was busy a fraction, cuDNN ~12-20 us. Replayed from a CUDA
-// graph, the whole loop is one host call and the GPU runs the kernels back
-// to back.
+// through ATen on the host; the stepwise launches one kernel per step. At
+// small and medium batches the host is the bottleneck: on the H200 of
+// bench/results a general forward step took ~17-30 us of which the GPU was
+// busy a fraction, cuDNN ~12-20 us. Replayed from a CUDA graph, the whole
+// loop is one host call and the GPU runs the kernels back to back.
 //
 // A graph holds the addresses it was captured with. Two kinds of entries:
 // - direct: captured on the call's own tensors, replayed when a later call

@@ -24,8 +24,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <string>
 #include <vector>
+
+#include "fused_rnn/graphs.h"
 
 namespace fused_rnn {
 
@@ -95,12 +98,35 @@ struct PersistentBackward {
   at::Tensor grad_cx;   // (B, H) out: LSTM
 };
 
+// f(tensor, role) for every tensor of a request, in a fixed order, with
+// what the kernels do with it (graphs.h): the stepwise launches hand them to
+// run_loop, and rebind a copy of the request to the tensors the loop is
+// given by the same visit. The tensors are passed by reference.
+template <typename F>
+void for_each_tensor(PersistentForward& r, F&& f) {
+  // keep_gates: the kernels write the activated gates over x_t W_ih^T
+  f(r.xw, r.keep_gates ? LoopRole::kInOut : LoopRole::kIn);
+  for (at::Tensor* in : {&r.bias, &r.bias_hh, &r.w_hh, &r.hx, &r.cx}) f(*in, LoopRole::kIn);
+  for (at::Tensor* out : {&r.out, &r.hy, &r.cy, &r.cells, &r.hn}) f(*out, LoopRole::kOut);
+}
+template <typename F>
+void for_each_tensor(PersistentBackward& r, F&& f) {
+  for (at::Tensor* in : {&r.w_hh, &r.grad_out, &r.grad_hy, &r.grad_cy, &r.out, &r.hx, &r.cx,
+                         &r.gates, &r.cells, &r.hn}) {
+    f(*in, LoopRole::kIn);
+  }
+  for (at::Tensor* out : {&r.dgates, &r.dgates_h, &r.grad_hx, &r.grad_cx}) {
+    f(*out, LoopRole::kOut);
+  }
+}
+
 namespace cuda {
 // Which kernels take a shape on a device (kPersistent, kStepwise or
 // kGeneral), and why.
 struct PathChoice {
   KernelPath path = KernelPath::kGeneral;
   std::string reason;
+  int directions = 1;  // in one launch (2: both directions of a layer)
 };
 }  // namespace cuda
 
