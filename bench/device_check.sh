@@ -37,7 +37,7 @@
 # 256/512/1024, float32 with TF32 off on both sides, bfloat16, float16,
 # forward (no_grad) and forward+backward. Results go to
 # bench/results/<card>.json (and <card>-bidir.json) and, with the plot,
-# trace and logs, to $OUT. A short summary is printed last, with each speed
+# trace and logs, to $OUT/logs.tgz. A short summary is printed last, with each speed
 # goal of issues 3 and 4 as PASS / MISS / NO DATA (bench/goals.py).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -65,10 +65,13 @@ left() { echo $(( DEADLINE - $(date +%s) + START - ${1:-0} )); }
 START=$(date +%s)
 # A cap for a stage: the smaller of $1 and what is left less $2 (at least 5).
 cap() { local l; l=$(left "${2:-0}"); (( l < $1 )) && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
-# Logs of a session in one archive under $OUT (which returns at most 8 files),
-# rewritten after every stage so that a killed call still brings back the rest.
-LOGS="$OUT/logs"; mkdir -p "$LOGS"
-pack() { tar -C "$OUT" -czf "$OUT/logs.tgz.tmp" logs 2>/dev/null && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"; }
+# Logs and result JSON of a session in one archive, $OUT/logs.tgz, rewritten
+# after every stage so that a killed call still brings back the rest. They
+# are written outside $OUT: the device tool brings back at most 8 files
+# from it (every file below it counts), so $OUT holds only logs.tgz and
+# goals.txt.
+LOGS="$(mktemp -d)/logs"; mkdir -p "$LOGS"
+pack() { tar -C "$(dirname "$LOGS")" -czf "$OUT/logs.tgz.tmp" logs 2>/dev/null && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"; }
 
 # What a build is made of (bench/prebuild.sh records the same for .prebuilt/).
 src_hash() { (cat setup.py; find csrc -type f | sort | xargs cat) | sha1sum | cut -c1-16; }
@@ -167,7 +170,7 @@ run_bench() {
   unmark "$json"; rm -f "$json"
   timeout "$limit" python -m fused_rnn bench "$@" --json "$json" >"$log" 2>&1
   rc=$?
-  if [ -f "$json" ]; then mark "$json"; cp "$json" "$OUT/"; fi
+  if [ -f "$json" ]; then mark "$json"; cp "$json" "$LOGS/"; fi
   (( rc == 0 )) || summary+=("bench exit $rc (limit ${limit}s): $* (see logs/$(basename "$log"))")
 }
 
@@ -232,9 +235,17 @@ bench_nographs() {
     --batch 1 8 64 256 --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 \
     --no-progress
 }
-# The persistent kernels one launch per step: B 1, 8, 64 (where they stand in
-# for a grid that cannot be co-resident, and where a per-step path competes
-# with cuDNN's own per-step kernels).
+# The stepwise launches without CUDA graphs, B 1 and 8: what replaying them
+# from a graph gains against the stepwise grid (goals.py --stepwise-nographs).
+bench_stepwise_nographs() {
+  FUSED_RNN_CUDA_GRAPHS=off run_bench "$1" "bench/results/$card-stepwise-nographs.json" \
+    "$LOGS/bench-stepwise-nographs.txt" --device cuda --kernel stepwise --cell LSTM GRU \
+    --batch 1 8 --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 --no-progress
+}
+# The persistent kernels one launch per step, replayed from CUDA graphs
+# (auto): B 1, 8, 64 (where they stand in for a grid that cannot be
+# co-resident, and where a per-step path competes with cuDNN's own per-step
+# kernels).
 bench_stepwise() {
   run_bench "$1" "bench/results/$card-stepwise.json" "$LOGS/bench-stepwise.txt" --preset full \
     --device cuda --kernel stepwise --no-progress --batch ${STEPWISE_BATCHES:-1 8 64}
@@ -329,7 +340,8 @@ stepwise_body() {
   pack
   bench_proj "$(cap 30 120)"
   pack
-  bench_stepwise "$(cap 200 0)"
+  bench_stepwise "$(cap 200 40)"
+  bench_stepwise_nographs "$(cap 40 0)"
   tail -n 30 "$LOGS/bench-stepwise.txt"
   tail -n 12 "$LOGS"/bench-packed-*.txt
   tail -n 12 "$LOGS/bench-barrier.txt"
@@ -354,8 +366,11 @@ goals() {
   is_fresh "bench/results/$card-tf32.json" && args+=(--tf32 "bench/results/$card-tf32.json")
   is_fresh "bench/results/$card-general.json" && is_fresh "bench/results/$card-general-nographs.json" \
     && args+=(--nographs "bench/results/$card-general-nographs.json")
-  python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$OUT/goals.txt"
-  while IFS= read -r line; do summary+=("goal $line"); done < "$OUT/goals.txt"
+  is_fresh "bench/results/$card-stepwise.json" && is_fresh "bench/results/$card-stepwise-nographs.json" \
+    && args+=(--stepwise-nographs "bench/results/$card-stepwise-nographs.json")
+  python bench/goals.py "bench/results/$card.json" ${args[@]+"${args[@]}"} > "$LOGS/goals.txt"
+  cp "$LOGS/goals.txt" "$OUT/goals.txt"
+  while IFS= read -r line; do summary+=("goal $line"); done < "$LOGS/goals.txt"
 }
 
 # The persistent kernels' tagged exchange (FUSED_RNN_GRID_SYNC=auto) has not

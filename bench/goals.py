@@ -5,7 +5,7 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
 
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
                           [--stepwise FILE] [--barrier FILE] [--pairs PAIRED SEPARATE]
-                          [--tf32 FILE] [--nographs FILE]
+                          [--tf32 FILE] [--nographs FILE] [--stepwise-nographs FILE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
@@ -19,7 +19,8 @@ run under torch's default TF32 flags (fused-rnn bench --tf32) whose
 products ran in TF32 against the same shapes of the grid in exact float32,
 and their speed-up over cuDNN in TF32; --nographs one of general-path rows
 (--general) whose per-step loops replayed CUDA graphs against the same
-shapes with FUSED_RNN_CUDA_GRAPHS=off.
+shapes with FUSED_RNN_CUDA_GRAPHS=off; --stepwise-nographs the same for the
+stepwise launches (--stepwise).
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -185,14 +186,16 @@ def compare_directions(paired_rows, separate_rows) -> str:
                     "paired")
 
 
-def compare_graphs(general_rows, plain_rows) -> str:
-    """One line, not a goal: general-path rows whose per-step loops replayed
-    CUDA graphs while timed (graph_replays > 0) against the same shapes with
+def compare_graphs(graphed_rows, plain_rows, kernel="general") -> str:
+    """One line, not a goal: rows of a per-step path (the general path, or
+    the stepwise launches: `kernel`) whose loops replayed CUDA graphs while
+    timed (graph_replays > 0) against the same shapes with
     FUSED_RNN_CUDA_GRAPHS=off: plain time / graphed time (above 1: the
     graphs are faster)."""
-    line = _compare(general_rows, plain_rows, lambda r: (r.get("graph_replays") or 0) > 0,
-                    "general path replayed from CUDA graphs vs launched step by step",
-                    "no graphs", "graphed", kernel="general")
+    what = ("general path" if kernel == "general" else "stepwise launches")
+    line = _compare(graphed_rows, plain_rows, lambda r: (r.get("graph_replays") or 0) > 0,
+                    f"{what} replayed from CUDA graphs vs launched step by step",
+                    "no graphs", "graphed", kernel=kernel)
     return line.replace("(no shape in both files)", "(no shape in both files replayed graphs)")
 
 
@@ -225,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--nographs", help="JSON of general-path rows with "
                                            "FUSED_RNN_CUDA_GRAPHS=off (compared with --general, "
                                            "not a goal)")
+    parser.add_argument("--stepwise-nographs", help="JSON of stepwise rows with "
+                                                    "FUSED_RNN_CUDA_GRAPHS=off (compared with "
+                                                    "--stepwise, not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
@@ -242,6 +248,10 @@ def main(argv=None):
     if args.nographs:
         plain_rows, note = _load(args.nographs)
         notes += [compare_graphs(loaded["general"][0], plain_rows)] + ([note] if note else [])
+    if args.stepwise_nographs:
+        plain_rows, note = _load(args.stepwise_nographs)
+        notes += [compare_graphs(loaded["stepwise"][0], plain_rows, kernel="stepwise")] + (
+            [note] if note else [])
     print("\n".join(lines + notes))
     return 1 if any(line.startswith("MISS") for line in lines) else 0
 

@@ -22,3 +22,17 @@ def test_device_check_parses():
     proc = subprocess.run(["bash", "-n", os.path.join("bench", "device_check.sh")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_device_check_returns_few_files():
+    """The device tool brings back at most 8 files from $OUT (every file
+    below it counts): the script writes there only its archive of logs and
+    results, and the goals."""
+    import re
+    with open(os.path.join(ROOT, "bench", "device_check.sh")) as f:
+        script = f.read()
+    code = [line for line in script.splitlines()
+            if not line.lstrip().startswith("#") and not line.startswith('OUT="${OUT:-')]
+    # every use of $OUT, with the path after it ("" where there is none)
+    uses = {m for line in code for m in re.findall(r'\$\{?OUT\b\}?(/[^"\'\s;)]*)?', line)}
+    assert uses == {"/logs.tgz", "/logs.tgz.tmp", "/goals.txt"}, uses

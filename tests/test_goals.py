@@ -232,3 +232,26 @@ def test_graphs_comparison_covers_the_general_rows_that_replayed(tmp_path, capsy
     paths[2].write_text(json.dumps({"rows": plain}))
     goals.main([str(paths[0]), "--general", str(paths[1]), "--nographs", str(paths[2])])
     assert "COMPARE  general path replayed from CUDA graphs" in capsys.readouterr().out
+
+
+def test_graphs_comparison_of_the_stepwise_launches(tmp_path, capsys):
+    """--stepwise-nographs: the same comparison for the stepwise rows
+    (--stepwise) against the same shapes launched step by step; general-path
+    rows in either file are no comparison."""
+    stepwise = [dict(row(cell, "bfloat16", batch, 256, training), kernel="stepwise",
+                     fused_ms=0.8, graph_replays=4)
+                for cell in ("LSTM", "GRU") for batch in (1, 8) for training in (False, True)]
+    plain = [dict(r, fused_ms=2.0, graph_replays=0) for r in stepwise]
+    line = goals.compare_graphs(stepwise, plain, kernel="stepwise")
+    assert line.startswith("COMPARE  stepwise launches replayed from CUDA graphs vs launched "
+                           "step by step: no graphs/default time median 2.50x over 8 shapes")
+    assert goals.compare_graphs(stepwise, plain).startswith("NO DATA  general path")
+    paths = [tmp_path / "grid.json", tmp_path / "stepwise.json", tmp_path / "plain.json"]
+    paths[0].write_text(json.dumps({"rows": full_grid()}))
+    paths[1].write_text(json.dumps({"rows": stepwise}))
+    paths[2].write_text(json.dumps({"rows": plain}))
+    goals.main([str(paths[0]), "--stepwise", str(paths[1]), "--stepwise-nographs",
+                str(paths[2])])
+    out = capsys.readouterr().out
+    assert "COMPARE  stepwise launches replayed from CUDA graphs" in out
+    assert "general path replayed" not in out
