@@ -6,10 +6,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -104,7 +106,13 @@ std::vector<int64_t> stream_and_blas_settings() {
           context.allowTF32CuDNN(),
           static_cast<int64_t>(context.allowFP16ReductionCuBLAS()),
           static_cast<int64_t>(context.allowBF16ReductionCuBLAS()),
+          context.allowFP16AccumulationCuBLAS(),
           static_cast<int64_t>(context.blasPreferredBackend())};
+}
+
+int64_t capture_group() {
+  return reinterpret_cast<int64_t>(
+      own_stream(c10::cuda::getCurrentCUDAStream(), OwnStream::kCapture).stream());
 }
 
 int64_t device_memory_bytes(c10::DeviceIndex device) {
@@ -135,14 +143,25 @@ std::mutex& capture_mutex(cudaStream_t stream) {
   return *m;
 }
 
+// The caching allocator's reserved bytes on `device` now.
+int64_t reserved_bytes(c10::DeviceIndex device) {
+  using c10::CachingAllocator::StatType;
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(device)
+      .reserved_bytes[static_cast<size_t>(StatType::AGGREGATE)]
+      .current;
+}
+
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
-  const c10::cuda::CUDAStream side =
-      own_stream(c10::cuda::getCurrentCUDAStream(), OwnStream::kCapture);
+  const c10::cuda::CUDAStream user = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = own_stream(user, OwnStream::kCapture);
   // Another thread is capturing there: no graph for this call (it does not
   // wait, so no lock is held while a loop may call back into Python).
   std::unique_lock<std::mutex> one_capture(capture_mutex(side.stream()), std::try_to_lock);
   if (!one_capture.owns_lock()) return nullptr;
   auto captured = std::make_unique<GraphLoop>();
+  // After the replays enqueued so far on the user stream: the warm-up below
+  // may take the capture stream's cuBLAS workspace, which they use.
+  wait_for(side, user);
   const c10::cuda::CUDAStreamGuard on_side(side);
   // This thread's cuBLAS handle (and the capture stream's workspace) exist
   // before the capture: creating them inside it (a thread's first product,
@@ -155,6 +174,7 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
         {1, 1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, side.device_index()));
     at::mm(one, one);
   }
+  const int64_t reserved_before = reserved_bytes(side.device_index());
   // Thread-local: other threads' CUDA calls stay legal while this one
   // records (nothing runs during a capture).
   captured->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
@@ -171,6 +191,8 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
     throw;
   }
   captured->graph.capture_end();
+  // (an estimate: another thread's allocations meanwhile count too)
+  captured->pool_bytes = std::max<int64_t>(0, reserved_bytes(side.device_index()) - reserved_before);
   return captured;
 }
 

@@ -46,8 +46,11 @@
 // torch.compile's reduce-overhead mode, then records the loop's launches).
 //
 // The cache: at most kGraphMaxEntries entries and GraphLimits::total_bytes
-// of static tensors in all, none larger than GraphLimits::entry_bytes (the
-// rest runs without a graph); the least recently used entry goes first. A
+// of static tensors and graphs' memory (what the loops allocate inside) in
+// all, no static entry's tensors larger than GraphLimits::entry_bytes (the
+// rest runs without a graph); the least recently used entry goes first,
+// on CUDA with the entries captured on its capture stream (their cuBLAS
+// workspace: GraphCache::insert). A
 // key captured kGraphMaxCaptures times (captured, evicted, seen again) runs
 // without a graph from then on: a working set larger than the cache would
 // otherwise pay a capture on every call. A static entry the allocator
@@ -61,6 +64,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <list>
 #include <memory>
 #include <string>
@@ -97,7 +101,8 @@ GraphLimits graph_limits(const at::Device& device);
 void set_graph_limits(int64_t entry_bytes, int64_t total_bytes);
 
 // What the loop does with each of its tensors: reads it (copied in before a
-// replay), writes it (copied out after), or both. Every tensor a loop writes
+// replay; the loop may also use it as scratch, which is never copied out),
+// writes it (copied out after), or both. Every tensor a loop writes
 // must be one of these and none may share memory with another.
 enum class LoopRole { kIn, kOut, kInOut };
 struct LoopTensor {
@@ -143,7 +148,8 @@ void run_side_by_side(const at::Tensor& like, c10::function_ref<void()> first,
                       c10::function_ref<void()> second);
 
 // What the cache has done since the process started (or the last clear);
-// bytes: of the static entries' tensors.
+// bytes: of the static entries' tensors and, on CUDA, of the memory the
+// graphs keep.
 struct GraphCacheInfo {
   int64_t captures = 0, replays = 0, uncached = 0, evictions = 0, entries = 0, bytes = 0;
 };
@@ -225,16 +231,23 @@ class GraphCache {
   }
 
   // Adds the entry of a key decide() answered a capture for (bytes: of its
-  // static tensors; 0 for a direct entry), evicting the least recently used
-  // entries to make room.
-  Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits) {
+  // static tensors and of the memory its graph keeps), evicting the least
+  // recently used entries to make room. `group` (-1: none): entries that
+  // leave the cache together, an erased or evicted one taking the others of
+  // its group with it (counted as evictions). On CUDA, the graphs captured
+  // on one capture stream: newer torch releases (not 2.11) free the cuBLAS
+  // workspace of the stream a graph was captured on when the graph is
+  // destroyed (CUDAGraph::reset), and the other graphs captured there
+  // multiply into that workspace.
+  Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits,
+                int64_t group = -1) {
     erase(key);  // another thread's capture of the same key, in the meantime
     while (!lru_.empty() && (static_cast<int64_t>(lru_.size()) >= kGraphMaxEntries ||
                              info_.bytes + bytes > limits.total_bytes)) {
       evict_last();
       ++info_.evictions;
     }
-    lru_.push_front(Item{key, bytes, std::move(entry)});
+    lru_.push_front(Item{key, bytes, group, std::move(entry)});
     index_[key] = lru_.begin();
     info_.bytes += bytes;
     ++info_.captures;
@@ -245,13 +258,21 @@ class GraphCache {
   // The entry of the key decide() last answered a replay for.
   Entry& most_recent() { return lru_.front().entry; }
 
+  // Removes the key's entry and the others of its group (insert).
   void erase(const GraphKey& key) {
     auto found = index_.find(key);
     if (found == index_.end()) return;
-    info_.bytes -= found->second->bytes;
-    lru_.erase(found->second);
-    index_.erase(found);
-    info_.entries = static_cast<int64_t>(lru_.size());
+    const int64_t group = found->second->group;
+    remove(found->second);
+    if (group < 0) return;
+    for (auto it = lru_.begin(); it != lru_.end();) {
+      const auto next = std::next(it);
+      if (it->group == group) {
+        remove(it);
+        ++info_.evictions;
+      }
+      it = next;
+    }
   }
 
   void clear() {
@@ -267,6 +288,7 @@ class GraphCache {
   struct Item {
     GraphKey key;
     int64_t bytes;
+    int64_t group;
     Entry entry;
   };
   struct History {
@@ -290,6 +312,12 @@ class GraphCache {
     const GraphKey key = lru_.back().key;  // (erase destroys the item)
     erase(key);
   }
+  void remove(typename std::list<Item>::iterator it) {
+    info_.bytes -= it->bytes;
+    index_.erase(it->key);
+    lru_.erase(it);
+    info_.entries = static_cast<int64_t>(lru_.size());
+  }
 
   std::list<Item> lru_;
   std::unordered_map<GraphKey, typename std::list<Item>::iterator, GraphKeyHash> index_;
@@ -305,6 +333,10 @@ class CapturedLoop {
   virtual ~CapturedLoop() = default;
   // Launches the graph on the current stream.
   virtual void replay() = 0;
+  // Device memory the graph keeps (its private pool: what the loop
+  // allocated inside), as the caching allocator's reserved bytes grew
+  // during the capture.
+  int64_t pool_bytes = 0;
 };
 // Captures loop(statics) on a stream of its own (nothing runs), for
 // replays on the current stream; throws where the capture fails; null
@@ -315,6 +347,9 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
 bool current_stream_capturing();
 // An id of the current stream, and the cuBLAS settings a capture bakes in.
 std::vector<int64_t> stream_and_blas_settings();
+// The group (GraphCache::insert) of the graphs captured for the current
+// stream: its capture stream.
+int64_t capture_group();
 // The device's memory in bytes (read once per device).
 int64_t device_memory_bytes(c10::DeviceIndex device);
 // run_side_by_side's CUDA half: first on the current stream's side stream,
