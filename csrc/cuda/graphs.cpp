@@ -5,6 +5,7 @@
 // the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -151,6 +152,39 @@ int64_t reserved_bytes(c10::DeviceIndex device) {
       .current;
 }
 
+// What CUDAGraph::capture_end had not done when it threw at
+// cudaStreamEndCapture (a capture the loop invalidated): the caching
+// allocators (device and pinned host) still count a capture underway and
+// route allocations to its pool. Hands the pool back to both as capture_end
+// and the graph's destructor would; nothing where capture_end got past that
+// (then the graph's destructor releases the pool).
+void hand_back_pool(c10::DeviceIndex device, const at::cuda::MempoolId_t& pool) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+  } catch (const c10::Error&) {
+    return;
+  }
+  c10::cuda::CUDACachingAllocator::releasePool(device, pool);
+  try {
+    at::HostAllocator* host = at::getHostAllocator(at::kCUDA);
+    host->end_allocate_to_pool(pool);
+    host->release_pool(pool);
+  } catch (const c10::Error&) {
+  }
+}
+
+// capture_end, and where it throws, the pool handed back before the error
+// goes on.
+void end_capture(at::cuda::CUDAGraph& graph, c10::DeviceIndex device,
+                 const at::cuda::MempoolId_t& pool) {
+  try {
+    graph.capture_end();
+  } catch (...) {
+    hand_back_pool(device, pool);
+    throw;
+  }
+}
+
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
   const c10::cuda::CUDAStream user = c10::cuda::getCurrentCUDAStream();
   const c10::cuda::CUDAStream side = own_stream(user, OwnStream::kCapture);
@@ -174,25 +208,29 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
         {1, 1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, side.device_index()));
     at::mm(one, one);
   }
-  const int64_t reserved_before = reserved_bytes(side.device_index());
+  const c10::DeviceIndex device = side.device_index();
+  const int64_t reserved_before = reserved_bytes(device);
+  // A pool of its own, as capture_begin's default would make, but known
+  // here (hand_back_pool).
+  const at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
   // Thread-local: other threads' CUDA calls stay legal while this one
   // records (nothing runs during a capture).
-  captured->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  captured->graph.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
   try {
     loop(statics);
   } catch (...) {
     // End the capture, so that the stream (and this thread) can go on; the
     // partial graph is dropped with `captured`.
     try {
-      captured->graph.capture_end();
+      end_capture(captured->graph, device, pool);
     } catch (...) {
       (void)cudaGetLastError();
     }
     throw;
   }
-  captured->graph.capture_end();
+  end_capture(captured->graph, device, pool);
   // (an estimate: another thread's allocations meanwhile count too)
-  captured->pool_bytes = std::max<int64_t>(0, reserved_bytes(side.device_index()) - reserved_before);
+  captured->pool_bytes = std::max<int64_t>(0, reserved_bytes(device) - reserved_before);
   return captured;
 }
 
