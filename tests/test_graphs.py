@@ -242,38 +242,15 @@ COUNTS = ["captures", "replays", "uncached", "evictions", "entries", "bytes"]
 
 
 def trace(emu, calls, direct_after=2, static_after=3, entry_bytes=1000, total_bytes=10**6,
-          skipped=(), groups=()):
+          skipped=()):
     """The cache's choices (graphs.h's GraphCache, compiled into the
     emulation extension) for calls (shape, address[, bytes]); auto's policy
     by default; the captures of the calls listed in `skipped` do not happen
-    (another thread was capturing); groups: each call's entry's group
-    (none by default)."""
+    (another thread was capturing)."""
     out = emu.graph_cache_trace([c[0] for c in calls], [c[1] for c in calls],
                                 [c[2] if len(c) > 2 else 100 for c in calls], direct_after,
-                                static_after, entry_bytes, total_bytes, list(skipped),
-                                list(groups))
+                                static_after, entry_bytes, total_bytes, list(skipped))
     return [ACTIONS[a] for a in out[:len(calls)]], dict(zip(COUNTS, out[len(calls):]))
-
-
-def test_entries_of_a_group_leave_together(emu):
-    """On CUDA the graphs captured on one capture stream share its cuBLAS
-    workspace, which newer torch frees with any of them: evicting one entry
-    evicts the others of its group, and the next calls of those shapes
-    capture again; entries of another group stay."""
-    calls = [(1, 10, 400), (2, 20, 400), (3, 30, 400), (1, 40, 400), (4, 50, 400),
-             (1, 60, 400), (3, 70, 400)]
-    groups = [7, 7, 8, 7, 8, 7, 8]
-    actions, counts = trace(emu, calls, direct_after=0, static_after=1, total_bytes=1200,
-                            groups=groups)
-    # shape 4 needs room: the least recently used (shape 2, group 7) goes, and
-    # shape 1 of group 7 with it, so shape 1 is captured again; shape 3
-    # (group 8) stays
-    assert actions == ["capture static", "capture static", "capture static", "replay static",
-                       "capture static", "capture static", "replay static"]
-    assert counts["evictions"] == 2 and counts["entries"] == 3
-    # without groups only the least recently used entry goes: shape 1 replays
-    actions, counts = trace(emu, calls, direct_after=0, static_after=1, total_bytes=1200)
-    assert actions[5] == "replay static" and counts["evictions"] == 1
 
 
 def test_a_skipped_capture_does_not_count(emu):

@@ -1,11 +1,16 @@
 // The CUDA half of run_loop (graphs.h): capturing a per-step loop into a
-// graph through ATen's CUDAGraph (so that the caching allocator gives what
-// the loop allocates inside a private pool that lives with the graph, and
-// cuBLAS gets its workspace as under torch.cuda.graph), and replaying it on
-// the current stream.
+// CUDA graph, what the loop allocates inside going to a memory pool of the
+// caching allocator that lives with the graph (as torch.cuda.graph does),
+// and replaying it on the current stream.
+//
+// Not through ATen's CUDAGraph, whose capture marks torch's default CUDA
+// generator as capturing for the whole process (another thread's dropout
+// during one of our captures would then fail: "Offset increment outside
+// graph capture") and whose destruction, in newer releases, frees the cuBLAS
+// workspace of the stream it was captured on, which our other graphs
+// captured there use. Our loops draw no random numbers.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -24,10 +30,59 @@ namespace fused_rnn {
 namespace cuda {
 namespace {
 
+// A captured loop: the graph, its executable, and the pool of the caching
+// allocator that holds what the loop allocated during the capture (released
+// with the graph: its memory returns to CUDA once its blocks are free, at
+// the allocator's next release of cached memory, which synchronizes first).
 class GraphLoop final : public CapturedLoop {
  public:
-  void replay() override { graph.replay(); }
-  at::cuda::CUDAGraph graph;
+  GraphLoop(c10::DeviceIndex device, at::cuda::MempoolId_t pool) : device_(device), pool_(pool) {}
+  ~GraphLoop() override {
+    if (exec_) C10_CUDA_CHECK_WARN(cudaGraphExecDestroy(exec_));
+    if (graph_) C10_CUDA_CHECK_WARN(cudaGraphDestroy(graph_));
+    if (pool_made) {
+      try {
+        c10::cuda::CUDACachingAllocator::releasePool(device_, pool_);
+      } catch (const std::exception& e) {
+        TORCH_WARN("fused_rnn: releasing a CUDA graph's memory pool failed: ", e.what());
+      }
+    }
+  }
+  void replay() override {
+    C10_CUDA_CHECK(cudaGraphLaunch(exec_, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  bool pool_made = false;  // by RouteToPool (else there is none to release)
+
+ private:
+  const c10::DeviceIndex device_;
+  const at::cuda::MempoolId_t pool_;
+};
+
+// While it lives, the caching allocator gives allocations made on a stream
+// that the capture `id` records from `pool` (created here, with one use:
+// GraphLoop's).
+class RouteToPool {
+ public:
+  RouteToPool(c10::DeviceIndex device, at::cuda::MempoolId_t pool,
+              std::shared_ptr<const unsigned long long> id)
+      : device_(device), pool_(pool) {
+    c10::cuda::CUDACachingAllocator::beginAllocateToPool(
+        device, pool, [id = std::move(id)](cudaStream_t stream) {
+          cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+          unsigned long long stream_id = 0;
+          C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &stream_id));
+          return status == cudaStreamCaptureStatusActive && stream_id == *id;
+        });
+  }
+  ~RouteToPool() { c10::cuda::CUDACachingAllocator::endAllocateToPool(device_, pool_); }
+  RouteToPool(const RouteToPool&) = delete;
+  RouteToPool& operator=(const RouteToPool&) = delete;
+
+ private:
+  const c10::DeviceIndex device_;
+  const at::cuda::MempoolId_t pool_;
 };
 
 // Streams of our own beside each user stream, one per purpose, created once
@@ -111,11 +166,6 @@ std::vector<int64_t> stream_and_blas_settings() {
           static_cast<int64_t>(context.blasPreferredBackend())};
 }
 
-int64_t capture_group() {
-  return reinterpret_cast<int64_t>(
-      own_stream(c10::cuda::getCurrentCUDAStream(), OwnStream::kCapture).stream());
-}
-
 int64_t device_memory_bytes(c10::DeviceIndex device) {
   constexpr int kKnown = 64;
   static std::atomic<int64_t> known[kKnown] = {};
@@ -152,39 +202,6 @@ int64_t reserved_bytes(c10::DeviceIndex device) {
       .current;
 }
 
-// What CUDAGraph::capture_end had not done when it threw at
-// cudaStreamEndCapture (a capture the loop invalidated): the caching
-// allocators (device and pinned host) still count a capture underway and
-// route allocations to its pool. Hands the pool back to both as capture_end
-// and the graph's destructor would; nothing where capture_end got past that
-// (then the graph's destructor releases the pool).
-void hand_back_pool(c10::DeviceIndex device, const at::cuda::MempoolId_t& pool) {
-  try {
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
-  } catch (const c10::Error&) {
-    return;
-  }
-  c10::cuda::CUDACachingAllocator::releasePool(device, pool);
-  try {
-    at::HostAllocator* host = at::getHostAllocator(at::kCUDA);
-    host->end_allocate_to_pool(pool);
-    host->release_pool(pool);
-  } catch (const c10::Error&) {
-  }
-}
-
-// capture_end, and where it throws, the pool handed back before the error
-// goes on.
-void end_capture(at::cuda::CUDAGraph& graph, c10::DeviceIndex device,
-                 const at::cuda::MempoolId_t& pool) {
-  try {
-    graph.capture_end();
-  } catch (...) {
-    hand_back_pool(device, pool);
-    throw;
-  }
-}
-
 std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::Tensor>& statics) {
   const c10::cuda::CUDAStream user = c10::cuda::getCurrentCUDAStream();
   const c10::cuda::CUDAStream side = own_stream(user, OwnStream::kCapture);
@@ -192,7 +209,6 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
   // wait, so no lock is held while a loop may call back into Python).
   std::unique_lock<std::mutex> one_capture(capture_mutex(side.stream()), std::try_to_lock);
   if (!one_capture.owns_lock()) return nullptr;
-  auto captured = std::make_unique<GraphLoop>();
   // After the replays enqueued so far on the user stream: the warm-up below
   // may take the capture stream's cuBLAS workspace, which they use.
   wait_for(side, user);
@@ -210,25 +226,42 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
   }
   const c10::DeviceIndex device = side.device_index();
   const int64_t reserved_before = reserved_bytes(device);
-  // A pool of its own, as capture_begin's default would make, but known
-  // here (hand_back_pool).
   const at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
-  // Thread-local: other threads' CUDA calls stay legal while this one
-  // records (nothing runs during a capture).
-  captured->graph.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
-  try {
-    loop(statics);
-  } catch (...) {
-    // End the capture, so that the stream (and this thread) can go on; the
-    // partial graph is dropped with `captured`.
+  auto captured = std::make_unique<GraphLoop>(device, pool);
+  {
+    auto id = std::make_shared<unsigned long long>(0);
+    const RouteToPool route(device, pool, id);
+    captured->pool_made = true;
+    // Thread-local: other threads' CUDA calls stay legal while this one
+    // records (nothing runs during a capture).
+    C10_CUDA_CHECK(cudaStreamBeginCapture(side.stream(), cudaStreamCaptureModeThreadLocal));
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    // Ends the capture: the graph, or null where it failed (its error is
+    // cleared; a caller that can go on sees it in the status).
+    auto end = [&]() -> cudaError_t {
+      cudaGraph_t graph = nullptr;
+      const cudaError_t err = cudaStreamEndCapture(side.stream(), &graph);
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        if (graph) C10_CUDA_CHECK_WARN(cudaGraphDestroy(graph));
+        return err;
+      }
+      captured->graph_ = graph;
+      return cudaSuccess;
+    };
     try {
-      end_capture(captured->graph, device, pool);
+      C10_CUDA_CHECK(cudaStreamGetCaptureInfo(side.stream(), &status, id.get()));
+      loop(statics);
     } catch (...) {
-      (void)cudaGetLastError();
+      end();  // so that the stream (and this thread) can go on
+      throw;
     }
-    throw;
+    C10_CUDA_CHECK(end());
   }
-  end_capture(captured->graph, device, pool);
+  // as torch.cuda.graph's (it frees what a graph allocated with
+  // cudaMallocAsync, torch's other allocator backend, at each launch)
+  C10_CUDA_CHECK(cudaGraphInstantiateWithFlags(&captured->exec_, captured->graph_,
+                                               cudaGraphInstantiateFlagAutoFreeOnLaunch));
   // (an estimate: another thread's allocations meanwhile count too)
   captured->pool_bytes = std::max<int64_t>(0, reserved_bytes(device) - reserved_before);
   return captured;

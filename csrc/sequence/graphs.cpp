@@ -408,17 +408,13 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   }
 #endif
   int64_t kept = is_direct ? 0 : bytes;  // the static tensors, and the graph's pool
-  int64_t group = -1;
 #if defined(FUSED_RNN_WITH_CUDA)
-  if (entry->graph) {
-    kept += entry->graph->pool_bytes;
-    group = cuda::capture_group();
-  }
+  if (entry->graph) kept += entry->graph->pool_bytes;
 #endif
   const std::lock_guard<std::mutex> in_use(entry->use);
   {
     const std::lock_guard<std::mutex> lock(cache_mutex());
-    cache().insert(is_direct ? direct : key, kept, entry, limits, group);
+    cache().insert(is_direct ? direct : key, kept, entry, limits);
   }
   if (is_direct) {
     const EmulationLock emulation(first->is_cpu());

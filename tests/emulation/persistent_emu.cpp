@@ -455,14 +455,12 @@ std::tuple<std::string, std::string, int64_t, int64_t, int64_t, bool> choose(
 // per call the action (0 uncached, 1 capture direct, 2 capture static,
 // 3 replay direct, 4 replay static), then the cache's counts (captures,
 // replays, uncached, evictions, entries, bytes). A capture of a call listed
-// in `skipped` does not happen (another thread was capturing); groups[i]:
-// the group of call i's entry (GraphCache::insert; none: -1 for all).
+// in `skipped` does not happen (another thread was capturing).
 std::vector<int64_t> graph_cache_trace(const std::vector<int64_t>& shapes,
                                        const std::vector<int64_t>& addresses,
                                        const std::vector<int64_t>& bytes, int64_t direct_after,
                                        int64_t static_after, int64_t entry_bytes,
-                                       int64_t total_bytes, const std::vector<int64_t>& skipped,
-                                       const std::vector<int64_t>& groups) {
+                                       int64_t total_bytes, const std::vector<int64_t>& skipped) {
   using Cache = fused_rnn::GraphCache<int>;
   Cache cache;
   const fused_rnn::GraphPolicy policy{static_cast<int>(direct_after),
@@ -475,19 +473,18 @@ std::vector<int64_t> graph_cache_trace(const std::vector<int64_t>& shapes,
     const Cache::Action action = cache.decide(shape, direct, bytes[i], policy, limits);
     const bool skip =
         std::find(skipped.begin(), skipped.end(), static_cast<int64_t>(i)) != skipped.end();
-    const int64_t group = groups.empty() ? -1 : groups[i];
     if (action == Cache::Action::kCaptureDirect) {
       if (skip) {
         cache.capture_skipped(direct);
       } else {
-        cache.insert(direct, 0, 0, limits, group);
+        cache.insert(direct, 0, 0, limits);
       }
     }
     if (action == Cache::Action::kCaptureStatic) {
       if (skip) {
         cache.capture_skipped(shape);
       } else {
-        cache.insert(shape, bytes[i], 0, limits, group);
+        cache.insert(shape, bytes[i], 0, limits);
       }
     }
     out.push_back(static_cast<int64_t>(action));
@@ -505,8 +502,7 @@ std::vector<int64_t> graph_cache_trace(const std::vector<int64_t>& shapes,
 TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "graph_cache_trace(int[] shapes, int[] addresses, int[] bytes, int direct_after, "
-      "int static_after, int entry_bytes, int total_bytes, int[] skipped=[], int[] groups=[]) "
-      "-> int[]",
+      "int static_after, int entry_bytes, int total_bytes, int[] skipped=[]) -> int[]",
       &graph_cache_trace);
   m.def("batch_tile(int batch, ScalarType dtype, bool tf32, int arch) -> int", &batch_tile);
   m.def(

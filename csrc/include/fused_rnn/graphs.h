@@ -48,9 +48,7 @@
 // The cache: at most kGraphMaxEntries entries and GraphLimits::total_bytes
 // of static tensors and graphs' memory (what the loops allocate inside) in
 // all, no static entry's tensors larger than GraphLimits::entry_bytes (the
-// rest runs without a graph); the least recently used entry goes first,
-// on CUDA with the entries captured on its capture stream (their cuBLAS
-// workspace: GraphCache::insert). A
+// rest runs without a graph); the least recently used entry goes first. A
 // key captured kGraphMaxCaptures times (captured, evicted, seen again) runs
 // without a graph from then on: a working set larger than the cache would
 // otherwise pay a capture on every call. A static entry the allocator
@@ -64,7 +62,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <iterator>
 #include <list>
 #include <memory>
 #include <string>
@@ -232,22 +229,15 @@ class GraphCache {
 
   // Adds the entry of a key decide() answered a capture for (bytes: of its
   // static tensors and of the memory its graph keeps), evicting the least
-  // recently used entries to make room. `group` (-1: none): entries that
-  // leave the cache together, an erased or evicted one taking the others of
-  // its group with it (counted as evictions). On CUDA, the graphs captured
-  // on one capture stream: newer torch releases (not 2.11) free the cuBLAS
-  // workspace of the stream a graph was captured on when the graph is
-  // destroyed (CUDAGraph::reset), and the other graphs captured there
-  // multiply into that workspace.
-  Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits,
-                int64_t group = -1) {
+  // recently used entries to make room.
+  Entry& insert(const GraphKey& key, int64_t bytes, Entry entry, const GraphLimits& limits) {
     erase(key);  // another thread's capture of the same key, in the meantime
     while (!lru_.empty() && (static_cast<int64_t>(lru_.size()) >= kGraphMaxEntries ||
                              info_.bytes + bytes > limits.total_bytes)) {
       evict_last();
       ++info_.evictions;
     }
-    lru_.push_front(Item{key, bytes, group, std::move(entry)});
+    lru_.push_front(Item{key, bytes, std::move(entry)});
     index_[key] = lru_.begin();
     info_.bytes += bytes;
     ++info_.captures;
@@ -258,21 +248,13 @@ class GraphCache {
   // The entry of the key decide() last answered a replay for.
   Entry& most_recent() { return lru_.front().entry; }
 
-  // Removes the key's entry and the others of its group (insert).
   void erase(const GraphKey& key) {
     auto found = index_.find(key);
     if (found == index_.end()) return;
-    const int64_t group = found->second->group;
-    remove(found->second);
-    if (group < 0) return;
-    for (auto it = lru_.begin(); it != lru_.end();) {
-      const auto next = std::next(it);
-      if (it->group == group) {
-        remove(it);
-        ++info_.evictions;
-      }
-      it = next;
-    }
+    info_.bytes -= found->second->bytes;
+    lru_.erase(found->second);
+    index_.erase(found);
+    info_.entries = static_cast<int64_t>(lru_.size());
   }
 
   void clear() {
@@ -288,7 +270,6 @@ class GraphCache {
   struct Item {
     GraphKey key;
     int64_t bytes;
-    int64_t group;
     Entry entry;
   };
   struct History {
@@ -312,12 +293,7 @@ class GraphCache {
     const GraphKey key = lru_.back().key;  // (erase destroys the item)
     erase(key);
   }
-  void remove(typename std::list<Item>::iterator it) {
-    info_.bytes -= it->bytes;
-    index_.erase(it->key);
-    lru_.erase(it);
-    info_.entries = static_cast<int64_t>(lru_.size());
-  }
+
 
   std::list<Item> lru_;
   std::unordered_map<GraphKey, typename std::list<Item>::iterator, GraphKeyHash> index_;
@@ -347,9 +323,6 @@ std::unique_ptr<CapturedLoop> capture_loop(StepLoop loop, const std::vector<at::
 bool current_stream_capturing();
 // An id of the current stream, and the cuBLAS settings a capture bakes in.
 std::vector<int64_t> stream_and_blas_settings();
-// The group (GraphCache::insert) of the graphs captured for the current
-// stream: its capture stream.
-int64_t capture_group();
 // The device's memory in bytes (read once per device).
 int64_t device_memory_bytes(c10::DeviceIndex device);
 // run_side_by_side's CUDA half: first on the current stream's side stream,
