@@ -76,7 +76,13 @@ class RouteToPool {
           return status == cudaStreamCaptureStatusActive && stream_id == *id;
         });
   }
-  ~RouteToPool() { c10::cuda::CUDACachingAllocator::endAllocateToPool(device_, pool_); }
+  ~RouteToPool() {
+    try {
+      c10::cuda::CUDACachingAllocator::endAllocateToPool(device_, pool_);
+    } catch (const std::exception& e) {
+      TORCH_WARN("fused_rnn: ending a CUDA graph capture's memory pool failed: ", e.what());
+    }
+  }
   RouteToPool(const RouteToPool&) = delete;
   RouteToPool& operator=(const RouteToPool&) = delete;
 
@@ -182,9 +188,8 @@ int64_t device_memory_bytes(c10::DeviceIndex device) {
 }
 
 // One capture at a time on a capture stream: a second cudaStreamBeginCapture
-// on a stream that is capturing fails (after ATen's CUDAGraph has already
-// routed the caching allocator to its pool). Threads that replay on one
-// user stream share its capture stream.
+// on a stream that is capturing fails. Threads that replay on one user
+// stream share its capture stream.
 std::mutex& capture_mutex(cudaStream_t stream) {
   static std::mutex mutex;
   static std::unordered_map<cudaStream_t, std::unique_ptr<std::mutex>> mutexes;
