@@ -297,6 +297,12 @@ def test_always_policy_and_total_bytes(emu):
                        "capture static"]
     # shape 3 evicted shape 1 (used before shape 2), shape 1 coming back shape 2
     assert counts["evictions"] == 2 and counts["entries"] == 2 and counts["bytes"] == 800
+    # a loop larger than the whole cache (an entry limit set above it) gets
+    # no static entry and evicts nothing
+    actions, counts = trace(emu, [(1, 10, 400), (2, 20, 1000)], direct_after=0,
+                            static_after=1, entry_bytes=2000, total_bytes=900)
+    assert actions == ["capture static", "uncached"]
+    assert counts["evictions"] == 0 and counts["entries"] == 1
 
 
 def test_emulated_auto_parity_when_addresses_change(emulated):

@@ -384,6 +384,17 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   if (first->is_cuda()) {
     try {
       entry->graph = cuda::capture_loop(loop, is_direct ? plain : entry->statics);
+    } catch (const c10::OutOfMemoryError&) {
+      // What the loop allocates inside did not fit: the cache gives its
+      // memory back, and this key may be captured later, when there is room.
+      entry.reset();
+      {
+        const std::lock_guard<std::mutex> lock(cache_mutex());
+        cache().evict_all();
+        cache().capture_skipped(is_direct ? direct : key);
+      }
+      loop(plain);
+      return;
     } catch (const c10::Error& e) {
       // Never worse than no graph: this key runs without one from now on
       // (give_up), and a real fault shows again in the plain run.

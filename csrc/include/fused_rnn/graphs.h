@@ -199,7 +199,7 @@ class GraphCache {
     if (policy.static_after > 0) {
       History& h = history_[shape];
       if (++h.sightings >= policy.static_after && h.captures < kGraphMaxCaptures &&
-          bytes <= limits.entry_bytes) {
+          bytes <= std::min(limits.entry_bytes, limits.total_bytes)) {
         ++h.captures;
         return Action::kCaptureStatic;
       }
