@@ -211,7 +211,7 @@ class GraphCache {
   // A capture of this key failed: it runs without a graph from now on.
   void give_up(const GraphKey& key) { history_[key].captures = kGraphMaxCaptures; }
   // A capture decide() answered did not happen (another thread was
-  // capturing): it does not count against the key.
+  // capturing, or memory ran out): it does not count against the key.
   void capture_skipped(const GraphKey& key) {
     History& h = history_[key];
     if (h.captures > 0) --h.captures;
@@ -293,7 +293,6 @@ class GraphCache {
     const GraphKey key = lru_.back().key;  // (erase destroys the item)
     erase(key);
   }
-
 
   std::list<Item> lru_;
   std::unordered_map<GraphKey, typename std::list<Item>::iterator, GraphKeyHash> index_;
