@@ -119,7 +119,8 @@ def build_parser():
     check.add_argument("--device", default=None)
     check.add_argument("--kernel", choices=paths.PATHS, default=None,
                        help="CUDA kernels to check (default: persistent, stepwise and general "
-                            "in turn); the CPU has one path")
+                            "in turn, then general and stepwise replayed from CUDA graphs); the "
+                            "CPU has one path")
     return parser
 
 
@@ -575,21 +576,23 @@ def higher_order_errors(device, dtype=torch.float64, seed=0):
 def run_check(args, parser):
     """Every case on the CPU; on CUDA on every kernel path in turn (or the
     one --kernel names), so that each kernel of the build is checked, and
-    the general path once more with its loops replayed from CUDA graphs
-    (captured at the first call, replayed with other weights and inputs at
-    the second)."""
+    the general path and the stepwise launches once more with their loops
+    replayed from CUDA graphs (captured at the first call, replayed with
+    other weights and inputs at the second)."""
     device = _resolve_device(parser, args.device)
     tolerance = 1e-10
     failed = 0
     print(f"fused_rnn parity self-test on {device} (float64, tolerance {tolerance:g})")
-    kernels = ([None] if device == "cpu" or args.kernel is not None
-               else ["persistent", "stepwise", "general", "graphed"])
-    for kernel in kernels:
+    # (kernel path, graphed)
+    passes = ([(None, False)] if device == "cpu" or args.kernel is not None
+              else [("persistent", False), ("stepwise", False), ("general", False),
+                    ("general", True), ("stepwise", True)])
+    for kernel, graphed in passes:
         context = contextlib.ExitStack()
         seeds = (0,)
-        if kernel == "graphed":
-            print(" general kernels replayed from CUDA graphs:")
-            context.enter_context(paths.kernel_path("general"))
+        if graphed:
+            print(f" {kernel} kernels replayed from CUDA graphs:")
+            context.enter_context(paths.kernel_path(kernel))
             context.enter_context(paths.cuda_graphs("always"))
             seeds = (0, 1)
         elif kernel:

@@ -358,8 +358,8 @@ def test_cuda_graph_inference_no_host_sync(path):
 def test_fused_rnn_check_runs_every_kernel_path(capsys):
     """`fused-rnn check` on CUDA checks the build's every kernel: each case
     (packed input included) on the persistent, stepwise and general paths,
-    and the general path replayed from CUDA graphs;
-    --kernel narrows it to one."""
+    and the general path and the stepwise launches replayed from CUDA
+    graphs; --kernel narrows it to one."""
     from fused_rnn import cli
 
     assert cli.main(["check", "--device", "cuda"]) == 0
@@ -367,8 +367,9 @@ def test_fused_rnn_check_runs_every_kernel_path(capsys):
     for kernel in ("persistent", "stepwise", "general"):
         assert f" {kernel} kernels:" in out
     assert " general kernels replayed from CUDA graphs:" in out
-    # persistent, stepwise, general, then graphed twice (captured, replayed)
-    assert out.count("ok   GRU packed") == 5 and "FAIL" not in out
+    assert " stepwise kernels replayed from CUDA graphs:" in out
+    # persistent, stepwise, general, then each graphed twice (captured, replayed)
+    assert out.count("ok   GRU packed") == 7 and "FAIL" not in out
     assert cli.main(["check", "--device", "cuda", "--kernel", "stepwise"]) == 0
     out = capsys.readouterr().out
     assert "kernels:" not in out and out.count("ok   LSTM packed") == 1
