@@ -106,7 +106,7 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 // co-resident now, or for packed input while the stream is being captured),
 // or, when plan.stepwise, the weight slices of each w_hh packed and one
 // launch per step with the rows of its step in each direction (through
-// run_stepwise, which raises the kernel's shared memory limit first). Forward
+// run_plan, which raises the kernel's shared memory limit first). Forward
 // steps run 0 .. T-1, backward T-1 down to -1 (grad_hx). plan.blocks is per
 // direction; the grid has launch.count times as many.
 template <int G, bool kBackward, typename scalar_t, typename Params>
@@ -145,7 +145,7 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
     slices[d] = pack_slices<G, kBackward, scalar_t>(w_hh[d], plan, launch.dir[d].batch);
     launch.dir[d].slices = data<scalar_t>(slices[d]);
   }
-  // (the kernel's shared memory limit was raised before: run_stepwise)
+  // (the kernel's shared memory limit was raised before: run_plan)
   void* args[] = {&launch};  // read at each launch: the next step changes it
   for_each_step<kBackward>(launch.dir[0].steps, launch.dir[0].batch, batch_sizes,
                            [&](int64_t s, const auto& rows) {
@@ -160,14 +160,17 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
   return true;
 }
 
-// The stepwise launches of a plan, run(first, second), through run_as_loop
-// (persistent.cuh): from the second call of a shape on (FUSED_RNN_CUDA_GRAPHS,
-// graphs.h), the packing of the weight slices and the T launches are
-// replayed from one CUDA graph instead of T launches from the host. The
-// kernel's shared memory limit is raised here, never inside a capture.
+// Runs the plan's launches, run(first, second) (false as launch_steps):
+// the cooperative one directly; the stepwise ones through run_as_loop
+// (persistent.cuh), so that from the second call of a shape on
+// (FUSED_RNN_CUDA_GRAPHS, graphs.h) the packing of the weight slices and the
+// T launches are replayed from one CUDA graph instead of T launches from the
+// host. The kernel's shared memory limit is raised before, never inside a
+// capture. flags: what else the launches depend on.
 template <PersistentCell kCell, bool kBackward, typename Request, typename Run>
-void run_stepwise(const void* kernel, const Plan& plan, const Request& a, const Request* second,
-                  std::initializer_list<int64_t> flags, Run run) {
+bool run_plan(const void* kernel, const Plan& plan, const Request& a, const Request* second,
+              std::initializer_list<int64_t> flags, Run run) {
+  if (!plan.stepwise) return run(a, second);
   allow_shared_memory(kernel);
   std::vector<int64_t> params = {static_cast<int64_t>(kCell), kBackward, plan.blocks,
                                  plan.units, plan.batch_tile, plan.step_chunk,
@@ -177,6 +180,7 @@ void run_stepwise(const void* kernel, const Plan& plan, const Request& a, const 
   const int64_t macs = (second ? 2 : 1) * a.batch * gate_count<kCell>() * H * H;
   run_as_loop(kBackward ? "stepwise_backward" : "stepwise_forward", std::move(params), macs, a,
               second, run, &run_loop);
+  return true;
 }
 
 // Runs one direction (second null) or both directions of a layer
@@ -211,15 +215,7 @@ bool run_forward(const PersistentForward& a, const PersistentForward* second, co
       return launch_steps<gate_count<kCell>(), false, scalar_t>(kernel, plan, launch, w_hh,
                                                                 first.batch_sizes);
     };
-    if (!plan.stepwise) {
-      launched = run(a, second);
-      return;
-    }
-    run_stepwise<kCell, false>(kernel, plan, a, second, {a.keep_gates},
-                               [&](const PersistentForward& x, const PersistentForward* y) {
-                                 run(x, y);
-                               });
-    launched = true;
+    launched = run_plan<kCell, false>(kernel, plan, a, second, {a.keep_gates}, run);
   });
   return launched;
 }
@@ -255,15 +251,7 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
       return launch_steps<gate_count<kCell>(), true, scalar_t>(kernel, plan, launch, w_hh,
                                                                first.batch_sizes);
     };
-    if (!plan.stepwise) {
-      launched = run(a, second);
-      return;
-    }
-    run_stepwise<kCell, true>(kernel, plan, a, second, {},
-                              [&](const PersistentBackward& x, const PersistentBackward* y) {
-                                run(x, y);
-                              });
-    launched = true;
+    launched = run_plan<kCell, true>(kernel, plan, a, second, {}, run);
   });
   return launched;
 }

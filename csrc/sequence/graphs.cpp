@@ -353,7 +353,29 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
 
   const PhaseRange phase("fused_rnn::cuda_graph_capture");
   const bool is_direct = action == Action::kCaptureDirect;
+  const GraphKey& entry_key = is_direct ? direct : key;
   auto entry = std::make_shared<Graph>();
+  // The capture decide() answered does not happen: this call runs its loop
+  // without a graph. kNoRoom: an allocation failed; the cache gives its
+  // memory back, and the key may be captured later, when there is room.
+  // kBusy: another thread captures for this stream. kFailed: never worse
+  // than no graph, this key runs without one from now on (a real fault
+  // shows again in the plain run).
+  enum class NoGraph { kNoRoom, kBusy, kFailed };
+  auto without_graph = [&](NoGraph why) {
+    entry.reset();
+    {
+      const std::lock_guard<std::mutex> lock(cache_mutex());
+      if (why == NoGraph::kNoRoom) cache().evict_all();
+      if (why == NoGraph::kFailed) {
+        cache().give_up(entry_key);
+      } else {
+        cache().capture_skipped(entry_key);
+      }
+    }
+    const EmulationLock emulation(first->is_cpu());
+    loop(plain);
+  };
   if (!is_direct) {
     entry->statics.reserve(tensors.size());
     try {
@@ -368,15 +390,7 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
                 : at::Tensor());
       }
     } catch (const c10::OutOfMemoryError&) {
-      // The cache gives its memory back and this call runs without a graph
-      // (the shape may be captured again later, when there is room).
-      entry.reset();
-      {
-        const std::lock_guard<std::mutex> lock(cache_mutex());
-        cache().evict_all();
-      }
-      const EmulationLock emulation(first->is_cpu());
-      loop(plain);
+      without_graph(NoGraph::kNoRoom);
       return;
     }
   }
@@ -384,36 +398,18 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   if (first->is_cuda()) {
     try {
       entry->graph = cuda::capture_loop(loop, is_direct ? plain : entry->statics);
-    } catch (const c10::OutOfMemoryError&) {
-      // What the loop allocates inside did not fit: the cache gives its
-      // memory back, and this key may be captured later, when there is room.
-      entry.reset();
-      {
-        const std::lock_guard<std::mutex> lock(cache_mutex());
-        cache().evict_all();
-        cache().capture_skipped(is_direct ? direct : key);
-      }
-      loop(plain);
+    } catch (const c10::OutOfMemoryError&) {  // what the loop allocates inside
+      without_graph(NoGraph::kNoRoom);
       return;
     } catch (const c10::Error& e) {
-      // Never worse than no graph: this key runs without one from now on
-      // (give_up), and a real fault shows again in the plain run.
       TORCH_WARN_ONCE("fused_rnn: capturing the ", shape.name,
                       " loop into a CUDA graph failed, so it runs without one (",
                       e.what_without_backtrace(), ")");
-      {
-        const std::lock_guard<std::mutex> lock(cache_mutex());
-        cache().give_up(is_direct ? direct : key);
-      }
-      loop(plain);
+      without_graph(NoGraph::kFailed);
       return;
     }
-    if (!entry->graph) {  // another thread is capturing for this stream
-      {
-        const std::lock_guard<std::mutex> lock(cache_mutex());
-        cache().capture_skipped(is_direct ? direct : key);
-      }
-      loop(plain);
+    if (!entry->graph) {
+      without_graph(NoGraph::kBusy);
       return;
     }
   }
@@ -425,7 +421,7 @@ void run_loop(const LoopShape& shape, const std::vector<LoopTensor>& tensors, St
   const std::lock_guard<std::mutex> in_use(entry->use);
   {
     const std::lock_guard<std::mutex> lock(cache_mutex());
-    cache().insert(is_direct ? direct : key, kept, entry, limits);
+    cache().insert(entry_key, kept, entry, limits);
   }
   if (is_direct) {
     const EmulationLock emulation(first->is_cpu());

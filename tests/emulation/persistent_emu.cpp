@@ -205,14 +205,32 @@ void emulated_run_loop(const fused_rnn::LoopShape& /*shape*/,
   }
 }
 
-// Runs launch_all as the CUDA launcher runs stepwise launches from a graph
-// (run_as_loop), with emulated_run_loop and the requests' tensors listed.
+// Every tensor of a request, field by field (for call_tensors()).
+std::vector<Tensor> fields(const fused_rnn::PersistentForward& r) {
+  return {r.xw, r.bias, r.bias_hh, r.w_hh, r.hx, r.cx, r.out, r.hy, r.cy, r.cells, r.hn};
+}
+std::vector<Tensor> fields(const fused_rnn::PersistentBackward& r) {
+  return {r.w_hh, r.grad_out, r.grad_hy, r.grad_cy, r.out, r.hx, r.cx, r.gates, r.cells, r.hn,
+          r.dgates, r.dgates_h, r.grad_hx, r.grad_cx};
+}
+
+// launch_all(requests[0], second) (second: requests[1] for a pair, else
+// null); graphed: as the CUDA launcher runs stepwise launches from a graph
+// (run_as_loop), with emulated_run_loop and every tensor of the requests
+// listed.
 template <typename Request, typename LaunchAll>
-void run_graphed(const char* name, const Request (&requests)[2], int count,
-                 std::vector<Tensor> tensors, LaunchAll launch_all) {
-  call_tensors() = std::move(tensors);
-  p::run_as_loop(name, {}, 0, requests[0], count == 2 ? &requests[1] : nullptr, launch_all,
-                 &emulated_run_loop);
+void run_launches(const char* name, const Request (&requests)[2], int count, bool graphed,
+                  LaunchAll launch_all) {
+  const Request* second = count == 2 ? &requests[1] : nullptr;
+  if (!graphed) {
+    launch_all(requests[0], second);
+    return;
+  }
+  for (int d = 0; d < count; ++d) {
+    const std::vector<Tensor> f = fields(requests[d]);
+    call_tensors().insert(call_tensors().end(), f.begin(), f.end());
+  }
+  p::run_as_loop(name, {}, 0, requests[0], second, launch_all, &emulated_run_loop);
   call_tensors().clear();
 }
 
@@ -298,17 +316,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
             run(p::forward_kernel<c.value, bt.value, scalar_t, false>);
           }
         };
-        if (graphed) {
-          std::vector<Tensor> listed;
-          for (int d = 0; d < count; ++d) {
-            const fused_rnn::PersistentForward& r = requests[d];
-            listed.insert(listed.end(), {r.xw, r.bias, r.bias_hh, r.w_hh, r.hx, r.cx, r.out,
-                                         r.hy, r.cy, r.cells, r.hn});
-          }
-          run_graphed("stepwise_forward", requests, count, listed, launch_all);
-        } else {
-          launch_all(requests[0], paired ? &requests[1] : nullptr);
-        }
+        run_launches("stepwise_forward", requests, count, graphed, launch_all);
       });
     });
   });
@@ -390,18 +398,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
             run(p::backward_kernel<c.value, bt.value, scalar_t, false>);
           }
         };
-        if (graphed) {
-          std::vector<Tensor> listed;
-          for (int d = 0; d < count; ++d) {
-            const fused_rnn::PersistentBackward& r = requests[d];
-            listed.insert(listed.end(), {r.w_hh, r.grad_out, r.grad_hy, r.grad_cy, r.out, r.hx,
-                                         r.cx, r.gates, r.cells, r.hn, r.dgates, r.dgates_h,
-                                         r.grad_hx, r.grad_cx});
-          }
-          run_graphed("stepwise_backward", requests, count, listed, launch_all);
-        } else {
-          launch_all(requests[0], paired ? &requests[1] : nullptr);
-        }
+        run_launches("stepwise_backward", requests, count, graphed, launch_all);
       });
     });
   });

@@ -1,5 +1,5 @@
 // A per-step loop replayed as a CUDA graph: the general path's, and the
-// stepwise launches' (persistent_launch.cuh, run_stepwise).
+// stepwise launches' (persistent_launch.cuh, run_plan).
 //
 // On CUDA the general path issues per step a cuBLAS GEMM and a pointwise
 // kernel (backward: the pointwise kernel, a GEMM, for GRU an add), each
