@@ -3,6 +3,7 @@ by setup.py) and which GPUs a build runs on; the kernels compile for the
 oldest architecture the build accepts besides the default ones."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,50 @@ def test_kernels_compile_for_turing():
     for cu, job in zip(sources, jobs):
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, f"{cu.name} for sm_75:\n{out[-4000:]}"
+
+
+def kernel_ptx(arch, source):
+    """{kernel name: its PTX} of csrc/cuda/<source> compiled for compute
+    capability arch / 10 with the extension's flags."""
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-DFUSED_RNN_WITH_CUDA", f"-I{ROOT / 'csrc' / 'include'}",
+             f"-I{torch_dir / 'include'}",
+             f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+             f"-I{sysconfig.get_paths()['include']}", "-D__CUDA_NO_HALF_OPERATORS__",
+             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O3",
+             "-DTORCH_API_INCLUDE_EXTENSION_H", "-std=c++20", f"-arch=sm_{arch}", "-ptx",
+             "-o", "-"]
+    result = subprocess.run([nvcc(), *flags, str(ROOT / "csrc" / "cuda" / source)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = {}
+    for part in re.split(r"\n\s*// \.globl\s+", result.stdout)[1:]:
+        kernels[part.split()[0]] = part
+    return kernels
+
+
+@pytest.mark.skipif(torch.version.cuda is None or nvcc() is None,
+                    reason="needs nvcc and a CUDA build of torch (its headers)")
+@pytest.mark.parametrize("arch", [90, 75])
+def test_tensor_core_tiles_compiled(arch):
+    """The PTX of the LSTM forward and the GRU backward kernels: on 9.0
+    every tensor-core tile (batch tile 16: half, bfloat16, float as TF32)
+    multiplies with wmma; on 7.5 only half's tile does (the others trap,
+    never launched there). (CUDA 13's mma.h once hid the bfloat16 and TF32
+    tiles from every device pass: they compiled to the trap.)"""
+    tiles = {"c10::Half": "N3c104HalfE", "c10::BFloat16": "N3c108BFloat16E", "float": "f"}
+    for source, kernel in (("persistent_lstm_forward.cu", "forward_kernel"),
+                           ("persistent_gru_backward.cu", "backward_kernel")):
+        kernels = {name: ptx for name, ptx in kernel_ptx(arch, source).items()
+                   if kernel in name}
+        assert len(kernels) == 18, sorted(kernels)  # 4 dtypes x their 2 tiles x 2 launch kinds
+        for dtype, mangled in tiles.items():
+            wide = [ptx for name, ptx in kernels.items() if f"Li16E{mangled}" in name]
+            assert len(wide) == 2, (dtype, sorted(kernels))
+            multiplies = arch >= 80 or dtype == "c10::Half"
+            for ptx in wide:
+                assert ("wmma.mma" in ptx) == multiplies, (source, arch, dtype)
 
 
 def test_gpu_support_in_words(monkeypatch):

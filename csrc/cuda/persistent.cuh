@@ -528,11 +528,14 @@ __device__ __forceinline__ double mul_add(double a, double b, double c) { return
 // to TF32 once loaded).
 //
 // wmma multiplies half from compute capability 7.0 (Volta, Turing),
-// bfloat16 and TF32 from 8.0 (Ampere: mma.h's __CUDA_AMPERE_MMA__, defined
-// in the host pass and in device passes for 8.0 and newer). In a device pass
-// for 7.x the bfloat16 and float tensor-core tiles compile to a trap
-// (mma_compiled): the plan never takes them on such a device (mma_arch).
-#if defined(FUSED_RNN_EMULATION) || defined(__CUDA_AMPERE_MMA__)
+// bfloat16 and TF32 from 8.0 (Ampere): mma.h declares those fragments in
+// the host pass and in device passes for 8.0 and newer, the condition
+// below. (Not mma.h's own __CUDA_AMPERE_MMA__: CUDA 13's mma.h undefines it
+// at its end, which left every device pass without these tiles, compiled
+// to the trap.) In a device pass for 7.x the bfloat16 and float tensor-core
+// tiles compile to a trap (mma_compiled): the plan never takes them on such
+// a device (mma_arch). tests/test_cuda_archs.py reads the PTX for both.
+#if defined(FUSED_RNN_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FR_AMPERE_MMA 1
 #else
 #define FR_AMPERE_MMA 0
