@@ -13,7 +13,10 @@
 #                                         general): the per-step path against cuDNN
 #   bash bench/device_check.sh stepwise   the general path without CUDA graphs (against the
 #                                         graphed general grid of the session), the persistent
-#                                         grid at B 1/8 with a grid barrier per step
+#                                         grid at B 1/8 with the tagged exchange forced
+#                                         (FUSED_RNN_GRID_SYNC=tags: the grid of all SMs, against
+#                                         the cluster exchange that auto takes there on Hopper),
+#                                         the same with a grid barrier per step
 #                                         (FUSED_RNN_GRID_SYNC=barrier) against the tagged exchange,
 #                                         the bidirectional LSTM with both directions in one launch
 #                                         and one after the other, float32 with torch's default
@@ -261,6 +264,15 @@ bench_packed() {
       --hidden-size 256 1024 --seq-len 256 --dtype float32 bfloat16 --no-progress
   done
 }
+# The persistent grid with the tagged exchange forced (FUSED_RNN_GRID_SYNC=tags:
+# the grid of all SMs, no thread-block cluster), at the batches where the
+# automatic choice takes the cluster exchange on Hopper: what the cluster
+# gains, against <card>.json (goals.py --tags).
+bench_tags() {
+  FUSED_RNN_GRID_SYNC=tags run_bench "$1" "bench/results/$card-tags.json" \
+    "$LOGS/bench-tags.txt" --preset full --device cuda --kernel persistent --no-progress \
+    --batch ${TAGS_BATCHES:-1 8} --hidden-size 256 512
+}
 # The persistent grid with a grid barrier per step instead of the tagged
 # exchange (FUSED_RNN_GRID_SYNC=barrier), at the batches where a step's
 # latency is all there is: what the exchange gains, against <card>.json.
@@ -328,9 +340,11 @@ general_body() {
   tail -n 40 "$LOGS/bench-general.txt"
 }
 stepwise_body() {
-  bench_nographs "$(cap 60 280)"
+  bench_tags "$(cap 70 300)"
   pack
-  bench_barrier "$(cap 100 220)"
+  bench_nographs "$(cap 50 260)"
+  pack
+  bench_barrier "$(cap 80 200)"
   pack
   bench_pairs "$(cap 40 180)"
   pack
@@ -343,6 +357,7 @@ stepwise_body() {
   bench_stepwise "$(cap 200 40)"
   bench_stepwise_nographs "$(cap 40 0)"
   tail -n 30 "$LOGS/bench-stepwise.txt"
+  tail -n 12 "$LOGS/bench-tags.txt"
   tail -n 12 "$LOGS"/bench-packed-*.txt
   tail -n 12 "$LOGS/bench-barrier.txt"
   tail -n 8 "$LOGS"/bench-bidir-*.txt
@@ -361,6 +376,7 @@ goals() {
   is_fresh "bench/results/$card-general.json" && args+=(--general "bench/results/$card-general.json")
   is_fresh "bench/results/$card-stepwise.json" && args+=(--stepwise "bench/results/$card-stepwise.json")
   is_fresh "bench/results/$card-barrier.json" && args+=(--barrier "bench/results/$card-barrier.json")
+  is_fresh "bench/results/$card-tags.json" && args+=(--tags "bench/results/$card-tags.json")
   is_fresh "bench/results/$card-bidir-paired.json" && is_fresh "bench/results/$card-bidir-separate.json" \
     && args+=(--pairs "bench/results/$card-bidir-paired.json" "bench/results/$card-bidir-separate.json")
   is_fresh "bench/results/$card-tf32.json" && args+=(--tf32 "bench/results/$card-tf32.json")
@@ -373,32 +389,33 @@ goals() {
   while IFS= read -r line; do summary+=("goal $line"); done < "$LOGS/goals.txt"
 }
 
-# The persistent kernels' tagged exchange (FUSED_RNN_GRID_SYNC=auto) has not
-# run on a GPU before the session after 2026-11-27: one quick `fused-rnn
-# check` on the persistent path first (every cell, dense and packed, forward
-# and backward). Should it fail or hang, the rest of the session runs with
-# the grid barrier (FUSED_RNN_GRID_SYNC=barrier) so that it still measures
-# and tests everything else, and the summary says so.
+# The persistent kernels' exchanges (FUSED_RNN_GRID_SYNC=auto: the cluster
+# exchange on Hopper at small batches, the tagged one elsewhere) have not
+# all run on a GPU: one quick `fused-rnn check` on the persistent path
+# first (every cell, dense and packed, forward and backward, the
+# bidirectional cases with both directions in one launch). Should it fail or
+# hang, the rest of the session runs without what failed (the first of:
+# the tags instead of clusters, one direction at a time, the grid barrier
+# and one direction at a time) so that it still measures and tests
+# everything else, and the summary says so.
 grid_sync_preflight() {
   preflight() {  # $1: the log; the environment of the call says what runs
     timeout "${2:-90}" python -m fused_rnn check --device cuda --kernel persistent >"$1" 2>&1
   }
-  if preflight "$LOGS/preflight-tags.txt"; then
-    summary+=("preflight: tagged exchange and paired launches ok ($(grep -c '^ok' "$LOGS/preflight-tags.txt") cases)")
+  if preflight "$LOGS/preflight-auto.txt"; then
+    summary+=("preflight: cluster and tagged exchanges, paired launches ok ($(grep -c '^ok' "$LOGS/preflight-auto.txt") cases)")
     return
   fi
-  tail -n 15 "$LOGS/preflight-tags.txt"
-  # Which of the two failed: the bidirectional cases pair their directions
-  # in one launch, and every case exchanges rows tagged at these batches.
-  if FUSED_RNN_BIDIRECTIONAL=separate preflight "$LOGS/preflight-separate.txt" 60; then
+  tail -n 15 "$LOGS/preflight-auto.txt"
+  if FUSED_RNN_GRID_SYNC=tags preflight "$LOGS/preflight-tags.txt" 60; then
+    export FUSED_RNN_GRID_SYNC=tags
+    summary+=("preflight: the cluster exchange FAILED (logs/preflight-auto.txt), the tags pass: the session runs with FUSED_RNN_GRID_SYNC=tags")
+  elif FUSED_RNN_BIDIRECTIONAL=separate preflight "$LOGS/preflight-separate.txt" 60; then
     export FUSED_RNN_BIDIRECTIONAL=separate
-    summary+=("preflight: the paired bidirectional launch FAILED (logs/preflight-tags.txt), one direction at a time passes: the session runs with FUSED_RNN_BIDIRECTIONAL=separate (its paired tests skip)")
-  elif FUSED_RNN_GRID_SYNC=barrier preflight "$LOGS/preflight-barrier.txt" 60; then
-    export FUSED_RNN_GRID_SYNC=barrier
-    summary+=("preflight: tagged exchange FAILED (logs/preflight-tags.txt): the session runs with FUSED_RNN_GRID_SYNC=barrier")
+    summary+=("preflight: the paired bidirectional launch FAILED (logs/preflight-auto.txt), one direction at a time passes: the session runs with FUSED_RNN_BIDIRECTIONAL=separate (its paired tests skip)")
   else
     export FUSED_RNN_GRID_SYNC=barrier FUSED_RNN_BIDIRECTIONAL=separate
-    summary+=("preflight: the persistent check FAILED with the tags, the pairs, and the barrier (logs/preflight-*.txt): the session runs with the barrier and one direction at a time")
+    summary+=("preflight: the persistent check FAILED with the default, the tags, and one direction at a time (logs/preflight-*.txt): the session runs with the barrier and one direction at a time")
   fi
 }
 

@@ -6,6 +6,7 @@ bench/results/<card>.json, <card>-bidir.json, <card>-general.json and
     python bench/goals.py bench/results/<card>.json [--bidir FILE] [--general FILE]
                           [--stepwise FILE] [--barrier FILE] [--pairs PAIRED SEPARATE]
                           [--tf32 FILE] [--nographs FILE] [--stepwise-nographs FILE]
+                          [--tags FILE]
 
 One line per goal: PASS or MISS, how many rows it covers, the worst row and
 the largest parity error among them. A goal with no rows in the files is
@@ -20,7 +21,9 @@ products ran in TF32 against the same shapes of the grid in exact float32,
 and their speed-up over cuDNN in TF32; --nographs one of general-path rows
 (--general) whose per-step loops replayed CUDA graphs against the same
 shapes with FUSED_RNN_CUDA_GRAPHS=off; --stepwise-nographs the same for the
-stepwise launches (--stepwise).
+stepwise launches (--stepwise); --tags one of the grid's rows that took the
+cluster exchange against the same shapes with the tagged exchange forced
+(FUSED_RNN_GRID_SYNC=tags).
 Exit status: 0 when every goal with data passes, 1 otherwise.
 """
 
@@ -157,6 +160,17 @@ def compare_sync(grid_rows, barrier_rows) -> str:
     return line.replace("(no shape in both files)", "(no shape in both files took the tags)")
 
 
+def compare_cluster(grid_rows, tags_rows) -> str:
+    """One line, not a goal: the grid as the automatic choice ran it against
+    the same shapes with the tagged exchange forced (FUSED_RNN_GRID_SYNC=tags:
+    the grid of all SMs), over the shapes where that choice took the cluster
+    exchange (grid_sync "cluster", in either pass of a training row): tags
+    time / default time (above 1: the cluster is faster)."""
+    line = _compare(grid_rows, tags_rows, lambda r: "cluster" in (r.get("grid_sync") or ""),
+                    "cluster exchange vs tagged exchange", "tags", "in a cluster")
+    return line.replace("(no shape in both files)", "(no shape in both files took a cluster)")
+
+
 def compare_tf32(tf32_rows, grid_rows) -> List[str]:
     """Two lines, not goals: float32 rows that multiplied in TF32 (math
     "tf32", torch's default flags on both sides) against the same shapes of
@@ -231,11 +245,17 @@ def main(argv=None):
     parser.add_argument("--stepwise-nographs", help="JSON of stepwise rows with "
                                                     "FUSED_RNN_CUDA_GRAPHS=off (compared with "
                                                     "--stepwise, not a goal)")
+    parser.add_argument("--tags", help="JSON of the grid with FUSED_RNN_GRID_SYNC=tags "
+                                       "(compared where the grid took the cluster exchange, "
+                                       "not a goal)")
     args = parser.parse_args(argv)
     loaded = {"grid": _load(args.grid), "bidir": _load(args.bidir),
               "general": _load(args.general), "stepwise": _load(args.stepwise)}
     lines = check({source: rows for source, (rows, _) in loaded.items()})
     notes = [note for _, note in loaded.values() if note]
+    if args.tags:
+        tags_rows, note = _load(args.tags)
+        notes += [compare_cluster(loaded["grid"][0], tags_rows)] + ([note] if note else [])
     if args.barrier:
         barrier_rows, note = _load(args.barrier)
         notes += [compare_sync(loaded["grid"][0], barrier_rows)] + ([note] if note else [])

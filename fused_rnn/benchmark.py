@@ -253,12 +253,15 @@ def kernel_name(config: Config) -> str:
 
 def grid_sync_name(config: Config):
     """How the persistent kernels' blocks meet between steps for config:
-    "tags" (the tagged exchange) or "barrier", forward/backward when
-    training and they differ; None off the persistent kernels."""
+    "cluster" (the cluster exchange), "tags" (the tagged exchange) or
+    "barrier", forward/backward when training and they differ; None off
+    the persistent kernels."""
     def sync(backward):
         text = _explain(config, backward)
         if not text.startswith("persistent kernel"):
             return None
+        if "one cluster barrier per step" in text:
+            return "cluster"
         return "tags" if "no grid barrier" in text else "barrier"
 
     forward = sync(False)

@@ -7,9 +7,12 @@ On CUDA every op runs one of three paths:
   pass each step's rows to one another through a tagged ring in global
   memory (each value carries the step that wrote it, so a reader waits on
   the data itself, no grid barrier) where its wider words cost L2 less time
-  than a barrier (small batches), else meet at a grid barrier per step;
-  ``FUSED_RNN_GRID_SYNC`` (auto, tags or barrier; read once per process)
-  overrides that, to compare the two. Dense or packed input (each step's
+  than a barrier (small batches), else meet at a grid barrier per step. On
+  Hopper, where all blocks of a direction fit in one thread-block cluster
+  (at most 16) and the batch is small, the launch is that cluster: each
+  block puts its rows into every peer's shared memory and a step ends at
+  one cluster barrier. ``FUSED_RNN_GRID_SYNC`` (auto, cluster, tags or
+  barrier; read once per process) overrides that, to compare them. Dense or packed input (each step's
   rows from a table copied to the device with the launch; packed input runs
   stepwise while a CUDA graph is being captured), weights that fit the
   device's shared memory; ``proj_size`` folded (the recurrence on

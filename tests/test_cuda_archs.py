@@ -161,9 +161,11 @@ def kernel_ptx(arch, source):
 def test_tensor_core_tiles_compiled(arch):
     """The PTX of the LSTM forward and the GRU backward kernels: on 9.0
     every tensor-core tile (batch tile 16: half, bfloat16, float as TF32)
-    multiplies with wmma; on 7.5 only half's tile does (the others trap,
-    never launched there). (CUDA 13's mma.h once hid the bfloat16 and TF32
-    tiles from every device pass: they compiled to the trap.)"""
+    multiplies with wmma, and every kernel has the cluster exchange's
+    barrier and shared-memory mapping; on 7.5 only half's tile does (the
+    others trap, never launched there) and no kernel has clusters. (CUDA
+    13's mma.h once hid the bfloat16 and TF32 tiles from every device pass:
+    they compiled to the trap.)"""
     tiles = {"c10::Half": "N3c104HalfE", "c10::BFloat16": "N3c108BFloat16E", "float": "f"}
     for source, kernel in (("persistent_lstm_forward.cu", "forward_kernel"),
                            ("persistent_gru_backward.cu", "backward_kernel")):
@@ -176,6 +178,8 @@ def test_tensor_core_tiles_compiled(arch):
             multiplies = arch >= 80 or dtype == "c10::Half"
             for ptx in wide:
                 assert ("wmma.mma" in ptx) == multiplies, (source, arch, dtype)
+        for name, ptx in kernels.items():
+            assert ("barrier.cluster" in ptx and "mapa" in ptx) == (arch >= 90), name
 
 
 def test_gpu_support_in_words(monkeypatch):

@@ -57,6 +57,12 @@ def explain(name, H, B, dtype, backward=False, **kw):
     return fused_rnn.explain_kernel_path(name, H, B, dtype, DEVICE, backward=backward, **kw)
 
 
+def clusters():
+    """Whether this GPU launches thread-block clusters (compute capability
+    9.0 on): where the automatic choice takes the cluster exchange."""
+    return torch.cuda.get_device_capability(DEVICE) >= (9, 0)
+
+
 def require_persistent(name, H, B, dtype, mode="persistent"):
     """Skip, saying why, where this GPU's shared memory cannot hold the
     weights (the general path is tested there by test_cuda.py); the stepwise
@@ -97,11 +103,14 @@ def test_choice(name):
     assert explain(name, 256, 8, f32).startswith("persistent kernel")
     assert explain(name, 256, 8, f32, backward=True).startswith("persistent kernel")
     if os.environ.get("FUSED_RNN_GRID_SYNC", "auto") == "auto":
-        # small batches: the blocks pass each step's rows on tagged, without
-        # a grid barrier; where the tagged words would add more than 4 MiB
-        # of L2 reads per step, a grid barrier
-        assert "no grid barrier" in explain(name, 256, 8, f32)
-        assert "no grid barrier" in explain(name, 256, 8, f32, backward=True)
+        # small batches: on Hopper one thread-block cluster whose blocks put
+        # each step's rows into each other's shared memory; elsewhere the
+        # blocks pass them on tagged, without a grid barrier; where the
+        # tagged words would add more than 4 MiB of L2 reads per step, a
+        # grid barrier
+        small = "one cluster barrier per step" if clusters() else "no grid barrier"
+        assert small in explain(name, 256, 8, f32)
+        assert small in explain(name, 256, 8, f32, backward=True)
         wide = explain(name, 1024, 64, f32)
         if wide.startswith("persistent kernel"):
             assert "one grid barrier per step" in wide
@@ -430,10 +439,12 @@ def test_long_sequence_many_barriers(mode):
 
 
 def test_grid_barrier_mode_in_a_fresh_process():
-    """FUSED_RNN_GRID_SYNC (read once per process) forces the cooperative
-    launches to a grid barrier per step or to the tagged exchange: explain
-    says so, and with the barrier `fused-rnn check` passes on the persistent
-    path (every cell, dense and packed, forward and backward); an unknown
+    """FUSED_RNN_GRID_SYNC (read once per process) forces the persistent
+    launches to a grid barrier per step, to the tagged exchange or (where it
+    fits) to the cluster exchange: explain says so, and with the barrier and
+    the tags `fused-rnn check` passes on the persistent path (every cell,
+    dense and packed, forward and backward; the rest of the suite runs the
+    cluster exchange wherever the automatic choice takes it); an unknown
     value is a clear error, not a silent default."""
     def python(code, value):
         env = dict(os.environ, FUSED_RNN_GRID_SYNC=value, FUSED_RNN_KERNEL_PATH="persistent")
@@ -454,9 +465,19 @@ def test_grid_barrier_mode_in_a_fresh_process():
     proc = python(explain_code.format(256, 256), "tags")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no grid barrier" in proc.stdout
+    if clusters():
+        # the small batch, which the automatic choice gives a cluster on
+        # Hopper: with the tags forced, checked on the grid of all SMs
+        proc = python(check_code.format(256, 8), "tags")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "no grid barrier" in proc.stdout and "FAIL" not in proc.stdout
+        # past the automatic work rule, a cluster where forced
+        proc = python(explain_code.format(256, 64), "cluster")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "one cluster barrier per step" in proc.stdout, proc.stdout
     proc = python(explain_code.format(256, 8), "fences")
     assert proc.returncode != 0
-    assert ("FUSED_RNN_GRID_SYNC must be 'auto', 'tags' or 'barrier', got 'fences'"
+    assert ("FUSED_RNN_GRID_SYNC must be 'auto', 'cluster', 'tags' or 'barrier', got 'fences'"
             in proc.stderr)
 
 

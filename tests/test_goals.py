@@ -158,6 +158,36 @@ def test_barrier_comparison_pairs_the_shapes_that_took_the_tags(tmp_path, capsys
     assert status == goals.main([str(paths["grid"])])
 
 
+def test_cluster_comparison_pairs_the_shapes_that_took_a_cluster(tmp_path, capsys):
+    """--tags compares, shape by shape, the grid as the automatic choice ran
+    it with the same grid forced to the tagged exchange, only where that
+    choice took the cluster exchange (in either pass); never a goal."""
+    grid = full_grid()
+    for r in grid:
+        r["fused_ms"] = 1.0
+        r["grid_sync"] = "cluster" if r["batch"] == 1 else "tags"
+    mixed = next(r for r in grid if r["batch"] == 1 and r["training"])
+    mixed["grid_sync"], mixed["fused_ms"] = "cluster/tags", 4.0
+    tags = [dict(r, fused_ms=3.0, grid_sync="tags") for r in grid]
+    line = goals.compare_cluster(grid, tags)
+    took = sum(1 for r in grid if "cluster" in r["grid_sync"])
+    assert took < len(grid)
+    assert line.startswith("COMPARE  cluster exchange vs tagged exchange") and \
+        f"over {took} shapes" in line, line
+    assert f"({took - 1} faster in a cluster)" in line and "median 3.00x" in line
+    assert "lowest 0.75x (LSTM float32 B=1" in line, line
+    assert goals.compare_cluster(grid, []).startswith("NO DATA")
+    assert "took a cluster" in goals.compare_cluster(tags, tags)
+
+    paths = {}
+    for name, rows in (("grid", grid), ("tags", tags)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps({"rows": rows}))
+    status = goals.main([str(paths["grid"]), "--tags", str(paths["tags"])])
+    assert "COMPARE  cluster exchange vs tagged exchange" in capsys.readouterr().out
+    assert status == goals.main([str(paths["grid"])])
+
+
 def test_pairs_comparison_covers_the_paired_rows(tmp_path, capsys):
     """--pairs compares bidirectional rows whose directions shared each
     launch with the same shapes run one direction after the other; rows that

@@ -18,8 +18,10 @@ import fused_rnn  # noqa: F401  (the CPU ops)
 from helpers import EMULATION_CHUNK as CHUNK, make_op_args
 
 # One cooperative launch whose blocks exchange rows tagged (the default on
-# a GPU) or meet at a grid barrier, and one launch per step.
-MODES = ["tags", "barrier", "stepwise"]
+# a GPU) or meet at a grid barrier; one launch whose blocks form a
+# thread-block cluster and put each step's rows into each other's shared
+# memory; and one launch per step.
+MODES = ["tags", "barrier", "cluster", "stepwise"]
 # And one launch per step as the CUDA launcher runs them from a graph
 # (through run_as_loop, on copies of the tensors, the call's own NaN
 # meanwhile): the tensors and roles the launches are given, on the fixed
@@ -180,7 +182,8 @@ def test_emulated_both_directions(emu, mode, cell, case, reverse, order):
 def launch_kw(mode, batch_sizes=None, chunk=0, paired=False):
     """The emulated ops' launch arguments for a mode of ALL_MODES."""
     return dict(stepwise=mode in ("stepwise", "graphed"), tagged=mode == "tags",
-                batch_sizes=batch_sizes, chunk=chunk, paired=paired, graphed=mode == "graphed")
+                batch_sizes=batch_sizes, chunk=chunk, paired=paired, graphed=mode == "graphed",
+                cluster=mode == "cluster")
 
 
 def stacked(values):

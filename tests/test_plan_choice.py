@@ -23,13 +23,15 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 
 
 def choose(emu, gpu, name, hidden, batch, dtype, *, packed=False, proj=False, backward=False,
-           directions=1, tf32=False, want="auto", sync="auto", cooperative=None):
+           directions=1, tf32=False, want="auto", sync="auto", cooperative=None, cluster=-1):
+    """(path, reason, batch tile, units per block, blocks per direction,
+    exchange: "cluster", "tags" or "barrier" on the persistent kernel, else
+    ""); cluster: the largest thread-block cluster (-1: as the launcher
+    reads it, 16 from compute capability 9.0, 0 before)."""
     sms, shared, coop, arch = GPUS[gpu]
     coop = coop if cooperative is None else cooperative
-    path, reason, tile, units, blocks, tagged = emu.choose(
-        CELL[name], hidden, batch, dtype, packed, proj, backward, directions, tf32, sms, shared,
-        coop, arch, want, sync)
-    return path, reason, tile, units, blocks, tagged
+    return emu.choose(CELL[name], hidden, batch, dtype, packed, proj, backward, directions, tf32,
+                      sms, shared, coop, arch, want, sync, cluster)
 
 
 @pytest.mark.parametrize("gpu", list(GPUS))
@@ -37,15 +39,20 @@ def choose(emu, gpu, name, hidden, batch, dtype, *, packed=False, proj=False, ba
 def test_small_batches_persistent_everywhere(emu, gpu, name):
     """Up to 16 sequences at H=256 the persistent kernels run on every GPU,
     forward and backward, dense and packed, in every dtype; one unit per SM
-    or more, as few as cover H."""
-    sms = GPUS[gpu][0]
+    or more, as few as cover H; from compute capability 9.0 one
+    thread-block cluster of 16 blocks (the cluster exchange)."""
+    sms, arch = GPUS[gpu][0], GPUS[gpu][3]
     for dtype in (F32, BF16, F16):
         for backward in (False, True):
             for packed in (False, True):
-                path, reason, _, units, blocks, _ = choose(emu, gpu, name, 256, 8, dtype,
-                                                           backward=backward, packed=packed)
+                path, reason, _, units, blocks, sync = choose(emu, gpu, name, 256, 8, dtype,
+                                                              backward=backward, packed=packed)
                 assert path == "persistent", reason
-                assert units == -(-256 // sms) and blocks == -(-256 // units)
+                if arch >= 90:
+                    assert sync == "cluster" and units == 16 and blocks == 16, reason
+                else:
+                    assert sync in ("tags", "barrier") and units == -(-256 // sms), reason
+                    assert blocks == -(-256 // units)
                 assert ("packed sequences" in reason) == packed
 
 
@@ -95,13 +102,15 @@ def test_h200_rules(emu, gpu):
     assert path("LSTM", 8192, 8, F64) == "general"   # far past shared memory
     # forced, the persistent kernel wherever it fits
     assert path("LSTM", 512, 64, F32, want="persistent") == "persistent"
+    # the tagged exchange's rule, without clusters
     for name in CELL:
-        *_, tagged = choose(emu, gpu, name, 256, 8, F32)
-        assert tagged and "no grid barrier" in choose(emu, gpu, name, 256, 8, F32)[1]
-        assert choose(emu, gpu, name, 256, 8, F32, backward=True)[5]
-        assert choose(emu, gpu, name, 256, 1, F64)[5]
-        assert not choose(emu, gpu, name, 256, 8, F32, sync="barrier")[5]
-    assert not choose(emu, gpu, "LSTM", 1024, 64, F32, want="persistent")[5]
+        _, reason, *_, sync = choose(emu, gpu, name, 256, 8, F32, cluster=0)
+        assert sync == "tags" and "no grid barrier" in reason
+        assert choose(emu, gpu, name, 256, 8, F32, backward=True, cluster=0)[5] == "tags"
+        assert choose(emu, gpu, name, 256, 1, F64, cluster=0)[5] == "tags"
+        assert choose(emu, gpu, name, 256, 8, F32, sync="barrier")[5] == "barrier"
+        assert choose(emu, gpu, name, 256, 8, F32, sync="tags")[5] == "tags"
+    assert choose(emu, gpu, "LSTM", 1024, 64, F32, want="persistent")[5] == "barrier"
     # TF32 tiles that would not fit fall back to exact FMA: the LSTM
     # backward at H=1024 holds 8 x 4096 W_hh^T columns per block (128 KiB in
     # float32), 256 KiB padded to 16 rows
@@ -135,8 +144,11 @@ def test_paths_requested_and_fallbacks(emu, gpu):
                     "with weight_hh @ weight_hr; the projection one GEMM after it): " + plain[1]
     assert choose(emu, gpu, "LSTM", 256, 8, F32, proj=True, want="persistent")[0] == "persistent"
     # no cooperative launches (some virtualised GPUs): the same kernels stepwise
-    path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, cooperative=False)
+    path, reason, *_ = choose(emu, gpu, "LSTM", 256, 8, F32, cooperative=False, cluster=0)
     assert path == "stepwise" and "no cooperative launches" in reason
+    # a cluster launch is not cooperative: where one fits, it still runs
+    *_, sync = choose(emu, gpu, "LSTM", 256, 8, F32, cooperative=False)
+    assert sync == ("cluster" if GPUS[gpu][3] >= 90 else "")
     # past what a block's rows hold: stepwise takes more blocks than SMs
     path, reason, _, units, blocks, _ = choose(emu, gpu, "LSTM", 8192, 1, F32, want="stepwise")
     assert path == "stepwise" and units * blocks >= 8192 and units * 4 <= 64
@@ -155,3 +167,44 @@ def test_both_directions_of_a_layer(emu, gpu):
     if gpu == "H200":
         assert choose(emu, gpu, "LSTM", 1024, 1, F32, directions=2)[0] == "general"
         assert choose(emu, gpu, "LSTM", 1024, 1, F32)[0] == "persistent"
+
+
+@pytest.mark.parametrize("gpu", ["H200", "H100"])
+def test_cluster_exchange(emu, gpu):
+    """From compute capability 9.0: one thread-block cluster of at most 16
+    blocks per direction where the weight slices and the window of two
+    steps' rows fit in shared memory and a block's work per step is at most
+    2^18 (2^20 on tensor cores); FUSED_RNN_GRID_SYNC=cluster wherever it
+    fits, tags or barrier never."""
+    for name in CELL:
+        for backward in (False, True):
+            for dtype in (F32, BF16, F16):
+                path, reason, _, units, blocks, sync = choose(emu, gpu, name, 256, 8, dtype,
+                                                              backward=backward)
+                assert path == "persistent" and sync == "cluster", reason
+                assert blocks <= 16 and units * blocks >= 256 > units * (blocks - 1)
+                assert "one cluster barrier per step" in reason, reason
+                for other in ("tags", "barrier"):
+                    assert choose(emu, gpu, name, 256, 8, dtype, backward=backward,
+                                  sync=other)[5] == other
+    # float64 forward (128 KiB of W_hh per block); not its backward at B=8,
+    # whose slices (128 KiB) and window (2 x 8 rows of 1024: 128 KiB) do not fit
+    assert choose(emu, gpu, "LSTM", 256, 8, F64)[5] == "cluster"
+    assert choose(emu, gpu, "LSTM", 256, 8, F64, backward=True)[5] == "barrier"
+    # a small hidden size: fewer blocks, one unit each
+    assert choose(emu, gpu, "GRU", 7, 1, F32)[3:] == (1, 7, "cluster")
+    # past the work rule the grid of all SMs: float32 LSTM H=256 at B=64
+    # (64 x 256 x 64 FMA per block and step); forced, the cluster where it fits
+    assert choose(emu, gpu, "LSTM", 256, 64, F32)[5] == "barrier"
+    assert choose(emu, gpu, "LSTM", 256, 64, F32, sync="cluster")[5] == "cluster"
+    assert choose(emu, gpu, "LSTM", 256, 32, BF16)[5] == "cluster"  # tensor cores: 2^19
+    # not on 16 blocks: float32 LSTM H=512 forward (128 weight rows per
+    # block, 256 KiB); forced, the automatic choice instead
+    assert choose(emu, gpu, "LSTM", 512, 1, F32)[5] == "tags"
+    assert choose(emu, gpu, "LSTM", 512, 1, F32, sync="cluster")[5] == "tags"
+    # both directions of a layer: a cluster each
+    _, reason, *_, sync = choose(emu, gpu, "LSTM", 256, 8, F32, directions=2)
+    assert sync == "cluster" and "two thread-block clusters" in reason, reason
+    # a device without clusters (before 9.0, or none reported)
+    assert choose(emu, gpu, "LSTM", 256, 8, F32, cluster=0)[5] == "tags"
+    assert choose(emu, "A100", "LSTM", 256, 8, F32)[5] == "tags"

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <set>
 #include <sstream>
 #include <string>
@@ -53,8 +55,10 @@ GridSync grid_sync() {
     const std::string mode = value ? value : "";
     if (mode.empty() || mode == "auto") return GridSync::kAuto;
     if (mode == "tags") return GridSync::kTags;
+    if (mode == "cluster") return GridSync::kCluster;
     TORCH_CHECK(mode == "barrier",
-                "FUSED_RNN_GRID_SYNC must be 'auto', 'tags' or 'barrier', got '", mode, "'");
+                "FUSED_RNN_GRID_SYNC must be 'auto', 'cluster', 'tags' or 'barrier', got '", mode,
+                "'");
     return GridSync::kBarrier;
   }();
   return sync;
@@ -82,6 +86,11 @@ DeviceLimits device_limits(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     limits.arch = major * 10 + minor;
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device));
+    // 16: Hopper's largest (non-portable) cluster; whether a kernel's
+    // cluster can be scheduled is asked at its launch (launch_cluster)
+    limits.cluster = clusters ? 16 : 0;
   }
   return limits;
 }
@@ -101,12 +110,15 @@ bool tf32_allowed() {
 
 // The choice for a shape on the current device (persistent_plan.h), with
 // the requested path, FUSED_RNN_GRID_SYNC and torch's TF32 flag as they are
-// now.
+// now; clusters false: without the cluster exchange (the fallback of a
+// cluster that cannot be scheduled).
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
-                bool packed, bool proj, bool backward, int directions, bool explain) {
+                bool packed, bool proj, bool backward, int directions, bool explain,
+                bool clusters = true) {
   // (torch's TF32 flag bears on float32 alone)
-  const PlanContext ctx{device_limits(c10::cuda::current_device()), requested_kernel_path(),
-                        grid_sync(), dtype == at::kFloat && tf32_allowed()};
+  PlanContext ctx{device_limits(c10::cuda::current_device()), requested_kernel_path(),
+                  grid_sync(), dtype == at::kFloat && tf32_allowed()};
+  if (!clusters) ctx.limits.cluster = 0;
   return decide_for(cell, hidden, batch, dtype, packed, proj, backward, directions, explain,
                     ctx);
 }
@@ -128,7 +140,68 @@ void raise_shared_limit(const void* kernel, int device, const DeviceLimits& limi
   }
 }
 
+// Lets `kernel` take clusters of more than 8 blocks (Hopper's non-portable
+// sizes), once per kernel and device.
+void allow_large_clusters(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> allowed;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (allowed.count({kernel, device}) == 0) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    allowed.insert({kernel, device});
+  }
+}
+
+// Whether the device can schedule at least one cluster of `config` for
+// `kernel` (cudaOccupancyMaxActiveClusters), asked once per kernel, device,
+// cluster size and shared memory: false where it cannot (the SMs of one GPC,
+// or fewer under MPS or a partitioned GPU), and where the query itself
+// fails (an error that is cleared: the caller then takes the grid of all
+// SMs).
+bool cluster_schedulable(const void* kernel, int device, const cudaLaunchConfig_t& config) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, unsigned, size_t>, bool> known;
+  const auto key = std::make_tuple(kernel, device, config.gridDim.x, config.dynamicSmemBytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  int clusters = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  const bool fits = err == cudaSuccess && clusters > 0;
+  known.emplace(key, fits);
+  return fits;
+}
+
 }  // namespace
+
+bool launch_cluster(const void* kernel, const Plan& plan, int directions, void* params) {
+  const int device = c10::cuda::current_device();
+  const DeviceLimits limits = device_limits(device);
+  raise_shared_limit(kernel, device, limits);
+  if (plan.cluster > 8) allow_large_clusters(kernel, device);
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(plan.cluster));  // one cluster, for the query
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = plan.shared_bytes;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  if (!cluster_schedulable(kernel, device, config)) return false;
+  // one cluster per direction; the clusters need not be co-resident (each
+  // meets only its own barrier)
+  config.gridDim = dim3(static_cast<unsigned>(directions * plan.cluster));
+  void* args[] = {params};
+  C10_CUDA_CHECK(cudaLaunchKernelExC(&config, kernel, args));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
 
 void allow_shared_memory(const void* kernel) {
   const int device = c10::cuda::current_device();
@@ -241,48 +314,58 @@ bool run_backward_cell(const PersistentBackward& a, const PersistentBackward* se
   return false;
 }
 
-// The persistent plan run one step per launch (its units per block need no
-// co-residency), for a grid that cannot be co-resident now.
-Plan stepwise(Plan plan) {
+// Runs run(plan) with the plan for a shape (false, nothing launched, where
+// it takes the general path), else its fallbacks: a cluster that the device
+// cannot schedule, the plan without the cluster exchange; a grid that cannot
+// be co-resident now, the same plan one step per launch (its units per
+// block need no co-residency).
+template <typename Run>
+bool run_decided(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
+                 bool packed, bool backward, int directions, Run run) {
+  auto decide = [&](bool clusters) {
+    return persistent::decide(cell, hidden, batch, dtype, packed, /*proj=*/false, backward,
+                              directions, /*explain=*/false, clusters);
+  };
+  auto d = decide(true);
+  if (d.choice.path == KernelPath::kGeneral) return false;
+  if (run(d.plan)) return true;
+  if (d.plan.cluster) {
+    d = decide(false);
+    if (d.choice.path == KernelPath::kGeneral) return false;
+    if (run(d.plan)) return true;
+  }
+  if (d.plan.stepwise) return false;  // (stepwise launches always run)
+  Plan plan = d.plan;
   plan.stepwise = true;
-  return plan;
+  return run(plan);
 }
 
 }  // namespace
 
 bool persistent_forward(const PersistentForward& a) {
-  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
-                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/false, /*directions=*/1, /*explain=*/false);
-  if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_forward_cell(a, nullptr, d.plan) || run_forward_cell(a, nullptr, stepwise(d.plan));
+  return run_decided(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
+                     !a.batch_sizes.empty(), /*backward=*/false, 1,
+                     [&](const Plan& plan) { return run_forward_cell(a, nullptr, plan); });
 }
 
 bool persistent_backward(const PersistentBackward& a) {
-  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
-                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/true, /*directions=*/1, /*explain=*/false);
-  if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_backward_cell(a, nullptr, d.plan) ||
-         run_backward_cell(a, nullptr, stepwise(d.plan));
+  return run_decided(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
+                     !a.batch_sizes.empty(), /*backward=*/true, 1,
+                     [&](const Plan& plan) { return run_backward_cell(a, nullptr, plan); });
 }
 
 bool persistent_forward_pair(const PersistentForward& a, const PersistentForward& b) {
   if (!persistent::pairs_allowed()) return false;
-  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
-                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/false, /*directions=*/2, /*explain=*/false);
-  if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_forward_cell(a, &b, d.plan) || run_forward_cell(a, &b, stepwise(d.plan));
+  return run_decided(a.cell, a.w_hh.size(1), a.batch, a.xw.scalar_type(),
+                     !a.batch_sizes.empty(), /*backward=*/false, 2,
+                     [&](const Plan& plan) { return run_forward_cell(a, &b, plan); });
 }
 
 bool persistent_backward_pair(const PersistentBackward& a, const PersistentBackward& b) {
   if (!persistent::pairs_allowed()) return false;
-  const auto d = persistent::decide(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
-                                    /*packed=*/!a.batch_sizes.empty(), /*proj=*/false,
-                                    /*backward=*/true, /*directions=*/2, /*explain=*/false);
-  if (d.choice.path == KernelPath::kGeneral) return false;
-  return run_backward_cell(a, &b, d.plan) || run_backward_cell(a, &b, stepwise(d.plan));
+  return run_decided(a.cell, a.w_hh.size(1), a.batch, a.grad_out.scalar_type(),
+                     !a.batch_sizes.empty(), /*backward=*/true, 2,
+                     [&](const Plan& plan) { return run_backward_cell(a, &b, plan); });
 }
 
 }  // namespace cuda

@@ -19,7 +19,10 @@
 //
 // Memory ordering: data written by other blocks during the launch are read
 // with ld.global.cg (L2, never a stale L1 line); the grid barrier orders
-// every block's writes of a step before any read of the next.
+// every block's writes of a step before any read of the next (the tagged
+// exchange: each value's own tag; the cluster exchange: the cluster
+// barrier, release then acquire, orders the stores into the peers' shared
+// memory).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -147,7 +150,12 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // multiple of 16 or all of them; 0: the default, kChunk / bsplits). The
 // stepwise launches read the weight slice from global memory
 // (pack_slices_kernel lays it out the same way) and hold only the staged
-// input and the partial sums (weights_shared false).
+// input and the partial sums (weights_shared false). A launch whose blocks
+// form one thread-block cluster (window true: the cluster exchange) holds,
+// in place of the staged input, its window: two buffers (by the parity of
+// the step that wrote them) of every input row of a step, all kpad columns
+// (window_rows rows: the batch rounded up to whole passes), which the
+// cluster's blocks fill in each other's shared memory.
 struct Tiling {
   int rows, rows_pad;  // weight rows used and held
   int kpad;            // columns held: k, rounded up to 16 on tensor cores
@@ -158,11 +166,13 @@ struct Tiling {
   int chunk;           // columns staged at once
   int tile_ld;         // stride of staged rows: chunk (+ mma_skew on tensor cores)
   int splits;          // warps splitting the columns of one row group and batch tile
+  int window_rows;     // rows of one window buffer (the cluster exchange), else 0
   size_t tile_offset, partial_offset, bytes;
 };
 __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, int64_t batch,
                                               int units, size_t element, size_t math_element,
-                                              bool weights_shared = true, int chunk = 0) {
+                                              bool weights_shared = true, int chunk = 0,
+                                              bool window = false) {
   const bool mma = batch_tile == kMmaTile;
   Tiling t{};
   t.rows = rows;
@@ -172,6 +182,7 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   t.groups = mma ? t.rows_pad / 16 : (rows + kRowsPerWarp - 1) / kRowsPerWarp;
   t.bsplits = batch_splits(t.groups, batch, batch_tile, units);
   t.pass = t.bsplits * batch_tile;
+  if (window) chunk = t.kpad;  // the whole rows, in place
   if (chunk <= 0) {
     chunk = kChunk / t.bsplits / 16 * 16;
     if (chunk < 16) chunk = 16;
@@ -180,11 +191,12 @@ __host__ __device__ inline Tiling make_tiling(int rows, int k, int batch_tile, i
   t.tile_ld = mma ? t.chunk + mma_skew(element) : t.chunk;
   const int used = t.groups * t.bsplits;
   t.splits = used >= kWarps ? 1 : kWarps / used;
+  t.window_rows = window ? static_cast<int>((batch + t.pass - 1) / t.pass * t.pass) : 0;
   t.tile_offset =
       weights_shared ? align128(static_cast<size_t>(t.rows_pad) * t.ldw * element) : 0;
+  const size_t tile_rows = window ? 2 * static_cast<size_t>(t.window_rows) : t.pass;
   t.partial_offset =
-      t.tile_offset + align128(static_cast<size_t>(t.pass) * t.tile_ld *
-                               (mma ? element : math_element));
+      t.tile_offset + align128(tile_rows * t.tile_ld * (mma ? element : math_element));
   t.bytes = t.partial_offset +
             align128(static_cast<size_t>(t.splits) * t.rows_pad * t.pass * math_element);
   return t;
@@ -288,7 +300,9 @@ void for_each_step(int64_t steps, int64_t batch, const std::vector<int64_t>& bat
 // or is zero where alt is null; rows `stride` apart. A cooperative launch
 // with the tagged exchange reads rows b < carried from `ring` instead (the
 // slot of the step that wrote them, rows `stride` elements apart, each
-// element waited for until it carries `tag`).
+// element waited for until it carries `tag`); with the cluster exchange
+// they are already in buffer `window` of the block's window (Tiling), where
+// the cluster's blocks put them, and only the others are staged.
 template <typename scalar_t>
 struct InputRows {
   const scalar_t* in;
@@ -297,6 +311,7 @@ struct InputRows {
   int64_t stride;
   const uint64_t* ring = nullptr;
   uint32_t tag = 0;
+  int window = -1;  // 0 or 1: the window buffer; -1: no window
   __device__ __forceinline__ const scalar_t* row(int64_t b) const {
     return b < carried ? in + b * stride : alt ? alt + b * stride : nullptr;
   }
@@ -304,6 +319,7 @@ struct InputRows {
 
 template <typename scalar_t>
 struct ForwardParams {
+  using scalar_type = scalar_t;
   using T = at::opmath_type<scalar_t>;
   int64_t steps, batch;  // T, B (the rows of the states)
   int hidden, units;  // H, J
@@ -315,6 +331,8 @@ struct ForwardParams {
                                // batch_sizes, then each time step's first row; else null
   uint64_t* exchange;          // a cooperative launch's tagged ring (2, B, H, words),
                                // zeroed; null: a grid barrier per step (see exchange_put)
+  int cluster;                 // the cluster exchange: the blocks of the direction's
+                               // cluster (all of its blocks); 0: none (see StepExchange)
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
@@ -332,6 +350,7 @@ struct ForwardParams {
 
 template <typename scalar_t>
 struct BackwardParams {
+  using scalar_type = scalar_t;
   using T = at::opmath_type<scalar_t>;
   int64_t steps, batch;
   int hidden, units;
@@ -342,6 +361,7 @@ struct BackwardParams {
   const int64_t* step_table;   // packed input in one cooperative launch, as ForwardParams'
   uint64_t* exchange;          // as ForwardParams', (2, B, G*H, words): the rows the
                                // next product reads (LSTM, RNN dgates; GRU dgates_h)
+  int cluster;                 // as ForwardParams'
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   const scalar_t* w_hh;      // (G*H, H)
   const scalar_t* grad_out;  // (T*B, H)
@@ -406,7 +426,7 @@ scalar_t* data(const at::Tensor& t) {
 // A direction's kernel parameters from its request, `units` hidden units per
 // block; state: LSTM's running cell state (B, H) in the math type (else
 // undefined). The launcher sets the rest (chunk, run, step, step_table,
-// exchange, slices).
+// exchange, cluster, slices).
 template <typename scalar_t>
 ForwardParams<scalar_t> forward_params(const PersistentForward& a, int units,
                                        const at::Tensor& state) {
@@ -705,6 +725,109 @@ __device__ __forceinline__ ExchangeSlot<scalar_t> exchange_slot(uint64_t* ring, 
           static_cast<uint32_t>(s + 1)};
 }
 
+// ------------------------------------------------------------ cluster exchange
+// The cluster exchange (compute capability 9.0, thread-block clusters):
+// where all blocks of a direction form one cluster, each block puts the
+// rows it computes in a step (forward h_t, backward the gradients the next
+// product reads) straight into the shared memory of every block of the
+// cluster, its own included (the window, Tiling: buffer s & 1 for step s),
+// and the step ends at one cluster barrier (release, then acquire): no trip
+// through L2 and no grid barrier, and the next product reads its input in
+// place. Two buffers: while a block puts step s's rows into buffer s & 1,
+// a slower peer may still be reading step s-1's from the other one; buffer
+// s & 1 was last read during step s-1, before the barrier that ended it.
+// The rows a step does not take from the previous one (the initial state:
+// every row at step 0, those that start late in reverse packed input) are
+// staged by each block into its own buffer before its product, as the
+// other exchanges stage them. The window is zeroed and the cluster meets
+// once before the first step, so that no block puts rows into a peer that
+// has not started; every step that puts rows ends at a barrier, so that no
+// block exits while a peer may still write to it.
+#if defined(FUSED_RNN_EMULATION) || defined(_CG_HAS_CLUSTER_GROUP)
+#define FR_CLUSTERS 1
+#else
+#define FR_CLUSTERS 0  // a device pass before 9.0: the plan never takes it (DeviceLimits::cluster)
+#endif
+
+// The staged type of a product's input: the math type on FMA units, the
+// storage type on tensor cores (what the window holds).
+template <int BT, typename scalar_t>
+using staged_t = std::conditional_t<BT == kMmaTile, scalar_t, at::opmath_type<scalar_t>>;
+
+__device__ __forceinline__ void cluster_sync() {
+#if FR_CLUSTERS
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+// v into *local's place in the shared memory of blocks 0 .. ranks-1 of the
+// cluster, starting from `first` (each block its own rank, so that the
+// blocks' stores spread over their peers).
+template <typename S>
+__device__ __forceinline__ void cluster_put(S* local, int ranks, int first, S v) {
+#if FR_CLUSTERS
+  auto cluster = cooperative_groups::this_cluster();
+  for (int i = 0; i < ranks; ++i) {
+    const int rank = first + i < ranks ? first + i : first + i - ranks;
+    *cluster.map_shared_rank(local, rank) = v;
+  }
+#else
+  __trap();
+#endif
+}
+
+// Buffer `buffer` (0 or 1) of a block's window, as the staged type.
+template <typename S>
+__device__ __forceinline__ S* window_buffer(unsigned char* shared, const Tiling& tl,
+                                            int buffer) {
+  return reinterpret_cast<S*>(shared + tl.tile_offset) +
+         static_cast<int64_t>(buffer) * tl.window_rows * tl.tile_ld;
+}
+
+// Before the first step of the cluster exchange: both buffers of the
+// block's window zeroed (columns past k and rows past the batch stay so),
+// then every block of the cluster started and done zeroing.
+template <typename S>
+__device__ __forceinline__ void window_open(unsigned char* shared, const Tiling& tl) {
+  S* window = window_buffer<S>(shared, tl, 0);
+  const int64_t elements = 2 * static_cast<int64_t>(tl.window_rows) * tl.tile_ld;
+  for (int64_t i = threadIdx.x; i < elements; i += kThreads) window[i] = S(0);
+  cluster_sync();
+}
+
+// Where step s's rows go: the tagged ring's slot of step s, and (the
+// cluster exchange) buffer s & 1 of every block's window; either may be
+// absent (a grid barrier per step, or one launch per step: the rows are
+// read from the outputs).
+template <typename scalar_t, typename S>
+struct StepExchange {
+  ExchangeSlot<scalar_t> slot;
+  int64_t width;  // values per row
+  S* window;      // this block's buffer, or null
+  int ld, ranks, rank;
+  // Row b, column col := v.
+  __device__ __forceinline__ void put(int64_t b, int col, scalar_t v) const {
+    slot.put(b * width + col, v);
+    if (window) cluster_put(window + b * ld + col, ranks, rank, static_cast<S>(v));
+  }
+};
+template <typename S, typename Params>
+__device__ __forceinline__ StepExchange<typename Params::scalar_type, S> step_exchange(
+    const Params& p, int64_t s, int64_t width, unsigned char* shared, const Tiling& tl,
+    int block) {
+  using scalar_t = typename Params::scalar_type;
+  return {exchange_slot<scalar_t>(p.exchange, s, p.batch, width), width,
+          p.cluster ? window_buffer<S>(shared, tl, static_cast<int>(s & 1)) : nullptr,
+          tl.tile_ld, p.cluster, block};
+}
+// The window buffer step s's rows are in (the cluster exchange), else -1.
+template <typename Params>
+__device__ __forceinline__ int window_of(const Params& p, int64_t s) {
+  return p.cluster ? static_cast<int>(s & 1) : -1;
+}
+
 // 16 bytes of a row in global memory (V = 16 / sizeof(scalar_t) elements),
 // from L2 as load_l2 reads one element: one load instruction.
 struct alignas(16) Vec16 {
@@ -871,6 +994,29 @@ __device__ __forceinline__ void stage_rows(S* __restrict__ tile, int ld,
   }
 }
 
+// The cluster exchange, at the start of a step, before its product: rows
+// `in.carried` .. rows-1 of the window buffer in.window, which the previous
+// step's blocks did not put there (the initial state from alt, or zeros),
+// all kpad columns (zeros past k). Outside the product, so that it takes no
+// registers beside the product's sums; block_product's first __syncthreads
+// orders it before the reads. The rows past `rows` hold zeros or an earlier
+// step's values: the product of a row never reaches another row's sums,
+// and a pass's rows past its nb are not used.
+template <int BT, typename scalar_t>
+__device__ void window_stage_rest(unsigned char* shared, const Tiling& tl,
+                                  const InputRows<scalar_t>& in, int64_t rows, int k) {
+  using S = staged_t<BT, scalar_t>;
+  if (in.window < 0 || in.carried >= rows) return;
+  S* window = window_buffer<S>(shared, tl, in.window);
+  const int64_t total = (rows - in.carried) * tl.kpad;
+  for (int64_t i = threadIdx.x; i < total; i += kThreads) {
+    const int64_t b = in.carried + i / tl.kpad;
+    const int col = static_cast<int>(i % tl.kpad);
+    const scalar_t* src = col < k ? in.row(b) : nullptr;
+    window[b * tl.tile_ld + col] = src ? static_cast<S>(load_l2(src + col)) : S(0);
+  }
+}
+
 // partial[(split * rows_pad + r) * pass + pb] = the sum over this split's
 // columns of w[r][col] * in.row(b0 + pb)[col], for r < rows and pb < nb
 // (input rows past nb count as zeros; tiles wholly past nb are skipped);
@@ -907,7 +1053,8 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   for (int c0 = 0; c0 < k; c0 += chunk) {
     const int width = k - c0 < chunk ? k - c0 : chunk;
     __syncthreads();  // the tile's previous readers are done
-    stage_rows<(BT > 1)>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+    // (a window holds its rows already: window_stage_rest)
+    if (in.window < 0) stage_rows<(BT > 1)>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int col = split * 32 + lane; col < width; col += splits * 32) {
@@ -979,7 +1126,7 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   for (int c0 = 0; c0 < tl.kpad; c0 += chunk) {
     const int width = tl.kpad - c0 < chunk ? tl.kpad - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    stage_rows<Mma::tf32>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+    if (in.window < 0) stage_rows<Mma::tf32>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
@@ -1013,17 +1160,19 @@ __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& t
                                               const InputRows<scalar_t>& in, int64_t b0,
                                               int nb, unsigned char* shared) {
   using T = at::opmath_type<scalar_t>;
+  using S = staged_t<BT, scalar_t>;
   T* partial = reinterpret_cast<T*>(shared + tl.partial_offset);
+  // the staged rows: the tile, or the pass's rows of the window (the cluster exchange)
+  S* tile = in.window >= 0 ? window_buffer<S>(shared, tl, in.window) + b0 * tl.tile_ld
+                           : reinterpret_cast<S*>(shared + tl.tile_offset);
   if constexpr (BT == kMmaTile) {
     if constexpr (mma_compiled<scalar_t>()) {
-      block_matvec_mma(w, tl, k, in, b0, nb,
-                       reinterpret_cast<scalar_t*>(shared + tl.tile_offset), partial);
+      block_matvec_mma(w, tl, k, in, b0, nb, tile, partial);
     } else {
       __trap();  // never launched: see mma_arch
     }
   } else {
-    block_matvec<BT>(w, tl, k, in, b0, nb,
-                     reinterpret_cast<T*>(shared + tl.tile_offset), partial);
+    block_matvec<BT>(w, tl, k, in, b0, nb, tile, partial);
   }
 }
 
@@ -1148,19 +1297,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int H = p.hidden, J = p.units, rows = G * J;
   const int j0 = block * J;
   const int64_t B = p.batch;
+  using S = staged_t<BT, scalar_t>;
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr, p.chunk);
+                                p.slices == nullptr, p.chunk, p.cluster > 0);
   const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
+  if (p.cluster) window_open<S>(shared, tl);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
     const StepRows sr = rows_of_step(p, s);
     // h_{t-1}: the previous step's output rows, the initial state past them
     const auto prev_slot = exchange_slot<scalar_t>(p.exchange, s - 1, B, H);
     const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H,
-                                     prev_slot.words, prev_slot.tag};
-    // This step's rows for the next, when the blocks exchange them tagged.
-    const auto slot = exchange_slot<scalar_t>(p.exchange, s, B, H);
+                                     prev_slot.words, prev_slot.tag, window_of(p, s - 1)};
+    window_stage_rest<BT>(shared, tl, h_prev, sr.rows, H);
     for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
       const int nb = static_cast<int>(sr.rows - b0 < tl.pass ? sr.rows - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -1198,10 +1348,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       block_product<BT>(w, tl, H, h_prev, b0, nb, shared);
       if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
-      // h_t of this row and unit: the output and the ring.
+      // This step's rows for the next, when the blocks exchange them
+      // (tagged or through the cluster's windows); made after the product,
+      // so that it holds no registers during it.
+      const auto slot = step_exchange<S>(p, s, H, shared, tl, block);
+      // h_t of this row and unit: the output and the exchange.
       auto emit_h = [&](T h) {
         p.out[row * H + j] = static_cast<scalar_t>(h);
-        slot.put(unit, static_cast<scalar_t>(h));
+        slot.put(b, j, static_cast<scalar_t>(h));
       };
       if constexpr (kCell == PersistentCell::kLstm) {
         T g[4];
@@ -1242,7 +1396,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
-    if (p.run.cooperative && !p.exchange) cooperative_groups::this_grid().sync();
+    if (p.cluster) {
+      cluster_sync();
+    } else if (p.run.cooperative && !p.exchange) {
+      cooperative_groups::this_grid().sync();
+    }
   }
 }
 
@@ -1267,11 +1425,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int H = p.hidden, J = p.units, rows = J, k = G * H;
   const int j0 = block * J;
   const int64_t B = p.batch;
+  using S = staged_t<BT, scalar_t>;
   const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr, p.chunk);
+                                p.slices == nullptr, p.chunk, p.cluster > 0);
   // (step T-1 does not read the slice)
   const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
+  if (p.cluster) window_open<S>(shared, tl);
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
   const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
@@ -1282,13 +1442,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
     const auto next_slot = exchange_slot<scalar_t>(p.exchange, s + 1, B, k);
     const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k,
-                                   next_slot.words, next_slot.tag};
-    // This step's gradients for the next product, when exchanged tagged.
-    const auto slot = exchange_slot<scalar_t>(p.exchange, s, B, k);
+                                   next_slot.words, next_slot.tag, window_of(p, s + 1)};
     // The rows of step s, and those of step s+1 past them: sequences that
     // start at step s+1 (every row at s = -1; some at other steps in reverse
     // over packed input), whose dh_rec is the gradient of the initial state.
     const int64_t span = sr.rows > sr.next_rows ? sr.rows : sr.next_rows;
+    if (has_next) window_stage_rest<BT>(shared, tl, next, span, k);
     for (int64_t b0 = 0; b0 < span; b0 += tl.pass) {
       const int nb = static_cast<int>(span - b0 < tl.pass ? span - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -1344,6 +1503,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         continue;
       }
       dh += dh_rec;
+      // This step's gradients for the next product, when the blocks
+      // exchange them (tagged or through the cluster's windows); made after
+      // the product, so that it holds no registers during it.
+      const auto slot = step_exchange<S>(p, s, k, shared, tl, block);
       if constexpr (kCell == PersistentCell::kLstm) {
         T d[4], dc_prev;
         lstm_backward_point<T>(g[0], g[1], g[2], g[3], saved, prev, dh, dc, d[0], d[1], d[2],
@@ -1353,7 +1516,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int q = 0; q < 4; ++q) {
           const scalar_t v = static_cast<scalar_t>(d[q]);
           dg[q * H] = v;
-          slot.put(b * k + q * H + j, v);
+          slot.put(b, q * H + j, v);
         }
         p.carry[unit] = dc_prev;
         if (starts) p.grad_cx[unit] = static_cast<scalar_t>(dc_prev);
@@ -1368,7 +1531,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int q = 0; q < 3; ++q) {
           dhg[q * H] = dh_gates[q];
-          slot.put(b * k + q * H + j, dh_gates[q]);
+          slot.put(b, q * H + j, dh_gates[q]);
         }
         dx[0] = dh_gates[0];
         dx[H] = dh_gates[1];
@@ -1378,10 +1541,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         const scalar_t d = static_cast<scalar_t>(
             rnn_backward_point<kCell == PersistentCell::kRnnRelu, T>(saved, dh));
         p.dgates[row * H + j] = d;
-        slot.put(unit, d);
+        slot.put(b, j, d);
       }
     }
-    if (s >= 0 && p.run.cooperative && !p.exchange) cooperative_groups::this_grid().sync();
+    // (step -1 puts no rows and is the last)
+    if (s >= 0 && p.cluster) {
+      cluster_sync();
+    } else if (s >= 0 && p.run.cooperative && !p.exchange) {
+      cooperative_groups::this_grid().sync();
+    }
   }
 }
 

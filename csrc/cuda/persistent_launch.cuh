@@ -26,6 +26,10 @@ namespace persistent {
 // nothing, when the grid cannot be co-resident on the current device now
 // (other work or MPS limits).
 bool launch_cooperative(const void* kernel, const Plan& plan, int directions, void* params);
+// The cluster exchange's launch (plan.cluster): one thread-block cluster of
+// plan.cluster blocks per direction, on the current stream. Returns false,
+// having launched nothing, when the device cannot schedule such a cluster.
+bool launch_cluster(const void* kernel, const Plan& plan, int directions, void* params);
 // Lets `kernel` have the current device's dynamic shared memory (once per
 // kernel and device); before launch_blocks.
 void allow_shared_memory(const void* kernel);
@@ -101,7 +105,9 @@ at::Tensor pack_slices(const at::Tensor& w_hh, const Plan& plan, int64_t batch) 
 // empty for dense input, the same for both directions): one cooperative
 // launch for all of them (plan.tagged: each direction's blocks pass each
 // step's rows through their own zeroed tagged ring, else the whole grid
-// meets at a barrier per step), packed input's rows read from a step table
+// meets at a barrier per step; plan.cluster: one cluster launch, each
+// direction's blocks a cluster passing rows through each other's shared
+// memory; false when no such cluster can be scheduled), packed input's rows read from a step table
 // on the device (false, nothing launched, when the grid cannot be
 // co-resident now, or for packed input while the stream is being captured),
 // or, when plan.stepwise, the weight slices of each w_hh packed and one
@@ -137,13 +143,16 @@ bool launch_steps(const void* kernel, const Plan& plan, Directions<Params>& laun
       p.step_table = table.defined() ? data<int64_t>(table) : nullptr;
       p.exchange = plan.tagged ? reinterpret_cast<uint64_t*>(data<int64_t>(ring)) + d * words
                                : nullptr;
+      p.cluster = plan.cluster;
     }
-    return launch_cooperative(kernel, plan, count, &launch);
+    return plan.cluster ? launch_cluster(kernel, plan, count, &launch)
+                        : launch_cooperative(kernel, plan, count, &launch);
   }
   at::Tensor slices[2];
   for (int d = 0; d < count; ++d) {
     slices[d] = pack_slices<G, kBackward, scalar_t>(w_hh[d], plan, launch.dir[d].batch);
     launch.dir[d].slices = data<scalar_t>(slices[d]);
+    launch.dir[d].cluster = 0;  // (a launch per step: the kernel boundary for the barrier)
   }
   // (the kernel's shared memory limit was raised before: run_plan)
   void* args[] = {&launch};  // read at each launch: the next step changes it

@@ -22,6 +22,8 @@ namespace persistent {
 struct Plan {
   bool stepwise = false;  // one launch per step (else one cooperative launch)
   bool tagged = false;    // a cooperative launch exchanges rows tagged (no grid barrier)
+  int cluster = 0;        // the cluster exchange: each direction's blocks one thread-block
+                          // cluster of this many (= blocks); 0: none
   int blocks = 0;         // grid size per direction, ceil(H / units)
   int units = 0;          // J, hidden units per block
   int batch_tile = 0;     // BT: 1, kMaxBatchTile or kMmaTile (float: TF32)
@@ -58,10 +60,28 @@ constexpr int64_t kAutoMaxWorkMma = int64_t{1} << 19;
 // (~4 MiB at ~6 TB/s of L2: ~0.7 us) until a GPU run compares the two
 // (device_check.sh stepwise: <card>-barrier.json): at most 4 MiB per step
 // takes the tags, e.g. float32 forward up to B=8 at H=1024, every shape at
-// B=1. FUSED_RNN_GRID_SYNC (read once): auto (this rule, the default),
-// tags or barrier everywhere.
-enum class GridSync { kAuto, kTags, kBarrier };
+// B=1.
+//
+// Or, from compute capability 9.0, the cluster exchange (persistent.cuh):
+// where all blocks of a direction fit in one thread-block cluster (at most
+// DeviceLimits::cluster, 16 on Hopper), with their weight slices and a
+// window of two steps' input rows in shared memory, each block puts its
+// rows into every peer's window and a step ends at one cluster barrier: no
+// L2 round trip, no grid barrier, and a hardware barrier among at most 16
+// SMs. The price: the work of a step spread over 16 SMs instead of all of
+// them. The automatic choice takes it while a block's work per step (weight
+// rows x k x batch) is at most kClusterMaxWork (kClusterMaxWorkMma on
+// tensor cores): e.g. float32 LSTM H=256 up to B=16 (64 x 256 x 16 FMA per
+// block, ~1 us of one SM), the half types' tensor cores to B=64. A
+// prediction (a step of ~1-1.5 us at B <= 8, H <= 256, against ~3-4.6 us
+// with the tags or the barrier on 132 SMs), until a GPU run compares them
+// (device_check.sh stepwise: <card>-cluster.json against <card>-tags.json).
+// FUSED_RNN_GRID_SYNC (read once): auto (these rules, the default), cluster
+// (wherever it fits; the rule above elsewhere), tags or barrier everywhere.
+enum class GridSync { kAuto, kTags, kBarrier, kCluster };
 constexpr int64_t kTaggedExtraBytes = int64_t{4} << 20;
+constexpr int64_t kClusterMaxWork = int64_t{1} << 18;
+constexpr int64_t kClusterMaxWorkMma = int64_t{1} << 20;
 
 // The L2 bytes per step that the tagged words add over plain loads: every
 // block reads every row of the step, `width` values each.
@@ -77,6 +97,8 @@ struct DeviceLimits {
   int shared_optin = 0;  // bytes of dynamic shared memory a block may have
   int cooperative = 0;   // whether the device takes cooperative launches
   int arch = 0;          // compute capability, major * 10 + minor
+  int cluster = 0;       // the most blocks of a thread-block cluster the plan may take
+                         // (16 where the device launches clusters, 9.0 on; else 0)
 };
 
 // What a choice reads besides the shape: the device's limits, the path the
@@ -268,13 +290,63 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
              "FUSED_RNN_KERNEL_PATH=persistent forces it)";
     return take_general(why.str());
   }
+  // The cluster exchange: each direction's blocks one cluster of as few
+  // units per block as cover H on limits.cluster blocks.
+  const GridSync sync = ctx.sync;
+  if (limits.cluster > 0 && (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
+    const int64_t cunits = (hidden + limits.cluster - 1) / limits.cluster;
+    const int64_t crows = rows_per_unit * cunits;
+    const int64_t cwork = crows * k * batch;
+    const int64_t cmax =
+        plan.batch_tile == kMmaTile ? kClusterMaxWorkMma : kClusterMaxWork;
+    const Tiling ct = make_tiling(static_cast<int>(crows), static_cast<int>(k), plan.batch_tile,
+                                  batch, static_cast<int>(cunits), c10::elementSize(dtype),
+                                  math_size(dtype), true, 0, /*window=*/true);
+    const bool fits = cunits <= max_units && ct.bytes <= static_cast<size_t>(limits.shared_optin);
+    if (fits && (sync == GridSync::kCluster || cwork <= cmax)) {
+      d.choice.path = KernelPath::kPersistent;
+      plan.units = static_cast<int>(cunits);
+      plan.blocks = static_cast<int>((hidden + cunits - 1) / cunits);
+      plan.cluster = plan.blocks;
+      plan.chunk = ct.kpad;
+      plan.shared_bytes = ct.bytes;
+      plan.tagged = false;
+      if (!explain) return d;
+      why << "persistent kernel (" << (backward ? "backward" : "forward")
+          << (directions > 1 ? ", both directions of the layer side by side" : "")
+          << ", one launch for the whole sequence): "
+          << (directions > 1 ? "two thread-block clusters (one per direction) of "
+                             : "one thread-block cluster of ")
+          << plan.blocks << " blocks x " << kThreads
+          << " threads, " << plan.units << " hidden unit" << (plan.units == 1 ? "" : "s")
+          << " per block, W_hh" << (backward ? "^T" : "") << " slice of " << crows << " x " << k
+          << " and a window of two steps' " << ct.window_rows << " input rows in "
+          << plan.shared_bytes / 1024 << " KiB of shared memory (of "
+          << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
+          << tile_words(plan.batch_tile, dtype, batch, limits.arch) << ", " << ct.bsplits
+          << " tile" << (ct.bsplits == 1 ? "" : "s") << " side by side ("
+          << (batch + ct.pass - 1) / ct.pass << " pass"
+          << ((batch + ct.pass - 1) / ct.pass == 1 ? "" : "es") << " per step"
+          << (packed ? " at most" : "")
+          << "), each step's rows put into every block's shared memory and one cluster "
+             "barrier per step (the cluster exchange: no grid barrier, no trip through L2"
+          << (sync == GridSync::kAuto ? "" : ", as FUSED_RNN_GRID_SYNC says") << ")"
+          << (packed ? "; packed sequences: each step's rows from a table copied to the device "
+                       "with the launch"
+                     : "")
+          << "; the grid of all SMs when the device cannot schedule such a cluster at the call";
+      d.choice.reason = why.str();
+      return d;
+    }
+  }
   if (!limits.cooperative) {
     return take_stepwise("this device takes no cooperative launches, so no persistent kernel");
   }
   d.choice.path = KernelPath::kPersistent;
   const int64_t extra = directions * tagged_extra_bytes(plan.blocks, batch, k, dtype);
-  const GridSync sync = ctx.sync;
-  plan.tagged = sync == GridSync::kTags || (sync == GridSync::kAuto && extra <= kTaggedExtraBytes);
+  plan.tagged = sync == GridSync::kTags ||
+                ((sync == GridSync::kAuto || sync == GridSync::kCluster) &&
+                 extra <= kTaggedExtraBytes);
   if (!explain) return d;
   const Tiling& tl = shared_tiling;
   why << "persistent kernel (" << (backward ? "backward" : "forward")
@@ -297,7 +369,10 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
                       : "one grid barrier per step (")
       << "the tagged ring's words would add " << (extra + 1023) / 1024
       << " KiB of L2 reads per step"
-      << (sync == GridSync::kAuto ? "" : ", as FUSED_RNN_GRID_SYNC says") << ")"
+      << (sync == GridSync::kTags || sync == GridSync::kBarrier
+              ? ", as FUSED_RNN_GRID_SYNC says"
+              : "")
+      << ")"
       << (packed ? "; packed sequences: each step's rows from a table copied to the device "
                    "with the launch"
                  : "")

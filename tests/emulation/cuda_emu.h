@@ -1,14 +1,16 @@
 // A CPU emulation of the few CUDA features the persistent kernels use, so
 // that their source (csrc/cuda/persistent.cuh) runs on a machine without a
 // GPU. Every CUDA thread is a fiber (ucontext) on the calling OS thread;
-// __syncthreads, warp shuffles and the cooperative grid barrier are fiber
-// barriers; dynamic shared memory is a per-block buffer; ld.global.cg is a
-// plain load.
+// __syncthreads, warp shuffles, the cooperative grid barrier and a
+// thread-block cluster's barrier are fiber barriers; dynamic shared memory
+// is a per-block buffer, which the blocks of a cluster reach in each other
+// (map_shared_rank); ld.global.cg is a plain load.
 //
 // Fibers run from one barrier to the next, warp by warp, in ascending or
 // descending thread order (`launch`'s `order`): a kernel whose result
 // depends on which thread of a phase runs first (a missing barrier) gives a
-// different result in one of the two orders. A barrier that can never
+// different result in one of the two orders. Descending, the last block
+// also runs ahead of the others as far as barriers let it. A barrier that can never
 // complete (threads of a block taking different numbers of __syncthreads,
 // blocks taking different numbers of grid barriers: a hang on a GPU) is
 // reported as an error instead of hanging. What it cannot show: timing,
@@ -66,6 +68,9 @@ struct Launch {
   std::vector<Barrier> block_barriers, warp_barriers;
   std::vector<double> lanes;  // one slot per thread, for shuffles
   Barrier grid;
+  int cluster = 0;  // blocks per thread-block cluster (0: no clusters)
+  std::vector<Barrier> cluster_barriers;
+  size_t shared_bytes = 0;
   ucontext_t scheduler;
   jmp_buf scheduler_resume;
   int current = -1;
@@ -116,11 +121,36 @@ inline void wait(Barrier& b) {
   f.waiting = nullptr;
 }
 
-inline unsigned char* dynamic_shared() {
-  auto& buffer = active()->shared[self().block_idx.x];
-  // 64-byte aligned, as a GPU's shared memory window is at least 16-byte.
+// Block `block`'s dynamic shared memory, 64-byte aligned, as a GPU's
+// shared memory window is at least 16-byte.
+inline unsigned char* shared_of(int block) {
+  auto& buffer = active()->shared[block];
   return reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(buffer.data()) + 63) / 64 * 64);
+}
+inline unsigned char* dynamic_shared() { return shared_of(self().block_idx.x); }
+
+// The cluster barrier of the calling thread's cluster: every thread of
+// its blocks.
+inline void cluster_sync() {
+  Launch& l = *active();
+  if (l.cluster <= 0) throw std::logic_error("cluster barrier in a launch without clusters");
+  wait(l.cluster_barriers[self().block_idx.x / l.cluster]);
+}
+
+// `p`, an address in the calling block's dynamic shared memory, in that of
+// block `rank` of its cluster (DSMEM); an address outside the window or a
+// rank outside the cluster throws.
+inline void* map_shared_rank(void* p, int rank) {
+  Launch& l = *active();
+  if (l.cluster <= 0) throw std::logic_error("map_shared_rank in a launch without clusters");
+  if (rank < 0 || rank >= l.cluster) throw std::out_of_range("map_shared_rank: rank");
+  const int block = self().block_idx.x;
+  unsigned char* mine = shared_of(block);
+  const ptrdiff_t offset = static_cast<unsigned char*>(p) - mine;
+  if (offset < 0 || static_cast<size_t>(offset) >= l.shared_bytes)
+    throw std::out_of_range("map_shared_rank: not an address of the block's shared memory");
+  return shared_of(block / l.cluster * l.cluster + rank) + offset;
 }
 
 [[noreturn]] inline void fiber_main() {
@@ -132,10 +162,13 @@ inline unsigned char* dynamic_shared() {
 }
 
 // Runs kernel() as `blocks` x `threads` CUDA threads of a cooperative
-// launch; order 0 schedules threads in ascending order, 1 in descending.
+// launch; order 0 schedules threads in ascending order, 1 in descending;
+// cluster: blocks per thread-block cluster (0: none).
 inline void launch(int blocks, int threads, size_t shared_bytes, int order,
-                   const std::function<void()>& kernel) {
+                   const std::function<void()>& kernel, int cluster = 0) {
   if (threads % 32 != 0) throw std::invalid_argument("threads must be a multiple of 32");
+  if (cluster < 0 || (cluster > 0 && blocks % cluster != 0))
+    throw std::invalid_argument("the grid must be whole clusters");
   if (active() != nullptr) throw std::logic_error("nested emulated launch");
   auto l = std::make_unique<Launch>();
   l->blocks = blocks;
@@ -150,6 +183,9 @@ inline void launch(int blocks, int threads, size_t shared_bytes, int order,
   l->warp_barriers.assign(total / 32, Barrier{32});
   l->lanes.assign(total, 0.0);
   l->grid.count = total;
+  l->cluster = cluster;
+  l->shared_bytes = shared_bytes;
+  if (cluster > 0) l->cluster_barriers.assign(blocks / cluster, Barrier{cluster * threads});
   active() = l.get();
   char* stacks = stack_pool(total);
   for (int i = 0; i < total; ++i) {
@@ -177,8 +213,13 @@ inline void launch(int blocks, int threads, size_t shared_bytes, int order,
       }
     }
   };
-  // Passes over the warps; each warp runs until it waits on a block or grid
-  // barrier (or ends), so a pass advances many shuffles.
+  // Passes over the warps; each warp runs until it waits on a block, grid
+  // or cluster barrier (or ends), so a pass advances many shuffles. In
+  // descending order a pass starts again from the highest warp after every
+  // warp that moved on: the last block runs ahead of the others as far as
+  // the barriers between blocks let it (a block that reads what another
+  // wrote without a barrier between them reads it too early), where
+  // ascending passes keep the blocks in step.
   const int warps = total / 32;
   for (;;) {
     const uint64_t before = l->progress;
@@ -189,6 +230,7 @@ inline void launch(int blocks, int threads, size_t shared_bytes, int order,
         step = l->progress;
         for (int lane = 0; lane < 32; ++lane) resume(w * 32 + (order == 0 ? lane : 31 - lane));
       } while (l->progress != step);
+      if (order == 1 && l->progress != before) break;
     }
     bool all_done = true;
     for (const Fiber& f : l->fibers) all_done &= f.done;
@@ -244,6 +286,14 @@ struct grid_group {
   void sync() { ::fused_rnn_emu::wait(::fused_rnn_emu::active()->grid); }
 };
 inline grid_group this_grid() { return {}; }
+struct cluster_group {
+  void sync() { ::fused_rnn_emu::cluster_sync(); }
+  template <typename T>
+  T* map_shared_rank(T* p, int rank) {
+    return static_cast<T*>(::fused_rnn_emu::map_shared_rank(p, rank));
+  }
+};
+inline cluster_group this_cluster() { return {}; }
 }  // namespace cooperative_groups
 
 // wmma, as the persistent kernels use it: every lane of a warp computes the

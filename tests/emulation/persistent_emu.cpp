@@ -84,15 +84,16 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
 // side by side, blocks of direction 1 after those of direction 0): one
 // cooperative launch (packed input: its rows from the step table; tagged:
 // each direction's blocks exchange rows through their own tagged ring, no
-// grid barrier), or (stepwise) the weight slices packed and one launch per
+// grid barrier; cluster: each direction's blocks one thread-block cluster,
+// exchanging rows through each other's shared memory), or (stepwise) the weight slices packed and one launch per
 // step with the rows of its step in each direction (batch_sizes: packed
 // input; empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`:
 // the launch's tiling (its bytes of dynamic shared memory), `units` per
 // block.
 template <int G, bool kBackward, int BT, typename scalar_t, typename Params, typename Kernel>
 void run_steps(p::Directions<Params>& launch, const std::vector<Tensor>& w_hh,
-               const p::Tiling& tl, int units, bool stepwise, bool tagged, int64_t order,
-               const std::vector<int64_t>& batch_sizes, Kernel kernel) {
+               const p::Tiling& tl, int units, bool stepwise, bool tagged, bool cluster,
+               int64_t order, const std::vector<int64_t>& batch_sizes, Kernel kernel) {
   const int count = launch.count;
   const Params& first = launch.dir[0];
   const int blocks = (first.hidden + units - 1) / units;
@@ -111,9 +112,10 @@ void run_steps(p::Directions<Params>& launch, const std::vector<Tensor>& w_hh,
       prm.slices = nullptr;
       prm.step_table = batch_sizes.empty() ? nullptr : table.data();
       prm.exchange = tagged ? ring.data() + d * words : nullptr;
+      prm.cluster = cluster ? blocks : 0;
     }
     fused_rnn_emu::launch(count * blocks, p::kThreads, tl.bytes, static_cast<int>(order),
-                          [&] { kernel(launch); });
+                          [&] { kernel(launch); }, cluster ? blocks : 0);
     return;
   }
   std::vector<Tensor> slices;
@@ -242,18 +244,21 @@ Tensor given(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); 
 // (d, ...) with direction 0 walking as `reverse` says and direction 1 the
 // other way; every output then (2, ...). graphed (stepwise): the launches
 // through persistent.cuh's run_as_loop, as the CUDA launcher runs them, with
-// emulated_run_loop's copies.
+// emulated_run_loop's copies. cluster: one launch, each direction's blocks
+// one thread-block cluster passing rows through each other's windows (the
+// whole rows staged: chunk is not used).
 std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Tensor>& bias,
                             const optional<Tensor>& bias_hh, const Tensor& w_hh,
                             const Tensor& hx, const optional<Tensor>& cx, int64_t steps,
                             int64_t batch, bool reverse, bool keep_gates, int64_t units,
                             int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
                             const optional<Tensor>& batch_sizes, int64_t chunk, bool paired,
-                            bool graphed) {
+                            bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = xw_in.size(-2);
   TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
+  TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = xw_in.options();
   std::vector<std::vector<Tensor>> outputs(count);
@@ -290,7 +295,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
         const auto layout =
             p::make_tiling(rows, static_cast<int>(H), bt.value, batch, static_cast<int>(units),
                            sizeof(scalar_t), sizeof(T), /*weights_shared=*/!stepwise,
-                           static_cast<int>(chunk));
+                           static_cast<int>(chunk), /*window=*/cluster);
         // the launches for requests first and (paired) *second
         auto launch_all = [&](const fused_rnn::PersistentForward& first,
                               const fused_rnn::PersistentForward* second) {
@@ -307,7 +312,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
           }
           auto run = [&](auto kernel) {
             run_steps<p::gate_count<c.value>(), false, bt.value, scalar_t>(
-                launch, weights, layout, static_cast<int>(units), stepwise, tagged, order,
+                launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
           if (paired) {
@@ -323,7 +328,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
   return stack_directions(outputs);
 }
 
-// Returns dgates, dgates_h, grad_hx, grad_cx; paired and graphed as forward's.
+// Returns dgates, dgates_h, grad_hx, grad_cx; paired, graphed and cluster as forward's.
 std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& grad_out,
                              const Tensor& grad_hy, const optional<Tensor>& grad_cy,
                              const optional<Tensor>& out, const optional<Tensor>& hx,
@@ -332,11 +337,12 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              int64_t steps, int64_t batch, bool reverse, int64_t units,
                              int64_t batch_tile, int64_t order, bool stepwise, bool tagged,
                              const optional<Tensor>& batch_sizes, int64_t chunk, bool paired,
-                             bool graphed) {
+                             bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = grad_out.size(-2);
   TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
+  TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
   const auto o = grad_out.options();
   std::vector<std::vector<Tensor>> outputs(count);
@@ -373,7 +379,8 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
         TORCH_CHECK(bt.value * units <= p::kThreads, "too many units for this tile");
         const auto layout = p::make_tiling(rows, static_cast<int>(G * H), bt.value, batch,
                                            static_cast<int>(units), sizeof(scalar_t), sizeof(T),
-                                           /*weights_shared=*/!stepwise, static_cast<int>(chunk));
+                                           /*weights_shared=*/!stepwise, static_cast<int>(chunk),
+                                           /*window=*/cluster);
         auto launch_all = [&](const fused_rnn::PersistentBackward& first,
                               const fused_rnn::PersistentBackward* second) {
           const fused_rnn::PersistentBackward* dirs[2] = {&first, second};
@@ -389,7 +396,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
           }
           auto run = [&](auto kernel) {
             run_steps<p::gate_count<c.value>(), true, bt.value, scalar_t>(
-                launch, weights, layout, static_cast<int>(units), stepwise, tagged, order,
+                launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
           if (paired) {
@@ -422,20 +429,28 @@ fused_rnn::KernelPath path_named(const std::string& name) {
 
 // The launcher's choice (persistent_plan.h, decide_for) for a shape on a
 // GPU described by its limits (sms, shared_optin bytes, cooperative,
-// compute capability arch), the requested path `want`, the exchange `sync`
-// (auto, tags, barrier) and torch's TF32 flag: (path, explain's reason,
-// batch tile, units per block, blocks per direction, tagged).
-std::tuple<std::string, std::string, int64_t, int64_t, int64_t, bool> choose(
+// compute capability arch, the largest cluster: -1 as persistent.cu reads
+// it, 16 from 9.0 on), the requested path `want`, the exchange `sync`
+// (auto, cluster, tags, barrier) and torch's TF32 flag: (path, explain's
+// reason, batch tile, units per block, blocks per direction, how a
+// persistent launch's blocks pass the rows on: cluster, tags or barrier;
+// empty off the persistent kernel).
+std::tuple<std::string, std::string, int64_t, int64_t, int64_t, std::string> choose(
     int64_t cell, int64_t hidden, int64_t batch, c10::ScalarType dtype, bool packed, bool proj,
     bool backward, int64_t directions, bool tf32, int64_t sms, int64_t shared_optin,
-    bool cooperative, int64_t arch, const std::string& want, const std::string& sync) {
+    bool cooperative, int64_t arch, const std::string& want, const std::string& sync,
+    int64_t cluster) {
   p::PlanContext ctx;
   ctx.limits = {static_cast<int>(sms), static_cast<int>(shared_optin), cooperative ? 1 : 0,
-                static_cast<int>(arch)};
+                static_cast<int>(arch),
+                static_cast<int>(cluster >= 0 ? cluster : arch >= 90 ? 16 : 0)};
   ctx.want = path_named(want);
-  TORCH_CHECK(sync == "auto" || sync == "tags" || sync == "barrier", "unknown sync ", sync);
-  ctx.sync = sync == "tags" ? p::GridSync::kTags
-             : sync == "barrier" ? p::GridSync::kBarrier : p::GridSync::kAuto;
+  TORCH_CHECK(sync == "auto" || sync == "tags" || sync == "barrier" || sync == "cluster",
+              "unknown sync ", sync);
+  ctx.sync = sync == "tags"      ? p::GridSync::kTags
+             : sync == "barrier" ? p::GridSync::kBarrier
+             : sync == "cluster" ? p::GridSync::kCluster
+                                 : p::GridSync::kAuto;
   ctx.tf32 = tf32;
   static const PersistentCell cells[] = {PersistentCell::kLstm, PersistentCell::kGru,
                                          PersistentCell::kRnnTanh, PersistentCell::kRnnRelu};
@@ -443,8 +458,10 @@ std::tuple<std::string, std::string, int64_t, int64_t, int64_t, bool> choose(
   const p::Decision d = p::decide_for(cells[cell], hidden, batch, dtype, packed, proj, backward,
                                       static_cast<int>(directions), true, ctx);
   static const char* names[] = {"auto", "persistent", "general", "stepwise"};
+  const bool persistent = d.choice.path == fused_rnn::KernelPath::kPersistent;
   return {names[static_cast<int>(d.choice.path)], d.choice.reason, d.plan.batch_tile,
-          d.plan.units, d.plan.blocks, d.plan.tagged};
+          d.plan.units, d.plan.blocks,
+          !persistent ? "" : d.plan.cluster ? "cluster" : d.plan.tagged ? "tags" : "barrier"};
 }
 
 // The graph cache's choices (graphs.h) for a sequence of calls, call i of
@@ -505,19 +522,21 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "choose(int cell, int hidden, int batch, ScalarType dtype, bool packed, bool proj, "
       "bool backward, int directions, bool tf32, int sms, int shared_optin, bool cooperative, "
-      "int arch, str want='auto', str sync='auto') -> (str, str, int, int, int, bool)",
+      "int arch, str want='auto', str sync='auto', int cluster=-1) "
+      "-> (str, str, int, int, int, str)",
       &choose);
   m.def(
       "forward(int cell, Tensor xw, Tensor? bias, Tensor? bias_hh, Tensor w_hh, Tensor hx, "
       "Tensor? cx, int steps, int batch, bool reverse, bool keep_gates, int units, "
       "int batch_tile, int order, bool stepwise=False, bool tagged=False, "
-      "Tensor? batch_sizes=None, int chunk=0, bool paired=False, bool graphed=False) -> Tensor[]",
+      "Tensor? batch_sizes=None, int chunk=0, bool paired=False, bool graphed=False, "
+      "bool cluster=False) -> Tensor[]",
       &forward);
   m.def(
       "backward(int cell, Tensor w_hh, Tensor grad_out, Tensor grad_hy, Tensor? grad_cy, "
       "Tensor? out, Tensor? hx, Tensor? cx, Tensor? gates, Tensor? cells, Tensor? hn, "
       "int steps, int batch, bool reverse, int units, int batch_tile, int order, "
       "bool stepwise=False, bool tagged=False, Tensor? batch_sizes=None, int chunk=0, "
-      "bool paired=False, bool graphed=False) -> Tensor[]",
+      "bool paired=False, bool graphed=False, bool cluster=False) -> Tensor[]",
       &backward);
 }
