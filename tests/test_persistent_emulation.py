@@ -375,13 +375,38 @@ def test_batch_tile_by_architecture(emu, batch, dtype, tf32, arch, tile):
     assert emu.batch_tile(batch, dtype, tf32, arch) == tile
 
 
+# More weight rows per block than the FMA product holds (64): the
+# tensor-core product gives each warp a row group of 16 (up to 256 rows),
+# which the cluster exchange takes for H=512 in the half types (LSTM forward:
+# 32 units, 128 rows per block). Here LSTM 96 rows, GRU 72 (24 units of
+# H=48, two blocks), the RNNs 24.
+MANY_ROWS_UNITS = 24
+LOW_PRECISION_MANY_ROWS = {"wide_tile_many_rows": (True, 0, None, 48)}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_tensor_core_rows_past_64(emu, mode, cell, dtype, reverse):
+    """Blocks of more than 64 weight rows on the tensor-core tile (every
+    mode, one direction and both), against the CPU ops in float64."""
+    check_low_precision(emu, "wide_tile_many_rows", mode, cell, dtype, [reverse])
+    check_low_precision(emu, "wide_tile_many_rows", mode, cell, dtype, [False, True])
+    # the FMA tile holds no more than 64: refused, not run
+    with pytest.raises(RuntimeError, match="too many rows per block"):
+        emu.forward(CELLS[cell], torch.zeros(3, 3 * 48), None, None, torch.zeros(3 * 48, 48),
+                    torch.zeros(1, 48), None, 3, 1, False, False, MANY_ROWS_UNITS, 1, 0)
+
+
 def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     """The emulated kernels on LOW_PRECISION[case] in `dtype`, one direction
     (directions [reverse]) or two side by side ([False, True], other
     weights and states each), against the CPU ops in float64. tf32: float32
     on the tensor-core tile."""
-    wide, chunk, lengths, H = LOW_PRECISION[case]
-    T, units = 3, 11
+    wide, chunk, lengths, H = {**LOW_PRECISION, **LOW_PRECISION_MANY_ROWS}[case]
+    T = 3
+    units = MANY_ROWS_UNITS if case == "wide_tile_many_rows" else 11
     B = 40 if wide else 1
     tile = (16 if tf32 or dtype != torch.float32 else 8) if wide is True else 1
     op_cell = cell.split("_")[0]

@@ -202,6 +202,14 @@ def test_cluster_exchange(emu, gpu):
     # block, 256 KiB); forced, the automatic choice instead
     assert choose(emu, gpu, "LSTM", 512, 1, F32)[5] == "tags"
     assert choose(emu, gpu, "LSTM", 512, 1, F32, sync="cluster")[5] == "tags"
+    # the half types' forward at H=512 on the tensor-core tile: 32 units,
+    # 128 weight rows per block (the FMA tile holds 64: not at B=1; the
+    # backward's window of 2 x 16 rows of 2048 does not fit beside its slice)
+    for dtype in (BF16, F16):
+        assert choose(emu, gpu, "LSTM", 512, 8, dtype)[2:] == (16, 32, 16, "cluster")
+        assert choose(emu, gpu, "GRU", 512, 8, dtype)[2:] == (16, 32, 16, "cluster")
+        assert choose(emu, gpu, "LSTM", 512, 1, dtype)[5] == "tags"
+        assert choose(emu, gpu, "LSTM", 512, 8, dtype, backward=True)[5] == "barrier"
     # both directions of a layer: a cluster each
     _, reason, *_, sync = choose(emu, gpu, "LSTM", 256, 8, F32, directions=2)
     assert sync == "cluster" and "two thread-block clusters" in reason, reason

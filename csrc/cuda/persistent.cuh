@@ -101,6 +101,13 @@ __host__ __device__ constexpr int mma_skew(size_t element) {
   return static_cast<int>(16 / element);
 }
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
+// The tensor-core product gives each warp a row group of 16 (make_tiling):
+// up to kWarps * 16 rows per block, where the FMA product's warps hold
+// kRowsPerWarp rows each (kMaxRows).
+constexpr int kMaxRowsMma = kWarps * 16;
+__host__ __device__ constexpr int max_rows(int batch_tile) {
+  return batch_tile == kMmaTile ? kMaxRowsMma : kMaxRows;
+}
 static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
 // The compute capability (major * 10 + minor) from which wmma multiplies

@@ -201,7 +201,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
   // grid; a stepwise grid takes more blocks than SMs where a block cannot
   // hold that many units' rows.
   const int64_t units = (hidden + sms - 1) / sms;
-  const int64_t max_units = std::min<int64_t>(kMaxRows / rows_per_unit,
+  const int64_t max_units = std::min<int64_t>(max_rows(plan.batch_tile) / rows_per_unit,
                                               kThreads / plan.batch_tile);
   const bool too_many_rows = units > max_units;
   plan.units = static_cast<int>(std::min(units, max_units));
@@ -263,7 +263,8 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
       why << "H=" << hidden << " needs " << units << " hidden units (" << rows_per_unit * units
           << " weight rows) per block on " << sms << " SMs"
           << (directions > 1 ? " per direction" : "")
-          << "; a persistent block holds at most " << kMaxRows << " rows and "
+          << "; a persistent block holds at most " << max_rows(plan.batch_tile)
+          << " rows and "
           << kThreads / plan.batch_tile << " units";
     return take_general(why.str());
   }

@@ -256,7 +256,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                             bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = xw_in.size(-2);
-  TORCH_CHECK(G * units <= p::kMaxRows, "too many rows per block");
+  TORCH_CHECK(G * units <= p::max_rows(static_cast<int>(batch_tile)), "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
@@ -340,7 +340,7 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = grad_out.size(-2);
-  TORCH_CHECK(units <= p::kMaxRows, "too many rows per block");
+  TORCH_CHECK(units <= p::max_rows(static_cast<int>(batch_tile)), "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
