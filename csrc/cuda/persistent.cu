@@ -7,10 +7,10 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <tuple>
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -153,25 +153,42 @@ void allow_large_clusters(const void* kernel, int device) {
   }
 }
 
+// What is known of a (kernel, device, cluster size, shared memory) launch.
+using ClusterKey = std::tuple<const void*, int, unsigned, size_t>;
+std::mutex& cluster_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::map<ClusterKey, bool>& known_clusters() {
+  static std::map<ClusterKey, bool> known;
+  return known;
+}
+ClusterKey cluster_key(const void* kernel, int device, const cudaLaunchConfig_t& config) {
+  return std::make_tuple(kernel, device, config.gridDim.x, config.dynamicSmemBytes);
+}
+
 // Whether the device can schedule at least one cluster of `config` for
 // `kernel` (cudaOccupancyMaxActiveClusters), asked once per kernel, device,
 // cluster size and shared memory: false where it cannot (the SMs of one GPC,
-// or fewer under MPS or a partitioned GPU), and where the query itself
-// fails (an error that is cleared: the caller then takes the grid of all
-// SMs).
+// or fewer under MPS or a partitioned GPU), where the query itself fails
+// (an error that is cleared: the caller then takes the grid of all SMs), and
+// where cluster_refused said a launch of that configuration was refused
+// (false from then on).
 bool cluster_schedulable(const void* kernel, int device, const cudaLaunchConfig_t& config) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, unsigned, size_t>, bool> known;
-  const auto key = std::make_tuple(kernel, device, config.gridDim.x, config.dynamicSmemBytes);
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto found = known.find(key);
-  if (found != known.end()) return found->second;
+  std::lock_guard<std::mutex> lock(cluster_mutex());
+  const ClusterKey key = cluster_key(kernel, device, config);
+  const auto found = known_clusters().find(key);
+  if (found != known_clusters().end()) return found->second;
   int clusters = 0;
   const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (err != cudaSuccess) (void)cudaGetLastError();
   const bool fits = err == cudaSuccess && clusters > 0;
-  known.emplace(key, fits);
+  known_clusters().emplace(key, fits);
   return fits;
+}
+void cluster_refused(const void* kernel, int device, const cudaLaunchConfig_t& config) {
+  std::lock_guard<std::mutex> lock(cluster_mutex());
+  known_clusters()[cluster_key(kernel, device, config)] = false;
 }
 
 }  // namespace
@@ -196,9 +213,18 @@ bool launch_cluster(const void* kernel, const Plan& plan, int directions, void* 
   if (!cluster_schedulable(kernel, device, config)) return false;
   // one cluster per direction; the clusters need not be co-resident (each
   // meets only its own barrier)
+  const cudaLaunchConfig_t query = config;
   config.gridDim = dim3(static_cast<unsigned>(directions * plan.cluster));
   void* args[] = {params};
-  C10_CUDA_CHECK(cudaLaunchKernelExC(&config, kernel, args));
+  const cudaError_t err = cudaLaunchKernelExC(&config, kernel, args);
+  if (err == cudaErrorInvalidClusterSize) {
+    // A cluster the launch refuses although the occupancy query allowed it:
+    // nothing ran; the caller takes the grid of all SMs, from now on.
+    (void)cudaGetLastError();
+    cluster_refused(kernel, device, query);
+    return false;
+  }
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
