@@ -10,14 +10,14 @@ On CUDA every op runs one of three paths:
   than a barrier (small batches), else meet at a grid barrier per step. On
   Hopper, where all blocks of a direction fit in one thread-block cluster
   (at most 16) and the batch is small, the launch is that cluster: each
-  block puts its rows into every peer's shared memory and a step ends at
-  one cluster barrier. ``FUSED_RNN_GRID_SYNC`` (auto, cluster, tags or
-  barrier; read once per process) overrides that, to compare them. Dense or packed input (each step's
-  rows from a table copied to the device with the launch; packed input runs
-  stepwise while a CUDA graph is being captured), weights that fit the
-  device's shared memory; ``proj_size`` folded (the recurrence on
-  o * tanh(c) with ``weight_hh @ weight_hr``, the projection one GEMM after
-  it).
+  block puts its rows into every peer's shared memory and a step ends at one
+  cluster barrier. ``FUSED_RNN_GRID_SYNC`` (auto, cluster, tags or barrier;
+  read once per process) overrides that, to compare them. Dense or packed
+  input (each step's rows from a table copied to the device with the launch;
+  packed input runs stepwise while a CUDA graph is being captured), weights
+  that fit the device's shared memory; ``proj_size`` folded (the recurrence
+  on o * tanh(c) with ``weight_hh @ weight_hr``, the projection one GEMM
+  after it).
 - ``stepwise``: the persistent kernels' code, one ordinary launch per step
   (the launch boundary is the barrier), each block's slice of the weights
   packed once per call into global memory and read from there (L2). Dense

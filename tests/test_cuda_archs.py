@@ -161,25 +161,31 @@ def kernel_ptx(arch, source):
 def test_tensor_core_tiles_compiled(arch):
     """The PTX of the LSTM forward and the GRU backward kernels: on 9.0
     every tensor-core tile (batch tile 16: half, bfloat16, float as TF32)
-    multiplies with wmma, and every kernel has the cluster exchange's
-    barrier and shared-memory mapping; on 7.5 only half's tile does (the
-    others trap, never launched there) and no kernel has clusters. (CUDA
-    13's mma.h once hid the bfloat16 and TF32 tiles from every device pass:
-    they compiled to the trap.)"""
+    multiplies with wmma, and the cluster exchange's kernels (float32 and
+    the half types) have its barrier and shared-memory mapping while the
+    others have neither; on 7.5 only half's tile multiplies (the others
+    trap, never launched there) and no kernel has clusters. (CUDA 13's
+    mma.h once hid the bfloat16 and TF32 tiles from every device pass: they
+    compiled to the trap.)"""
     tiles = {"c10::Half": "N3c104HalfE", "c10::BFloat16": "N3c108BFloat16E", "float": "f"}
     for source, kernel in (("persistent_lstm_forward.cu", "forward_kernel"),
                            ("persistent_gru_backward.cu", "backward_kernel")):
         kernels = {name: ptx for name, ptx in kernel_ptx(arch, source).items()
                    if kernel in name}
-        assert len(kernels) == 18, sorted(kernels)  # 4 dtypes x their 2 tiles x 2 launch kinds
+        # the 9 (dtype, tile) pairs x one direction or two; the 7 of float32
+        # and the half types also with the cluster exchange
+        assert len(kernels) == 9 * 2 + 7 * 2, sorted(kernels)
         for dtype, mangled in tiles.items():
             wide = [ptx for name, ptx in kernels.items() if f"Li16E{mangled}" in name]
-            assert len(wide) == 2, (dtype, sorted(kernels))
+            assert len(wide) == 4, (dtype, sorted(kernels))
             multiplies = arch >= 80 or dtype == "c10::Half"
             for ptx in wide:
                 assert ("wmma.mma" in ptx) == multiplies, (source, arch, dtype)
+        clustered = [name for name in kernels if "ELb1EEEv" in name]  # kCluster, the last
+        assert len(clustered) == 14, sorted(kernels)
         for name, ptx in kernels.items():
-            assert ("barrier.cluster" in ptx and "mapa" in ptx) == (arch >= 90), name
+            has = "barrier.cluster" in ptx and "mapa" in ptx
+            assert has == (arch >= 90 and name in clustered), name
 
 
 def test_gpu_support_in_words(monkeypatch):

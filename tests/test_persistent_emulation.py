@@ -399,6 +399,28 @@ def test_emulated_tensor_core_rows_past_64(emu, mode, cell, dtype, reverse):
                     torch.zeros(1, 48), None, 3, 1, False, False, MANY_ROWS_UNITS, 1, 0)
 
 
+@pytest.mark.parametrize("order", [0, 1], ids=["ascending", "descending"])
+@pytest.mark.parametrize("tile", [1, 8])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_emulated_fma_rows_past_64_in_a_cluster(emu, packed, cell, tile, order):
+    """The FMA product with more row groups than warps (LSTM 84 rows, GRU
+    126: 21 and 42 units per block of H=42 or 84), taken in rounds,
+    where a cluster's window holds the whole rows (the half types at H=512
+    and B=1 on 16 blocks); in float64 against the CPU ops, one direction
+    and both. Elsewhere such a block is refused, never run."""
+    units = 42 if cell == "gru" else 21
+    H = 2 * units
+    shape = dict(B=4, I=5, H=H, lengths=(3, 3, 2, 1)) if packed else dict(T=3, B=10, I=5, H=H)
+    a = make_op_args(cell, reverse=False, dtype=torch.float64, **shape)
+    b = make_op_args(cell, reverse=True, dtype=torch.float64, seed=1, **shape)
+    check_kernels(emu, cell, a, units, tile, order, "cluster", torch.float64)
+    check_kernels(emu, cell, a, units, tile, order, "cluster", torch.float64, paired_with=b)
+    for mode in ("tags", "barrier", "stepwise"):
+        with pytest.raises(RuntimeError, match="too many rows per block"):
+            check_kernels(emu, cell, a, units, tile, order, mode, torch.float64)
+
+
 def check_low_precision(emu, case, mode, cell, dtype, directions, tf32=False):
     """The emulated kernels on LOW_PRECISION[case] in `dtype`, one direction
     (directions [reverse]) or two side by side ([False, True], other

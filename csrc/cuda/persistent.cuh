@@ -103,10 +103,13 @@ __host__ __device__ constexpr int mma_skew(size_t element) {
 static_assert(kMaxBatchTile * kMaxRows <= kThreads, "one (row, unit) pair per thread");
 // The tensor-core product gives each warp a row group of 16 (make_tiling):
 // up to kWarps * 16 rows per block, where the FMA product's warps hold
-// kRowsPerWarp rows each (kMaxRows).
+// kRowsPerWarp rows each (kMaxRows) in one round. With a window (the
+// cluster exchange: the whole rows in place, nothing staged again) the FMA
+// product takes further row groups in rounds (block_matvec), up to as many
+// rows as the tensor cores.
 constexpr int kMaxRowsMma = kWarps * 16;
-__host__ __device__ constexpr int max_rows(int batch_tile) {
-  return batch_tile == kMmaTile ? kMaxRowsMma : kMaxRows;
+__host__ __device__ constexpr int max_rows(int batch_tile, bool window = false) {
+  return batch_tile == kMmaTile || window ? kMaxRowsMma : kMaxRows;
 }
 static_assert(kRowsPerWarp * kMaxBatchTile <= 32, "a warp's sums: at most one per lane");
 
@@ -338,8 +341,8 @@ struct ForwardParams {
                                // batch_sizes, then each time step's first row; else null
   uint64_t* exchange;          // a cooperative launch's tagged ring (2, B, H, words),
                                // zeroed; null: a grid barrier per step (see exchange_put)
-  int cluster;                 // the cluster exchange: the blocks of the direction's
-                               // cluster (all of its blocks); 0: none (see StepExchange)
+  int cluster;                 // the cluster exchange (kernels with kCluster): the
+                               // blocks of the direction's cluster, all of its blocks
   const scalar_t* slices;      // (blocks, rows_pad, ldw) stepwise, or null
   scalar_t* xw;                // (T*B, G*H)
   const scalar_t* bias;        // (G*H) or null
@@ -808,31 +811,37 @@ __device__ __forceinline__ void window_open(unsigned char* shared, const Tiling&
 // cluster exchange) buffer s & 1 of every block's window; either may be
 // absent (a grid barrier per step, or one launch per step: the rows are
 // read from the outputs).
-template <typename scalar_t, typename S>
+template <typename scalar_t, typename S, bool kCluster>
 struct StepExchange {
-  ExchangeSlot<scalar_t> slot;
+  ExchangeSlot<scalar_t> slot;  // (not with kCluster)
   int64_t width;  // values per row
-  S* window;      // this block's buffer, or null
+  S* window;      // this block's buffer (kCluster)
   int ld, ranks, rank;
   // Row b, column col := v.
   __device__ __forceinline__ void put(int64_t b, int col, scalar_t v) const {
-    slot.put(b * width + col, v);
-    if (window) cluster_put(window + b * ld + col, ranks, rank, static_cast<S>(v));
+    if constexpr (kCluster) {
+      cluster_put(window + b * ld + col, ranks, rank, static_cast<S>(v));
+    } else {
+      slot.put(b * width + col, v);
+    }
   }
 };
-template <typename S, typename Params>
-__device__ __forceinline__ StepExchange<typename Params::scalar_type, S> step_exchange(
+template <bool kCluster, typename S, typename Params>
+__device__ __forceinline__ StepExchange<typename Params::scalar_type, S, kCluster> step_exchange(
     const Params& p, int64_t s, int64_t width, unsigned char* shared, const Tiling& tl,
     int block) {
   using scalar_t = typename Params::scalar_type;
-  return {exchange_slot<scalar_t>(p.exchange, s, p.batch, width), width,
-          p.cluster ? window_buffer<S>(shared, tl, static_cast<int>(s & 1)) : nullptr,
-          tl.tile_ld, p.cluster, block};
+  if constexpr (kCluster) {
+    return {{nullptr, 0}, width, window_buffer<S>(shared, tl, static_cast<int>(s & 1)),
+            tl.tile_ld, p.cluster, block};
+  } else {
+    return {exchange_slot<scalar_t>(p.exchange, s, p.batch, width), width, nullptr, 0, 0, 0};
+  }
 }
 // The window buffer step s's rows are in (the cluster exchange), else -1.
-template <typename Params>
-__device__ __forceinline__ int window_of(const Params& p, int64_t s) {
-  return p.cluster ? static_cast<int>(s & 1) : -1;
+template <bool kCluster>
+__device__ __forceinline__ int window_of(int64_t s) {
+  return kCluster ? static_cast<int>(s & 1) : -1;
 }
 
 // 16 bytes of a row in global memory (V = 16 / sizeof(scalar_t) elements),
@@ -1037,7 +1046,7 @@ __device__ void window_stage_rest(unsigned char* shared, const Tiling& tl,
 // of kRowsPerWarp rows, a batch tile and interleaved columns; each lane
 // keeps kRowsPerWarp x BT sums in registers, reduced across the warp at the
 // end.
-template <int BT, typename scalar_t>
+template <int BT, bool kWindow, typename scalar_t>
 __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                              const InputRows<scalar_t>& in, int64_t b0, int nb,
                              at::opmath_type<scalar_t>* __restrict__ tile,
@@ -1046,51 +1055,68 @@ __device__ void block_matvec(const scalar_t* __restrict__ w, const Tiling& tl, i
   const int rows = tl.rows, chunk = tl.chunk, splits = tl.splits, groups = tl.groups;
   const int pass = tl.pass;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r0 = (warp % groups) * kRowsPerWarp;
-  const int tile0 = ((warp / groups) % tl.bsplits) * BT;  // this warp's first pass row
-  const int split = warp / (groups * tl.bsplits);
-  const bool active = warp < groups * tl.bsplits * splits && tile0 < nb;
+  // A warp's task: a row group, a batch tile and a column split. More row
+  // groups than warps (more than kMaxRows rows: only with kWindow, the
+  // cluster exchange's blocks, whose window holds the whole rows) are taken
+  // in rounds of kWarps tasks, each round the whole product of its rows;
+  // otherwise one round.
+  const int tasks = groups * tl.bsplits * splits;
+  auto product_round = [&](int task) {
+    const int r0 = (task % groups) * kRowsPerWarp;
+    const int tile0 = ((task / groups) % tl.bsplits) * BT;  // this warp's first pass row
+    const int split = task / (groups * tl.bsplits);
+    const bool active = task < tasks && tile0 < nb;
 
-  T acc[kRowsPerWarp][BT];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-    for (int bb = 0; bb < BT; ++bb) acc[i][bb] = T(0);
-
-  for (int c0 = 0; c0 < k; c0 += chunk) {
-    const int width = k - c0 < chunk ? k - c0 : chunk;
-    __syncthreads();  // the tile's previous readers are done
-    // (a window holds its rows already: window_stage_rest)
-    if (in.window < 0) stage_rows<(BT > 1)>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
-    __syncthreads();
-    if (active) {
-      for (int col = split * 32 + lane; col < width; col += splits * 32) {
-        T x[BT];
-#pragma unroll
-        for (int bb = 0; bb < BT; ++bb) x[bb] = tile[(tile0 + bb) * tl.tile_ld + col];
-#pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const int r = r0 + i;
-          const T wv = r < rows ? static_cast<T>(w[r * tl.ldw + c0 + col]) : T(0);
-#pragma unroll
-          for (int bb = 0; bb < BT; ++bb) acc[i][bb] = mul_add(wv, x[bb], acc[i][bb]);
-        }
-      }
-    }
-  }
-  if (active) {
-    constexpr int N = kRowsPerWarp * BT;
-    constexpr int stride = 32 / N;
-    T v[N];
+    T acc[kRowsPerWarp][BT];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
-      for (int bb = 0; bb < BT; ++bb) v[i * BT + bb] = acc[i][bb];
-    warp_sums(v, lane);
-    const int i = lane / stride / BT, bb = lane / stride % BT;
-    if (lane % stride == 0 && r0 + i < rows) {
-      partial[(split * tl.rows_pad + r0 + i) * pass + tile0 + bb] = v[0];
+      for (int bb = 0; bb < BT; ++bb) acc[i][bb] = T(0);
+
+    for (int c0 = 0; c0 < k; c0 += chunk) {
+      const int width = k - c0 < chunk ? k - c0 : chunk;
+      __syncthreads();  // the tile's previous readers are done
+      // (a window holds its rows already: window_stage_rest)
+      if constexpr (!kWindow) {
+        stage_rows<(BT > 1)>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+      }
+      __syncthreads();
+      if (active) {
+        for (int col = split * 32 + lane; col < width; col += splits * 32) {
+          T x[BT];
+#pragma unroll
+          for (int bb = 0; bb < BT; ++bb) x[bb] = tile[(tile0 + bb) * tl.tile_ld + col];
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i) {
+            const int r = r0 + i;
+            const T wv = r < rows ? static_cast<T>(w[r * tl.ldw + c0 + col]) : T(0);
+#pragma unroll
+            for (int bb = 0; bb < BT; ++bb) acc[i][bb] = mul_add(wv, x[bb], acc[i][bb]);
+          }
+        }
+      }
     }
+    if (active) {
+      constexpr int N = kRowsPerWarp * BT;
+      constexpr int stride = 32 / N;
+      T v[N];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+        for (int bb = 0; bb < BT; ++bb) v[i * BT + bb] = acc[i][bb];
+      warp_sums(v, lane);
+      const int i = lane / stride / BT, bb = lane / stride % BT;
+      if (lane % stride == 0 && r0 + i < rows) {
+        partial[(split * tl.rows_pad + r0 + i) * pass + tile0 + bb] = v[0];
+      }
+    }
+  };
+  if constexpr (kWindow) {
+    for (int task = warp; task < (tasks + kWarps - 1) / kWarps * kWarps; task += kWarps) {
+      product_round(task);
+    }
+  } else {
+    product_round(warp);  // (tasks <= kWarps: max_rows)
   }
   __syncthreads();
 }
@@ -1112,7 +1138,7 @@ __device__ __forceinline__ void round_operand(Fragment& f) {
 #endif
 }
 
-template <typename scalar_t>
+template <bool kWindow, typename scalar_t>
 __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& tl, int k,
                                  const InputRows<scalar_t>& in, int64_t b0, int nb,
                                  scalar_t* __restrict__ tile, float* __restrict__ partial) {
@@ -1133,7 +1159,9 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
   for (int c0 = 0; c0 < tl.kpad; c0 += chunk) {
     const int width = tl.kpad - c0 < chunk ? tl.kpad - c0 : chunk;  // a multiple of 16
     __syncthreads();  // the tile's previous readers are done
-    if (in.window < 0) stage_rows<Mma::tf32>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+    if constexpr (!kWindow) {
+      stage_rows<Mma::tf32>(tile, tl.tile_ld, in, b0, nb, c0, width, k, pass);
+    }
     __syncthreads();
     if (active) {
       for (int kt = split; kt < width / 16; kt += splits) {
@@ -1162,7 +1190,7 @@ __device__ void block_matvec_mma(const scalar_t* __restrict__ w, const Tiling& t
 
 // The product of the block's weight rows and the staged input rows: the
 // FMA or the tensor-core version by batch tile. `shared` as Tiling lays it out.
-template <int BT, typename scalar_t>
+template <int BT, bool kWindow, typename scalar_t>
 __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& tl, int k,
                                               const InputRows<scalar_t>& in, int64_t b0,
                                               int nb, unsigned char* shared) {
@@ -1170,16 +1198,16 @@ __device__ __forceinline__ void block_product(const scalar_t* w, const Tiling& t
   using S = staged_t<BT, scalar_t>;
   T* partial = reinterpret_cast<T*>(shared + tl.partial_offset);
   // the staged rows: the tile, or the pass's rows of the window (the cluster exchange)
-  S* tile = in.window >= 0 ? window_buffer<S>(shared, tl, in.window) + b0 * tl.tile_ld
-                           : reinterpret_cast<S*>(shared + tl.tile_offset);
+  S* tile = kWindow ? window_buffer<S>(shared, tl, in.window) + b0 * tl.tile_ld
+                   : reinterpret_cast<S*>(shared + tl.tile_offset);
   if constexpr (BT == kMmaTile) {
     if constexpr (mma_compiled<scalar_t>()) {
-      block_matvec_mma(w, tl, k, in, b0, nb, tile, partial);
+      block_matvec_mma<kWindow>(w, tl, k, in, b0, nb, tile, partial);
     } else {
       __trap();  // never launched: see mma_arch
     }
   } else {
-    block_matvec<BT>(w, tl, k, in, b0, nb, tile, partial);
+    block_matvec<BT, kWindow>(w, tl, k, in, b0, nb, tile, partial);
   }
 }
 
@@ -1288,7 +1316,13 @@ __device__ __forceinline__ StepRows rows_of_step(const Params& p, int64_t s) {
 }
 
 // ------------------------------------------------------------ forward
-template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired>
+// kPaired: both directions of a layer in one launch (Directions). kCluster:
+// the cluster exchange (each direction's blocks one thread-block cluster,
+// p.cluster of them; launch_cluster), a flag of the template so that the
+// kernels without it carry none of its registers, and those with it none
+// of the tagged ring's (compiled for float32 and the half types:
+// has_cluster_kernels).
+template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const FR_GRID_CONSTANT Directions<ForwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
@@ -1306,18 +1340,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t B = p.batch;
   using S = staged_t<BT, scalar_t>;
   const Tiling tl = make_tiling(rows, H, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr, p.chunk, p.cluster > 0);
+                                p.slices == nullptr, p.chunk, kCluster);
   const scalar_t* w = block_slice<false>(p.slices, tl, shared, p.w_hh, H, J, H, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
-  if (p.cluster) window_open<S>(shared, tl);
+  if constexpr (kCluster) window_open<S>(shared, tl);
 
   for (int64_t s = p.run.begin; s < p.run.end; ++s) {
     const StepRows sr = rows_of_step(p, s);
     // h_{t-1}: the previous step's output rows, the initial state past them
     const auto prev_slot = exchange_slot<scalar_t>(p.exchange, s - 1, B, H);
     const InputRows<scalar_t> h_prev{p.out + sr.prev_row0 * H, p.hx, sr.carried, H,
-                                     prev_slot.words, prev_slot.tag, window_of(p, s - 1)};
-    window_stage_rest<BT>(shared, tl, h_prev, sr.rows, H);
+                                     prev_slot.words, prev_slot.tag, window_of<kCluster>(s - 1)};
+    if constexpr (kCluster) window_stage_rest<BT>(shared, tl, h_prev, sr.rows, H);
     for (int64_t b0 = 0; b0 < sr.rows; b0 += tl.pass) {
       const int nb = static_cast<int>(sr.rows - b0 < tl.pass ? sr.rows - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -1352,13 +1386,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       if constexpr (preload<BT, T>()) load();
-      block_product<BT>(w, tl, H, h_prev, b0, nb, shared);
+      block_product<BT, kCluster>(w, tl, H, h_prev, b0, nb, shared);
       if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
       // This step's rows for the next, when the blocks exchange them
       // (tagged or through the cluster's windows); made after the product,
       // so that it holds no registers during it.
-      const auto slot = step_exchange<S>(p, s, H, shared, tl, block);
+      const auto slot = step_exchange<kCluster, S>(p, s, H, shared, tl, block);
       // h_t of this row and unit: the output and the exchange.
       auto emit_h = [&](T h) {
         p.out[row * H + j] = static_cast<scalar_t>(h);
@@ -1403,7 +1437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (ends) p.hy[unit] = static_cast<scalar_t>(h);
       }
     }
-    if (p.cluster) {
+    if constexpr (kCluster) {
       cluster_sync();
     } else if (p.run.cooperative && !p.exchange) {
       cooperative_groups::this_grid().sync();
@@ -1415,8 +1449,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Processed steps s = T-1 .. 0 (step s is time t = s, or T-1-s in reverse),
 // then s = -1 for grad_hx. Step s needs the recurrent gradient
 // dh_rec = (gate gradients of step s+1) @ W_hh, which block_matvec forms
-// from the slice of W_hh^T.
-template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired>
+// from the slice of W_hh^T. kPaired and kCluster as forward_kernel's.
+template <PersistentCell kCell, int BT, typename scalar_t, bool kPaired, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const FR_GRID_CONSTANT Directions<BackwardParams<scalar_t>> launch) {
   using T = at::opmath_type<scalar_t>;
@@ -1434,11 +1468,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t B = p.batch;
   using S = staged_t<BT, scalar_t>;
   const Tiling tl = make_tiling(rows, k, BT, B, J, sizeof(scalar_t), sizeof(T),
-                                p.slices == nullptr, p.chunk, p.cluster > 0);
+                                p.slices == nullptr, p.chunk, kCluster);
   // (step T-1 does not read the slice)
   const scalar_t* w = block_slice<true>(p.slices, tl, shared, p.w_hh, H, J, k, block);
   const T* partial = reinterpret_cast<const T*>(shared + tl.partial_offset);
-  if (p.cluster) window_open<S>(shared, tl);
+  if constexpr (kCluster) window_open<S>(shared, tl);
 
   // The gradients the next matvec reads: LSTM and RNN dgates, GRU dgates_h.
   const scalar_t* recurrent = kCell == PersistentCell::kGru ? p.dgates_h : p.dgates;
@@ -1449,12 +1483,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // dh_rec = (the gradients of step s+1) @ W_hh, zero past that step's rows
     const auto next_slot = exchange_slot<scalar_t>(p.exchange, s + 1, B, k);
     const InputRows<scalar_t> next{recurrent + sr.next_row0 * k, nullptr, sr.next_rows, k,
-                                   next_slot.words, next_slot.tag, window_of(p, s + 1)};
+                                   next_slot.words, next_slot.tag, window_of<kCluster>(s + 1)};
     // The rows of step s, and those of step s+1 past them: sequences that
     // start at step s+1 (every row at s = -1; some at other steps in reverse
     // over packed input), whose dh_rec is the gradient of the initial state.
     const int64_t span = sr.rows > sr.next_rows ? sr.rows : sr.next_rows;
-    if (has_next) window_stage_rest<BT>(shared, tl, next, span, k);
+    if constexpr (kCluster) {
+      if (has_next) window_stage_rest<BT>(shared, tl, next, span, k);
+    }
     for (int64_t b0 = 0; b0 < span; b0 += tl.pass) {
       const int nb = static_cast<int>(span - b0 < tl.pass ? span - b0 : tl.pass);
       // One (pass row, unit) per thread: nb * J <= pass * J <= kThreads (batch_splits).
@@ -1499,7 +1535,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       if constexpr (preload<BT, T>()) load();
-      if (has_next) block_product<BT>(w, tl, k, next, b0, nb, shared);
+      if (has_next) block_product<BT, kCluster>(w, tl, k, next, b0, nb, shared);
       if constexpr (!preload<BT, T>()) load();
       if (!mine) continue;
       const T dh_rec = has_next ? product(partial, tl, jj, bb) : T(0);
@@ -1513,7 +1549,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // This step's gradients for the next product, when the blocks
       // exchange them (tagged or through the cluster's windows); made after
       // the product, so that it holds no registers during it.
-      const auto slot = step_exchange<S>(p, s, k, shared, tl, block);
+      const auto slot = step_exchange<kCluster, S>(p, s, k, shared, tl, block);
       if constexpr (kCell == PersistentCell::kLstm) {
         T d[4], dc_prev;
         lstm_backward_point<T>(g[0], g[1], g[2], g[3], saved, prev, dh, dc, d[0], d[1], d[2],
@@ -1552,8 +1588,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     // (step -1 puts no rows and is the last)
-    if (s >= 0 && p.cluster) {
-      cluster_sync();
+    if constexpr (kCluster) {
+      if (s >= 0) cluster_sync();
     } else if (s >= 0 && p.run.cooperative && !p.exchange) {
       cooperative_groups::this_grid().sync();
     }

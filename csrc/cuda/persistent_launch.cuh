@@ -76,6 +76,35 @@ const void* tiled(const Plan& plan, Pick pick) {
               " for ", c10::CppTypeToScalarType<scalar_t>::value);
 }
 
+// The kernels of the cluster exchange (kCluster) are compiled for float32
+// and the half types: float64 is for gradcheck and accuracy, and the plan
+// leaves it on the grid of all SMs.
+template <typename scalar_t>
+constexpr bool has_cluster_kernels() {
+  return !std::is_same_v<scalar_t, double>;
+}
+
+// The kernel `pick` gives for the plan (batch tile, cluster exchange) and
+// the number of directions in one launch: pick(tile, paired, cluster), each
+// an std::integral_constant.
+template <typename scalar_t, typename Pick>
+const void* kernel_for(const Plan& plan, bool paired, Pick pick) {
+  using std::integral_constant;
+  auto with = [&](auto p, auto c) {
+    return tiled<scalar_t>(plan, [&](auto tile) { return pick(tile, p, c); });
+  };
+  if (plan.cluster) {
+    if constexpr (has_cluster_kernels<scalar_t>()) {
+      return paired ? with(integral_constant<bool, true>{}, integral_constant<bool, true>{})
+                    : with(integral_constant<bool, false>{}, integral_constant<bool, true>{});
+    }
+    TORCH_CHECK(false, "fused_rnn: no cluster-exchange kernel for ",
+                c10::CppTypeToScalarType<scalar_t>::value);
+  }
+  return paired ? with(integral_constant<bool, true>{}, integral_constant<bool, false>{})
+                : with(integral_constant<bool, false>{}, integral_constant<bool, false>{});
+}
+
 #define FR_PERSISTENT_DISPATCH(type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, name, __VA_ARGS__)
 
@@ -199,13 +228,11 @@ template <PersistentCell kCell>
 bool run_forward(const PersistentForward& a, const PersistentForward* second, const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.xw.scalar_type(), "fused_rnn_persistent_forward", [&] {
-    const void* kernel =
-        second ? tiled<scalar_t>(plan, [](auto tile) {
-          return forward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
-        })
-               : tiled<scalar_t>(plan, [](auto tile) {
-                   return forward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
-                 });
+    auto pick = [](auto t, auto p, auto c) {
+      return forward_kernel<kCell, decltype(t)::value, scalar_t, decltype(p)::value,
+                            decltype(c)::value>;
+    };
+    const void* kernel = kernel_for<scalar_t>(plan, second != nullptr, pick);
     auto run = [&](const PersistentForward& first, const PersistentForward* other) {
       const PersistentForward* dirs[2] = {&first, other};
       Directions<ForwardParams<scalar_t>> launch{};
@@ -234,13 +261,11 @@ bool run_backward(const PersistentBackward& a, const PersistentBackward* second,
                   const Plan& plan) {
   bool launched = false;
   FR_PERSISTENT_DISPATCH(a.grad_out.scalar_type(), "fused_rnn_persistent_backward", [&] {
-    const void* kernel =
-        second ? tiled<scalar_t>(plan, [](auto tile) {
-          return backward_kernel<kCell, decltype(tile)::value, scalar_t, true>;
-        })
-               : tiled<scalar_t>(plan, [](auto tile) {
-                   return backward_kernel<kCell, decltype(tile)::value, scalar_t, false>;
-                 });
+    auto pick = [](auto t, auto p, auto c) {
+      return backward_kernel<kCell, decltype(t)::value, scalar_t, decltype(p)::value,
+                             decltype(c)::value>;
+    };
+    const void* kernel = kernel_for<scalar_t>(plan, second != nullptr, pick);
     auto run = [&](const PersistentBackward& first, const PersistentBackward* other) {
       const PersistentBackward* dirs[2] = {&first, other};
       Directions<BackwardParams<scalar_t>> launch{};

@@ -75,9 +75,12 @@ constexpr int64_t kAutoMaxWorkMma = int64_t{1} << 19;
 // block, ~1 us of one SM), the half types' tensor cores to B=64. A
 // prediction (a step of ~1-1.5 us at B <= 8, H <= 256, against ~3-4.6 us
 // with the tags or the barrier on 132 SMs), until a GPU run compares them
-// (device_check.sh stepwise: <card>-cluster.json against <card>-tags.json).
+// (the session's <card>.json, which takes it, against the stepwise stage's
+// <card>-tags.json: goals.py --tags).
 // FUSED_RNN_GRID_SYNC (read once): auto (these rules, the default), cluster
 // (wherever it fits; the rule above elsewhere), tags or barrier everywhere.
+// float32 and the half types only (float64 is for gradcheck and accuracy:
+// no cluster kernels are compiled for it).
 enum class GridSync { kAuto, kTags, kBarrier, kCluster };
 constexpr int64_t kTaggedExtraBytes = int64_t{4} << 20;
 constexpr int64_t kClusterMaxWork = int64_t{1} << 18;
@@ -294,7 +297,9 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
   // The cluster exchange: each direction's blocks one cluster of as few
   // units per block as cover H on limits.cluster blocks.
   const GridSync sync = ctx.sync;
-  if (limits.cluster > 0 && (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
+  // (float32 and the half types: has_cluster_kernels)
+  if (limits.cluster > 0 && dtype != at::kDouble &&
+      (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
     const int64_t cunits = (hidden + limits.cluster - 1) / limits.cluster;
     const int64_t crows = rows_per_unit * cunits;
     const int64_t cwork = crows * k * batch;
@@ -303,7 +308,11 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
     const Tiling ct = make_tiling(static_cast<int>(crows), static_cast<int>(k), plan.batch_tile,
                                   batch, static_cast<int>(cunits), c10::elementSize(dtype),
                                   math_size(dtype), true, 0, /*window=*/true);
-    const bool fits = cunits <= max_units && ct.bytes <= static_cast<size_t>(limits.shared_optin);
+    // (a window lets the FMA product take more than kMaxRows rows: max_rows)
+    const int64_t cmax_units = std::min<int64_t>(
+        max_rows(plan.batch_tile, /*window=*/true) / rows_per_unit, kThreads / plan.batch_tile);
+    const bool fits =
+        cunits <= cmax_units && ct.bytes <= static_cast<size_t>(limits.shared_optin);
     if (fits && (sync == GridSync::kCluster || cwork <= cmax)) {
       d.choice.path = KernelPath::kPersistent;
       plan.units = static_cast<int>(cunits);

@@ -9,12 +9,12 @@
 // Fibers run from one barrier to the next, warp by warp, in ascending or
 // descending thread order (`launch`'s `order`): a kernel whose result
 // depends on which thread of a phase runs first (a missing barrier) gives a
-// different result in one of the two orders. Descending, the last block
-// also runs ahead of the others as far as barriers let it. A barrier that can never
+// different result in one of the two orders. Descending, the last block also
+// runs ahead of the others as far as barriers let it. A barrier that can never
 // complete (threads of a block taking different numbers of __syncthreads,
 // blocks taking different numbers of grid barriers: a hang on a GPU) is
-// reported as an error instead of hanging. What it cannot show: timing,
-// bank conflicts, the memory model's corner cases.
+// reported as an error instead of hanging. What it cannot show: timing, bank
+// conflicts, the memory model's corner cases.
 //
 // Compiled with -DFUSED_RNN_EMULATION (tests/test_persistent_emulation.py).
 #pragma once

@@ -256,7 +256,8 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                             bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = xw_in.size(-2);
-  TORCH_CHECK(G * units <= p::max_rows(static_cast<int>(batch_tile)), "too many rows per block");
+  TORCH_CHECK(G * units <= p::max_rows(static_cast<int>(batch_tile), cluster),
+              "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
@@ -315,10 +316,14 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                 launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
-          if (paired) {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, true>);
+          if (paired && cluster) {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, true, true>);
+          } else if (paired) {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, true, false>);
+          } else if (cluster) {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, false, true>);
           } else {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, false>);
+            run(p::forward_kernel<c.value, bt.value, scalar_t, false, false>);
           }
         };
         run_launches("stepwise_forward", requests, count, graphed, launch_all);
@@ -340,7 +345,8 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                              bool graphed, bool cluster) {
   const int count = paired ? 2 : 1;
   const int64_t H = w_hh.size(-1), G = gates(cell), N = grad_out.size(-2);
-  TORCH_CHECK(units <= p::max_rows(static_cast<int>(batch_tile)), "too many rows per block");
+  TORCH_CHECK(units <= p::max_rows(static_cast<int>(batch_tile), cluster),
+              "too many rows per block");
   TORCH_CHECK(!graphed || stepwise, "graphed: stepwise launches only");
   TORCH_CHECK(!cluster || (!stepwise && !tagged), "cluster: one launch, no tagged ring");
   const std::vector<int64_t> sizes = sizes_of(batch_sizes);
@@ -399,10 +405,14 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                 launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
-          if (paired) {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, true>);
+          if (paired && cluster) {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, true, true>);
+          } else if (paired) {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, true, false>);
+          } else if (cluster) {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, false, true>);
           } else {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, false>);
+            run(p::backward_kernel<c.value, bt.value, scalar_t, false, false>);
           }
         };
         run_launches("stepwise_backward", requests, count, graphed, launch_all);
