@@ -573,16 +573,26 @@ def higher_order_errors(device, dtype=torch.float64, seed=0):
     return results
 
 
+# The float32 cases' tolerance: their outputs and gradients are O(1-10) and
+# the two sides round differently (about 1e-6 here); a wrong kernel is off
+# by O(0.1) or more.
+FLOAT32_TOLERANCE = 1e-4
+
+
 def run_check(args, parser):
     """Every case on the CPU; on CUDA on every kernel path in turn (or the
     one --kernel names), so that each kernel of the build is checked, and
     the general path and the stepwise launches once more with their loops
     replayed from CUDA graphs (captured at the first call, replayed with
-    other weights and inputs at the second)."""
+    other weights and inputs at the second); the persistent kernels also in
+    float32 (the cluster exchange's kernels have no float64)."""
     device = _resolve_device(parser, args.device)
     tolerance = 1e-10
     failed = 0
-    print(f"fused_rnn parity self-test on {device} (float64, tolerance {tolerance:g})")
+    print(f"fused_rnn parity self-test on {device} (float64, tolerance {tolerance:g}"
+          + ("" if device == "cpu" else
+             f"; the persistent kernels also in float32, tolerance {FLOAT32_TOLERANCE:g}")
+          + ")")
     # (kernel path, graphed)
     passes = ([(None, False)] if device == "cpu" or args.kernel is not None
               else [("persistent", False), ("stepwise", False), ("general", False),
@@ -605,6 +615,23 @@ def run_check(args, parser):
                     failed += not ok
                     print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = "
                           f"{error:.2e}" + (f" (seed {seed})" if len(seeds) > 1 else ""))
+            if device != "cpu" and (kernel or args.kernel) == "persistent" and not graphed:
+                # float32: the kernels that float64 never takes (on Hopper
+                # the cluster exchange's), against torch.nn (cuDNN) in
+                # float32, TF32 off on both sides
+                flags = torch.backends.cudnn, torch.backends.cuda.matmul
+                old = [f.allow_tf32 for f in flags]
+                try:
+                    for f in flags:
+                        f.allow_tf32 = False
+                    for name, error in parity_errors(device, dtype=torch.float32):
+                        ok = error <= FLOAT32_TOLERANCE
+                        failed += not ok
+                        print(f"  {'ok  ' if ok else 'FAIL'} {name:<16} max |fused - torch.nn| = "
+                              f"{error:.2e} (float32)")
+                finally:
+                    for f, value in zip(flags, old):
+                        f.allow_tf32 = value
     print("all cells match torch.nn" if not failed else f"{failed} case(s) differ from torch.nn")
     return 1 if failed else 0
 

@@ -368,8 +368,14 @@ def test_fused_rnn_check_runs_every_kernel_path(capsys):
         assert f" {kernel} kernels:" in out
     assert " general kernels replayed from CUDA graphs:" in out
     assert " stepwise kernels replayed from CUDA graphs:" in out
-    # persistent, stepwise, general, then each graphed twice (captured, replayed)
-    assert out.count("ok   GRU packed") == 7 and "FAIL" not in out
+    # persistent, stepwise, general, then each graphed twice (captured,
+    # replayed); the persistent kernels also in float32
+    assert out.count("ok   GRU packed") == 8 and "FAIL" not in out
+    assert out.count("(float32)") == len(cli.parity_errors("cpu"))
     assert cli.main(["check", "--device", "cuda", "--kernel", "stepwise"]) == 0
     out = capsys.readouterr().out
     assert "kernels:" not in out and out.count("ok   LSTM packed") == 1
+    # the preflight's: the persistent kernels in float64 and in float32
+    assert cli.main(["check", "--device", "cuda", "--kernel", "persistent"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   LSTM packed") == 2 and "FAIL" not in out

@@ -297,13 +297,15 @@ def max_errors(res, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1024, 1, 3), (512, 8, 4), (1024, 70, 2), (256, 64, 5)],
+@pytest.mark.parametrize("shape", [(1024, 1, 3), (512, 8, 4), (1024, 70, 2), (256, 64, 5),
+                                   (256, 1, 4), (256, 3, 4)],
                          ids=lambda s: "H{}_B{}_T{}".format(*s))
 @pytest.mark.parametrize("cell_key", list(CELLS))
 def test_low_precision_within_twice_general_error(mode, cell_key, shape, dtype):
     """Against float64: the persistent kernel's error (one launch or
     stepwise) is at most twice the general path's (cuBLAS per step) plus a
-    little."""
+    little. On Hopper the cluster exchange takes H=256 at B=1 and 3 (both
+    FMA tiles), the half types' H=512 at B=8 and their H=256 at B=64."""
     cell, name, extra = CELLS[cell_key]
     H, B, T = shape
     require_persistent(name, H, B, dtype, mode)

@@ -1040,7 +1040,8 @@ __device__ void window_stage_rest(unsigned char* shared, const Tiling& tl,
 // block before it stages the input and before it returns.
 //   w       (rows_pad, ldw) in shared or global memory (Tiling)
 //   in      rows of k columns in global memory, written by other blocks
-//   tile    (pass, tile_ld), partial (splits, rows_pad, pass): shared (Tiling)
+//   tile    (pass, tile_ld), partial (splits, rows_pad, pass): shared (Tiling);
+//           kWindow: the pass's rows of the window, in place (nothing staged)
 //
 // FMA version (float, double, and half types at BT = 1): warps take groups
 // of kRowsPerWarp rows, a batch tile and interleaved columns; each lane
