@@ -108,6 +108,19 @@ def nvcc():
     return str(path) if path.exists() else shutil.which("nvcc")
 
 
+def nvcc_flags(*extra):
+    """nvcc's flags for the extension's CUDA sources (as torch's extension
+    build passes them), then `extra`."""
+    torch_dir = Path(torch.__file__).parent
+    return ["-DFUSED_RNN_WITH_CUDA", f"-I{ROOT / 'csrc' / 'include'}",
+            f"-I{torch_dir / 'include'}",
+            f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            f"-I{sysconfig.get_paths()['include']}", "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", "-std=c++20", *extra]
+
+
 @pytest.mark.skipif(torch.version.cuda is None or nvcc() is None,
                     reason="needs nvcc and a CUDA build of torch (its headers)")
 def test_kernels_compile_for_turing():
@@ -116,15 +129,7 @@ def test_kernels_compile_for_turing():
     torch's CUDA 13 builds take (a T4): there wmma has no bfloat16 or TF32,
     so those tiles compile to a trap that the plan never launches. The
     default build (8.0 and 9.0) does not check this."""
-    torch_dir = Path(torch.__file__).parent
-    flags = ["-DFUSED_RNN_WITH_CUDA", f"-I{ROOT / 'csrc' / 'include'}",
-             f"-I{torch_dir / 'include'}",
-             f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-             f"-I{sysconfig.get_paths()['include']}", "-D__CUDA_NO_HALF_OPERATORS__",
-             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O1",
-             "-DTORCH_API_INCLUDE_EXTENSION_H", "-std=c++20",
-             "-gencode=arch=compute_75,code=sm_75", "-o", os.devnull, "-c"]
+    flags = nvcc_flags("-O1", "-gencode=arch=compute_75,code=sm_75", "-o", os.devnull, "-c")
     sources = [ROOT / "csrc" / "cuda" / f"persistent_lstm_{part}.cu"
                for part in ("forward", "backward")]
     jobs = [subprocess.Popen([nvcc(), *flags, str(cu)], stdout=subprocess.PIPE,
@@ -137,15 +142,7 @@ def test_kernels_compile_for_turing():
 def kernel_ptx(arch, source):
     """{kernel name: its PTX} of csrc/cuda/<source> compiled for compute
     capability arch / 10 with the extension's flags."""
-    torch_dir = Path(torch.__file__).parent
-    flags = ["-DFUSED_RNN_WITH_CUDA", f"-I{ROOT / 'csrc' / 'include'}",
-             f"-I{torch_dir / 'include'}",
-             f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-             f"-I{sysconfig.get_paths()['include']}", "-D__CUDA_NO_HALF_OPERATORS__",
-             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-             "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-O3",
-             "-DTORCH_API_INCLUDE_EXTENSION_H", "-std=c++20", f"-arch=sm_{arch}", "-ptx",
-             "-o", "-"]
+    flags = nvcc_flags("-O3", f"-arch=sm_{arch}", "-ptx", "-o", "-")
     result = subprocess.run([nvcc(), *flags, str(ROOT / "csrc" / "cuda" / source)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

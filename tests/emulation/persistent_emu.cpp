@@ -80,16 +80,15 @@ Tensor pack_slices(const Tensor& w_hh, const p::Tiling& tl, int blocks, int unit
 }
 
 // Runs `kernel` over the steps as persistent_launch.cuh's launch_steps does,
-// for launch.count directions (w_hh[d] each; both directions of a layer
-// side by side, blocks of direction 1 after those of direction 0): one
-// cooperative launch (packed input: its rows from the step table; tagged:
-// each direction's blocks exchange rows through their own tagged ring, no
-// grid barrier; cluster: each direction's blocks one thread-block cluster,
-// exchanging rows through each other's shared memory), or (stepwise) the weight slices packed and one launch per
-// step with the rows of its step in each direction (batch_sizes: packed
-// input; empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`:
-// the launch's tiling (its bytes of dynamic shared memory), `units` per
-// block.
+// for launch.count directions (w_hh[d] each; both directions of a layer side by
+// side, blocks of direction 1 after those of direction 0): one cooperative
+// launch (packed input: its rows from the step table; tagged: each direction's
+// blocks exchange rows through their own tagged ring, no grid barrier; cluster:
+// each direction's blocks one thread-block cluster, exchanging rows through
+// each other's shared memory), or (stepwise) the weight slices packed and one
+// launch per step with the rows of its step in each direction (batch_sizes:
+// packed input; empty: dense), forward 0 .. T-1, backward T-1 down to -1. `tl`:
+// the launch's tiling (its bytes of dynamic shared memory), `units` per block.
 template <int G, bool kBackward, int BT, typename scalar_t, typename Params, typename Kernel>
 void run_steps(p::Directions<Params>& launch, const std::vector<Tensor>& w_hh,
                const p::Tiling& tl, int units, bool stepwise, bool tagged, bool cluster,
