@@ -403,7 +403,7 @@ grid_sync_preflight() {
     timeout "${2:-90}" python -m fused_rnn check --device cuda --kernel persistent >"$1" 2>&1
   }
   if preflight "$LOGS/preflight-auto.txt"; then
-    summary+=("preflight: cluster and tagged exchanges, paired launches ok ($(grep -c '^ok' "$LOGS/preflight-auto.txt") cases)")
+    summary+=("preflight: cluster and tagged exchanges, paired launches ok ($(grep -c '^ *ok ' "$LOGS/preflight-auto.txt") cases)")
     return
   fi
   tail -n 15 "$LOGS/preflight-auto.txt"
