@@ -759,6 +759,32 @@ __device__ __forceinline__ ExchangeSlot<scalar_t> exchange_slot(uint64_t* ring, 
 #define FR_CLUSTERS 0  // a device pass before 9.0: the plan never takes it (DeviceLimits::cluster)
 #endif
 
+// The kernels of the cluster exchange (kCluster) are compiled for float32
+// and the half types: float64 is for gradcheck and accuracy, and the plan
+// leaves it on the grid of all SMs.
+inline bool has_cluster_kernels(at::ScalarType dtype) { return dtype != at::kDouble; }
+template <typename scalar_t>
+constexpr bool has_cluster_kernels() {
+  return !std::is_same_v<scalar_t, double>;
+}
+
+// f(paired, cluster), each an std::integral_constant<bool, ...>, for the
+// kernel variant of a launch: both directions of a layer in it or one
+// (kPaired), the cluster exchange or not (kCluster); with_clusters false:
+// no cluster variant exists (a cluster asked for is an error).
+template <bool with_clusters, typename F>
+void with_variant(bool paired, bool cluster, F&& f) {
+  using yes = std::integral_constant<bool, true>;
+  using no = std::integral_constant<bool, false>;
+  if (cluster) {
+    if constexpr (with_clusters) {
+      return paired ? f(yes{}, yes{}) : f(no{}, yes{});
+    }
+    TORCH_CHECK(false, "fused_rnn: no cluster-exchange kernel for this dtype");
+  }
+  return paired ? f(yes{}, no{}) : f(no{}, no{});
+}
+
 // The staged type of a product's input: the math type on FMA units, the
 // storage type on tensor cores (what the window holds).
 template <int BT, typename scalar_t>
@@ -1022,7 +1048,7 @@ template <int BT, typename scalar_t>
 __device__ void window_stage_rest(unsigned char* shared, const Tiling& tl,
                                   const InputRows<scalar_t>& in, int64_t rows, int k) {
   using S = staged_t<BT, scalar_t>;
-  if (in.window < 0 || in.carried >= rows) return;
+  if (in.carried >= rows) return;
   S* window = window_buffer<S>(shared, tl, in.window);
   const int64_t total = (rows - in.carried) * tl.kpad;
   for (int64_t i = threadIdx.x; i < total; i += kThreads) {

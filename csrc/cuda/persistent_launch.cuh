@@ -76,33 +76,16 @@ const void* tiled(const Plan& plan, Pick pick) {
               " for ", c10::CppTypeToScalarType<scalar_t>::value);
 }
 
-// The kernels of the cluster exchange (kCluster) are compiled for float32
-// and the half types: float64 is for gradcheck and accuracy, and the plan
-// leaves it on the grid of all SMs.
-template <typename scalar_t>
-constexpr bool has_cluster_kernels() {
-  return !std::is_same_v<scalar_t, double>;
-}
-
 // The kernel `pick` gives for the plan (batch tile, cluster exchange) and
 // the number of directions in one launch: pick(tile, paired, cluster), each
-// an std::integral_constant.
+// an std::integral_constant (with_variant, persistent.cuh).
 template <typename scalar_t, typename Pick>
 const void* kernel_for(const Plan& plan, bool paired, Pick pick) {
-  using std::integral_constant;
-  auto with = [&](auto p, auto c) {
-    return tiled<scalar_t>(plan, [&](auto tile) { return pick(tile, p, c); });
-  };
-  if (plan.cluster) {
-    if constexpr (has_cluster_kernels<scalar_t>()) {
-      return paired ? with(integral_constant<bool, true>{}, integral_constant<bool, true>{})
-                    : with(integral_constant<bool, false>{}, integral_constant<bool, true>{});
-    }
-    TORCH_CHECK(false, "fused_rnn: no cluster-exchange kernel for ",
-                c10::CppTypeToScalarType<scalar_t>::value);
-  }
-  return paired ? with(integral_constant<bool, true>{}, integral_constant<bool, false>{})
-                : with(integral_constant<bool, false>{}, integral_constant<bool, false>{});
+  const void* kernel = nullptr;
+  with_variant<has_cluster_kernels<scalar_t>()>(paired, plan.cluster > 0, [&](auto p, auto c) {
+    kernel = tiled<scalar_t>(plan, [&](auto tile) { return pick(tile, p, c); });
+  });
+  return kernel;
 }
 
 #define FR_PERSISTENT_DISPATCH(type, name, ...) \

@@ -297,8 +297,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
   // The cluster exchange: each direction's blocks one cluster of as few
   // units per block as cover H on limits.cluster blocks.
   const GridSync sync = ctx.sync;
-  // (float32 and the half types: has_cluster_kernels)
-  if (limits.cluster > 0 && dtype != at::kDouble &&
+  if (limits.cluster > 0 && has_cluster_kernels(dtype) &&
       (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
     const int64_t cunits = (hidden + limits.cluster - 1) / limits.cluster;
     const int64_t crows = rows_per_unit * cunits;

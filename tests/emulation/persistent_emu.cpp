@@ -315,15 +315,10 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& xw_in, const optional<Te
                 launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
-          if (paired && cluster) {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, true, true>);
-          } else if (paired) {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, true, false>);
-          } else if (cluster) {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, false, true>);
-          } else {
-            run(p::forward_kernel<c.value, bt.value, scalar_t, false, false>);
-          }
+          // (the emulation has the cluster kernels of every dtype)
+          p::with_variant<true>(paired, cluster, [&](auto pr, auto cl) {
+            run(p::forward_kernel<c.value, bt.value, scalar_t, pr.value, cl.value>);
+          });
         };
         run_launches("stepwise_forward", requests, count, graphed, launch_all);
       });
@@ -404,15 +399,9 @@ std::vector<Tensor> backward(int64_t cell, const Tensor& w_hh, const Tensor& gra
                 launch, weights, layout, static_cast<int>(units), stepwise, tagged, cluster, order,
                 sizes, kernel);
           };
-          if (paired && cluster) {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, true, true>);
-          } else if (paired) {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, true, false>);
-          } else if (cluster) {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, false, true>);
-          } else {
-            run(p::backward_kernel<c.value, bt.value, scalar_t, false, false>);
-          }
+          p::with_variant<true>(paired, cluster, [&](auto pr, auto cl) {
+            run(p::backward_kernel<c.value, bt.value, scalar_t, pr.value, cl.value>);
+          });
         };
         run_launches("stepwise_backward", requests, count, graphed, launch_all);
       });
