@@ -60,9 +60,14 @@ def _transformed(*tensors):
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors
-    )
+    """The ops' train flag: whether autograd will want a backward. Under
+    torch.jit.trace the flag becomes a constant of the traced graph, so
+    there it follows requires_grad alone, not grad mode: the trace's check
+    run (under no_grad) then records the same graph, as torch.nn's RNNs
+    record train=self.training whatever the grad mode."""
+    if not (torch.is_grad_enabled() or torch.jit.is_tracing()):
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _has_tangents(args):
@@ -213,7 +218,9 @@ def _lstm_setup_context(ctx, inputs, output):
 def _missing_train(op):
     return RuntimeError(
         f"fused_rnn::{op} ran with train=False, so it kept nothing for "
-        "backward; call it with train=True (fused_rnn.ops does so when a grad is needed)"
+        "backward; call it with train=True (fused_rnn.ops does so when a grad is needed; "
+        "a torch.jit.trace taken while nothing required grad recorded train=False: "
+        "trace again with the parameters requiring grad)"
     )
 
 

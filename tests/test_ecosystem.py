@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import pytest
 import torch
@@ -92,13 +93,26 @@ def test_torch_export_of_a_model_matches_eager():
     torch.testing.assert_close(exported.module()(other), fused(other), atol=0, rtol=0)
 
 
-def test_jit_trace_without_its_check_matches_eager(tmp_path):
-    """torch.jit.trace records the ops (with the train flag of the traced
-    call: its check run, under no_grad, would see the other one, hence
-    check_trace=False); the trace runs other lengths, trains and survives
-    save / load."""
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_jit_trace_passes_its_check_and_matches_eager(tmp_path, grad_mode):
+    """torch.jit.trace records the ops, and its own check (a second trace
+    under no_grad on other inputs, compared graph and outputs) passes: the
+    ops' train flag follows requires_grad alone while tracing, as torch.nn
+    records train=self.training. The trace runs other lengths, trains and
+    survives save / load, traced with grad mode on or off."""
     _, fused = _twins()
-    traced = torch.jit.trace(fused, (torch.randn(7, 2, 5),), check_trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.set_grad_enabled(grad_mode):
+            # a check whose graph differs raises TracingCheckError
+            traced = torch.jit.trace(fused, (torch.randn(7, 2, 5),),
+                                     check_inputs=[(torch.randn(4, 3, 5),)])
+    # one whose outputs differ only warns
+    mismatches = [str(w.message) for w in caught
+                  if "does not match" in str(w.message) or "nondeterministic" in str(w.message)]
+    assert not mismatches
+    ops = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "fused_rnn::lstm_forward_pair" in ops and "fused_rnn::gru_forward" in ops
     path = str(tmp_path / "tagger.pt")
     traced.save(path)
     loaded = torch.jit.load(path)
@@ -110,6 +124,23 @@ def test_jit_trace_without_its_check_matches_eager(tmp_path):
         torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0],
                                    torch.autograd.grad(expected.sum(), x, retain_graph=True)[0],
                                    atol=0, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), expected, atol=0, rtol=0)
+
+
+def test_jit_trace_of_a_frozen_module_runs_inference_and_says_why_it_cannot_train():
+    """Traced with nothing requiring grad, the ops record train=False (no
+    memory kept for backward); a backward through that trace then names the
+    cause instead of returning wrong gradients."""
+    _, fused = _twins()
+    fused.requires_grad_(False)
+    x = torch.randn(7, 2, 5)
+    traced = torch.jit.trace(fused, (x,))
+    torch.testing.assert_close(traced(x), fused(x), atol=0, rtol=0)
+    fused.requires_grad_(True)
+    out = traced(x.requires_grad_())
+    with pytest.raises(RuntimeError, match="torch.jit.trace taken while nothing required grad"):
+        out.sum().backward()
 
 
 # ----------------------------------------------------------------- compile
