@@ -23,15 +23,17 @@ F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float6
 
 
 def choose(emu, gpu, name, hidden, batch, dtype, *, packed=False, proj=False, backward=False,
-           directions=1, tf32=False, want="auto", sync="auto", cooperative=None, cluster=-1):
+           directions=1, tf32=False, want="auto", sync="auto", cooperative=None, cluster=-1,
+           code_arch=0):
     """(path, reason, batch tile, units per block, blocks per direction,
     exchange: "cluster", "tags" or "barrier" on the persistent kernel, else
     ""); cluster: the largest thread-block cluster (-1: as the launcher
-    reads it, 16 from compute capability 9.0, 0 before)."""
+    reads it, 16 from compute capability 9.0, 0 before); code_arch: the PTX
+    version of the build's code as the GPU loads it (0: the GPU's own)."""
     sms, shared, coop, arch = GPUS[gpu]
     coop = coop if cooperative is None else cooperative
     return emu.choose(CELL[name], hidden, batch, dtype, packed, proj, backward, directions, tf32,
-                      sms, shared, coop, arch, want, sync, cluster)
+                      sms, shared, coop, arch, want, sync, cluster, code_arch)
 
 
 @pytest.mark.parametrize("gpu", list(GPUS))
@@ -80,6 +82,33 @@ def test_turing_without_bfloat16_or_tf32_tensor_cores(emu):
                                         want="persistent")
         assert path == "persistent" and tile == 8 and "TF32" not in reason, reason
         assert choose(emu, "T4", name, 256, 8, BF16)[:3:2] == ("persistent", 1)
+
+
+@pytest.mark.parametrize("code_arch", [75, 80, 90])
+def test_features_of_the_code_the_gpu_loads(emu, code_arch):
+    """An H100 running a build without sm_90 code (TORCH_CUDA_ARCH_LIST
+    "8.0+PTX", "7.5+PTX") runs older PTX, in which the cluster exchange
+    (before 9.0) and the bfloat16 and TF32 tensor-core tiles (before 8.0)
+    compiled to a trap: the plan takes only what that code has."""
+    for name in CELL:
+        for backward in (False, True):
+            path, reason, tile, _, _, sync = choose(emu, "H100", name, 256, 8, BF16,
+                                                     backward=backward, code_arch=code_arch)
+            assert path == "persistent", reason
+            assert (sync == "cluster") == (code_arch >= 90), reason
+            assert (tile == 16) == (code_arch >= 80), reason
+            # forcing the cluster exchange cannot take it either
+            sync = choose(emu, "H100", name, 256, 8, F32, backward=backward, sync="cluster",
+                          code_arch=code_arch)[5]
+            assert (sync == "cluster") == (code_arch >= 90)
+        path, reason, tile, *_ = choose(emu, "H100", name, 256, 64, F32, tf32=True,
+                                        want="persistent", code_arch=code_arch)
+        assert path == "persistent" and (tile == 16) == (code_arch >= 80), reason
+        assert choose(emu, "H100", name, 256, 64, F16, code_arch=code_arch)[2] == 16
+    if code_arch < 80:
+        reason = choose(emu, "H100", "LSTM", 256, 64, BF16, code_arch=code_arch)[1]
+        assert ("wmma multiplies BFloat16 from compute capability 8.0, and this build runs "
+                "the PTX of 7.5 here, having no code for this GPU's 9.0") in reason
 
 
 @pytest.mark.parametrize("gpu", ["H200", "H100"])

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include <c10/cuda/CUDAGuard.h>
+
 #include "fused_rnn/graphs.h"
 #include "persistent_launch.cuh"
 
@@ -68,6 +70,26 @@ GridSync grid_sync() {
 // FUSED_RNN_BIDIRECTIONAL (graphs.h).
 bool pairs_allowed() { return bidirectional_pairs_allowed(); }
 
+// An empty kernel whose attributes tell which of this build's code a device
+// loads: every kernel of the extension is compiled for the same
+// architectures, so the device picks the same one for all of them.
+__global__ void code_arch_probe_kernel() {}
+
+// The PTX version (virtual architecture, major * 10 + minor) of the code
+// `device` runs for this build's kernels; 0 where the query fails (a build
+// with no code for the device at all: the op's argument check names both).
+int loaded_code_arch(int device) {
+  c10::cuda::CUDAGuard guard(device);
+  cudaFuncAttributes attributes{};
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(code_arch_probe_kernel));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: no image for the device
+    return 0;
+  }
+  return attributes.ptxVersion;
+}
+
 // The current limits of `device` (DeviceLimits, persistent_plan.h), read
 // once per device.
 DeviceLimits device_limits(int device) {
@@ -91,6 +113,7 @@ DeviceLimits device_limits(int device) {
     // 16: Hopper's largest (non-portable) cluster; whether a kernel's
     // cluster can be scheduled is asked at its launch (launch_cluster)
     limits.cluster = clusters ? 16 : 0;
+    limits.code_arch = loaded_code_arch(device);
   }
   return limits;
 }
@@ -141,16 +164,19 @@ void raise_shared_limit(const void* kernel, int device, const DeviceLimits& limi
 }
 
 // Lets `kernel` take clusters of more than 8 blocks (Hopper's non-portable
-// sizes), once per kernel and device.
-void allow_large_clusters(const void* kernel, int device) {
+// sizes), asked once per kernel and device: false where the device refuses
+// (the error cleared; the caller then takes the grid of all SMs).
+bool allow_large_clusters(const void* kernel, int device) {
   static std::mutex mutex;
-  static std::set<std::pair<const void*, int>> allowed;
+  static std::map<std::pair<const void*, int>, bool> allowed;
   std::lock_guard<std::mutex> lock(mutex);
-  if (allowed.count({kernel, device}) == 0) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    allowed.insert({kernel, device});
-  }
+  const auto found = allowed.find({kernel, device});
+  if (found != allowed.end()) return found->second;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  allowed.emplace(std::make_pair(kernel, device), err == cudaSuccess);
+  return err == cudaSuccess;
 }
 
 // What is known of a (kernel, device, cluster size, shared memory) launch.
@@ -197,7 +223,7 @@ bool launch_cluster(const void* kernel, const Plan& plan, int directions, void* 
   const int device = c10::cuda::current_device();
   const DeviceLimits limits = device_limits(device);
   raise_shared_limit(kernel, device, limits);
-  if (plan.cluster > 8) allow_large_clusters(kernel, device);
+  if (plan.cluster > 8 && !allow_large_clusters(kernel, device)) return false;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
   attribute.val.clusterDim.x = static_cast<unsigned>(plan.cluster);

@@ -102,7 +102,23 @@ struct DeviceLimits {
   int arch = 0;          // compute capability, major * 10 + minor
   int cluster = 0;       // the most blocks of a thread-block cluster the plan may take
                          // (16 where the device launches clusters, 9.0 on; else 0)
+  int code_arch = 0;     // the virtual architecture of this build's code as the device
+                         // loads it (a kernel's PTX version), 0: the device's own
 };
+
+// The compute capability whose features the loaded code has. A build
+// without code for the device (e.g. TORCH_CUDA_ARCH_LIST="8.0+PTX" on an
+// H100) runs the PTX of an older architecture there, JIT-compiled, in which
+// the newer features compiled to a trap (thread-block clusters before 9.0,
+// the bfloat16 and TF32 tensor-core tiles before 8.0): the plan takes the
+// features of that architecture, not the device's.
+inline int usable_arch(const DeviceLimits& limits) {
+  return limits.code_arch > 0 && limits.code_arch < limits.arch ? limits.code_arch
+                                                                : limits.arch;
+}
+
+// Thread-block clusters (the cluster exchange): compute capability 9.0 on.
+constexpr int kClusterArch = 90;
 
 // What a choice reads besides the shape: the device's limits, the path the
 // user asked for (FUSED_RNN_KERNEL_PATH, fused_rnn.set_kernel_path), the
@@ -128,14 +144,23 @@ inline int gates_of(PersistentCell cell) {
 
 inline size_t math_size(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
 
+inline std::string arch_words(int arch) {
+  return std::to_string(arch / 10) + "." + std::to_string(arch % 10);
+}
+
 // How a batch tile multiplies, for explain.
-inline std::string tile_words(int batch_tile, at::ScalarType dtype, int64_t batch, int arch) {
+inline std::string tile_words(int batch_tile, at::ScalarType dtype, int64_t batch,
+                              const DeviceLimits& limits) {
+  const int arch = usable_arch(limits);
   if (batch_tile != kMmaTile) {
     if (batch > 1 && is_half(dtype) && arch < mma_arch(dtype)) {
       return " on FMA units (wmma multiplies " + std::string(c10::toString(dtype)) +
-             " from compute capability " + std::to_string(mma_arch(dtype) / 10) + "." +
-             std::to_string(mma_arch(dtype) % 10) + ", this GPU has " +
-             std::to_string(arch / 10) + "." + std::to_string(arch % 10) + ")";
+             " from compute capability " + arch_words(mma_arch(dtype)) +
+             (arch == limits.arch
+                  ? ", this GPU has " + arch_words(arch)
+                  : ", and this build runs the PTX of " + arch_words(arch) +
+                        " here, having no code for this GPU's " + arch_words(limits.arch)) +
+             ")";
     }
     return " on FMA units";
   }
@@ -199,7 +224,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
   const int64_t k = backward ? G * hidden : hidden;
   const int64_t rows_per_unit = backward ? 1 : G;
   Plan& plan = d.plan;
-  plan.batch_tile = batch_tile(batch, dtype, tf32, limits.arch);
+  plan.batch_tile = batch_tile(batch, dtype, tf32, usable_arch(limits));
   // One unit per SM or more, as few as cover H on every SM: the persistent
   // grid; a stepwise grid takes more blocks than SMs where a block cannot
   // hold that many units' rows.
@@ -242,7 +267,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
           << plan.blocks << " blocks x " << kThreads << " threads, " << plan.units
           << " hidden unit" << (plan.units == 1 ? "" : "s") << " per block, slice of " << rows
           << " x " << k << ", batch tile " << plan.batch_tile
-          << tile_words(plan.batch_tile, dtype, batch, limits.arch) << ", "
+          << tile_words(plan.batch_tile, dtype, batch, limits) << ", "
           << step_tiling.bsplits << " tile" << (step_tiling.bsplits == 1 ? "" : "s")
           << " side by side, the input staged " << step_tiling.chunk << " of " << k
           << " columns at a time"
@@ -297,8 +322,8 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
   // The cluster exchange: each direction's blocks one cluster of as few
   // units per block as cover H on limits.cluster blocks.
   const GridSync sync = ctx.sync;
-  if (limits.cluster > 0 && has_cluster_kernels(dtype) &&
-      (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
+  if (limits.cluster > 0 && usable_arch(limits) >= kClusterArch &&
+      has_cluster_kernels(dtype) && (sync == GridSync::kAuto || sync == GridSync::kCluster)) {
     const int64_t cunits = (hidden + limits.cluster - 1) / limits.cluster;
     const int64_t crows = rows_per_unit * cunits;
     const int64_t cwork = crows * k * batch;
@@ -332,7 +357,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
           << " and a window of two steps' " << ct.window_rows << " input rows in "
           << plan.shared_bytes / 1024 << " KiB of shared memory (of "
           << limits.shared_optin / 1024 << " KiB), batch tile " << plan.batch_tile
-          << tile_words(plan.batch_tile, dtype, batch, limits.arch) << ", " << ct.bsplits
+          << tile_words(plan.batch_tile, dtype, batch, limits) << ", " << ct.bsplits
           << " tile" << (ct.bsplits == 1 ? "" : "s") << " side by side ("
           << (batch + ct.pass - 1) / ct.pass << " pass"
           << ((batch + ct.pass - 1) / ct.pass == 1 ? "" : "es") << " per step"
@@ -367,7 +392,7 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
       << " slice of " << rows << " x " << k << " in " << plan.shared_bytes / 1024
       << " KiB of shared memory (of " << limits.shared_optin / 1024 << " KiB), batch tile "
       << plan.batch_tile
-      << tile_words(plan.batch_tile, dtype, batch, limits.arch)
+      << tile_words(plan.batch_tile, dtype, batch, limits)
       << ", " << tl.bsplits << " tile" << (tl.bsplits == 1 ? "" : "s")
       << " side by side (" << (batch + tl.pass - 1) / tl.pass << " pass"
       << ((batch + tl.pass - 1) / tl.pass == 1 ? "" : "es")
@@ -399,7 +424,7 @@ inline Decision decide_for(PersistentCell cell, int64_t hidden, int64_t batch,
                            at::ScalarType dtype, bool packed, bool proj, bool backward,
                            int directions, bool explain, const PlanContext& ctx) {
   const bool tf32 = dtype == at::kFloat &&
-                    batch_tile(batch, dtype, true, ctx.limits.arch) == kMmaTile && ctx.tf32;
+                    batch_tile(batch, dtype, true, usable_arch(ctx.limits)) == kMmaTile && ctx.tf32;
   if (tf32) {
     Decision d = decide_tiled(cell, hidden, batch, dtype, packed, proj, backward, directions,
                               explain, true, ctx);

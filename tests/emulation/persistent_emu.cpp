@@ -428,7 +428,8 @@ fused_rnn::KernelPath path_named(const std::string& name) {
 // The launcher's choice (persistent_plan.h, decide_for) for a shape on a
 // GPU described by its limits (sms, shared_optin bytes, cooperative,
 // compute capability arch, the largest cluster: -1 as persistent.cu reads
-// it, 16 from 9.0 on), the requested path `want`, the exchange `sync`
+// it, 16 from 9.0 on; code_arch: the PTX version of the code the device
+// loads, 0 the device's own), the requested path `want`, the exchange `sync`
 // (auto, cluster, tags, barrier) and torch's TF32 flag: (path, explain's
 // reason, batch tile, units per block, blocks per direction, how a
 // persistent launch's blocks pass the rows on: cluster, tags or barrier;
@@ -437,11 +438,12 @@ std::tuple<std::string, std::string, int64_t, int64_t, int64_t, std::string> cho
     int64_t cell, int64_t hidden, int64_t batch, c10::ScalarType dtype, bool packed, bool proj,
     bool backward, int64_t directions, bool tf32, int64_t sms, int64_t shared_optin,
     bool cooperative, int64_t arch, const std::string& want, const std::string& sync,
-    int64_t cluster) {
+    int64_t cluster, int64_t code_arch) {
   p::PlanContext ctx;
   ctx.limits = {static_cast<int>(sms), static_cast<int>(shared_optin), cooperative ? 1 : 0,
                 static_cast<int>(arch),
-                static_cast<int>(cluster >= 0 ? cluster : arch >= 90 ? 16 : 0)};
+                static_cast<int>(cluster >= 0 ? cluster : arch >= 90 ? 16 : 0),
+                static_cast<int>(code_arch)};
   ctx.want = path_named(want);
   TORCH_CHECK(sync == "auto" || sync == "tags" || sync == "barrier" || sync == "cluster",
               "unknown sync ", sync);
@@ -520,7 +522,7 @@ TORCH_LIBRARY(fused_rnn_emu, m) {
   m.def(
       "choose(int cell, int hidden, int batch, ScalarType dtype, bool packed, bool proj, "
       "bool backward, int directions, bool tf32, int sms, int shared_optin, bool cooperative, "
-      "int arch, str want='auto', str sync='auto', int cluster=-1) "
+      "int arch, str want='auto', str sync='auto', int cluster=-1, int code_arch=0) "
       "-> (str, str, int, int, int, str)",
       &choose);
   m.def(
