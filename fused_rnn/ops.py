@@ -70,6 +70,17 @@ def _needs_grad(*tensors):
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+def _run(op, needs_grad, *args):
+    """Calls a forward op. Where no gradient will be asked of it, below
+    autograd: there the autograd kernel that torch.library registers would
+    only redispatch, in Python, which was a third of a one-step call on the
+    CPU. Not while torch.compile traces (it records the op itself)."""
+    if needs_grad or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        return op(*args)
+
+
 def _has_tangents(args):
     """Whether an op's tensor arguments carry a forward-mode tangent: in
     torch.func.jvp / jacfwd / hessian or torch.autograd.forward_ad, eager or
@@ -317,8 +328,9 @@ def lstm(
         return _lstm_reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse,
                                False)
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    out, hy, cy, _, _ = _ops.lstm_forward.default(
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train
+    out, hy, cy, _, _ = _run(
+        _ops.lstm_forward.default, train,
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train,
     )
     return out, hy, cy
 
@@ -401,8 +413,9 @@ def gru(
     if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
         return _gru_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, False)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
-    out, hy, _, _ = _ops.gru_forward.default(
-        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train
+    out, hy, _, _ = _run(
+        _ops.gru_forward.default, train,
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train,
     )
     return out, hy
 
@@ -473,8 +486,9 @@ def rnn(
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if _transformed(input, hx, w_ih, w_hh, b_ih, b_hh):
         return _rnn_reference(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu)
-    out, hy = _ops.rnn_forward.default(
-        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu
+    out, hy = _run(
+        _ops.rnn_forward.default, _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh),
+        input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, relu,
     )
     return out, hy
 
@@ -582,8 +596,8 @@ def lstm_pair(
     if _transformed(*args):
         return _lstm_pair_reference(*args, batch_sizes, False)
     train = _needs_grad(*args)
-    out, hy, cy, _, _, out_r, hy_r, cy_r, _, _ = _ops.lstm_forward_pair.default(
-        *args, batch_sizes, train
+    out, hy, cy, _, _, out_r, hy_r, cy_r, _, _ = _run(
+        _ops.lstm_forward_pair.default, train, *args, batch_sizes, train
     )
     return out, hy, cy, out_r, hy_r, cy_r
 
@@ -675,7 +689,9 @@ def gru_pair(
     if _transformed(*args):
         return _gru_pair_reference(*args, batch_sizes, False)
     train = _needs_grad(*args)
-    out, hy, _, _, out_r, hy_r, _, _ = _ops.gru_forward_pair.default(*args, batch_sizes, train)
+    out, hy, _, _, out_r, hy_r, _, _ = _run(
+        _ops.gru_forward_pair.default, train, *args, batch_sizes, train
+    )
     return out, hy, out_r, hy_r
 
 
@@ -757,4 +773,5 @@ def rnn_pair(
     args = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh, hx_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
     if _transformed(*args):
         return _rnn_pair_reference(*args, batch_sizes, relu)
-    return tuple(_ops.rnn_forward_pair.default(*args, batch_sizes, relu))
+    return tuple(_run(_ops.rnn_forward_pair.default, _needs_grad(*args), *args, batch_sizes,
+                      relu))
