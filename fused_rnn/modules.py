@@ -115,10 +115,20 @@ class _FusedRNNBase(nn.RNNBase):
 
         time_major = batch_sizes is None and self.batch_first
         output, states = self._layers(
-            input.transpose(0, 1) if time_major else input,
+            # a copy, which the op's products would make anyway: the op keeps
+            # its input for backward, so the caller's later in-place changes
+            # to `input` do not reach it (as with torch.nn, which copies too)
+            input.transpose(0, 1).contiguous() if time_major else input,
             self._unpack_state(hx),
             batch_sizes,
         )
+        if not self.bidirectional and output.requires_grad:
+            # The last layer's op keeps its output for backward; the caller
+            # gets a copy, so that in-place changes to it (out += skip,
+            # ReLU(inplace=True), masked_fill_) leave backward's values as
+            # they were, as torch.nn's composite RNNs allow. (Both directions'
+            # outputs are concatenated into a new tensor anyway.)
+            output = output.clone()
         output, *states = _match_cpu_autocast(self, input, (output, *states),
                                               packed=batch_sizes is not None)
         if time_major:

@@ -515,3 +515,33 @@ def test_frozen_module_input_grad_only(mode):
     assert_results_close(run_module(fused, inputs, enforce_sorted=False),
                          run_module(ref, inputs, enforce_sorted=False),
                          what=f"{cfg} frozen")
+
+
+@pytest.mark.parametrize("feature", ["base", "batch_first", "layers2", "packed_sorted",
+                                     "unbatched"])
+@pytest.mark.parametrize("mode", MODES)
+def test_output_and_input_changed_in_place_after_the_call(mode, feature):
+    """What a model may do after an RNN under torch.nn's composite CPU
+    path: change the output in place (out += skip, ReLU(inplace=True)) and,
+    batch-first, the input, before backward. The gradients match torch.nn's
+    (the op keeps its own output and input for backward, not the caller's)."""
+    cfg = with_mode(FEATURES[feature], mode)
+    ref, fused = make_module_twins(cfg, torch.float64)
+    grads = []
+    for module in (ref, fused):
+        x = make_module_inputs(cfg, torch.float64)["x"].requires_grad_()
+        source = x * 1
+        if cfg.lengths is not None:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(source, list(cfg.lengths),
+                                                             batch_first=cfg.batch_first)
+            out = module(packed)[0].data
+        else:
+            out = module(source)[0]
+        if cfg.batch_first:
+            source.mul_(2)
+        out += torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+        torch.nn.functional.relu(out, inplace=True)
+        out.pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad for p in module.parameters()])
+    for index, (actual, expected) in enumerate(zip(*grads)):
+        torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10, msg=str(index))
