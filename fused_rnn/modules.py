@@ -8,6 +8,8 @@ op (fused_rnn.ops). They do not subclass torch.nn.LSTM / GRU / RNN, whose
 instances torch.compile refuses to trace.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,23 @@ def _match_cpu_autocast(module, input, tensors, packed=False):
     )
 
 
+def _scriptable_twin(module):
+    """torch.jit.script's hook (__prepare_scriptable__): TorchScript cannot
+    run the fused ops' autograd (registered from Python), so a fused module
+    is scripted as its torch.nn twin, which shares its Parameters. torch.jit
+    puts what this returns in place of the module in its parent, so the
+    scripted model's eager original holds the twin from then on."""
+    from .convert import convert
+
+    warnings.warn(
+        f"torch.jit.script: fused_rnn.{type(module).__name__} is scripted as its torch.nn "
+        "twin (the same Parameters), since TorchScript cannot run the fused ops; a model "
+        "holding it holds the twin from now on (fused_rnn.convert(model) swaps it back)",
+        stacklevel=3,
+    )
+    return convert(module, to="torch")
+
+
 class _FusedRNNBase(nn.RNNBase):
     """Forward shared by LSTM, GRU and RNN; subclasses say how one layer runs
     in one direction (`_layer`) and in both directions (`_pair`), and how
@@ -43,6 +62,7 @@ class _FusedRNNBase(nn.RNNBase):
 
     _name = "RNN"
     _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
+    __prepare_scriptable__ = _scriptable_twin
 
     def _cpu_autocast_float32(self, packed):
         """Which of (output, *states) torch.nn returns in float32 under CPU
@@ -311,6 +331,7 @@ class _FusedCellBase(nn.RNNCellBase):
 
     _name = "RNNCell"
     _cpu_autocast_returns_float32 = False
+    __prepare_scriptable__ = _scriptable_twin
 
     def _cpu_autocast_float32(self, packed):
         return (self._cpu_autocast_returns_float32,) * 2

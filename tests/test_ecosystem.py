@@ -143,6 +143,43 @@ def test_jit_trace_of_a_frozen_module_runs_inference_and_says_why_it_cannot_trai
         out.sum().backward()
 
 
+class CellStep(nn.Module):
+    """A model holding one of each cell, for torch.jit.script."""
+
+    def __init__(self, backend, input_size=5, hidden_size=6):
+        super().__init__()
+        self.lstm = backend.LSTMCell(input_size, hidden_size)
+        self.gru = backend.GRUCell(hidden_size, hidden_size)
+        self.rnn = backend.RNNCell(hidden_size, hidden_size, nonlinearity="relu")
+
+    def forward(self, x):
+        h, c = self.lstm(x)
+        return self.rnn(self.gru(h)) + c
+
+
+@pytest.mark.parametrize("model", [Tagger, CellStep])
+def test_jit_script_takes_the_torch_twins(model, tmp_path):
+    """TorchScript cannot run the fused ops' autograd, so torch.jit.script
+    scripts each fused module as its torch.nn twin (same Parameters), says
+    so, and the scripted model computes what the eager one did."""
+    torch.manual_seed(0)
+    fused = fused_rnn.convert(model(nn))
+    x = torch.randn(7, 2, 5) if model is Tagger else torch.randn(3, 5)
+    expected = fused(x)
+    parameters = list(fused.parameters())
+    with pytest.warns(UserWarning, match="is scripted as its torch.nn twin"):
+        scripted = torch.jit.script(fused)
+    torch.testing.assert_close(scripted(x), expected, atol=1e-6, rtol=1e-6)
+    path = str(tmp_path / "model.pt")
+    scripted.save(path)
+    torch.testing.assert_close(torch.jit.load(path)(x), expected, atol=1e-6, rtol=1e-6)
+    # torch.jit put the twins in the eager model: the same Parameters
+    assert not any(type(m).__module__.startswith("fused_rnn") for m in fused.modules())
+    assert all(a is b for a, b in zip(fused.parameters(), parameters))
+    fused_rnn.convert(fused)
+    torch.testing.assert_close(fused(x), expected, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------- compile
 def test_compile_default_mode_training_steps_match_eager_cpu():
     reference, fused = _twins()
