@@ -20,21 +20,22 @@ from . import ops
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 
-def _match_cpu_autocast(module, input, tensors, packed=False):
-    """Under CPU autocast the fused ops compute in bfloat16 (as oneDNN's LSTM
-    does); torch.nn's native paths only autocast their matrix products and
-    return some results in float32: GRU, LSTMCell and GRUCell all of them,
-    LSTM with projections its cell state, LSTM over a PackedSequence (no
-    oneDNN there) all of them. Cast those back to match."""
-    if not (
-        input.device.type == "cpu"
-        and input.dtype == torch.float32
-        and torch.is_autocast_enabled("cpu")
-    ):
+def _match_cpu_autocast(module, input, tensors, state, packed=False):
+    """Under CPU autocast the fused ops compute in the autocast dtype (as
+    oneDNN's LSTM does); torch.nn's native paths autocast only their matrix
+    products, whose results the elementwise math then promotes with the
+    state they are mixed with (GRU's h, LSTM's c): GRU, LSTMCell and GRUCell
+    return all their results, LSTM with projections its cell state, and LSTM
+    without oneDNN (a PackedSequence, or a float16 input) all of them in
+    promote_types(autocast dtype, that state's dtype), e.g. float32 for a
+    float32 state. Cast those to match. `state`: the state tensor (given,
+    or the zeros of the input's dtype)."""
+    if not (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
         return tensors
+    dtype = torch.promote_types(torch.get_autocast_dtype("cpu"), state.dtype)
     return tuple(
-        t.to(torch.float32) if keep else t
-        for t, keep in zip(tensors, module._cpu_autocast_float32(packed))
+        t.to(dtype) if promoted else t
+        for t, promoted in zip(tensors, module._cpu_autocast_promoted(packed, input))
     )
 
 
@@ -64,9 +65,13 @@ class _FusedRNNBase(nn.RNNBase):
     _input_dim_message = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
     __prepare_scriptable__ = _scriptable_twin
 
-    def _cpu_autocast_float32(self, packed):
-        """Which of (output, *states) torch.nn returns in float32 under CPU
-        autocast (see _match_cpu_autocast); packed: PackedSequence input."""
+    # the state whose dtype torch.nn's results take under CPU autocast
+    # (_match_cpu_autocast): h, or for LSTM c
+    _autocast_state = 0
+
+    def _cpu_autocast_promoted(self, packed, input):
+        """Which of (output, *states) torch.nn promotes with the state under
+        CPU autocast (see _match_cpu_autocast); packed: PackedSequence input."""
         return (False,) * 3
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
@@ -150,6 +155,7 @@ class _FusedRNNBase(nn.RNNBase):
             # outputs are concatenated into a new tensor anyway.)
             output = output.clone()
         output, *states = _match_cpu_autocast(self, input, (output, *states),
+                                              self._unpack_state(hx)[self._autocast_state],
                                               packed=batch_sizes is not None)
         if time_major:
             output = output.transpose(0, 1)
@@ -229,9 +235,11 @@ class LSTM(_FusedRNNBase):
                 f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
             )
 
-    def _cpu_autocast_float32(self, packed):
-        if packed and self.proj_size == 0:
-            return (True, True, True)
+    _autocast_state = 1
+
+    def _cpu_autocast_promoted(self, packed, input):
+        if self.proj_size == 0 and (packed or input.dtype == torch.float16):
+            return (True, True, True)  # no oneDNN
         return (False, False, self.proj_size > 0)
 
     def _pack_state(self, states):
@@ -260,7 +268,7 @@ class GRU(_FusedRNNBase):
 
     _name = "GRU"
 
-    def _cpu_autocast_float32(self, packed):
+    def _cpu_autocast_promoted(self, packed, input):
         return (True, True)
 
     def __init__(self, *args, **kwargs):
@@ -330,11 +338,11 @@ class _FusedCellBase(nn.RNNCellBase):
     """Cells run the whole-sequence op on a sequence of one step."""
 
     _name = "RNNCell"
-    _cpu_autocast_returns_float32 = False
+    _cpu_autocast_promotes = False  # see _match_cpu_autocast
     __prepare_scriptable__ = _scriptable_twin
 
-    def _cpu_autocast_float32(self, packed):
-        return (self._cpu_autocast_returns_float32,) * 2
+    def _cpu_autocast_promoted(self, packed, input):
+        return (self._cpu_autocast_promotes,) * 2
 
     def _prepare(self, input, states):
         """torch.nn's rank checks; returns (input, states, is_batched) with a
@@ -383,7 +391,7 @@ class LSTMCell(_FusedCellBase):
 
     _name = "LSTMCell"
     _num_states = 2
-    _cpu_autocast_returns_float32 = True
+    _cpu_autocast_promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -397,7 +405,7 @@ class LSTMCell(_FusedCellBase):
         _, hy, cy = ops.lstm(
             sequence, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
         )
-        hy, cy = _match_cpu_autocast(self, input, (hy, cy))
+        hy, cy = _match_cpu_autocast(self, input, (hy, cy), c)
         if not is_batched:
             return hy.squeeze(0), cy.squeeze(0)
         return hy, cy
@@ -408,7 +416,7 @@ class GRUCell(_FusedCellBase):
 
     _name = "GRUCell"
     _num_states = 1
-    _cpu_autocast_returns_float32 = True
+    _cpu_autocast_promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -418,7 +426,7 @@ class GRUCell(_FusedCellBase):
         self._check_hidden_dim(hx, "hidden")
         sequence, (h,), is_batched = self._prepare(input, None if hx is None else (hx,))
         _, hy = ops.gru(sequence, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        (hy,) = _match_cpu_autocast(self, input, (hy,))
+        (hy,) = _match_cpu_autocast(self, input, (hy,), h)
         return hy if is_batched else hy.squeeze(0)
 
 

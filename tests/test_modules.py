@@ -6,6 +6,7 @@ float64: tight (1e-10). float32 / bfloat16: twice torch's own error against
 torch.nn in float64 (see helpers.py)."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -459,6 +460,55 @@ def test_autocast_cpu_bfloat16(mode, packed):
             assert error <= DISCONTINUOUS_GRAD_REL * g.norm().item() + 1e-6, (n, error)
             continue
         torch.testing.assert_close(f_grads[n], g, atol=5e-2 * max(1.0, max_abs(g)), rtol=5e-2)
+
+
+AUTOCAST_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@pytest.mark.parametrize("mode,packed", [(m, False) for m in MODES + ("LSTMCell", "GRUCell",
+                                                                      "RNNCell_TANH")]
+                         + [(m, True) for m in MODES])
+def test_autocast_cpu_result_dtypes_follow_the_states(mode, packed):
+    """Under CPU bfloat16 autocast torch.nn's results take the dtype of the
+    state their elementwise math mixes with (GRU's h, LSTM's c), the input's
+    where none is given: an input from an autocast layer (bfloat16) with a
+    float32 state gives float32. Every mix of input, h and c dtypes gives
+    torch.nn's dtypes and values (within bfloat16 accuracy)."""
+    cell = mode not in MODES
+    lstm = mode.startswith("LSTM")
+    names = list(AUTOCAST_DTYPES)
+    for x_name, h_name, c_name in itertools.product(names, names + [None], names):
+        if (h_name is None or not lstm) and c_name != "f32":
+            continue
+        if cell:
+            ref, fused = make_cell_twins(mode, 5, 7, dtype=torch.float32)
+            inputs = make_cell_inputs(mode, 5, 7, 3, dtype=torch.float32)
+        else:
+            cfg = Cfg(mode=mode, input_size=5, hidden_size=7,
+                      lengths=(5, 4, 2) if packed else None)
+            ref, fused = make_module_twins(cfg, torch.float32)
+            inputs = make_module_inputs(cfg, torch.float32)
+        x = inputs["x"].to(AUTOCAST_DTYPES[x_name])
+        hx = inputs["hx"]
+        if h_name is None:
+            hx = None
+        elif lstm:
+            hx = (hx[0].to(AUTOCAST_DTYPES[h_name]), hx[1].to(AUTOCAST_DTYPES[c_name]))
+        else:
+            hx = hx.to(AUTOCAST_DTYPES[h_name])
+        if packed:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"])
+        results = []
+        for m in (ref, fused):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x, hx)
+            results.append([t for t in torch.utils._pytree.tree_leaves(out)
+                             if isinstance(t, torch.Tensor) and t.is_floating_point()])
+        case = (mode, x_name, h_name, c_name)
+        assert [t.dtype for t in results[1]] == [t.dtype for t in results[0]], case
+        for a, b in zip(results[1], results[0]):
+            torch.testing.assert_close(a.float(), b.float(), atol=3e-2 * max(1.0, max_abs(b)),
+                                       rtol=3e-2, msg=str(case))
 
 
 # --------------------------------------------------------------------------
