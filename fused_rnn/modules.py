@@ -147,12 +147,14 @@ class _FusedRNNBase(nn.RNNBase):
             self._unpack_state(hx),
             batch_sizes,
         )
-        if not self.bidirectional and output.requires_grad:
+        if not self.bidirectional and ops._needs_grad(output, *self._flat_weights):
             # The last layer's op keeps its output for backward; the caller
             # gets a copy, so that in-place changes to it (out += skip,
             # ReLU(inplace=True), masked_fill_) leave backward's values as
             # they were, as torch.nn's composite RNNs allow. (Both directions'
-            # outputs are concatenated into a new tensor anyway.)
+            # outputs are concatenated into a new tensor anyway. The flag
+            # follows the ops' train flag, so that a traced graph is the same
+            # under no_grad.)
             output = output.clone()
         output, *states = _match_cpu_autocast(self, input, (output, *states),
                                               self._unpack_state(hx)[self._autocast_state],
