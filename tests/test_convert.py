@@ -210,3 +210,106 @@ def test_convert_cell_round_trip_outputs(mode):
                 torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
         else:
             torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------- what a model did to its RNN modules
+def _lstm_and_cell():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True).double()
+    model.cell = nn.GRUCell(4, 6).double()
+    return model
+
+
+def _run(model, seed=3):
+    """Outputs and every gradient of the two modules of _lstm_and_cell."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    out, (h, c) = model.lstm(x)
+    hc = model.cell(x[0])
+    (out.pow(2).sum() + h.sum() + c.sum() + hc.pow(2).sum()).backward()
+    result = {"out": out, "h": h, "c": c, "hc": hc, "grad_x": x.grad}
+    result.update({n: p.grad for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def _reparametrize(model, how):
+    from torch.nn.utils import parametrize, prune
+
+    for module, name in ((model.lstm, "weight_hh_l0"), (model.lstm, "weight_ih_l1_reverse"),
+                         (model.cell, "weight_hh")):
+        if how == "weight_norm":
+            torch.nn.utils.weight_norm(module, name)
+        elif how == "spectral_norm":
+            torch.nn.utils.spectral_norm(module, name)
+        elif how == "prune":
+            prune.l1_unstructured(module, name, amount=0.3)
+        elif how == "parametrize":
+            parametrize.register_parametrization(module, name, _Scale())
+        else:
+            torch.nn.utils.parametrizations.orthogonal(module, name)
+
+
+class _Scale(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "prune", "parametrize",
+                                 "orthogonal"])
+def test_convert_reparametrized_modules(how):
+    """Modules that went through torch.nn.utils' weight_norm, spectral_norm,
+    prune or parametrize (whose class parametrize replaced) convert, keep
+    their reparametrization and match torch.nn, outputs and gradients of
+    the underlying parameters, and convert back."""
+    model = _lstm_and_cell()
+    _reparametrize(model, how)
+    model.eval()  # spectral_norm: no power iteration, the same weights in both runs
+    expected = _run(model)
+    converted = fused_rnn.convert(model)
+    assert isinstance(converted.lstm, fused_rnn.LSTM), type(converted.lstm)
+    assert isinstance(converted.cell, fused_rnn.GRUCell), type(converted.cell)
+    actual = _run(converted)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-10, rtol=1e-10,
+                                   msg=key)
+    back = fused_rnn.convert(converted, to="torch")
+    assert type(back.lstm).__bases__[0] is nn.LSTM or type(back.lstm) is nn.LSTM
+    for key, value in _run(back).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-10, rtol=1e-10, msg=key)
+
+
+def test_convert_keeps_hooks_buffers_attributes_and_sharing():
+    """A converted module keeps the hooks registered on it (the caller's
+    handles still remove them), its extra buffers (in state_dict too) and
+    attributes, and a module held twice becomes one twin held twice."""
+    model = _lstm_and_cell()
+    model.again = model.lstm
+    calls = []
+    handle = model.lstm.register_forward_hook(lambda m, args, out: calls.append(type(m)))
+    model.lstm.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.lstm.register_buffer("steps", torch.tensor(7))
+    model.lstm.note = "kept"
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    expected = model.lstm(x)[0]
+    converted = fused_rnn.convert(model)
+    assert converted.again is converted.lstm and isinstance(converted.lstm, fused_rnn.LSTM)
+    torch.testing.assert_close(converted.lstm(x)[0], expected, atol=1e-10, rtol=1e-10)
+    assert calls == [nn.LSTM, fused_rnn.LSTM]
+    handle.remove()
+    converted.lstm(x)
+    assert len(calls) == 2
+    assert converted.lstm.note == "kept" and int(converted.lstm.steps) == 7
+    assert "lstm.steps" in converted.state_dict()
+
+
+def test_convert_leaves_subclasses_alone():
+    """A subclass of a torch.nn RNN (which may have a forward of its own)
+    is not swapped."""
+    class Custom(nn.GRU):
+        pass
+
+    model = nn.Sequential(Custom(4, 6))
+    assert fused_rnn.convert(model)[0].__class__ is Custom
