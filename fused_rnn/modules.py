@@ -349,10 +349,7 @@ class _FusedCellBase(nn.RNNCellBase):
     def _prepare(self, input, states):
         """torch.nn's rank checks; returns (input, states, is_batched) with a
         batch dimension added, zero states when `states` is None."""
-        if input.dim() not in (1, 2):
-            raise ValueError(
-                f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
-            )
+        self._check_input_dim(input)
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -381,6 +378,12 @@ class _FusedCellBase(nn.RNNCellBase):
                 )
         return input.unsqueeze(0), states, is_batched
 
+    def _check_input_dim(self, input):
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
+            )
+
     def _check_hidden_dim(self, hx, label):
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(
@@ -400,9 +403,21 @@ class LSTMCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        self._check_input_dim(input)
         if hx is not None:
             for index, value in enumerate(hx):
                 self._check_hidden_dim(value, f"hx[{index}]")
+            if input.dim() == 1:
+                # as torch.nn takes an unbatched input's states: hx[0], hx[1]
+                hx = (hx[0], hx[1])
+            # torch.nn's messages (from _VF.lstm_cell)
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(
+                    "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                    f"not {type(hx).__name__}"
+                )
+            if len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
         sequence, (h, c), is_batched = self._prepare(input, hx)
         _, hy, cy = ops.lstm(
             sequence, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
@@ -425,6 +440,7 @@ class GRUCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
         self._check_hidden_dim(hx, "hidden")
         sequence, (h,), is_batched = self._prepare(input, None if hx is None else (hx,))
         _, hy = ops.gru(sequence, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -445,6 +461,7 @@ class RNNCell(_FusedCellBase):
         self.nonlinearity = nonlinearity
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
         self._check_hidden_dim(hx, "hidden")
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")

@@ -183,14 +183,16 @@ def test_rnn_invalid_nonlinearity(nonlinearity):
     assert_same_error(make_call)
 
 
-def test_rnn_cell_invalid_nonlinearity():
+@pytest.mark.parametrize("input_dim", [2, 3])
+def test_rnn_cell_invalid_nonlinearity(input_dim):
     """torch.nn.RNNCell accepts any string and fails on forward: construction
-    and forward together must raise the same type."""
+    and forward together must raise the same type; a 3-D input is named
+    first."""
     def make_call(which):
         cls = torch.nn.RNNCell if which == "torch" else module_classes("RNNCell_TANH")[1]
 
         def call():
-            cls(3, 5, nonlinearity="sigmoid")(torch.randn(2, 3))
+            cls(3, 5, nonlinearity="sigmoid")(torch.randn((2,) * (input_dim - 1) + (3,)))
 
         return call
 
@@ -219,8 +221,16 @@ def cell_cases(mode):
         "hx_3d": lambda: (torch.randn(2, 3), hx(torch.randn(1, 2, 5), torch.randn(1, 2, 5))),
         "input_dtype": lambda: (torch.randn(2, 3, dtype=torch.float64), None),
         "input_on_meta": lambda: (torch.randn(2, 3, device="meta"), None),
+        # both wrong: torch.nn names the input first
+        "input_3d_and_hx_3d": lambda: (torch.randn(2, 2, 3), hx(torch.randn(1, 2, 5),
+                                                                torch.randn(1, 2, 5))),
     }
     if lstm:
+        cases["hx_one_state"] = lambda: (torch.randn(2, 3), (torch.randn(2, 5),))
+        cases["hx_three_states"] = lambda: (torch.randn(2, 3), (torch.randn(2, 5),) * 3)
+        cases["hx_a_tensor"] = lambda: (torch.randn(2, 3), torch.randn(2, 5))
+        cases["hx_stacked"] = lambda: (torch.randn(2, 3), torch.randn(2, 2, 5))
+        cases["hx_one_state_unbatched"] = lambda: (torch.randn(3), (torch.randn(5),))
         cases["cx_wrong_batch"] = lambda: (torch.randn(2, 3),
                                            (torch.randn(2, 5), torch.randn(3, 5)))
         cases["cx_wrong_size"] = lambda: (torch.randn(2, 3), (torch.randn(2, 5), torch.randn(2, 4)))
@@ -241,3 +251,17 @@ def test_cell_error_same_type(mode, case):
         return lambda: cell(x) if hx is None else cell(x, hx)
 
     assert_same_error(make_call)
+
+
+@pytest.mark.parametrize("hx", ["tensor", "three"])
+def test_lstm_cell_unbatched_takes_the_first_two_states(hx):
+    """torch.nn.LSTMCell takes an unbatched input's states as hx[0] and
+    hx[1]: a (2, H) tensor, or the first two of three, work as (h, c)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(3, 5)
+    fused = module_classes("LSTMCell")[1](3, 5)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3)
+    states = torch.randn(2, 5) if hx == "tensor" else tuple(torch.randn(3, 5).unbind(0))
+    for a, b in zip(fused(x, states), ref(x, states)):
+        torch.testing.assert_close(a, b)
