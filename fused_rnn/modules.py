@@ -202,7 +202,9 @@ class _FusedRNNBase(nn.RNNBase):
             layer_input = output
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        return layer_input, tuple(torch.stack(final, 0) for final in finals)
+        # (one layer and direction: a view, not a copy)
+        return layer_input, tuple(final[0].unsqueeze(0) if len(final) == 1
+                                  else torch.stack(final, 0) for final in finals)
 
     def _split_weights(self, weights):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction."""
