@@ -133,15 +133,16 @@ bool tf32_allowed() {
 
 // The choice for a shape on the current device (persistent_plan.h), with
 // the requested path, FUSED_RNN_GRID_SYNC and torch's TF32 flag as they are
-// now; clusters false: without the cluster exchange (the fallback of a
-// cluster that cannot be scheduled).
+// now; max_cluster: at most that many blocks in a thread-block cluster (the
+// fallbacks of a cluster that cannot be scheduled: 8, the portable size,
+// then 0, without the cluster exchange), -1 the device's.
 Decision decide(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                 bool packed, bool proj, bool backward, int directions, bool explain,
-                bool clusters = true) {
+                int max_cluster = -1) {
   // (torch's TF32 flag bears on float32 alone)
   PlanContext ctx{device_limits(c10::cuda::current_device()), requested_kernel_path(),
                   grid_sync(), dtype == at::kFloat && tf32_allowed()};
-  if (!clusters) ctx.limits.cluster = 0;
+  if (max_cluster >= 0) ctx.limits.cluster = std::min(ctx.limits.cluster, max_cluster);
   return decide_for(cell, hidden, batch, dtype, packed, proj, backward, directions, explain,
                     ctx);
 }
@@ -374,15 +375,19 @@ bool run_backward_cell(const PersistentBackward& a, const PersistentBackward* se
 template <typename Run>
 bool run_decided(PersistentCell cell, int64_t hidden, int64_t batch, at::ScalarType dtype,
                  bool packed, bool backward, int directions, Run run) {
-  auto decide = [&](bool clusters) {
+  auto decide = [&](int max_cluster) {
     return persistent::decide(cell, hidden, batch, dtype, packed, /*proj=*/false, backward,
-                              directions, /*explain=*/false, clusters);
+                              directions, /*explain=*/false, max_cluster);
   };
-  auto d = decide(true);
+  auto d = decide(-1);
   if (d.choice.path == KernelPath::kGeneral) return false;
   if (run(d.plan)) return true;
-  if (d.plan.cluster) {
-    d = decide(false);
+  // A cluster the device cannot schedule now (fewer SMs in a GPC than the
+  // cluster, MPS, a partitioned GPU): clusters of 8, then none.
+  for (const int max_cluster : {8, 0}) {
+    if (!d.plan.cluster) break;
+    if (d.plan.cluster <= max_cluster) continue;
+    d = decide(max_cluster);
     if (d.choice.path == KernelPath::kGeneral) return false;
     if (run(d.plan)) return true;
   }

@@ -368,7 +368,8 @@ inline Decision decide_tiled(PersistentCell cell, int64_t hidden, int64_t batch,
           << (packed ? "; packed sequences: each step's rows from a table copied to the device "
                        "with the launch"
                      : "")
-          << "; the grid of all SMs when the device cannot schedule such a cluster at the call";
+          << "; clusters of 8, then the grid of all SMs, when the device cannot schedule "
+             "such a cluster at the call";
       d.choice.reason = why.str();
       return d;
     }
