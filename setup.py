@@ -151,11 +151,38 @@ ext_modules = [
     )
 ]
 
+def _check_build_torch():
+    """An isolated build (pip install without --no-build-isolation) compiles
+    against a torch of its own, which pip then throws away: the extension
+    fails to load beside the torch this Python has, after minutes of
+    compiling. Stop before compiling where that torch differs. (pip hands
+    the build its torch through PYTHONPATH; without it this Python imports
+    its own. Where it has none, the build's torch is what pip will install.)"""
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    try:
+        found = subprocess.run(
+            [sys.executable, "-c", "import sys, torch; sys.stdout.write(torch.__version__)"],
+            env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError):
+        return
+    own = found.stdout.strip()
+    if found.returncode == 0 and own and own != torch.__version__:
+        sys.exit(
+            f"fused_rnn compiles against the torch it will run with, but this build sees torch "
+            f"{torch.__version__} (an isolated build environment) while {sys.executable} has "
+            f"torch {own}: install with `pip install --no-build-isolation <fused_rnn source>`"
+        )
+
+
 class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
     """Also records what the extension was built with, for `fused-rnn
     explain` (fused_rnn/_build_config.py, not tracked by git)."""
 
     def run(self):
+        _check_build_torch()
         config = {
             "torch": torch.__version__,
             "cuda": torch.version.cuda if use_cuda else None,
