@@ -33,12 +33,9 @@ def _seed_and_warnings():
 def emu():
     """The persistent CUDA kernels' source (and the plan of their launches)
     compiled for the CPU emulation (tests/emulation/): torch.ops.fused_rnn_emu."""
-    import hashlib
-    import tempfile
-
     from torch.utils import cpp_extension
 
-    from helpers import EMULATION_CHUNK
+    from helpers import EMULATION_CHUNK, extension_build_dir
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     emulation = os.path.join(root, "tests", "emulation")
@@ -51,14 +48,7 @@ def emu():
         os.path.join(root, "csrc", "include", "fused_rnn", "persistent.h"),
         os.path.join(root, "csrc", "include", "fused_rnn", "graphs.h"),
     ]
-    # one build per torch release too: releases differ in how they lock a
-    # build directory (a lock file one leaves behind another waits on)
-    digest = hashlib.sha1(torch.__version__.encode())
-    for path in sources:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    build = os.path.join(tempfile.gettempdir(), f"fused_rnn_emu_{digest.hexdigest()[:12]}")
-    os.makedirs(build, exist_ok=True)
+    build = extension_build_dir("fused_rnn_emu", sources)
     cpp_extension.load(
         name="fused_rnn_emu", sources=[sources[0]], build_directory=build,
         extra_include_paths=[os.path.join(root, "csrc", "include"), emulation],

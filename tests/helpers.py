@@ -710,3 +710,21 @@ def tf32_flags(cudnn, matmul=False):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def extension_build_dir(name, sources):
+    """A build folder (under the temp dir) for a test extension made of
+    `sources`, one per torch release and content of the sources: releases
+    differ in how they lock a build folder (a lock file one leaves behind,
+    another waits on forever), and a build for one release does not load in
+    another."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(torch.__version__.encode())
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    build = os.path.join(tempfile.gettempdir(), f"{name}_{digest.hexdigest()[:12]}")
+    os.makedirs(build, exist_ok=True)
+    return build

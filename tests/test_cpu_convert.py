@@ -3,13 +3,13 @@
 half of a float, at the rounding edges of the lower half (ties to even
 both ways, just below and above), zeros, infinities and NaNs."""
 
-import hashlib
 import os
-import tempfile
 
 import pytest
 import torch
 from torch.utils import cpp_extension
+
+from helpers import extension_build_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,9 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def convert():
     sources = [os.path.join(ROOT, "tests", "cpp", "convert_check.cpp"),
                os.path.join(ROOT, "csrc", "include", "fused_rnn", "cpu_convert.h")]
-    digest = hashlib.sha1(b"".join(open(path, "rb").read() for path in sources)).hexdigest()
-    build = os.path.join(tempfile.gettempdir(), f"fused_rnn_convert_{digest[:12]}")
-    os.makedirs(build, exist_ok=True)
+    build = extension_build_dir("fused_rnn_convert", sources)
     cpp_extension.load(
         name="fused_rnn_convert", sources=[sources[0]],
         build_directory=build, extra_include_paths=[os.path.join(ROOT, "csrc", "include")],
