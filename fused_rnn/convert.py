@@ -26,20 +26,14 @@ def _target_type(module, mapping):
     target = mapping.get(type(module))
     if target is not None or not parametrize.is_parametrized(module):
         return target
-    original = type(module).__bases__[0]
-    target = mapping.get(original)
+    target = mapping.get(type(module).__bases__[0])
     if target is None:
         return None
-    key = (type(module), target)
-    if key not in _PARAMETRIZED:
-        members = {name: value for name, value in vars(type(module)).items()
-                   if name not in ("__module__", "__dict__", "__weakref__", "__doc__",
-                                   "__qualname__")}
-        _PARAMETRIZED[key] = type(f"Parametrized{target.__name__}", (target,), members)
-    return _PARAMETRIZED[key]
-
-
-_PARAMETRIZED = {}
+    # (parametrize makes such a class per module, as this does per twin)
+    members = {name: value for name, value in vars(type(module)).items()
+               if name not in ("__module__", "__dict__", "__weakref__", "__doc__",
+                               "__qualname__")}
+    return type(f"Parametrized{target.__name__}", (target,), members)
 
 
 def _twin(module, target_type):

@@ -349,9 +349,9 @@ class _FusedCellBase(nn.RNNCellBase):
         return (self._cpu_autocast_promotes,) * 2
 
     def _prepare(self, input, states):
-        """torch.nn's rank checks; returns (input, states, is_batched) with a
-        batch dimension added, zero states when `states` is None."""
-        self._check_input_dim(input)
+        """torch.nn's size checks (the ranks' come first, in forward);
+        returns (input, states, is_batched) with a batch dimension added,
+        zero states when `states` is None."""
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)

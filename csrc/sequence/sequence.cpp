@@ -204,9 +204,7 @@ at::Tensor PreviousStates::step(int64_t s) const {
 
 at::Tensor PreviousStates::sum_product(const at::Tensor& a) const {
   const auto dtype = a.scalar_type();
-  if (all_.defined() || (dtype != at::kFloat && dtype != at::kDouble) ||
-      (a.device().is_cpu() && cpu::packed_gemm_active() && dtype == at::kFloat &&
-       a.size(0) >= kMinRowsForPackedSums)) {
+  if (all_.defined() || (dtype != at::kFloat && dtype != at::kDouble) || packed_sums(a)) {
     // (the packed kernel, where it serves, is worth the copy of the states:
     // ~3 ms of a 34 ms LSTM training step at B=32, H=256, T=100 on the
     // 2-core EPYC)

@@ -365,6 +365,13 @@ inline void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 // B=4, 400 rows: 6.0 against 4.6).
 constexpr int64_t kMinRowsForPackedSums = 256;
 
+// Whether the sums over a sequence's rows of `a` (N, X) take the packed
+// kernel (sequence_sum_product), given as many rows.
+inline bool packed_sums(const at::Tensor& a) {
+  return a.size(0) >= kMinRowsForPackedSums && a.device().is_cpu() &&
+         a.scalar_type() == at::kFloat && cpu::packed_gemm_active();
+}
+
 // a^T @ b, summed over the N rows of a sequence: a (N, X), b (N, Y) give
 // (X, Y) (the weight gradients). Where the packed kernel (gemm.h) serves,
 // as (b^T @ a)^T with a packed (panels of its columns, read row by row) and
@@ -373,7 +380,7 @@ constexpr int64_t kMinRowsForPackedSums = 256;
 // input_gradient, 31 ms with both on the packed kernel (torch.nn: 35).
 inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t N = a.size(0);
-  if (N < kMinRowsForPackedSums) return a.t().mm(b);
+  if (!packed_sums(a)) return a.t().mm(b);
   // N taken kSumChunk rows at a time, accumulated: a panel of the packed
   // operand is then 32 KiB, which stays in cache while every row block of
   // b^T passes over it (a whole sequence's panel, N x 32 floats, did not:
