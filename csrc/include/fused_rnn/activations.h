@@ -76,7 +76,12 @@ FR_HD FR_INLINE float sigmoid(float x) {
 #if defined(__CUDA_ARCH__)
   return 1.0f / (1.0f + expf(-x));
 #else
-  return 1.0f / (1.0f + detail::exp_f32(-x));
+  // exp_f32 clamps its argument so that 2^n stays a normal float; where
+  // exp(-x) overflows (x below -88.72), torch's sigmoid is exactly 0, and so
+  // is this one: a saturated gate then multiplies an inf state into NaN, as
+  // in torch.nn, not into inf or a finite number.
+  const float s = 1.0f / (1.0f + detail::exp_f32(-x));
+  return x <= -88.72283935546875f ? 0.0f : s;
 #endif
 }
 

@@ -86,7 +86,9 @@ FR_HD FR_INLINE T rnn_forward_point(T pre) {
 // h is this step's output; returns the gradient of the pre-activation.
 template <bool kRelu, typename T>
 FR_HD FR_INLINE T rnn_backward_point(T h, T dh) {
-  return kRelu ? (h > T(0) ? dh : T(0)) : dh * (T(1) - h * h);
+  // relu: torch's threshold_backward passes the gradient unless h <= 0, a
+  // NaN h included.
+  return kRelu ? (h <= T(0) ? T(0) : dh) : dh * (T(1) - h * h);
 }
 
 }  // namespace fused_rnn
