@@ -95,6 +95,10 @@ class _FusedRNNBase(nn.RNNBase):
                 f"{states[0].dim()}-D tensor"
             )
 
+    def _check_hidden_container(self, hx):
+        """torch.nn's checks of what holds a user's batched states, made
+        where its _VF call makes them (LSTM: a tuple or list of two)."""
+
     def _pack_state(self, states):
         return states[0]
 
@@ -113,6 +117,7 @@ class _FusedRNNBase(nn.RNNBase):
             max_batch_size = batch_sizes[0]
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
+                self._check_hidden_container(hx)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(
@@ -137,6 +142,8 @@ class _FusedRNNBase(nn.RNNBase):
                 )
             )
         self.check_forward_args(input, hx, batch_sizes)
+        if is_batched and batch_sizes is None:
+            self._check_hidden_container(hx)
 
         time_major = batch_sizes is None and self.batch_first
         output, states = self._layers(
@@ -224,8 +231,26 @@ class LSTM(_FusedRNNBase):
 
     # torch.nn.LSTM's own checks, messages and permutation of the (h, c) pair.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        if batch_sizes is None:
+            return nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+        # torch.nn.LSTM runs packed input without these checks, so that its
+        # errors come from the products, RuntimeErrors: the same messages
+        # here, with that type (a wrong dtype is a ValueError elsewhere).
+        try:
+            return nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+        except ValueError as error:
+            raise RuntimeError(str(error)) from None
+
+    def _check_hidden_container(self, hx):
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(
+                f"LSTM: hx must be a tuple of two tensors (h_0, c_0), got {type(hx).__name__}"
+            )
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
 
     def _state_sizes(self):
         return super()._state_sizes() + (self.hidden_size,)
@@ -250,7 +275,10 @@ class LSTM(_FusedRNNBase):
         return tuple(states)
 
     def _unpack_state(self, hx):
-        return tuple(hx)
+        # indexed as torch.nn does (an unbatched input's hx may be any pair
+        # of rows: a 3-tuple's first two, a stacked (2, L*D, H) tensor);
+        # batched, _check_hidden_container wants a pair
+        return (hx[0], hx[1])
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._split_weights(weights)

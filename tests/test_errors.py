@@ -99,6 +99,13 @@ def forward_cases(mode):
                                  (torch.randn(L, 2, _P(mode)),
                                   torch.randn(L, 2, 5, dtype=torch.float64))),
             "hx_not_a_tuple": lambda: (torch.randn(4, 2, 3), torch.randn(L, 2, _P(mode))),
+            # (h, c) stacked into one tensor: every hx[i] has the right
+            # shape without projection, so only the container is wrong
+            "hx_stacked_tensor": lambda: (torch.randn(4, 2, 3), torch.randn(2, L, 2, _P(mode))),
+            "hx_three_states": lambda: (torch.randn(4, 2, 3),
+                                        (torch.randn(L, 2, _P(mode)), torch.randn(L, 2, 5),
+                                         torch.randn(L, 2, 5))),
+            "hx_one_state": lambda: (torch.randn(4, 2, 3), (torch.randn(L, 2, _P(mode)),)),
             "h0_only_unbatched": lambda: (torch.randn(4, 3),
                                           (torch.randn(L, _P(mode)), torch.randn(L, 1, 5))),
         })
@@ -131,6 +138,75 @@ def test_packed_hx_wrong_batch(mode):
         return lambda: m(x, _states(mode, LD=2, B=(2,)))
 
     assert_same_error(make_call)
+
+
+def _packed(sorted_, dtype=torch.float32):
+    lengths = [4, 2, 1] if sorted_ else [2, 4, 1]
+    return torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 3, 3, dtype=dtype), lengths,
+                                                   enforce_sorted=sorted_)
+
+
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_input_dtype_not_weight_dtype(mode, sorted_):
+    """torch.nn.LSTM runs packed input without its argument checks (its
+    error comes from a product, a RuntimeError); GRU and RNN check it (a
+    ValueError)."""
+    def make_call(which):
+        m = _module(mode, which)
+        x = _packed(sorted_, torch.float64)
+        return lambda: m(x)
+
+    assert_same_error(make_call)
+
+
+LSTM_HX_CONTAINERS = {
+    "stacked_tensor": lambda P: torch.randn(2, 1, 3, P),
+    "one_tensor": lambda P: torch.randn(1, 3, P),
+    "three_states": lambda P: (torch.randn(1, 3, P), torch.randn(1, 3, 5), torch.randn(1, 3, 5)),
+    "one_state": lambda P: (torch.randn(1, 3, P),),
+}
+
+
+@pytest.mark.parametrize("hx", list(LSTM_HX_CONTAINERS))
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("mode", ["LSTM", "LSTM_PROJ"])
+def test_packed_lstm_hx_container(mode, sorted_, hx):
+    """Packed input with hx not a pair: the error torch.nn raises, or where
+    it runs (its permutation of unsorted input indexes hx[0] and hx[1]) the
+    same results."""
+    x = _packed(sorted_)
+    states = LSTM_HX_CONTAINERS[hx](_P(mode))
+    ref, fused = _module(mode, "torch"), _module(mode, "fused")
+    fused.load_state_dict(ref.state_dict())
+    try:
+        expected = ref(x, states)
+    except Exception as error:  # noqa: BLE001 (torch's own type is the expectation)
+        with pytest.raises(type(error)):
+            fused(x, states)
+        return
+    actual = fused(x, states)
+    torch.testing.assert_close(actual[0].data, expected[0].data)
+    for a, b in zip(actual[1], expected[1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode,hx", [("LSTM", "stacked_tensor"), ("LSTM", "three_states"),
+                                     ("LSTM_PROJ", "three_states")])
+def test_unbatched_lstm_takes_the_first_two_states(mode, hx):
+    """An unbatched input's hx is indexed as torch.nn does: a stacked (2,
+    L*D, H) tensor (h and c of one size: no projection), or the first two of
+    three states, work as (h, c)."""
+    P = _P(mode)
+    states = (torch.randn(2, 1, P) if hx == "stacked_tensor"
+              else (torch.randn(1, P), torch.randn(1, 5), torch.randn(1, 5)))
+    ref, fused = _module(mode, "torch"), _module(mode, "fused")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3)
+    expected, actual = ref(x, states), fused(x, states)
+    torch.testing.assert_close(actual[0], expected[0])
+    for a, b in zip(actual[1], expected[1]):
+        torch.testing.assert_close(a, b)
 
 
 # --------------------------------------------------------------------------
