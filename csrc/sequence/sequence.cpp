@@ -215,8 +215,13 @@ at::Tensor PreviousStates::sum_product(const at::Tensor& a) const {
   const int64_t B = sc_.batch, N = sc_.rows;
   at::Tensor sum = sequence_sum_product(a.narrow(0, sc_.reverse ? N - B : 0, B), init_);
   if (N > B) {
-    sum.addmm_(a.narrow(0, sc_.reverse ? 0 : B, N - B).t(),
-               seq_.narrow(0, sc_.reverse ? B : 0, N - B));
+    const at::Tensor a_rest = a.narrow(0, sc_.reverse ? 0 : B, N - B);
+    const at::Tensor seq_rest = seq_.narrow(0, sc_.reverse ? B : 0, N - B);
+    if (seq_rest.size(1) < cpu::kPanel && a.device().is_cpu()) {
+      sum.add_(aten_sum_product(a_rest, seq_rest));  // (a narrow state: see there)
+    } else {
+      sum.addmm_(a_rest.t(), seq_rest);
+    }
   }
   return sum;
 }
