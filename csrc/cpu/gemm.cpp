@@ -12,6 +12,7 @@
 // per-step products) each thread keeps the same panels every step, so its
 // slice of W_hh stays in its own cache.
 #include "fused_rnn/gemm.h"
+#include "fused_rnn/workspace.h"
 #include "fused_rnn/cpu_convert.h"
 #include "fused_rnn/setting.h"
 
@@ -369,7 +370,7 @@ at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
   const at::Tensor b = b_any.scalar_type() == at::kFloat ? b_any : b_any.to(at::kFloat);
   const int64_t N = b.size(0), K = b.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::Tensor packed = at::empty({panels, K, kPanel}, b.options());
+  at::Tensor packed = workspace_empty({panels, K, kPanel}, b.options());
   const float* src = b.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   const int64_t sn = b.stride(0), sk = b.stride(1);
@@ -384,7 +385,7 @@ at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
   // bfloat16 pairs of k for the AVX512-BF16 tiles (the float32 values are
   // bfloat16 values: exact), zero past K.
   const int64_t k2 = (K + 1) / 2;
-  at::Tensor pairs = at::empty({panels, k2, 2 * kPanel}, b_any.options());
+  at::Tensor pairs = workspace_empty({panels, k2, 2 * kPanel}, b_any.options());
   uint16_t* out = reinterpret_cast<uint16_t*>(pairs.data_ptr<c10::BFloat16>());
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -612,9 +613,8 @@ void GemmWeight::product_into(const at::Tensor& out, const at::Tensor& a, bool a
 }
 
 at::Tensor GemmWeight::product(const at::Tensor& a) const {
-  if (!packed_.defined()) return at::mm(a, w_t_);
-  at::Tensor out = at::empty({a.size(0), w_.size(0)}, a.options());
-  cpu::packed_gemm(out, a, packed_, false);
+  at::Tensor out = workspace_empty({a.size(0), w_.size(0)}, a.options());
+  product_into(out, a);
   return out;
 }
 

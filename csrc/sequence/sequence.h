@@ -21,6 +21,7 @@
 
 #include "fused_rnn/gemm.h"
 #include "fused_rnn/graphs.h"
+#include "fused_rnn/workspace.h"
 #include "fused_rnn/persistent.h"
 #include "fused_rnn/steps.h"
 
