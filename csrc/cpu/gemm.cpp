@@ -356,7 +356,8 @@ std::string gemm_description() {
                "call); bfloat16 / float16 per-step products: the same kernel (") +
            (cpu_has_avx512_bf16() ? "bfloat16 on AVX512-BF16 dot products, float16 widened"
                                   : "widened to float32") +
-           "); weight gradients, float64 and under 32 columns: ATen's mm";
+           "); the backward's input and weight gradients too where a sequence has 256 rows "
+           "or more; float64, products under 32 columns and the rest: ATen's mm";
   }
   return std::string("ATen's mm for every product (") +
          (requested_gemm() == GemmChoice::kAten ? "FUSED_RNN_CPU_GEMM=aten"
