@@ -251,6 +251,11 @@ class LSTM(_FusedRNNBase):
             )
         if len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
+        for index, state in enumerate(hx):
+            if not isinstance(state, torch.Tensor):
+                raise TypeError(
+                    f"LSTM: hx[{index}] must be a tensor, got {type(state).__name__}"
+                )
 
     def _state_sizes(self):
         return super()._state_sizes() + (self.hidden_size,)

@@ -106,6 +106,7 @@ def forward_cases(mode):
                                         (torch.randn(L, 2, _P(mode)), torch.randn(L, 2, 5),
                                          torch.randn(L, 2, 5))),
             "hx_one_state": lambda: (torch.randn(4, 2, 3), (torch.randn(L, 2, _P(mode)),)),
+            "hx_c_none": lambda: (torch.randn(4, 2, 3), (torch.randn(L, 2, _P(mode)), None)),
             "h0_only_unbatched": lambda: (torch.randn(4, 3),
                                           (torch.randn(L, _P(mode)), torch.randn(L, 1, 5))),
         })
@@ -165,6 +166,7 @@ LSTM_HX_CONTAINERS = {
     "one_tensor": lambda P: torch.randn(1, 3, P),
     "three_states": lambda P: (torch.randn(1, 3, P), torch.randn(1, 3, 5), torch.randn(1, 3, 5)),
     "one_state": lambda P: (torch.randn(1, 3, P),),
+    "c_none": lambda P: (torch.randn(1, 3, P), None),
 }
 
 

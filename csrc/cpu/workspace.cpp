@@ -1,7 +1,9 @@
 // The CPU workspace cache (fused_rnn/workspace.h).
 #include "fused_rnn/workspace.h"
 
+#include <ATen/Context.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -164,8 +166,17 @@ at::Tensor workspace_empty(at::IntArrayRef sizes, const at::TensorOptions& optio
   if (!options.device().is_cpu() || options.layout() != c10::kStrided) {
     return at::empty(sizes, options);
   }
-  return at::detail::empty_generic(sizes, &cpu::allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
+  at::Tensor out = at::detail::empty_generic(sizes, &cpu::allocator(),
+                                             c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             c10::typeMetaToScalarType(options.dtype()),
+                                             c10::nullopt);
+  // as at::empty under torch.use_deterministic_algorithms(True): memory
+  // nobody wrote reads as NaN, not as whatever a cached block last held
+  if (at::globalContext().deterministicAlgorithms() &&
+      at::globalContext().deterministicFillUninitializedMemory()) {
+    at::native::fill_empty_deterministic_(out);
+  }
+  return out;
 }
 
 }  // namespace fused_rnn
