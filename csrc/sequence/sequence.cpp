@@ -217,8 +217,9 @@ at::Tensor PreviousStates::sum_product(const at::Tensor& a) const {
   if (N > B) {
     const at::Tensor a_rest = a.narrow(0, sc_.reverse ? 0 : B, N - B);
     const at::Tensor seq_rest = seq_.narrow(0, sc_.reverse ? B : 0, N - B);
-    if (seq_rest.size(1) < cpu::kPanel && a.device().is_cpu()) {
-      sum.add_(aten_sum_product(a_rest, seq_rest));  // (a narrow state: see there)
+    if (a.device().is_cpu()) {
+      // (the small-N packed product or a narrow state's form: see there)
+      sum.add_(sequence_sum_product(a_rest, seq_rest));
     } else {
       sum.addmm_(a_rest.t(), seq_rest);
     }

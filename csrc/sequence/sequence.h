@@ -359,15 +359,13 @@ inline void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::add_out(out, a, b);
 }
 
-// The fewest rows (N: steps x batch) for which the backward's large
-// products take the packed kernel: below, the packing and the transposed
-// copies cost more than they save (an LSTM's training step at B=1, T=100,
-// H=256 on the 2-core EPYC: 2.7 ms with ATen's mm, 3.0-3.6 packed; at
-// B=4, 400 rows: 6.0 against 4.6).
+// The fewest rows (N: steps x batch) for which the weight gradients'
+// sums take the chunked form below (sequence_sum_product).
 constexpr int64_t kMinRowsForPackedSums = 256;
 
-// Whether the sums over a sequence's rows of `a` (N, X) take the packed
-// kernel (sequence_sum_product), given as many rows.
+// Whether the sums over a sequence's rows of `a` (N, X) take the chunked
+// packed form (sequence_sum_product), given as many rows: then the previous
+// states are worth materialising as one operand (PreviousStates).
 inline bool packed_sums(const at::Tensor& a) {
   return a.size(0) >= kMinRowsForPackedSums && a.device().is_cpu() &&
          a.scalar_type() == at::kFloat && cpu::packed_gemm_active();
@@ -388,13 +386,30 @@ inline at::Tensor aten_sum_product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // a^T @ b, summed over the N rows of a sequence: a (N, X), b (N, Y) give
-// (X, Y) (the weight gradients). Where the packed kernel (gemm.h) serves,
-// as (b^T @ a)^T with a packed (panels of its columns, read row by row) and
-// b^T copied to row-major: on the 2-core EPYC an LSTM's training step at
-// B=32, H=256, T=100 took 40 ms with ATen's mm (MKL) here and in
-// input_gradient, 31 ms with both on the packed kernel (torch.nn: 35).
+// (X, Y) (the weight gradients), on the packed kernel (gemm.h) where it
+// serves:
+// - N >= kMinRowsForPackedSums: as (b^T @ a)^T with a packed (panels of its
+//   columns, read row by row) and b^T copied to row-major, N in chunks: on
+//   the 2-core EPYC an LSTM's training step at B=32, H=256, T=100 took 40 ms
+//   with ATen's mm (MKL) here and in input_gradient, 31 ms with both on the
+//   packed kernel (torch.nn: 35).
+// - fewer rows (a cell's step, short or narrow batches): a^T (X rows of N)
+//   against b packed whole, no transposes of the result: MKL runs these
+//   small-N products at 40-90 GFLOP/s there; an LSTMCell's backward (H=256,
+//   1 thread) took 494 -> 355 us at B=16 and 1416 -> 939 at B=64, an LSTM's
+//   at B=1, T=100 1.5-2.0 -> 1.4 ms (the chunked form lost there: its
+//   transposes and a's packing cost more than they saved).
 inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t N = a.size(0);
+  const bool packable = a.device().is_cpu() && a.scalar_type() == at::kFloat &&
+                        cpu::packed_gemm_active();
+  if (packable && N < kMinRowsForPackedSums) {
+    const GemmWeight packed_b(b.t(), a.size(1));
+    if (!packed_b.packed()) return aten_sum_product(a, b);
+    at::Tensor out = workspace_empty({a.size(1), b.size(1)}, a.options());
+    packed_b.product_into(out, a.t());
+    return out;
+  }
   if (!packed_sums(a)) return aten_sum_product(a, b);
   // N taken kSumChunk rows at a time, accumulated: a panel of the packed
   // operand is then 32 KiB, which stays in cache while every row block of
@@ -413,9 +428,10 @@ inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b)
 }
 
 // grad @ w: grad (N, G*H) and w (G*H, I) give the gradient of the input of
-// x @ w^T, (N, I); w^T packed where the packed kernel serves.
+// x @ w^T, (N, I); w^T packed where the packed kernel serves (GemmWeight:
+// from 8 rows; a cell's backward at B=32, H=256: 544 -> 454 us, an LSTM's
+// at B=1, T=100: 1.4 -> 1.2 ms, against MKL at small N).
 inline at::Tensor input_gradient(const at::Tensor& grad, const at::Tensor& w) {
-  if (grad.size(0) < kMinRowsForPackedSums) return at::mm(grad, w);
   return GemmWeight(w.t(), grad.size(0)).product(grad);
 }
 
