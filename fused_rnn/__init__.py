@@ -8,9 +8,8 @@
 from . import ops
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .paths import (clear_cuda_graphs, cpu_cache_info, cpu_gemm, cuda_graph_cache_info,
-                    cuda_graph_limits, cuda_graphs, empty_cpu_cache, explain_cpu_gemm,
-                    explain_kernel_path, get_cpu_gemm,
+from .paths import (clear_cuda_graphs, cpu_gemm, cuda_graph_cache_info, cuda_graph_limits,
+                    cuda_graphs, explain_cpu_gemm, explain_kernel_path, get_cpu_gemm,
                     get_cuda_graphs, get_kernel_path, kernel_path, set_cpu_gemm,
                     set_cuda_graph_limits, set_cuda_graphs, set_kernel_path)
 
@@ -20,5 +19,4 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "o
            "set_kernel_path", "get_kernel_path", "kernel_path", "explain_kernel_path",
            "set_cpu_gemm", "get_cpu_gemm", "cpu_gemm", "explain_cpu_gemm",
            "set_cuda_graphs", "get_cuda_graphs", "cuda_graphs", "cuda_graph_cache_info",
-           "set_cuda_graph_limits", "cuda_graph_limits", "clear_cuda_graphs",
-           "cpu_cache_info", "empty_cpu_cache"]
+           "set_cuda_graph_limits", "cuda_graph_limits", "clear_cuda_graphs"]

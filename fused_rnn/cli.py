@@ -434,11 +434,6 @@ def run_explain(args, parser):
         print(f"  GEMMs: {paths.explain_cpu_gemm()} (fused_rnn.set_cpu_gemm or "
               f"FUSED_RNN_CPU_GEMM: auto | aten)")
         print(f"  threads: {torch.get_num_threads()}")
-        cache = paths.cpu_cache_info()
-        print(f"  memory: large per-call tensors through fused_rnn's CPU cache "
-              f"(holds {cache['bytes'] / 2**20:.1f} MiB now, limit "
-              f"{cache['limit_bytes'] / 2**20:.0f} MiB: FUSED_RNN_CPU_CACHE_MB; "
-              f"fused_rnn.empty_cpu_cache())")
     else:
         props = torch.cuda.get_device_properties(device)
         on_chip = props.multi_processor_count * _shared_memory_per_sm(props)

@@ -209,15 +209,3 @@ def clear_cuda_graphs() -> None:
     torch's caching allocator) and the cache's counts."""
     torch.ops.fused_rnn.clear_cuda_graphs()
 
-
-def cpu_cache_info() -> dict:
-    """The CPU workspace cache: the bytes it holds now for the next call's
-    large tensors, and its limit (FUSED_RNN_CPU_CACHE_MB, default 64 MiB; 0:
-    no cache)."""
-    return dict(zip(("bytes", "limit_bytes"), torch.ops.fused_rnn.cpu_cache_info()))
-
-
-def empty_cpu_cache() -> None:
-    """Return the CPU workspace cache's memory to the C library (tensors in
-    use keep theirs, and give it to the cache again when freed)."""
-    torch.ops.fused_rnn.empty_cpu_cache()

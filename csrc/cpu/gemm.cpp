@@ -12,7 +12,6 @@
 // per-step products) each thread keeps the same panels every step, so its
 // slice of W_hh stays in its own cache.
 #include "fused_rnn/gemm.h"
-#include "fused_rnn/workspace.h"
 #include "fused_rnn/cpu_convert.h"
 #include "fused_rnn/setting.h"
 
@@ -356,8 +355,8 @@ std::string gemm_description() {
                "call); bfloat16 / float16 per-step products: the same kernel (") +
            (cpu_has_avx512_bf16() ? "bfloat16 on AVX512-BF16 dot products, float16 widened"
                                   : "widened to float32") +
-           "); the backward's input and weight gradients too where a sequence has 256 rows "
-           "or more; float64, products under 32 columns and the rest: ATen's mm";
+           "); the backward's input and weight gradients too (from 8 rows); float64 and "
+           "products under 32 columns: ATen's mm";
   }
   return std::string("ATen's mm for every product (") +
          (requested_gemm() == GemmChoice::kAten ? "FUSED_RNN_CPU_GEMM=aten"
@@ -371,7 +370,7 @@ at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
   const at::Tensor b = b_any.scalar_type() == at::kFloat ? b_any : b_any.to(at::kFloat);
   const int64_t N = b.size(0), K = b.size(1);
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::Tensor packed = workspace_empty({panels, K, kPanel}, b.options());
+  at::Tensor packed = at::empty({panels, K, kPanel}, b.options());
   const float* src = b.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   const int64_t sn = b.stride(0), sk = b.stride(1);
@@ -386,7 +385,7 @@ at::Tensor pack_gemm_operand(const at::Tensor& b_any) {
   // bfloat16 pairs of k for the AVX512-BF16 tiles (the float32 values are
   // bfloat16 values: exact), zero past K.
   const int64_t k2 = (K + 1) / 2;
-  at::Tensor pairs = workspace_empty({panels, k2, 2 * kPanel}, b_any.options());
+  at::Tensor pairs = at::empty({panels, k2, 2 * kPanel}, b_any.options());
   uint16_t* out = reinterpret_cast<uint16_t*>(pairs.data_ptr<c10::BFloat16>());
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -614,7 +613,7 @@ void GemmWeight::product_into(const at::Tensor& out, const at::Tensor& a, bool a
 }
 
 at::Tensor GemmWeight::product(const at::Tensor& a) const {
-  at::Tensor out = workspace_empty({a.size(0), w_.size(0)}, a.options());
+  at::Tensor out = at::empty({a.size(0), w_.size(0)}, a.options());
   product_into(out, a);
   return out;
 }

@@ -40,9 +40,9 @@ Forward gru_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     return InputProjection(x, w_ih, sc,
                            train || input.is_cuda() || loop_needs_whole_projection());
   }();
-  const Tensor out = workspace_empty({sc.rows, H}, opts);
+  const Tensor out = at::empty({sc.rows, H}, opts);
   const Tensor h = at::empty({sc.batch, H}, opts);
-  const Tensor hn = train ? workspace_empty({sc.rows, H}, opts) : Tensor();
+  const Tensor hn = train ? at::empty({sc.rows, H}, opts) : Tensor();
   const Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : Tensor();
   const Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : Tensor();
 
@@ -131,8 +131,8 @@ Backward gru_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
   const PreviousStates h_prev(out, hx_c, sc);
   const Tensor gates_c = gates.contiguous();
   const Tensor hn_c = hidden_n.contiguous();
-  const Tensor dgates_x = workspace_empty({sc.rows, 3 * H}, input.options());
-  const Tensor dgates_h = workspace_empty({sc.rows, 3 * H}, input.options());
+  const Tensor dgates_x = at::empty({sc.rows, 3 * H}, input.options());
+  const Tensor dgates_h = at::empty({sc.rows, 3 * H}, input.options());
   const Tensor dh = at::empty({sc.batch, H}, input.options());
 
   {

@@ -83,10 +83,10 @@ Forward lstm_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& c
                            train || input.is_cuda() || fold || loop_needs_whole_projection());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const Tensor out = workspace_empty({sc.rows, P}, opts);
+  const Tensor out = at::empty({sc.rows, P}, opts);
   const Tensor h = at::empty({sc.batch, P}, opts);
   const Tensor c = at::empty({sc.batch, H}, opts);
-  const Tensor cells = train ? workspace_empty({sc.rows, H}, opts) : Tensor();
+  const Tensor cells = train ? at::empty({sc.rows, H}, opts) : Tensor();
 
   // The recurrence's weight, initial state, outputs and final state: folded,
   // those of m (fold_projection).
@@ -206,7 +206,7 @@ Backward lstm_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor out = output.reshape({sc.rows, P});
   const Tensor gates_c = gates.contiguous();
   const Tensor cells_c = cells.contiguous();
-  const Tensor dgates = workspace_empty({sc.rows, 4 * H}, input.options());
+  const Tensor dgates = at::empty({sc.rows, 4 * H}, input.options());
   const Tensor dh = at::empty({sc.batch, P}, input.options());
   const Tensor dc = at::empty({sc.batch, H}, input.options());
   const Tensor dr = proj ? at::empty({sc.rows, P}, input.options()) : Tensor();

@@ -35,7 +35,7 @@ Forward rnn_forward_impl(const Tensor& input, const Tensor& hx, const Tensor& w_
     return InputProjection(x, w_ih, sc, input.is_cuda() || loop_needs_whole_projection());
   }();
   const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const Tensor out = workspace_empty({sc.rows, H}, input.options());
+  const Tensor out = at::empty({sc.rows, H}, input.options());
   const Tensor h = at::empty({sc.batch, H}, input.options());
 
   const PhaseRange recurrence("fused_rnn::recurrence");
@@ -103,7 +103,7 @@ Backward rnn_backward_impl(const Tensor& grad_output, const Tensor& grad_hy,
   const Tensor x = input.reshape({sc.rows, input.size(-1)});
   const Tensor go = grad_output.reshape({sc.rows, H}).contiguous();
   const Tensor out = output.reshape({sc.rows, H}).contiguous();
-  const Tensor dpre = workspace_empty({sc.rows, H}, input.options());
+  const Tensor dpre = at::empty({sc.rows, H}, input.options());
   const Tensor dh = at::empty({sc.batch, H}, input.options());
 
   {

@@ -138,7 +138,7 @@ at::Tensor previous_states(const at::Tensor& seq, const at::Tensor& init,
     return sc.reverse ? at::cat({seq.narrow(0, B, sc.rows - B), init})
                       : at::cat({init, seq.narrow(0, 0, sc.rows - B)});
   }
-  at::Tensor prev = workspace_empty(seq.sizes(), seq.options());
+  at::Tensor prev = at::empty_like(seq);
   for (const auto s : c10::irange(sc.steps)) {
     const int64_t k = sc.carried(s);
     const int64_t off = sc.offset_at(s);
@@ -237,7 +237,7 @@ InputProjection::InputProjection(const at::Tensor& x, const at::Tensor& w_ih,
   }
   constexpr int64_t kBufferElements = int64_t{1} << 19;
   block_steps_ = std::max<int64_t>(1, kBufferElements / std::max<int64_t>(1, sc.batch * width));
-  buffer_ = workspace_empty({std::min(block_steps_, sc.steps) * sc.batch, width}, x.options());
+  buffer_ = at::empty({std::min(block_steps_, sc.steps) * sc.batch, width}, x.options());
 }
 
 at::Tensor InputProjection::step(int64_t s) {

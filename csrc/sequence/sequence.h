@@ -21,7 +21,6 @@
 
 #include "fused_rnn/gemm.h"
 #include "fused_rnn/graphs.h"
-#include "fused_rnn/workspace.h"
 #include "fused_rnn/persistent.h"
 #include "fused_rnn/steps.h"
 
@@ -406,7 +405,7 @@ inline at::Tensor sequence_sum_product(const at::Tensor& a, const at::Tensor& b)
   if (packable && N < kMinRowsForPackedSums) {
     const GemmWeight packed_b(b.t(), a.size(1));
     if (!packed_b.packed()) return aten_sum_product(a, b);
-    at::Tensor out = workspace_empty({a.size(1), b.size(1)}, a.options());
+    at::Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
     packed_b.product_into(out, a.t());
     return out;
   }
