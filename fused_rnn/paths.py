@@ -208,4 +208,3 @@ def clear_cuda_graphs() -> None:
     """Drop every captured graph and its tensors (the memory returns to
     torch's caching allocator) and the cache's counts."""
     torch.ops.fused_rnn.clear_cuda_graphs()
-
