@@ -39,6 +39,18 @@ def _match_cpu_autocast(module, input, tensors, state, packed=False):
     )
 
 
+def _check_two_states(hx, op):
+    """What torch's _VF.lstm / _VF.lstm_cell (`op`) check of an LSTM's
+    states: a tuple or list of two."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(
+            f"{op}(): argument 'hx' (position 2) must be tuple of Tensors, "
+            f"not {type(hx).__name__}"
+        )
+    if len(hx) != 2:
+        raise RuntimeError(f"{op} expects two hidden states")
+
+
 def _scriptable_twin(module):
     """torch.jit.script's hook (__prepare_scriptable__): TorchScript cannot
     run the fused ops' autograd (registered from Python), so a fused module
@@ -245,12 +257,7 @@ class LSTM(_FusedRNNBase):
             raise RuntimeError(str(error)) from None
 
     def _check_hidden_container(self, hx):
-        if not isinstance(hx, (tuple, list)):
-            raise TypeError(
-                f"LSTM: hx must be a tuple of two tensors (h_0, c_0), got {type(hx).__name__}"
-            )
-        if len(hx) != 2:
-            raise RuntimeError("lstm expects two hidden states")
+        _check_two_states(hx, "lstm")
         for index, state in enumerate(hx):
             if not isinstance(state, torch.Tensor):
                 raise TypeError(
@@ -445,14 +452,7 @@ class LSTMCell(_FusedCellBase):
             if input.dim() == 1:
                 # as torch.nn takes an unbatched input's states: hx[0], hx[1]
                 hx = (hx[0], hx[1])
-            # torch.nn's messages (from _VF.lstm_cell)
-            if not isinstance(hx, (tuple, list)):
-                raise TypeError(
-                    "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
-                    f"not {type(hx).__name__}"
-                )
-            if len(hx) != 2:
-                raise RuntimeError("lstm_cell expects two hidden states")
+            _check_two_states(hx, "lstm_cell")
         sequence, (h, c), is_batched = self._prepare(input, hx)
         _, hy, cy = ops.lstm(
             sequence, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
