@@ -176,21 +176,58 @@ LSTM_HX_CONTAINERS = {
 def test_packed_lstm_hx_container(mode, sorted_, hx):
     """Packed input with hx not a pair: the error torch.nn raises, or where
     it runs (its permutation of unsorted input indexes hx[0] and hx[1]) the
-    same results."""
-    x = _packed(sorted_)
+    same outputs, states and gradients."""
+    padded = torch.randn(4, 3, 3)
+    lengths = [4, 2, 1] if sorted_ else [2, 4, 1]
     states = LSTM_HX_CONTAINERS[hx](_P(mode))
     ref, fused = _module(mode, "torch"), _module(mode, "fused")
     fused.load_state_dict(ref.state_dict())
+
+    def run(module):
+        x = padded.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=sorted_)
+        return _results_and_grads(module, x, packed, states)
+
     try:
-        expected = ref(x, states)
+        expected = run(ref)
     except Exception as error:  # noqa: BLE001 (torch's own type is the expectation)
         with pytest.raises(type(error)):
-            fused(x, states)
+            run(fused)
         return
-    actual = fused(x, states)
-    torch.testing.assert_close(actual[0].data, expected[0].data)
-    for a, b in zip(actual[1], expected[1]):
-        torch.testing.assert_close(a, b)
+    _assert_same(run(fused), expected)
+
+
+def _leaves(states):
+    """states with every tensor a fresh leaf that requires grad (the
+    container kept: a tuple, or one stacked tensor)."""
+    if isinstance(states, torch.Tensor):
+        return states.clone().requires_grad_()
+    return tuple(s.clone().requires_grad_() for s in states)
+
+
+def _results_and_grads(module, x, inp, states):
+    """module(inp, states): the output, the final states, and after a
+    backward of random weights over them the gradients of x, of each state
+    leaf and of every parameter."""
+    module.zero_grad()
+    leaves = _leaves(states)
+    output, (h, c) = module(inp, leaves)
+    output = output.data if isinstance(output, torch.nn.utils.rnn.PackedSequence) else output
+    torch.manual_seed(3)
+    outs = [output, h, c]
+    torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    leaf_list = [leaves] if isinstance(leaves, torch.Tensor) else list(leaves)
+    return ([o.detach() for o in outs] + [x.grad] + [leaf.grad for leaf in leaf_list]
+            + [p.grad for p in module.parameters()])
+
+
+def _assert_same(actual, expected):
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("mode,hx", [("LSTM", "stacked_tensor"), ("LSTM", "three_states"),
@@ -198,17 +235,20 @@ def test_packed_lstm_hx_container(mode, sorted_, hx):
 def test_unbatched_lstm_takes_the_first_two_states(mode, hx):
     """An unbatched input's hx is indexed as torch.nn does: a stacked (2,
     L*D, H) tensor (h and c of one size: no projection), or the first two of
-    three states, work as (h, c)."""
+    three states, work as (h, c): the same outputs, states and gradients (the
+    third state gets none)."""
     P = _P(mode)
     states = (torch.randn(2, 1, P) if hx == "stacked_tensor"
               else (torch.randn(1, P), torch.randn(1, 5), torch.randn(1, 5)))
     ref, fused = _module(mode, "torch"), _module(mode, "fused")
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 3)
-    expected, actual = ref(x, states), fused(x, states)
-    torch.testing.assert_close(actual[0], expected[0])
-    for a, b in zip(actual[1], expected[1]):
-        torch.testing.assert_close(a, b)
+    padded = torch.randn(4, 3)
+
+    def run(module):
+        x = padded.clone().requires_grad_()
+        return _results_and_grads(module, x, x, states)
+
+    _assert_same(run(fused), run(ref))
 
 
 # --------------------------------------------------------------------------
@@ -339,7 +379,18 @@ def test_lstm_cell_unbatched_takes_the_first_two_states(hx):
     ref = torch.nn.LSTMCell(3, 5)
     fused = module_classes("LSTMCell")[1](3, 5)
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(3)
+    padded = torch.randn(3)
     states = torch.randn(2, 5) if hx == "tensor" else tuple(torch.randn(3, 5).unbind(0))
-    for a, b in zip(fused(x, states), ref(x, states)):
-        torch.testing.assert_close(a, b)
+
+    def run(cell):
+        cell.zero_grad()
+        x = padded.clone().requires_grad_()
+        leaves = _leaves(states)
+        outs = list(cell(x, leaves))
+        torch.manual_seed(3)
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+        leaf_list = [leaves] if isinstance(leaves, torch.Tensor) else list(leaves)
+        return ([o.detach() for o in outs] + [x.grad] + [leaf.grad for leaf in leaf_list]
+                + [p.grad for p in cell.parameters()])
+
+    _assert_same(run(fused), run(ref))
